@@ -1,0 +1,249 @@
+"""The DSA dispatch point: lightning-indexer scores, top-k selection, sparse MLA
+attention and the indexer distillation loss.
+
+Every op has a pure-torch reference here that always works (CPU, any dtype) and
+is the ground truth the Triton kernels in ``dsv.kernels`` are tested against.
+The public functions (``indexer_scores``, ``select_topk``, ``sparse_mla``,
+``indexer_kl_loss``) route to the kernels when they are installed and usable, and
+to the reference otherwise. ``DSV_KERNELS=torch|triton`` forces a choice
+(``triton`` on CPU needs ``TRITON_INTERPRET=1``). ``dsv.kernels`` is imported
+lazily, on first use, so core never depends on it at import time.
+
+Shapes follow the absorbed ("MQA mode") MLA form that DSA is built on:
+
+- indexer: ``q [B, S, H_I, D_I]``, shared keys ``k [B, T, D_I]``, head weights
+  ``w [B, S, H_I]`` (all scales already folded in) ->
+  ``I[b, t, s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s])``, fp32, ``-inf`` where
+  key ``s`` is in the future of query ``t`` (query ``t`` sits at absolute position
+  ``q_offset[b] + t``).
+- selection: ``idx [B, S, K]`` int32 with ``K = min(index_topk, T)``; ``-1`` marks
+  an entry that selected a masked (future / padded) key.
+- sparse attention: ``q [B, S, H, D_qk]`` (latent query ``kv_lora_rank`` + rope
+  dims), one latent row per key ``kv [B, T, D_qk]`` shared by all heads, values
+  are ``kv[..., :d_v]``; returns ``out [B, S, H, d_v]`` and the natural-log
+  log-sum-exp ``lse [B, S, H]`` (fp32).
+
+Run the checks: ``pytest packages/core/tests/test_attention.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["torch", "triton"]
+
+# Queries per chunk in the reference paths: keeps the gathered [chunk, K, D] block bounded
+# so long sequences run on a laptop without materialising [S, K, D] at once.
+_REF_CHUNK_ELEMS = 1 << 26
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_module() -> tuple[ModuleType | None, str]:
+    try:
+        import dsv.kernels as kernels  # type: ignore[import-not-found]
+    except ImportError as exc:
+        return None, f"dsv-kernels not importable ({exc})"
+    usable, why = kernels.availability()
+    return (kernels if usable else None), why
+
+
+def backend_for(t: torch.Tensor) -> Backend:
+    """Which implementation handles tensors like ``t``: forced by ``DSV_KERNELS``, else triton on CUDA
+    when dsv-kernels is installed and usable, else torch."""
+    forced = os.environ.get("DSV_KERNELS", "").strip().lower()
+    if forced not in ("", "auto", "torch", "triton"):
+        raise ValueError(f"DSV_KERNELS={forced!r} is not one of: torch, triton, auto")
+    if forced == "torch":
+        return "torch"
+    kernels, why = _kernels_module()
+    if forced == "triton":
+        if kernels is None:
+            raise RuntimeError(f"DSV_KERNELS=triton but the Triton kernels are not usable: {why}")
+        return "triton"
+    return "triton" if (kernels is not None and t.is_cuda) else "torch"
+
+
+def _kernels() -> ModuleType:
+    kernels, why = _kernels_module()
+    assert kernels is not None, why
+    return kernels
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def causal_key_mask(q_offset: torch.Tensor | int, s_q: int, s_k: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[B, S, T]``: True where key ``s`` is visible to query ``t`` (``s <= q_offset[b] + t``)."""
+    if isinstance(q_offset, int):
+        q_offset = torch.full((batch,), q_offset, dtype=torch.long, device=device)
+    pos = q_offset.to(device).view(-1, 1) + torch.arange(s_q, device=device).view(1, -1)  # (B, S)
+    return torch.arange(s_k, device=device).view(1, 1, -1) <= pos.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def indexer_scores_reference(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_offset: torch.Tensor | int = 0
+) -> torch.Tensor:
+    """``I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s])`` in fp32, ``-inf`` on future keys."""
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu_()  # (B, S, H, T)
+    index = torch.einsum("bsh,bsht->bst", w.float(), scores)
+    visible = causal_key_mask(q_offset, S, T, B, q.device)
+    return index.masked_fill(~visible, float("-inf"))
+
+
+def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``min(k, T)`` key indices per row of ``scores [B, S, T]`` as int32; ``-1`` where the
+    selected score is ``-inf`` (a masked key)."""
+    k = min(k, scores.shape[-1])
+    values, idx = scores.topk(k, dim=-1)
+    return idx.masked_fill(values == float("-inf"), -1).to(torch.int32)
+
+
+def sparse_mla_reference(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over only its selected latent rows; see the module docstring.
+
+    Rows whose selection is all ``-1`` produce zeros and ``lse = -inf``. Differentiable in ``q`` and
+    ``kv`` through autograd (the gather's backward is a scatter-add).
+    """
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    chunk = max(1, _REF_CHUNK_ELEMS // max(1, K * D * max(1, B)))
+    outs, lses = [], []
+    for s0 in range(0, S, chunk):
+        sl = slice(s0, min(S, s0 + chunk))
+        ids = idx[:, sl].long()  # (B, s, K)
+        valid = ids >= 0
+        gathered = torch.gather(
+            kv.unsqueeze(1).expand(B, ids.shape[1], -1, D),
+            2,
+            ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, D),
+        )  # (B, s, K, D)
+        logits = torch.einsum("bshd,bskd->bshk", q[:, sl].float(), gathered.float()) * sm_scale
+        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # (B, s, H)
+        probs = torch.exp(logits - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+        probs = torch.nan_to_num(probs, nan=0.0)
+        out = torch.einsum("bshk,bskd->bshd", probs, gathered[..., :d_v].float())
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+def attention_probs_summed_reference(
+    q: torch.Tensor, kv: torch.Tensor, sm_scale: float, q_offset: torch.Tensor | int = 0
+) -> torch.Tensor:
+    """Main-attention probabilities summed over heads and L1-normalised over keys: ``p [B, S, T]``.
+
+    This is the distillation target of the dense warm-up (V3.2-Exp §2.1): no gradient flows into it.
+    """
+    with torch.no_grad():
+        B, S, H, D = q.shape
+        T = kv.shape[1]
+        logits = torch.einsum("bshd,btd->bsht", q.float(), kv.float()) * sm_scale
+        visible = causal_key_mask(q_offset, S, T, B, q.device)
+        logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+        p = logits.softmax(dim=-1).sum(dim=2)  # (B, S, T)
+        return p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def indexer_kl_loss_reference(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    index_scores: torch.Tensor,
+    sm_scale: float,
+    idx: torch.Tensor | None = None,
+    q_offset: torch.Tensor | int = 0,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """Indexer distillation loss, mean over query tokens of ``KL(p_t || softmax(I_t))``.
+
+    ``p_t`` is the head-summed, L1-normalised main attention of query ``t`` (computed from the absorbed
+    ``q``/``kv`` without gradient). With ``idx`` (the sparse stage) both distributions are restricted
+    to the selected set and renormalised there; ``-1`` entries are ignored. Only ``index_scores``
+    receives gradient.
+    """
+    p = attention_probs_summed_reference(q, kv, sm_scale, q_offset)  # (B, S, T)
+    scores = index_scores.float()
+    if idx is not None:
+        valid = idx >= 0
+        ids = idx.long().clamp_min(0)
+        p = torch.gather(p, -1, ids).masked_fill(~valid, 0.0)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+        scores = torch.gather(scores, -1, ids).masked_fill(~valid, float("-inf"))
+    log_q = torch.log_softmax(scores, dim=-1)
+    log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
+    kl = (p * (torch.log(p + eps) - log_q)).sum(-1)  # (B, S)
+    return kl.mean()
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Lightning-indexer scores ``[B, S, T]`` (fp32, ``-inf`` on future keys); kernels when usable."""
+    if backend_for(q) == "triton":
+        return _kernels().indexer_scores(q, k, w, q_offset=q_offset)
+    return indexer_scores_reference(q, k, w, q_offset)
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``min(k, T)`` indices per row, int32, ``-1`` for masked picks; kernels when usable."""
+    if backend_for(scores) == "triton":
+        return _kernels().topk(scores, k)
+    return select_topk_reference(scores, k)
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention over selected latent rows -> ``(out [B,S,H,d_v], lse [B,S,H])``."""
+    if backend_for(q) == "triton":
+        return _kernels().sparse_mla(q, kv, idx, sm_scale=sm_scale, d_v=d_v)
+    return sparse_mla_reference(q, kv, idx, sm_scale, d_v)
+
+
+def indexer_kl_loss(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    index_scores: torch.Tensor,
+    sm_scale: float,
+    idx: torch.Tensor | None = None,
+    q_offset: torch.Tensor | int = 0,
+) -> torch.Tensor:
+    """Indexer distillation loss (dense warm-up when ``idx`` is None, sparse stage otherwise)."""
+    if backend_for(q) == "triton":
+        return _kernels().indexer_kl_loss(q, kv, index_scores, sm_scale=sm_scale, idx=idx, q_offset=q_offset)
+    return indexer_kl_loss_reference(q, kv, index_scores, sm_scale, idx, q_offset)
+
+
+def dense_mla_reference(
+    q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int, q_offset: torch.Tensor | int = 0
+) -> torch.Tensor:
+    """Causal dense attention in the absorbed form (every visible key); the oracle sparse attention
+    must equal when the selection covers all visible keys."""
+    B, S, H, D = q.shape
+    T = kv.shape[1]
+    visible = causal_key_mask(q_offset, S, T, B, q.device)  # (B, S, T)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2).float(),  # (B, H, S, D)
+        kv.unsqueeze(1).float(),
+        kv[..., :d_v].unsqueeze(1).float(),
+        attn_mask=visible.unsqueeze(1),
+        scale=sm_scale,
+    )
+    return out.transpose(1, 2).to(q.dtype)
