@@ -1,0 +1,253 @@
+"""Encode OpenAI-style chat messages into the DeepSeek-V3.2 prompt string.
+
+The rendering follows the V3.2 encoder rule for rule (spec §6.2):
+
+- BOS, then each message; a system message is its raw content plus optional "## Tools" and
+  "## Response Format:" sections; a user turn is ``<｜User｜>{content}<｜Assistant｜>`` followed by
+  ``<think>`` (the last user/developer turn in thinking mode) or ``</think>``;
+- an assistant turn is ``{reasoning}{content}{tool_calls}<｜end▁of▁sentence｜>`` where the reasoning
+  (``reasoning_content</think>``) appears only in thinking mode after the last user turn;
+- tool results follow the assistant's EOS directly inside ``<function_results>`` and end with the
+  think tag the model continues from. Results are matched to calls by order.
+
+``tools``/``response_format`` given to :func:`encode_messages` go into the first system message
+(an empty one is added at the front when there is none); a developer message carries its own
+``tools``/``response_format`` keys, like the official encoder.
+
+Run the checks: ``pytest packages/core/tests/test_chat_encoding.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dsv.core.chat.context import apply_thinking_context, last_user_index
+from dsv.core.chat.templates import Templates
+
+__all__ = [
+    "ChatFormatError",
+    "encode_assistant_completion",
+    "encode_messages",
+    "encode_tool_calls",
+    "normalize_tool_calls",
+    "render_tools",
+    "tool_schemas",
+]
+
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class ChatFormatError(ValueError):
+    """The messages cannot be rendered (unknown role, orphan tool result, bad arguments...)."""
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, None, or a list of OpenAI content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type", "text") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                raise ChatFormatError(f"unsupported content part {part!r}: only text parts can be encoded")
+        return "".join(parts)
+    raise ChatFormatError(
+        f"message content must be a string or a list of text parts, got {type(content).__name__}"
+    )
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def tool_schemas(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``function`` objects of an OpenAI ``tools`` list (plain function dicts pass through)."""
+    out = []
+    for tool in tools:
+        if not isinstance(tool, Mapping):
+            raise ChatFormatError(f"a tool must be an object, got {tool!r}")
+        function = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ChatFormatError(
+                f"a tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {tool!r}"
+            )
+        out.append(dict(function))
+    return out
+
+
+def render_tools(tools: Sequence[Mapping[str, Any]], templates: Templates | None = None) -> str:
+    """The "## Tools" section: the prose with one JSON schema line per tool."""
+    t = templates or Templates()
+    return t.tools_system_template.format(
+        tool_schemas="\n".join(_to_json(s) for s in tool_schemas(tools)),
+        dsml_token=t.dsml_token,
+        thinking_start_token=t.thinking_start_token,
+        thinking_end_token=t.thinking_end_token,
+    )
+
+
+def _render_response_format(response_format: Any, t: Templates) -> str:
+    return t.response_format_template.format(schema=_to_json(response_format))
+
+
+def normalize_tool_calls(tool_calls: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, arguments dict)`` for OpenAI tool calls, flat ``{name, arguments}`` dicts or ToolCall objects."""
+    out = []
+    for call in tool_calls:
+        if isinstance(call, Mapping):
+            function = call.get("function", call)
+            name, arguments = function.get("name"), function.get("arguments", "{}")
+        else:
+            name, arguments = getattr(call, "name", None), getattr(call, "arguments", "{}")
+        if not isinstance(name, str) or not name:
+            raise ChatFormatError(f"tool call without a function name: {call!r}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ChatFormatError(f"tool call {name!r} has arguments that are not JSON: {e}") from None
+        if not isinstance(arguments, Mapping):
+            raise ChatFormatError(f"tool call {name!r} arguments must be a JSON object, got {arguments!r}")
+        out.append((name, dict(arguments)))
+    return out
+
+
+def encode_tool_calls(tool_calls: Sequence[Any], templates: Templates | None = None) -> str:
+    """The DSML block for a list of tool calls, starting with its ``\\n\\n`` separator."""
+    t = templates or Templates()
+    invokes = []
+    for name, arguments in normalize_tool_calls(tool_calls):
+        params = "\n".join(
+            f'<{t.dsml_token}parameter name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
+            f"{value if isinstance(value, str) else _to_json(value)}</{t.dsml_token}parameter>"
+            for key, value in arguments.items()
+        )
+        invokes.append(t.tool_call_template.format(dsml_token=t.dsml_token, name=name, arguments=params))
+    return "\n\n" + t.tool_calls_template.format(dsml_token=t.dsml_token, tool_calls="\n".join(invokes))
+
+
+def encode_assistant_completion(
+    message: Mapping[str, Any], *, thinking: bool, templates: Templates | None = None
+) -> str:
+    """The text a model generates for ``message`` after the generation prompt (ends with EOS).
+
+    In thinking mode that is ``reasoning</think>content[tool calls]<EOS>``, otherwise
+    ``content[tool calls]<EOS>`` -- the inverse of :func:`dsv.core.chat.parse_assistant`.
+    """
+    t = templates or Templates()
+    reasoning = ""
+    if thinking:
+        reasoning = (
+            t.thinking_template.format(reasoning_content=message.get("reasoning_content") or "")
+            + t.thinking_end_token
+        )
+    calls = message.get("tool_calls") or []
+    return t.assistant_msg_template.format(
+        reasoning=reasoning,
+        content=_text(message.get("content")),
+        tool_calls=encode_tool_calls(calls, t) if calls else "",
+    )
+
+
+def encode_messages(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    thinking: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    response_format: Mapping[str, Any] | None = None,
+    drop_thinking: bool = True,
+    add_bos: bool = True,
+    templates: Templates | None = None,
+) -> str:
+    """Render ``messages`` as a V3.2 prompt ending with the generation prompt.
+
+    Args:
+        messages: OpenAI-style dicts with ``role`` (system/user/assistant/tool/developer),
+            ``content``, and for assistants ``reasoning_content`` / ``tool_calls``.
+        thinking: thinking mode (the prompt ends with ``<｜Assistant｜><think>``) or chat mode
+            (``</think>``).
+        tools: OpenAI ``tools`` list, rendered in the first system message.
+        response_format: JSON schema object rendered as the "## Response Format:" section.
+        drop_thinking: in thinking mode, drop ``reasoning_content`` of assistant turns before the
+            last user message (:func:`apply_thinking_context`).
+        add_bos: start with the BOS string.
+        templates: the checkpoint's templates (``Templates.from_checkpoint``); dsv's by default.
+
+    Raises:
+        ChatFormatError: an unknown role, a tool result with no matching call, unparsable tool
+            arguments or unsupported content parts.
+    """
+    t = templates or Templates()
+    msgs = [dict(m) for m in messages]
+    for i, m in enumerate(msgs):
+        if m.get("role") not in _ROLES:
+            raise ChatFormatError(
+                f"message {i} has role {m.get('role')!r}; expected one of {', '.join(_ROLES)}"
+            )
+    if tools or response_format:
+        first_system = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
+        if first_system is None:
+            msgs.insert(0, {"role": "system", "content": ""})
+            first_system = 0
+        if tools:
+            msgs[first_system]["tools"] = list(tools)
+        if response_format:
+            msgs[first_system]["response_format"] = response_format
+    if thinking and drop_thinking:
+        msgs = apply_thinking_context(msgs)
+    last_user = last_user_index(msgs)
+
+    out = [t.bos_token] if add_bos else []
+    for i, m in enumerate(msgs):
+        role, content = m["role"], _text(m.get("content"))
+        if role == "system":
+            out.append(t.system_msg_template.format(content=content))
+            if m.get("tools"):
+                out.append("\n\n" + render_tools(m["tools"], t))
+            if m.get("response_format"):
+                out.append("\n\n" + _render_response_format(m["response_format"], t))
+        elif role in ("user", "developer"):
+            if role == "developer":
+                sections = ""
+                if m.get("tools"):
+                    sections += "\n\n" + render_tools(m["tools"], t)
+                if m.get("response_format"):
+                    sections += "\n\n" + _render_response_format(m["response_format"], t)
+                content = f"{sections}\n\n# The user's message is: {content}"
+            out.append(t.user_msg_template.format(content=content))
+            out.append(t.thinking_start_token if thinking and i == last_user else t.thinking_end_token)
+        elif role == "assistant":
+            # Reasoning only for the current turn (after the last user message), in thinking mode.
+            current = thinking and i > last_user
+            out.append(
+                encode_assistant_completion(
+                    m if current else {**m, "reasoning_content": None}, thinking=current, templates=t
+                )
+            )
+        else:  # tool
+            j = i - 1
+            while j >= 0 and msgs[j]["role"] == "tool":
+                j -= 1
+            calls = msgs[j].get("tool_calls") if j >= 0 and msgs[j]["role"] == "assistant" else None
+            order = i - j
+            if not calls or len(calls) < order:
+                raise ChatFormatError(
+                    f"message {i} is a tool result with no matching tool call in the assistant message before it"
+                )
+            if order == 1:
+                out.append("\n\n<function_results>")
+            out.append(t.tool_output_template.format(content=content))
+            if order == len(calls):
+                out.append("\n</function_results>")
+                out.append(
+                    "\n\n" + (t.thinking_start_token if thinking and i >= last_user else t.thinking_end_token)
+                )
+    return "".join(out)
