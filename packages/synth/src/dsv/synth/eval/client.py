@@ -1,0 +1,161 @@
+"""A thin wrapper over the official ``openai`` client for any OpenAI-compatible endpoint.
+
+Used by ``dsv eval`` (the endpoint is the policy under test) and ``dsv synth build``
+(the endpoint proposes environments). It turns one chat-completion call into a plain
+assistant message dict (``role``, ``content``, ``reasoning_content``, ``tool_calls``
+in the OpenAI shape with JSON-string arguments) plus token usage, so the rest of dsv
+never touches SDK objects.
+
+Thinking mode is sent the way DeepSeek's API takes it: ``extra_body={"thinking":
+{"type": "enabled" | "disabled"}}``. ``reasoning_content`` is not an OpenAI field, so
+it is read from the SDK's extra fields; assistant messages passed back keep it, which
+DeepSeek requires inside a tool-calling loop.
+
+Usage: ``EndpointClient(base_url, model).chat(messages, tools=..., thinking=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ChatReply", "EndpointClient", "EndpointError", "Usage", "resolve_api_key"]
+
+API_KEY_ENV_VARS = ("DSV_API_KEY", "OPENAI_API_KEY")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not be reached or answered with an error (after the client's retries)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one completion. ``reasoning_tokens`` is None when the server did not report it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """One assistant turn: the message dict to append to the conversation, usage and finish reason."""
+
+    message: dict[str, Any]
+    usage: Usage
+    finish_reason: str | None
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """The key to send: the explicit one, else ``$DSV_API_KEY`` / ``$OPENAI_API_KEY``, else a dummy.
+
+    Local servers (vLLM, SGLang, ``dsv serve``) usually accept any key, so a missing
+    one is not an error here; a server that needs one answers 401, reported as such.
+    """
+    if api_key:
+        return api_key
+    for name in API_KEY_ENV_VARS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return "EMPTY"
+
+
+def _message_to_dict(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant", "content": message.content or ""}
+    extra = getattr(message, "model_extra", None) or {}
+    reasoning = extra.get("reasoning_content")
+    if reasoning is None:
+        reasoning = getattr(message, "reasoning_content", None)
+    if reasoning is not None:
+        out["reasoning_content"] = str(reasoning)
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments or "{}"},
+            }
+            for call in message.tool_calls
+        ]
+    return out
+
+
+def _usage(usage: Any) -> Usage:
+    if usage is None:
+        return Usage()
+    details = getattr(usage, "completion_tokens_details", None)
+    reasoning = getattr(details, "reasoning_tokens", None) if details is not None else None
+    return Usage(
+        prompt_tokens=int(usage.prompt_tokens or 0),
+        completion_tokens=int(usage.completion_tokens or 0),
+        reasoning_tokens=None if reasoning is None else int(reasoning),
+    )
+
+
+class EndpointClient:
+    """Chat completions against ``base_url`` with ``model``; thread-safe (one HTTP pool shared)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 2,
+        max_connections: int = 64,
+    ) -> None:
+        import httpx
+        from openai import OpenAI
+
+        self.base_url = base_url
+        self.model = model
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._client = OpenAI(
+            base_url=base_url,
+            api_key=resolve_api_key(api_key),
+            timeout=timeout_s,
+            max_retries=max_retries,
+            http_client=httpx.Client(limits=limits, timeout=timeout_s),
+        )
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        thinking: bool | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> ChatReply:
+        """One non-streaming completion; raises ``EndpointError`` with the server's reason on failure."""
+        import openai
+
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
+        if tools:
+            kwargs["tools"] = tools
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if seed is not None:
+            kwargs["seed"] = seed
+        if thinking is not None:
+            kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
+        try:
+            response = self._client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            raise EndpointError(f"{self.base_url} answered HTTP {exc.status_code}: {exc.message}") from exc
+        except openai.APIError as exc:
+            raise EndpointError(f"{self.base_url}: {exc.__class__.__name__}: {exc}") from exc
+        if not response.choices:
+            raise EndpointError(f"{self.base_url} returned no choices")
+        choice = response.choices[0]
+        return ChatReply(_message_to_dict(choice.message), _usage(response.usage), choice.finish_reason)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()

@@ -1,0 +1,224 @@
+"""Exact-answer maths: arithmetic chains, algebra word problems, combinatorics counting.
+
+All answers are exact integers or fractions written `p/q`, so verification is a
+comparison, never a tolerance. Difficulty grows the chain length / the number of
+unknowns / the size of the counting problem.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+from typing import Any
+
+from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord
+from dsv.synth.registry import register
+
+__all__ = ["AlgebraWordEnv", "ArithmeticEnv", "CombinatoricsEnv", "parse_exact"]
+
+
+def parse_exact(answer: Any) -> Fraction:
+    """An exact number from an int, an integral float, or a string like "-12", "7/3", "2.5"."""
+    if isinstance(answer, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(answer, int):
+        return Fraction(answer)
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise ValueError("not a finite number")
+        return Fraction(answer).limit_denominator(10**6)
+    if isinstance(answer, str):
+        text = answer.strip().replace(" ", "").replace(",", "").rstrip(".")
+        if text.startswith("\\boxed{") and text.endswith("}"):
+            text = text[7:-1]
+        if not text or len(text) > 200:
+            raise ValueError("expected a number")
+        return Fraction(text)
+    raise ValueError(f"expected a number, got {type(answer).__name__}")
+
+
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def _verify_exact(task: Task, answer: Any) -> Score:
+    try:
+        got = parse_exact(answer)
+    except (ValueError, ZeroDivisionError) as exc:
+        return Score.fail(f"answer is not an exact number: {exc}")
+    want = Fraction(task.state["answer"])
+    if got == want:
+        return Score.ok()
+    return Score.fail(f"wrong value {_fmt(got)}")
+
+
+def _perturb_exact(answer: Any) -> list[Any]:
+    x = parse_exact(answer)
+    cands = [x + 1, x - 1, -x if x else Fraction(5), x * 2 if x else Fraction(2), x + Fraction(1, 2), x * 10]
+    return [_fmt(c) for c in cands if c != x]
+
+
+_EXACT_FORMAT = "Finish with one line `Answer: <number>` (an integer, or an exact fraction p/q in lowest terms)."
+
+
+@register
+class ArithmeticEnv(Environment):
+    name = "arithmetic"
+    domain = "maths"
+    description = "Evaluate a chain of integer operations (+, -, *, //, %) with parentheses, exactly."
+    difficulty_knobs = "operations = 2 + 2*difficulty; operand range grows with difficulty"
+
+    def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
+        d = self._check_difficulty(difficulty)
+        rng = self._rng(seed, d)
+        hi = 10 ** min(1 + d, 4)
+        expr = str(rng.randint(2, hi))
+        value = int(expr)
+        for _ in range(2 + 2 * d):
+            op = rng.choice(["+", "-", "*", "//", "%"] if d >= 3 else ["+", "-", "*"])
+            b = rng.randint(2, hi if op in "+-" else max(3, hi // 10 + 3))
+            expr = f"({expr} {op} {b})" if rng.random() < 0.6 else f"{expr} {op} {b}"
+            value = eval(expr)  # the expression is built here from integers and operators only
+        prompt = f"Compute the exact value of the following expression (// is floor division, % is modulo):\n\n{expr}"
+        return self._task(seed, d, prompt, {"expression": expr, "answer": str(value)}, _EXACT_FORMAT, tools=[])
+
+    def solve(self, task: Task) -> Any:
+        return int(task.state["answer"])
+
+    def verify(self, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
+        return _verify_exact(task, answer)
+
+    def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
+        return _perturb_exact(answer)
+
+
+_NAMES = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fatou", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena"]
+_ITEMS = ["apples", "stamps", "marbles", "coins", "books", "shells", "cards", "pens"]
+
+
+@register
+class AlgebraWordEnv(Environment):
+    name = "algebra_word"
+    domain = "maths"
+    description = "Word problems that reduce to a system of linear equations with a unique rational solution."
+    difficulty_knobs = "unknowns = 1 + ceil(difficulty/2) (2..4 people); coefficient size grows with difficulty"
+
+    def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
+        d = self._check_difficulty(difficulty)
+        rng = self._rng(seed, d)
+        n = 1 + (d + 1) // 2
+        people = rng.sample(_NAMES, n)
+        item = rng.choice(_ITEMS)
+        values = [rng.randint(3, 20 * d) for _ in range(n)]
+        facts: list[str] = []
+        # Chain of relations guarantees a unique solution: total + pairwise relations.
+        facts.append(f"Together {', '.join(people[:-1])} and {people[-1]} have {sum(values)} {item}.")
+        for i in range(1, n):
+            a, b = people[i], people[i - 1]
+            k = rng.randint(2, 2 + d)
+            diff = values[i] - k * values[i - 1]
+            if diff >= 0:
+                facts.append(f"{a} has {diff} more than {k} times as many as {b}.")
+            else:
+                facts.append(f"{a} has {-diff} fewer than {k} times as many as {b}.")
+        rng.shuffle(facts)
+        target = rng.randrange(n)
+        ask = rng.choice(["how many", "product"]) if d >= 4 else "how many"
+        if ask == "product":
+            question = f"What is the product of the number of {item} {people[0]} has and the number {people[-1]} has?"
+            answer = values[0] * values[-1]
+        else:
+            question = f"How many {item} does {people[target]} have?"
+            answer = values[target]
+        prompt = " ".join(facts) + " " + question
+        state = {"people": people, "values": values, "answer": str(answer)}
+        return self._task(seed, d, prompt, state, _EXACT_FORMAT, tools=[])
+
+    def solve(self, task: Task) -> Any:
+        return int(task.state["answer"])
+
+    def verify(self, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
+        return _verify_exact(task, answer)
+
+    def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
+        others = [str(v) for v in task.state["values"] if str(v) != task.state["answer"]]
+        return _perturb_exact(answer) + others
+
+
+@register
+class CombinatoricsEnv(Environment):
+    name = "combinatorics"
+    domain = "maths"
+    description = "Counting problems: arrangements with restrictions, committees, lattice paths, derangements."
+    difficulty_knobs = "set sizes grow with difficulty; difficulty>=3 adds restrictions (exclusions, blocked cells)"
+
+    def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
+        d = self._check_difficulty(difficulty)
+        rng = self._rng(seed, d)
+        kind = rng.choice(["committee", "word", "lattice", "derangement"])
+        if kind == "committee":
+            men, women = rng.randint(3, 4 + 2 * d), rng.randint(3, 4 + 2 * d)
+            k_m, k_w = rng.randint(1, min(3, men)), rng.randint(1, min(3, women))
+            answer = math.comb(men, k_m) * math.comb(women, k_w)
+            text = (
+                f"A club has {men} juniors and {women} seniors. In how many ways can a committee of exactly "
+                f"{k_m} juniors and {k_w} seniors be chosen?"
+            )
+            if d >= 3:
+                # two specific juniors refuse to serve together
+                answer -= math.comb(men - 2, k_m - 2) * math.comb(women, k_w) if k_m >= 2 else 0
+                text += " Two particular juniors refuse to serve together."
+        elif kind == "word":
+            letters = rng.choice(["BANANA", "LETTER", "PEPPER", "SUCCESS", "COMMITTEE", "BALLOON", "MISSISSIPPI"])
+            if d <= 2:
+                letters = letters[: 4 + d]
+            counts = {c: letters.count(c) for c in set(letters)}
+            answer = math.factorial(len(letters))
+            for c in counts.values():
+                answer //= math.factorial(c)
+            text = f"How many distinct strings can be formed by rearranging all the letters of {letters}?"
+        elif kind == "lattice":
+            w, h = rng.randint(2, 2 + 2 * d), rng.randint(2, 2 + 2 * d)
+            blocked: set[tuple[int, int]] = set()
+            if d >= 3:
+                while len(blocked) < d - 1:
+                    cell = (rng.randint(1, w - 1), rng.randint(0, h))
+                    if cell != (w, h):
+                        blocked.add(cell)
+            ways = [[0] * (h + 1) for _ in range(w + 1)]
+            for x in range(w + 1):
+                for y in range(h + 1):
+                    if (x, y) in blocked:
+                        continue
+                    if x == 0 and y == 0:
+                        ways[x][y] = 1
+                        continue
+                    ways[x][y] = (ways[x - 1][y] if x else 0) + (ways[x][y - 1] if y else 0)
+            answer = ways[w][h]
+            text = (
+                f"Count the monotone lattice paths from (0,0) to ({w},{h}) using unit steps right (+1,0) and "
+                f"up (0,+1)."
+            )
+            if blocked:
+                text += f" The points {sorted(blocked)} are blocked and may not be visited."
+        else:
+            n = rng.randint(3, 4 + 2 * d)
+            der = [1, 0]
+            for i in range(2, n + 1):
+                der.append((i - 1) * (der[-1] + der[-2]))
+            answer = der[n]
+            text = (
+                f"{n} guests check their coats. In how many ways can the coats be returned so that no guest "
+                f"gets their own coat?"
+            )
+        return self._task(seed, d, text, {"kind": kind, "answer": str(answer)}, _EXACT_FORMAT, tools=[])
+
+    def solve(self, task: Task) -> Any:
+        return int(task.state["answer"])
+
+    def verify(self, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
+        return _verify_exact(task, answer)
+
+    def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
+        return _perturb_exact(answer)

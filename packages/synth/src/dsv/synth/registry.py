@@ -1,0 +1,79 @@
+"""The registry of environment families.
+
+Families register themselves with the `@register` decorator when their module
+under `dsv.synth.families` is imported; `families()` imports them all. If
+`reasoning_gym` is installed, `get("rg:<dataset_name>")` wraps one of its datasets
+as an environment (see `dsv.synth.families.reasoning_gym_adapter`).
+
+    from dsv.synth import registry
+    env = registry.get("arithmetic")
+    task = env.generate(seed=0)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+
+from dsv.synth.env import Environment
+
+__all__ = ["UnknownFamilyError", "families", "get", "register"]
+
+_FAMILIES: dict[str, type[Environment]] = {}
+_LOADED = False
+
+
+class UnknownFamilyError(KeyError):
+    """No family has this name; the message lists close matches."""
+
+    def __init__(self, name: str, close: list[str]) -> None:
+        self.name = name
+        self.close = close
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        super().__init__(f"unknown family {name!r}{hint} (`dsv synth list` shows all families)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(cls: type[Environment]) -> type[Environment]:
+    """Class decorator: make an Environment subclass available under `cls.name`."""
+    name = getattr(cls, "name", None)
+    assert isinstance(name, str) and name, f"{cls.__name__} needs a class attribute `name`"
+    existing = _FAMILIES.get(name)
+    assert existing is None or existing.__qualname__ == cls.__qualname__, f"family {name!r} registered twice"
+    _FAMILIES[name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    import dsv.synth.families as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _LOADED = True
+
+
+def families() -> dict[str, type[Environment]]:
+    """All built-in families by name, sorted."""
+    _load_builtin()
+    return dict(sorted(_FAMILIES.items()))
+
+
+def get(name: str) -> Environment:
+    """An instance of family `name` (or `rg:<dataset>` for a reasoning_gym dataset)."""
+    if not isinstance(name, str):
+        raise UnknownFamilyError(repr(name), [])
+    if name.startswith("rg:"):
+        from dsv.synth.families.reasoning_gym_adapter import reasoning_gym_env
+
+        return reasoning_gym_env(name[3:])
+    known = families()
+    if name in known:
+        return known[name]()
+    raise UnknownFamilyError(name, difflib.get_close_matches(name, list(known), n=3, cutoff=0.5))

@@ -1,0 +1,437 @@
+"""The sandbox: the one place in dsv where untrusted code runs.
+
+`run_python(code, files=..., stdin=..., limits=...)` and `run_command(argv, ...)`
+run a program in a separate process and report a `SandboxResult` whose `status`
+is one of "ok", "timeout", "memory", "output_limit", "error", "killed". The host
+process never raises because of what the program did.
+
+What is enforced (Linux):
+- a separate process in its own session/process group, started with a scrubbed
+  environment (PATH, HOME=TMPDIR=workdir, LANG; nothing inherited);
+- a private working directory (mode 0700) created fresh per run and deleted after;
+- rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), written file size
+  (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps, and processes
+  (RLIMIT_NPROC) against fork bombs;
+- a wall-clock deadline and an output cap (stdout+stderr bytes), after which
+  everything the run started is killed;
+- when the host runs as root: the program runs under a fresh unprivileged uid/gid
+  of its own (no supplementary groups), so it can read only world-readable files
+  (it cannot read root's 0600 files or enter 0700 directories such as pytest's
+  tmp dirs), RLIMIT_NPROC counts only its own processes, and cleanup kills every
+  process of that uid (`kill(-1)` from that uid), which also catches processes that
+  left the process group; without root the uid is not changed and only the
+  process-group kill applies;
+- no network: the child enters a new, empty network namespace (`unshare(CLONE_NEWNET)`,
+  root, or a user namespace plus network namespace where unprivileged user namespaces
+  are allowed). Only the loopback device exists there and it is down, so connecting
+  even to 127.0.0.1 of the host fails. `SandboxResult.network_isolated` says whether
+  that happened; `isolation_report()` says what this machine supports.
+
+Not enforced: a private filesystem view (world-readable host files, e.g. system
+libraries and world-readable source trees, stay readable), cgroup memory/CPU
+accounting, seccomp system-call filtering.
+
+When the host python is not runnable by the unprivileged uid (e.g. under /root),
+`run_python` uses a system `python3` that is; programs get the standard library only.
+
+Run the checks: `pytest packages/synth/tests/test_synth_sandbox.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import random
+import resource
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+__all__ = ["Limits", "SandboxResult", "isolation_report", "run_command", "run_python", "sandbox_python"]
+
+Status = Literal["ok", "timeout", "memory", "output_limit", "error", "killed"]
+
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_UID_BASE = 2_000_000  # far above any uid a real account uses
+_UID_SPAN = 1_000_000
+_PREEXEC_FAILED = 97  # exit code the child uses when it could not be confined
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one sandboxed run."""
+
+    cpu_s: float = 5.0
+    wall_s: float = 10.0
+    memory_mb: int = 512
+    output_bytes: int = 1_000_000
+    max_processes: int = 64
+    file_size_mb: int = 16
+    open_files: int = 256
+    require_network_isolation: bool = False  # refuse to run (status "error") when no netns is possible
+
+
+@dataclass
+class SandboxResult:
+    """What happened to a sandboxed run."""
+
+    status: Status
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    cpu_s: float
+    network_isolated: bool
+    user_isolated: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # files written by the run, when requested
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _netns_flags() -> int:
+    return _CLONE_NEWNET if _is_root() else (_CLONE_NEWUSER | _CLONE_NEWNET)
+
+
+@functools.cache
+def _network_isolation_available() -> bool:
+    """Whether a child can enter a fresh network namespace here (probed once in a forked child)."""
+    libc = _libc()
+    if libc is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        proc = subprocess.run(
+            ["/bin/true"],
+            preexec_fn=functools.partial(_unshare_or_exit, libc, _netns_flags()),
+            timeout=10,
+            env={},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+def _unshare_or_exit(libc: ctypes.CDLL, flags: int) -> None:
+    if libc.unshare(flags) != 0:
+        os._exit(_PREEXEC_FAILED)
+
+
+def _world_executable(path: str) -> bool:
+    """True if every directory on the way is o+x and the file is o+rx (runnable by an unrelated uid)."""
+    p = Path(path).resolve()
+    try:
+        if not p.is_file() or (p.stat().st_mode & (stat.S_IXOTH | stat.S_IROTH)) != (stat.S_IXOTH | stat.S_IROTH):
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in p.parents)
+    except OSError:
+        return False
+
+
+@functools.cache
+def sandbox_python() -> str:
+    """The interpreter sandboxed Python runs under: this one if the sandbox uid can run it, else a system python3."""
+    if not _is_root() or _world_executable(sys.executable):
+        return sys.executable
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
+        if cand and _world_executable(cand):
+            return cand
+    return sys.executable  # run will fail with "error"; reported, not hidden
+
+
+def isolation_report() -> dict[str, object]:
+    """What this machine's sandbox enforces (for docs, `dsv doctor`-style output and tests)."""
+    return {
+        "network_namespace": _network_isolation_available(),
+        "unprivileged_uid": _is_root(),
+        "rlimits": ["cpu", "address_space", "file_size", "open_files", "processes", "core"],
+        "wall_and_output_limits": True,
+        "private_workdir": True,
+        "python": sandbox_python(),
+    }
+
+
+def _uid_in_use(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry.path).st_uid == uid:
+                    return True
+    return False
+
+
+def _fresh_uid() -> int:
+    rng = random.SystemRandom()
+    for _ in range(20):
+        uid = _UID_BASE + rng.randrange(_UID_SPAN)
+        if not _uid_in_use(uid):
+            return uid
+    return _UID_BASE + rng.randrange(_UID_SPAN)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process owned by `uid`: a helper takes that uid and calls kill(-1)."""
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:  # child: no Python-level work beyond these calls
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        if not _uid_in_use(uid):
+            return
+
+
+def _safe_relpath(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"sandbox file name must be a relative path inside the workdir, got {name!r}")
+    return rel
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    os.chown(root, uid, uid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            os.chown(os.path.join(dirpath, n), uid, uid, follow_symlinks=False)
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    files: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    limits: Limits | None = None,
+    collect_files: Sequence[str] = (),
+) -> SandboxResult:
+    """Run `argv` in the sandbox with `files` written into its private workdir (see the module docstring).
+
+    `collect_files` names workdir files to read back after the run (e.g. a results file).
+    """
+    limits = limits or Limits()
+    files = dict(files or {})
+    libc = _libc()
+    net = _network_isolation_available()
+    if limits.require_network_isolation and not net:
+        return SandboxResult("error", None, "", "network isolation is not available on this machine", 0.0, 0.0, False)
+    as_root = _is_root()
+    uid = _fresh_uid() if as_root else None
+    workdir = Path(tempfile.mkdtemp(prefix="dsv-sandbox-"))
+    try:
+        for name, content in files.items():
+            target = workdir / _safe_relpath(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+        if uid is not None:
+            _chown_tree(workdir, uid)
+        return _run(argv, workdir, stdin, limits, libc, net, uid, collect_files)
+    finally:
+        if uid is not None:
+            _kill_uid(uid)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_python(
+    code: str,
+    *,
+    files: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    limits: Limits | None = None,
+    args: Sequence[str] = (),
+    collect_files: Sequence[str] = (),
+) -> SandboxResult:
+    """Run Python source `code` (as the script `main.py`, next to `files`) in the sandbox."""
+    all_files = dict(files or {})
+    script = "_sandbox_main.py"
+    all_files[script] = code
+    # -E -s: ignore PYTHON* variables and user site-packages; the script dir stays importable
+    # so multi-file programs work.
+    argv = [sandbox_python(), "-E", "-s", "-B", script, *args]
+    return run_command(argv, files=all_files, stdin=stdin, limits=limits, collect_files=collect_files)
+
+
+def _run(
+    argv: Sequence[str],
+    workdir: Path,
+    stdin: str | None,
+    limits: Limits,
+    libc: ctypes.CDLL | None,
+    net: bool,
+    uid: int | None,
+    collect_files: Sequence[str],
+) -> SandboxResult:
+    cpu = max(1, int(limits.cpu_s + 0.999))
+    mem = limits.memory_mb * 1024 * 1024
+    fsize = limits.file_size_mb * 1024 * 1024
+    netflags = _netns_flags()
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        try:
+            if net and libc is not None and libc.unshare(netflags) != 0:
+                os._exit(_PREEXEC_FAILED)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+            if uid is not None:
+                resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            os.umask(0o077)
+        except BaseException:
+            os._exit(_PREEXEC_FAILED)
+
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONIOENCODING": "utf-8",
+    }
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=preexec,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return SandboxResult(
+            "error", None, "", f"could not start: {exc}", time.monotonic() - start, 0.0, net, uid is not None
+        )
+    if stdin is not None and proc.stdin is not None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            proc.stdin.write(stdin.encode("utf-8"))
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+    out = bytearray()
+    err = bytearray()
+    reason: Status | None = None
+    deadline = start + limits.wall_s
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    open_streams = 2
+    while open_streams:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            reason = "timeout"
+            break
+        for key, _ in sel.select(timeout=min(remaining, 0.25)):
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            key.data.extend(chunk)
+            if len(out) + len(err) > limits.output_bytes:
+                reason = "output_limit"
+                break
+        if reason:
+            break
+    sel.close()
+    if reason is not None:
+        _kill_group(proc.pid)
+        if uid is not None:
+            _kill_uid(uid)
+    # The pipes close once the child and every descendant holding them are gone; now reap the child.
+    if reason is not None:
+        _, status, usage = os.wait4(proc.pid, 0)
+    else:
+        while True:
+            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                reason = "timeout"
+                _kill_group(proc.pid)
+                if uid is not None:
+                    _kill_uid(uid)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    proc.stderr.close()
+    # Descendants that outlived the child (still in its group) are killed too.
+    _kill_group(proc.pid)
+    wall = time.monotonic() - start
+    cpu_used = usage.ru_utime + usage.ru_stime
+    rc = proc.returncode
+    stdout = out[: limits.output_bytes].decode("utf-8", errors="replace")
+    stderr = err[: max(0, limits.output_bytes - len(out))].decode("utf-8", errors="replace")
+    if reason is None:
+        reason = _classify(rc, stderr, cpu_used, limits)
+    collected: dict[str, str] = {}
+    for name in collect_files:
+        target = workdir / _safe_relpath(name)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if target.is_file() and not target.is_symlink():
+                collected[name] = target.read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")
+    if rc == _PREEXEC_FAILED and not stdout and not stderr:
+        stderr = "sandbox: could not confine the child process (namespace, rlimit or uid change failed)"
+    return SandboxResult(reason, rc, stdout, stderr, wall, cpu_used, net, uid is not None, collected)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _classify(rc: int | None, stderr: str, cpu_used: float, limits: Limits) -> Status:
+    if rc == 0:
+        return "ok"
+    if rc is not None and rc < 0:
+        sig = -rc
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits.cpu_s):
+            return "timeout"
+        if sig in (signal.SIGSEGV, signal.SIGBUS) and "MemoryError" in stderr:
+            return "memory"
+        if sig == signal.SIGXFSZ:
+            return "output_limit"
+        return "killed"
+    tail = stderr[-2000:]
+    if "MemoryError" in tail or "Cannot allocate memory" in tail or "std::bad_alloc" in tail:
+        return "memory"
+    return "error"
