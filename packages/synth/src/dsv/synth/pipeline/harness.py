@@ -35,7 +35,7 @@ from dsv.synth.sandbox import Limits, SandboxResult, run_python
 
 __all__ = ["HarnessError", "HarnessReply", "default_limits", "run_harness"]
 
-_MARKER = "\x1edsv-harness-result:"
+_MARKER = "@@dsv-harness-result:"
 
 HARNESS_SOURCE = r'''
 import json, random, re, sys, traceback
@@ -168,6 +168,13 @@ def _main():
     if mode == "check":
         return _check(cls, req)
     env = cls()
+    if mode == "parse_answer":
+        try:
+            return {"ok": True, "answer": env.parse_answer(req["text"])}
+        except AnswerFormatError as exc:
+            return {"ok": False, "category": "answer_format", "reason": str(exc)}
+        except Exception as exc:
+            return {"ok": False, "category": "crash", "reason": f"parse_answer raised {_err(exc)}"}
     try:
         if mode == "generate":
             return {"ok": True, "task": env.generate(req["seed"], req["difficulty"]).to_json()}
@@ -186,13 +193,6 @@ def _main():
             return {"ok": True, "score": {"reward": s.reward, "passed": s.passed, "reason": s.reason}}
     except Exception as exc:
         return {"ok": False, "category": "crash", "reason": f"{mode} raised {_err(exc)}"}
-    if mode == "parse_answer":
-        try:
-            return {"ok": True, "answer": env.parse_answer(req["text"])}
-        except AnswerFormatError as exc:
-            return {"ok": False, "category": "answer_format", "reason": str(exc)}
-        except Exception as exc:
-            return {"ok": False, "category": "crash", "reason": f"parse_answer raised {_err(exc)}"}
     return {"ok": False, "category": "harness", "reason": f"unknown mode {mode!r}"}
 
 
