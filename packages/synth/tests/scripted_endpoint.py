@@ -165,7 +165,9 @@ class ScriptedEndpoint:
 
     def __init__(self, script: Script, *, model: str = "scripted") -> None:
         self._server = _Server(script, model)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="scripted-endpoint", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="scripted-endpoint", daemon=True
+        )
         self.model = model
 
     @property

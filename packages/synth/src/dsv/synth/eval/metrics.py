@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["pass_at_k", "percentile", "k_values", "summarize", "summarize_groups"]
+__all__ = ["k_values", "pass_at_k", "percentile", "summarize", "summarize_groups"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -40,7 +40,10 @@ def approx_tokens(text: str) -> int:
 class EpisodePolicy:
     """One episode's policy: forwards turns to ``complete`` and accumulates token counts."""
 
-    def __init__(self, complete: Callable[[list[dict[str, Any]], list[dict[str, Any]]], tuple[dict, int, int | None, str]]):
+    def __init__(
+        self,
+        complete: Callable[[list[dict[str, Any]], list[dict[str, Any]]], tuple[dict, int, int | None, str]],
+    ):
         self._complete = complete
         self.output_tokens = 0
         self.reasoning_tokens = 0
@@ -91,7 +94,9 @@ class EndpointPolicyFactory:
         return f"endpoint {self.client.base_url} model={self.client.model}"
 
     def __call__(self, sample: int) -> EpisodePolicy:
-        def complete(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> tuple[dict, int, int | None, str]:
+        def complete(
+            messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        ) -> tuple[dict, int, int | None, str]:
             reply = self.client.chat(
                 messages,
                 tools=tools or None,
@@ -141,7 +146,9 @@ class LocalModelPolicyFactory:
         self._generate = generate
         self.path = str(path)
         try:
-            self.model, self.tokenizer = checkpoint.load_pretrained(self.path, device=device, dtype=torch.float32)
+            self.model, self.tokenizer = checkpoint.load_pretrained(
+                self.path, device=device, dtype=torch.float32
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelNotAvailableError(f"cannot load checkpoint {self.path}: {exc}") from None
         self.model.eval()
@@ -159,7 +166,9 @@ class LocalModelPolicyFactory:
     def __call__(self, sample: int) -> EpisodePolicy:
         turn = [0]
 
-        def complete(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> tuple[dict, int, int | None, str]:
+        def complete(
+            messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        ) -> tuple[dict, int, int | None, str]:
             torch = self._torch
             prompt = self._chat.encode_messages(messages, thinking=self.thinking, tools=tools or None)
             ids = self.tokenizer.encode(prompt, add_bos=False)

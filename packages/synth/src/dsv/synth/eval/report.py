@@ -44,15 +44,36 @@ def render_markdown(report: dict[str, Any]) -> str:
         overall = block["overall"]
         pass_keys = [k for k in overall if k.startswith("pass@")]
         lines += [f"## {mode}", ""]
-        header = ["family", "tasks", "episodes", "accuracy", *pass_keys, "out tok mean", "out tok p90",
-                  "reasoning tok mean", "reasoning tok p90", "tool calls/ep", "errors"]
+        header = [
+            "family",
+            "tasks",
+            "episodes",
+            "accuracy",
+            *pass_keys,
+            "out tok mean",
+            "out tok p90",
+            "reasoning tok mean",
+            "reasoning tok p90",
+            "tool calls/ep",
+            "errors",
+        ]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         rows = [*block["families"].items(), ("**all**", overall)]
         for name, m in rows:
-            cells = [name, m["tasks"], m["episodes"], m["accuracy"], *[m.get(k, math.nan) for k in pass_keys],
-                     m["output_tokens_mean"], m["output_tokens_p90"], m["reasoning_tokens_mean"],
-                     m["reasoning_tokens_p90"], m["tool_calls_per_episode"], m["errors"]]
+            cells = [
+                name,
+                m["tasks"],
+                m["episodes"],
+                m["accuracy"],
+                *[m.get(k, math.nan) for k in pass_keys],
+                m["output_tokens_mean"],
+                m["output_tokens_p90"],
+                m["reasoning_tokens_mean"],
+                m["reasoning_tokens_p90"],
+                m["tool_calls_per_episode"],
+                m["errors"],
+            ]
             lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
         lines.append("")
         lines.append(
@@ -89,7 +110,7 @@ def _plot(report: dict[str, Any]) -> bytes:
                 continue
             points.setdefault(family, []).append((x, y))
             ax.scatter([x], [y], marker=markers.get(mode, "s"), label=f"{family} ({mode})")
-    for family, pts in points.items():
+    for pts in points.values():
         if len(pts) > 1:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=0.8, alpha=0.6)

@@ -92,7 +92,9 @@ def load_task_file(path: str | Path) -> list[TaskEntry]:
             try:
                 task = Task.from_json(json.loads(line))
             except json.JSONDecodeError as exc:
-                entries.append(TaskEntry(where, "?", error=f"malformed task record at {where}: invalid JSON ({exc.msg})"))
+                entries.append(
+                    TaskEntry(where, "?", error=f"malformed task record at {where}: invalid JSON ({exc.msg})")
+                )
                 continue
             except TaskFormatError as exc:
                 entries.append(TaskEntry(where, "?", error=f"malformed task record at {where}: {exc}"))
@@ -147,7 +149,9 @@ class EnvResolver:
             return env
 
 
-def family_entries(resolver: EnvResolver, family: str, n: int, *, difficulty: int = 2, seed: int = 0) -> list[TaskEntry]:
+def family_entries(
+    resolver: EnvResolver, family: str, n: int, *, difficulty: int = 2, seed: int = 0
+) -> list[TaskEntry]:
     """``n`` generated tasks of ``family`` (seeds ``seed..seed+n-1``); generation errors become entries."""
     env = resolver.get(family)  # an unknown --family is a usage error: let KeyError reach the CLI
     entries = []
@@ -216,7 +220,9 @@ def _episode(
             )
         if isinstance(policy.error, EndpointError):
             # the endpoint failed, not the model: retried by the next run instead of scored
-            record.update(status="error", reason=f"endpoint error: {policy.error}"[:500], turns=int(result.turns))
+            record.update(
+                status="error", reason=f"endpoint error: {policy.error}"[:500], turns=int(result.turns)
+            )
             return record
         score = result.score
         record.update(
@@ -286,7 +292,9 @@ def run_eval(
 
     # the latest record per wanted key: every episode counted once, whatever the number of runs
     # (both thinking modes: running once with and once without --thinking into one dir compares them)
-    reportable = {episode_key(e.task_id, s, m) for e in entries for s in range(config.samples) for m in (True, False)}
+    reportable = {
+        episode_key(e.task_id, s, m) for e in entries for s in range(config.samples) for m in (True, False)
+    }
     latest: dict[str, dict[str, Any]] = {}
     for r in read_jsonl_tolerant(results_path):
         if r.get("key") in reportable:

@@ -37,7 +37,7 @@ __all__ = ["HarnessError", "HarnessReply", "default_limits", "run_harness"]
 
 _MARKER = "@@dsv-harness-result:"
 
-HARNESS_SOURCE = r'''
+HARNESS_SOURCE = r"""
 import json, random, re, sys, traceback
 
 _REAL_STDOUT = sys.stdout
@@ -197,7 +197,7 @@ def _main():
 
 
 _reply(_main())
-'''
+"""
 
 
 class HarnessError(RuntimeError):

@@ -103,7 +103,9 @@ class SandboxedEnvironment(Environment):
         history: list[tuple[str, dict[str, Any]]] = []
         return [self._tool(schema, task, history) for schema in task.tools]
 
-    def _tool(self, schema: dict[str, Any], task: Task, history: list[tuple[str, dict[str, Any]]]) -> Callable[..., Any]:
+    def _tool(
+        self, schema: dict[str, Any], task: Task, history: list[tuple[str, dict[str, Any]]]
+    ) -> Callable[..., Any]:
         fn_schema = schema.get("function", {})
         name = str(fn_schema.get("name", "tool"))
         params = fn_schema.get("parameters", {}) or {}
@@ -112,7 +114,13 @@ class SandboxedEnvironment(Environment):
 
         def tool(**kwargs: Any) -> str:
             data = env._ok(
-                {"mode": "call_tool", "task": task.to_json(), "history": list(history), "name": name, "arguments": kwargs}
+                {
+                    "mode": "call_tool",
+                    "task": task.to_json(),
+                    "history": list(history),
+                    "name": name,
+                    "arguments": kwargs,
+                }
             )
             history.append((name, kwargs))
             return str(data["result"])
@@ -148,7 +156,9 @@ class Library:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.stem for p in self.root.glob("*.json") if _NAME_RE.fullmatch(p.stem) and p.with_suffix(".py").is_file()
+            p.stem
+            for p in self.root.glob("*.json")
+            if _NAME_RE.fullmatch(p.stem) and p.with_suffix(".py").is_file()
         )
 
     def manifest(self, name: str) -> dict[str, Any]:
@@ -167,7 +177,9 @@ class Library:
         text = (self.root / f"{name}.py").read_text(encoding="utf-8")
         want = self.manifest(name).get("sha256")
         if want and hashlib.sha256(text.encode()).hexdigest() != want:
-            raise LibraryError(f"library entry {name!r}: {name}.py does not match its manifest (edited by hand?)")
+            raise LibraryError(
+                f"library entry {name!r}: {name}.py does not match its manifest (edited by hand?)"
+            )
         return text
 
     def add(self, name: str, source: str, manifest: dict[str, Any]) -> Path:
@@ -177,7 +189,9 @@ class Library:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / f"{name}.py", source)
         path = self.root / f"{name}.json"
-        atomic_write_json(path, {**manifest, "name": name, "sha256": hashlib.sha256(source.encode()).hexdigest()})
+        atomic_write_json(
+            path, {**manifest, "name": name, "sha256": hashlib.sha256(source.encode()).hexdigest()}
+        )
         return path
 
     def environment_class(self, name: str) -> type[SandboxedEnvironment]:

@@ -84,10 +84,14 @@ def extract_code(reply: str) -> str:
     if not blocks:
         raise ProposalFormatError("no_code", "reply contains no fenced python block")
     if len(blocks) > 1:
-        raise ProposalFormatError("no_code", f"reply contains {len(blocks)} code blocks; expected exactly one")
+        raise ProposalFormatError(
+            "no_code", f"reply contains {len(blocks)} code blocks; expected exactly one"
+        )
     code = blocks[0]
     if len(code) > MAX_CODE_CHARS:
-        raise ProposalFormatError("too_large", f"code is {len(code)} characters; the limit is {MAX_CODE_CHARS}")
+        raise ProposalFormatError(
+            "too_large", f"code is {len(code)} characters; the limit is {MAX_CODE_CHARS}"
+        )
     return code
 
 
@@ -125,9 +129,13 @@ def static_check(code: str) -> StaticInfo:
         top = name.split(".")[0]
         if name.startswith("dsv"):
             if name not in _ALLOWED_DSV:
-                raise ProposalFormatError("forbidden_import", f"import of {name!r}: only dsv.synth.env is allowed")
+                raise ProposalFormatError(
+                    "forbidden_import", f"import of {name!r}: only dsv.synth.env is allowed"
+                )
         elif top not in sys.stdlib_module_names:
-            raise ProposalFormatError("forbidden_import", f"import of {name!r}: only the standard library is allowed")
+            raise ProposalFormatError(
+                "forbidden_import", f"import of {name!r}: only the standard library is allowed"
+            )
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == CLASS_NAME]
     if not classes:
         raise ProposalFormatError("interface", f"no top-level class {CLASS_NAME}")

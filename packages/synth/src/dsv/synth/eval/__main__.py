@@ -1,0 +1,16 @@
+"""``python -m dsv.synth.eval ...``: the same command as ``dsv eval``, without the dsv CLI installed."""
+
+import typer
+
+from dsv.synth.eval.cli import eval_command
+
+
+def main() -> None:
+    """Run ``eval_command`` as a standalone Typer program."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(eval_command)
+    app(prog_name="dsv eval")
+
+
+if __name__ == "__main__":
+    main()

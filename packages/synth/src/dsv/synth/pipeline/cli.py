@@ -1,0 +1,104 @@
+"""``dsv synth build``: the thin CLI over ``dsv.synth.pipeline.build``.
+
+Example::
+
+    dsv synth build --base-url http://127.0.0.1:8000/v1 --model deepseek-v3.2 -n 20 --out runs/synth
+    dsv eval --library runs/synth/library --family <accepted name> --n 10 --base-url ... --model ...
+
+Re-running the same command resumes: finished proposals are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+__all__ = ["build_command"]
+
+_err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def build_command(
+    base_url: str = typer.Option(
+        ..., "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+    ),
+    model: str = typer.Option(..., "--model", help="Model name to request from the endpoint."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="API key (default: $DSV_API_KEY, then $OPENAI_API_KEY, else none)."
+    ),
+    n: int = typer.Option(10, "-n", "--n", min=1, help="Number of proposals to request (indices 0..n-1)."),
+    out: Path = typer.Option(
+        Path("runs/synth"), "--out", help="Output dir: state.json, proposals/, report.*"
+    ),
+    library: Path | None = typer.Option(
+        None, "--library", help="Library dir for accepted environments (default OUT/library)."
+    ),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds checked per difficulty."),
+    thinking: bool | None = typer.Option(
+        None, "--thinking/--no-thinking", help="Ask the endpoint to think (default: its default)."
+    ),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="Sampling temperature for proposals."
+    ),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for one endpoint reply."),
+    sandbox_wall: float = typer.Option(
+        20.0, "--sandbox-wall", help="Wall-clock seconds for one proposal's checks."
+    ),
+) -> None:
+    """Propose environments with an LLM; keep those whose reference passes, wrong answers fail, and that are new."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsv.synth.eval.client import EndpointClient
+    from dsv.synth.pipeline.build import BuildConfig, ProposalOutcome, build
+    from dsv.synth.pipeline.harness import default_limits
+
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; pass a directory")
+    config = BuildConfig(
+        out_dir=out,
+        library_dir=library,
+        n=n,
+        seeds=tuple(range(seeds)),
+        limits=default_limits(sandbox_wall),
+        thinking=thinking,
+        temperature=temperature,
+    )
+    client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
+    with Progress(
+        TextColumn("[bold]synth build"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=_err,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("build", total=n, last="")
+
+        def on_start(total: int, done: int) -> None:
+            progress.update(bar, total=total, completed=done, last=f"{done} done earlier" if done else "")
+
+        def on_proposal(o: ProposalOutcome) -> None:
+            progress.update(bar, advance=1 if o.finished else 0, last=f"#{o.index} {o.status}: {o.category}")
+
+        try:
+            report = build(client, config, on_start=on_start, on_proposal=on_proposal)
+        finally:
+            client.close()
+    c = report["counts"]
+    console = Console()
+    console.print(
+        f"[green]{c['accepted']} accepted[/], {c['rejected']} rejected, {c['error']} endpoint errors "
+        f"-> {out / 'report.md'} (library: {config.library})"
+    )
+    for category, count in report["by_category"].items():
+        console.print(f"  {category}: {count}")
+    if c["error"]:
+        console.print("[yellow]some proposals could not be fetched; re-run the same command to retry them[/]")
