@@ -1,0 +1,209 @@
+"""Public entry points of dsv.kernels: validate, then launch.
+
+Each function checks every argument (shape, dtype, device) and raises ``ValueError``/``TypeError``
+naming the argument and the expected shape before any kernel is launched. Shapes follow the contract
+with ``dsv.core.attention`` (see its module docstring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv.kernels._checks import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    offsets_tensor,
+)
+from dsv.kernels.ops.indexer.triton import launch_indexer
+from dsv.kernels.ops.indexer_kl.triton import IndexerKL, head_summed_probs
+from dsv.kernels.ops.sparse_mla.triton import SparseMLA
+from dsv.kernels.ops.topk.triton import TORCH_TOPK_MAX_T, launch_radix_topk, torch_topk
+
+
+def availability() -> tuple[bool, str]:
+    """Whether the Triton kernels can run here, and why (or why not)."""
+    from dsv.kernels._checks import interpreting
+
+    try:
+        import triton
+    except ImportError as exc:  # pragma: no cover - triton is a hard dependency
+        return False, f"triton is not importable ({exc}); pip install 'triton>=3.0'"
+    if interpreting():
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1, CPU tensors)"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_scale(sm_scale: object) -> float:
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, int | float) or not sm_scale > 0:
+        raise ValueError(f"sm_scale: expected a positive float, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def indexer_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_offset: int | torch.Tensor = 0
+) -> torch.Tensor:
+    """Lightning-indexer scores ``I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s])``.
+
+    ``q [B, S, H, D]``, ``k [B, T, D]`` (same float dtype), ``w [B, S, H]`` (any float dtype), ``q_offset``
+    int or ``[B]``: the absolute position of each row's first query. Returns fp32 ``[B, S, T]`` with
+    ``-inf`` where ``s > q_offset[b] + t``. Prefill (many queries) and decode (``S = 1``) alike.
+    """
+    check_tensor("q", q, "[B, S, H, D]", ndim=4, dtypes=FLOAT_DTYPES)
+    B, S, H, D = q.shape
+    check_tensor("k", k, "[B, T, D]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, None, D))
+    check_tensor("w", w, "[B, S, H]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, H))
+    check_same_dtype(q=q, k=k)
+    device = check_same_device(q=q, k=k, w=w)
+    return launch_indexer(q, k, w, offsets_tensor(q_offset, B, device))
+
+
+def indexer_scores_fp8(
+    q_fp8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k_fp8: torch.Tensor,
+    k_scale: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    q_offset: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """FP8 indexer scores as in the reference model: e4m3 ``q_fp8 [B,S,H,D]`` with ``q_scale [B,S,H]``,
+    e4m3 ``k_fp8 [B,T,D]`` with ``k_scale [B,T]`` (from :func:`quantize_fp8_rows`), ``w [B,S,H]``.
+    ``I = k_scale[s] * sum_h w[t,h] * q_scale[t,h] * relu(q8[t,h] . k8[s])``, fp32 ``[B, S, T]``."""
+    check_tensor("q_fp8", q_fp8, "[B, S, H, D]", ndim=4, dtypes=FP8_DTYPES)
+    B, S, H, D = q_fp8.shape
+    check_tensor("q_scale", q_scale, "[B, S, H]", ndim=3, dtypes=(torch.float32,), shape=(B, S, H))
+    check_tensor("k_fp8", k_fp8, "[B, T, D]", ndim=3, dtypes=FP8_DTYPES, shape=(B, None, D))
+    T = k_fp8.shape[1]
+    check_tensor("k_scale", k_scale, "[B, T]", ndim=2, dtypes=(torch.float32,), shape=(B, T))
+    check_tensor("w", w, "[B, S, H]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, H))
+    device = check_same_device(q_fp8=q_fp8, q_scale=q_scale, k_fp8=k_fp8, k_scale=k_scale, w=w)
+    return launch_indexer(q_fp8, k_fp8, w, offsets_tensor(q_offset, B, device), q_scale, k_scale)
+
+
+def topk(scores: torch.Tensor, k: int, *, method: str = "auto") -> torch.Tensor:
+    """Top-``min(k, T)`` key indices of each row of ``scores [B, S, T]`` as int32 ``[B, S, min(k, T)]``.
+
+    ``-1`` marks a pick whose score is ``-inf``. The set of indices matches ``torch.topk`` (order is
+    unspecified; ties at the threshold go to the lowest positions). ``method``: ``"radix"`` (the Triton
+    radix select), ``"torch"`` or ``"auto"`` (torch.topk for rows up to 4096 on CUDA, radix otherwise).
+    """
+    check_tensor("scores", scores, "[B, S, T]", ndim=3, dtypes=FLOAT_DTYPES)
+    _check_int("k", k, 1)
+    if method not in ("auto", "radix", "torch"):
+        raise ValueError(f"method: expected one of auto, radix, torch, got {method!r}")
+    check_same_device(scores=scores)
+    if method == "torch" or (method == "auto" and scores.is_cuda and scores.shape[-1] <= TORCH_TOPK_MAX_T):
+        return torch_topk(scores, k)
+    return launch_radix_topk(scores.float(), k)
+
+
+def _check_mla(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, d_v: int, lead: str) -> None:
+    n = len(lead)
+    check_tensor("q", q, f"[{lead}H, D]", ndim=n // 3 + 2, dtypes=FLOAT_DTYPES)
+    D = q.shape[-1]
+    check_tensor("kv", kv, f"[{'B, ' if n else ''}T, D]", ndim=q.dim() - 1, dtypes=FLOAT_DTYPES,
+                 shape=(*q.shape[: q.dim() - 3], None, D))  # fmt: skip
+    check_tensor("idx", idx, f"[{lead}K]", ndim=q.dim() - 1, dtypes=INDEX_DTYPES, shape=(*q.shape[:-2], None))
+    check_same_dtype(q=q, kv=kv)
+    check_same_device(q=q, kv=kv, idx=idx)
+    _check_int("d_v", d_v, 1)
+    if d_v > D:
+        raise ValueError(f"d_v: expected <= D = {D} (values are kv[..., :d_v]), got {d_v}")
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, *, sm_scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention (absorbed form) over the selected latent rows; differentiable in q and kv.
+
+    ``q [B, S, H, D]`` (latent query + rope dims), ``kv [B, T, D]`` (shared by all heads; values are
+    ``kv[..., :d_v]``), ``idx [B, S, K]`` int32 rows of ``kv`` (``-1`` or ``>= T`` = none). Returns
+    ``out [B, S, H, d_v]`` in q's dtype and the natural-log ``lse [B, S, H]`` (fp32, ``-inf`` for a row
+    with no valid index; its output is 0).
+    """
+    _check_mla(q, kv, idx, d_v, "B, S, ")
+    return SparseMLA.apply(q, kv, idx.to(torch.int32), _check_scale(sm_scale), d_v)
+
+
+def sparse_mla_varlen(
+    q: torch.Tensor, kv_cache: torch.Tensor, idx: torch.Tensor, *, sm_scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged-batch / paged form for serving: ``q [N, H, D]`` the new tokens of all sequences,
+    ``kv_cache [P, D]`` a flat (or paged, flattened) latent cache, ``idx [N, K]`` flat cache rows (build
+    them with :func:`flat_indices_cu_seqlens` or :func:`flat_indices_paged`) -> ``(out [N, H, d_v],
+    lse [N, H])``. Same kernel as :func:`sparse_mla` (one "batch" spanning the whole cache)."""
+    _check_mla(q, kv_cache, idx, d_v, "N, ")
+    out, lse = SparseMLA.apply(
+        q.unsqueeze(0), kv_cache.unsqueeze(0), idx.to(torch.int32).unsqueeze(0), _check_scale(sm_scale), d_v
+    )
+    return out.squeeze(0), lse.squeeze(0)
+
+
+def _check_kl(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    check_tensor("q", q, "[B, S, H, D]", ndim=4, dtypes=FLOAT_DTYPES)
+    B, S, H, D = q.shape
+    check_tensor("kv", kv, "[B, T, D]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, None, D))
+    check_same_dtype(q=q, kv=kv)
+    if idx is not None:
+        check_tensor("idx", idx, "[B, S, K]", ndim=3, dtypes=INDEX_DTYPES, shape=(B, S, None))
+        check_same_device(q=q, kv=kv, idx=idx)
+    else:
+        check_same_device(q=q, kv=kv)
+    return B, S, H, D, kv.shape[1]
+
+
+def attention_probs_summed(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    *,
+    sm_scale: float,
+    idx: torch.Tensor | None = None,
+    q_offset: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """Head-summed, L1-normalised causal attention probabilities ``[B, S, T]`` (the distillation target),
+    computed blockwise; with ``idx [B, S, K]`` only at the selected keys (``[B, S, K]``, not renormalised,
+    0 at invalid or future picks)."""
+    B, *_ = _check_kl(q, kv, idx)
+    offsets = offsets_tensor(q_offset, B, q.device)
+    with torch.no_grad():
+        return head_summed_probs(q, kv, _check_scale(sm_scale), offsets, None if idx is None else idx.to(torch.int32))
+
+
+def indexer_kl_loss(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    index_scores: torch.Tensor,
+    *,
+    sm_scale: float,
+    idx: torch.Tensor | None = None,
+    q_offset: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """Indexer distillation loss ``mean_t KL(p_t || softmax(I_t))``, equal to
+    ``dsv.core.attention.indexer_kl_loss_reference``; gradient flows only into ``index_scores [B, S, T]``.
+
+    ``idx=None`` is the dense warm-up (all keys); ``idx [B, S, K]`` is the sparse stage (both
+    distributions restricted to the selection and renormalised there; ``-1`` ignored; indices are
+    assumed distinct per row, as top-k gives them).
+    """
+    B, S, H, D, T = _check_kl(q, kv, idx)
+    check_tensor("index_scores", index_scores, "[B, S, T]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, T))
+    check_same_device(q=q, index_scores=index_scores)
+    offsets = offsets_tensor(q_offset, B, q.device)
+    return IndexerKL.apply(
+        index_scores, q.detach(), kv.detach(), None if idx is None else idx.to(torch.int32),
+        _check_scale(sm_scale), offsets,
+    )  # fmt: skip

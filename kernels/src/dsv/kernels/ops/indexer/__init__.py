@@ -1,0 +1,1 @@
+"""The indexer op: Triton kernels (triton.py) and the torch reference (reference.py)."""

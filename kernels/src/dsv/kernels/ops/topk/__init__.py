@@ -1,0 +1,1 @@
+"""The topk op: Triton kernels (triton.py) and the torch reference (reference.py)."""
