@@ -34,7 +34,6 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 Backend = Literal["torch", "triton"]
 
@@ -234,16 +233,17 @@ def indexer_kl_loss(
 def dense_mla_reference(
     q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int, q_offset: torch.Tensor | int = 0
 ) -> torch.Tensor:
-    """Causal dense attention in the absorbed form (every visible key); the oracle sparse attention
-    must equal when the selection covers all visible keys."""
+    """Causal dense attention in the absorbed (MQA) form over every visible key.
+
+    All heads share the one latent row per key, so heads are folded into the query axis and the
+    whole thing is two batched matmuls (no per-head copy of the keys). This is also what sparse
+    attention must equal when its selection covers every visible key.
+    """
     B, S, H, D = q.shape
     T = kv.shape[1]
     visible = causal_key_mask(q_offset, S, T, B, q.device)  # (B, S, T)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2).float(),  # (B, H, S, D)
-        kv.unsqueeze(1).float(),
-        kv[..., :d_v].unsqueeze(1).float(),
-        attn_mask=visible.unsqueeze(1),
-        scale=sm_scale,
-    )
-    return out.transpose(1, 2).to(q.dtype)
+    logits = torch.bmm(q.reshape(B, S * H, D).float(), kv.float().transpose(1, 2)) * sm_scale  # (B, S*H, T)
+    logits = logits.view(B, S, H, T).masked_fill(~visible.unsqueeze(2), float("-inf"))
+    probs = logits.softmax(dim=-1).view(B, S * H, T)
+    out = torch.bmm(probs, kv[..., :d_v].float())  # (B, S*H, d_v)
+    return out.view(B, S, H, d_v).to(q.dtype)

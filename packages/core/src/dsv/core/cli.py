@@ -1,0 +1,218 @@
+"""``dsv model ...`` and ``dsv generate``: thin commands over dsv.core.
+
+Registered under the ``dsv.commands`` entry-point group. torch is imported inside the commands so
+``dsv --help`` stays instant. User mistakes (:class:`~dsv.core.errors.DSVError`) print one line
+and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+err = Console(stderr=True)
+
+model_app = typer.Typer(help="Create, inspect, download and convert checkpoints.", no_args_is_help=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`DSVError` (and bad values) into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dsv.core.errors import DSVError
+
+        try:
+            return fn(*args, **kwargs)
+        except DSVError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except ValueError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def parse_dtype(name: str) -> Any:
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of: float32, bfloat16, float16")
+    return getattr(torch, _DTYPES[name])
+
+
+@model_app.command("init")
+@user_errors
+def init(
+    out: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
+    preset: str = typer.Option("tiny", help="tiny | small | v32 (v32 is too large to materialise)."),
+    config: Path | None = typer.Option(None, help="A config.json to use instead of a preset."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation."),
+    dtype: str = typer.Option("float32", help="Stored dtype: float32 | bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+) -> None:
+    """Write a randomly initialised checkpoint (HF layout) with a trained byte-level BPE tokenizer."""
+    import torch
+
+    from dsv.core.checkpoint import save_pretrained
+    from dsv.core.config import ModelConfig
+    from dsv.core.errors import DSVError
+    from dsv.core.model import DSVForCausalLM, count_parameters
+    from dsv.core.presets import preset as get_preset
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    cfg = ModelConfig.from_json_file(config) if config is not None else get_preset(preset)
+    if count_parameters(cfg)["total"] > 2e9:
+        raise DSVError(f"preset {preset!r} has {count_parameters(cfg)['total'] / 1e9:.0f}B parameters; "
+                       "too large to initialise here (use `dsv model info --preset` to inspect it)")  # fmt: skip
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DSVError(f"{out} exists and is not empty; pass --force to replace it")
+    with console.status("training tokenizer"):
+        tok = train_bpe(default_corpus(), cfg.vocab_size)
+    torch.manual_seed(seed)
+    model = DSVForCausalLM(cfg)
+    save_pretrained(model, tok, out, dtype=parse_dtype(dtype))
+    counts = count_parameters(cfg)
+    console.print(f"wrote {out} ({cfg.model_type}, {counts['total']:,} parameters, vocab {tok.vocab_size})")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def model_facts(cfg: Any, context: int = 131072, bytes_per_value: int = 2) -> dict[str, str]:
+    """What `dsv model info` prints: parameters, active parameters, KV bytes with/without DSA."""
+    from dsv.core.model import count_parameters
+
+    c = count_parameters(cfg)
+    layers = cfg.num_hidden_layers
+    latent = cfg.kv_latent_dim * bytes_per_value * layers
+    index = (cfg.index_head_dim * bytes_per_value * layers) if cfg.has_indexer else 0
+    facts = {
+        "model_type": cfg.model_type,
+        "layers / hidden / heads": f"{layers} / {cfg.hidden_size} / {cfg.num_attention_heads}",
+        "experts": f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared",
+        "parameters (total)": f"{c['total']:,}",
+        "parameters (without MTP)": f"{c['total_without_mtp']:,}",
+        "active parameters per token": f"{c['active_per_token']:,}",
+        "KV cache per token, dense MLA (bf16)": _fmt_bytes(latent),
+    }
+    if cfg.has_indexer:
+        k = min(cfg.index_topk, context)
+        facts["KV cache per token, DSA: latent + indexer keys (bf16)"] = _fmt_bytes(latent + index)
+        facts[f"KV bytes read per decode step at {context:,} ctx, dense"] = _fmt_bytes(latent * context)
+        facts[f"KV bytes read per decode step at {context:,} ctx, DSA (index keys + top-{k})"] = _fmt_bytes(
+            index * context + latent * k
+        )
+    return facts
+
+
+@model_app.command("info")
+@user_errors
+def info(
+    path_or_repo: str = typer.Argument(None, help="Checkpoint folder or Hub repo id (only config.json is read)."),
+    preset: str | None = typer.Option(None, help="Describe a preset instead (tiny | small | v32)."),
+    context: int = typer.Option(131072, help="Context length for the per-step KV traffic figures."),
+) -> None:
+    """Parameters, active parameters per token, KV bytes per token with and without DSA."""
+    from dsv.core.checkpoint import load_config, resolve
+    from dsv.core.errors import DSVError
+    from dsv.core.presets import preset as get_preset
+
+    if (path_or_repo is None) == (preset is None):
+        raise DSVError("give either a checkpoint PATH_OR_REPO or --preset NAME")
+    if preset is not None:
+        cfg, title = get_preset(preset), f"preset {preset}"
+    else:
+        folder = resolve(path_or_repo, allow_patterns=["config.json"])
+        cfg, title = load_config(folder), str(path_or_repo)
+    table = Table(title=title, show_header=False)
+    for key, value in model_facts(cfg, context).items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+@model_app.command("download")
+@user_errors
+def download_cmd(
+    repo: str = typer.Argument(..., help="Hub repo id, e.g. deepseek-ai/DeepSeek-V3.2."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit."),
+) -> None:
+    """Download a checkpoint into the Hugging Face cache (resumable; honours HF_HUB_OFFLINE)."""
+    from dsv.core.checkpoint import download
+
+    path = download(repo, revision=revision)
+    console.print(f"{repo} -> {path}")
+
+
+@user_errors
+def generate(
+    path: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    temperature: float = typer.Option(1.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: int | None = typer.Option(None),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+) -> None:
+    """Generate text from a checkpoint, streaming tokens as they are sampled."""
+    import torch
+
+    from dsv.core.checkpoint import load_pretrained
+    from dsv.core.errors import DSVError
+    from dsv.core.generate import SamplingParams
+    from dsv.core.generate import generate as run
+
+    model, tok = load_pretrained(path, device=device, dtype=parse_dtype(dtype))
+    if tok is None:
+        raise DSVError(f"{path}: the checkpoint has no tokenizer.json")
+    text = prompt
+    if chat:
+        from dsv.core.chat import encode_messages
+
+        text = encode_messages([{"role": "user", "content": prompt}], thinking=False)
+        ids = tok.encode(text)
+    else:
+        ids = tok.encode(text, add_bos=True)
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        stop_token_ids=(tok.eos_id,), seed=seed,
+    )  # fmt: skip
+    emitted: list[int] = []
+    printed = ""
+
+    def on_token(t: int) -> None:
+        nonlocal printed
+        emitted.append(t)
+        text = tok.decode(emitted)
+        # decode the whole suffix each time so multi-byte characters split across tokens print whole
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    with torch.inference_mode():
+        out = run(model, ids, params, on_token=on_token)
+    sys.stdout.write("\n")
+    err.print(f"[dim]{len(out.tokens)} tokens, finish_reason={out.finish_reason}[/]")
