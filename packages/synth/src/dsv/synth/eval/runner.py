@@ -136,15 +136,19 @@ class EnvResolver:
             env: Environment | None = None
             try:
                 env = registry.get(name)
-            except KeyError:
+            except KeyError as exc:
+                message = str(exc.args[0]) if exc.args else f"unknown family {name!r}"
                 if self.library_dir is not None:
                     from dsv.synth.pipeline.library import Library
 
                     library = Library(self.library_dir)
                     if name in library.names():
                         env = library.environment(name)
-            if env is None:
-                raise KeyError(f"unknown family {name!r}; known: {', '.join(self.names())}")
+                    else:
+                        known = ", ".join(library.names()) or "none"
+                        message += f"; library {self.library_dir} has: {known}"
+                if env is None:
+                    raise KeyError(message) from None
             self._cache[name] = env
             return env
 
