@@ -336,3 +336,32 @@ def test_cli_user_errors_are_one_line(tmp_path: Path) -> None:
     assert missing.returncode == 1 and missing.stderr.strip().startswith("error: cannot read --tasks")
     no_ckpt = run("--model", str(tmp_path / "no-such-ckpt"), "--family", "arithmetic")
     assert no_ckpt.returncode == 1 and "not a checkpoint directory" in no_ckpt.stderr
+
+
+@pytest.mark.slow
+def test_in_process_checkpoint_eval(tmp_path: Path) -> None:
+    pytest.importorskip("dsv.core.generate", reason="in-process eval needs dsv-core")
+    import torch
+
+    from dsv.core.checkpoint import save_pretrained
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import tiny
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    save_pretrained(DSVForCausalLM(cfg), train_bpe(default_corpus(400), cfg.vocab_size), tmp_path / "ckpt")
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "ckpt"), "--family", "arithmetic", "--n", "2", "--max-tokens", "6"]
+    run = subprocess.run([sys.executable, "-m", "dsv.synth.eval", *args, "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        # a random model: every token it samples before `</think>` is reasoning, counted by the tokenizer
+        assert 1 <= r["output_tokens"] <= 6 and 0 <= r["reasoning_tokens"] <= r["output_tokens"]
+        assert r["reasoning_source"] in ("tokenizer", "none") and r["status"] == "done"
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["target"].startswith("checkpoint ")
+    assert report["results"]["thinking"]["overall"]["episodes"] == 2

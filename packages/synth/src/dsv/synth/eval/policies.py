@@ -136,6 +136,7 @@ class LocalModelPolicyFactory:
             import torch
 
             from dsv.core import chat, checkpoint, generate
+            from dsv.core.errors import DSVError
         except ImportError as exc:
             raise ModelNotAvailableError(
                 f"evaluating a checkpoint in-process needs dsv-core ({exc}); install it with "
@@ -146,11 +147,14 @@ class LocalModelPolicyFactory:
         self._generate = generate
         self.path = str(path)
         try:
-            self.model, self.tokenizer = checkpoint.load_pretrained(
-                self.path, device=device, dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError) as exc:
+            self.model, tokenizer = checkpoint.load_pretrained(self.path, device=device, dtype=torch.float32)
+        except (DSVError, OSError, ValueError) as exc:
             raise ModelNotAvailableError(f"cannot load checkpoint {self.path}: {exc}") from None
+        if tokenizer is None:
+            raise ModelNotAvailableError(
+                f"checkpoint {self.path} has no tokenizer.json; add one to evaluate it"
+            )
+        self.tokenizer = tokenizer
         self.model.eval()
         self.device = device
         self.thinking = thinking
@@ -163,6 +167,15 @@ class LocalModelPolicyFactory:
     def describe(self) -> str:
         return f"checkpoint {self.path}"
 
+    def _reasoning_tokens(self, new_ids: list[int], reasoning: str | None) -> int:
+        # exact when `</think>` is one token: everything sampled before it was reasoning
+        end_think = self.tokenizer.token_to_id("</think>")
+        if self.thinking and end_think is not None:
+            if end_think in new_ids:
+                return new_ids.index(end_think)
+            return sum(1 for t in new_ids if t != self.tokenizer.eos_id)  # cut off while still thinking
+        return len(self.tokenizer.encode(reasoning, add_bos=False)) if reasoning else 0
+
     def __call__(self, sample: int) -> EpisodePolicy:
         turn = [0]
 
@@ -172,19 +185,20 @@ class LocalModelPolicyFactory:
             torch = self._torch
             prompt = self._chat.encode_messages(messages, thinking=self.thinking, tools=tools or None)
             ids = self.tokenizer.encode(prompt, add_bos=False)
+            room = int(self.model.config.max_position_embeddings) - len(ids)
+            if room <= 0:
+                raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context")
             params = self._generate.SamplingParams(
                 temperature=self.temperature,
                 top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=min(self.max_new_tokens, room),
                 stop_token_ids=(self.tokenizer.eos_id,),
                 seed=self.seed * 1_000_003 + sample * 1009 + turn[0],
             )
             turn[0] += 1
             with self._lock, torch.inference_mode():
-                out = self._generate.generate(self.model, torch.tensor([ids], device=self.device), params)
-            new_ids = [int(t) for t in out.tokens[0].tolist()]
-            if len(new_ids) > self.max_new_tokens:  # generate returned prompt + completion
-                new_ids = new_ids[len(ids) :]
+                out = self._generate.generate(self.model, ids, params)
+            new_ids = [int(t) for t in out.tokens]
             text = self.tokenizer.decode(new_ids, skip_special_tokens=False)
             parsed = self._chat.parse_assistant(text, thinking=self.thinking)
             message: dict[str, Any] = {"role": "assistant", "content": parsed.content or ""}
@@ -195,8 +209,7 @@ class LocalModelPolicyFactory:
                     {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                     for c in parsed.tool_calls
                 ]
-            reasoning = parsed.reasoning_content or ""
-            n_reasoning = len(self.tokenizer.encode(reasoning, add_bos=False)) if reasoning else 0
+            n_reasoning = self._reasoning_tokens(new_ids, parsed.reasoning_content)
             return message, len(new_ids), n_reasoning, "tokenizer"
 
         return EpisodePolicy(complete)
