@@ -17,11 +17,11 @@ import pytest
 import torch
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The interpreter evaluates both sides of tl.where in numpy, whose discarded lanes may be inf/NaN.
     for item in items:
         item.add_marker(pytest.mark.filterwarnings("ignore::RuntimeWarning"))
+
 
 def _nan_empty(real_empty):  # type: ignore[no-untyped-def]
     def empty(*size, **kwargs):  # type: ignore[no-untyped-def]

@@ -37,7 +37,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("B", "S", "T", "H", "D", "q_offset"), CASES)
-def test_indexer_matches_reference(B: int, S: int, T: int, H: int, D: int, q_offset: int | list[int], dtype: torch.dtype) -> None:
+def test_indexer_matches_reference(
+    B: int, S: int, T: int, H: int, D: int, q_offset: int | list[int], dtype: torch.dtype
+) -> None:
     q = torch.randn(B, S, H, D, dtype=dtype)
     k = torch.randn(B, T, D, dtype=dtype)
     w = torch.randn(B, S, H, dtype=torch.float32)

@@ -37,7 +37,9 @@ def _inputs(B: int, S: int, T: int, H: int, D: int, q_offset: int | list[int], d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("B", "S", "T", "H", "D", "q_offset"), CASES)
-def test_attention_probs_summed(B: int, S: int, T: int, H: int, D: int, q_offset: int | list[int], dtype: torch.dtype) -> None:
+def test_attention_probs_summed(
+    B: int, S: int, T: int, H: int, D: int, q_offset: int | list[int], dtype: torch.dtype
+) -> None:
     q, kv, _, off = _inputs(B, S, T, H, D, q_offset, dtype)
     sm = D**-0.5
     got = K.attention_probs_summed(q, kv, sm_scale=sm, q_offset=off)
@@ -80,7 +82,9 @@ def test_kl_is_zero_when_indexer_matches_attention() -> None:
 def test_kl_gradient_only_into_scores_and_bad_inputs() -> None:
     q = torch.randn(1, 4, 2, 16, requires_grad=True)
     kv = torch.randn(1, 4, 16, requires_grad=True)
-    scores = torch.randn(1, 4, 4).masked_fill(~causal_key_mask(0, 4, 4, 1, torch.device("cpu")), float("-inf"))
+    scores = torch.randn(1, 4, 4).masked_fill(
+        ~causal_key_mask(0, 4, 4, 1, torch.device("cpu")), float("-inf")
+    )
     scores.requires_grad_()
     K.indexer_kl_loss(q, kv, scores, sm_scale=0.25).backward()
     assert q.grad is None and kv.grad is None and scores.grad is not None

@@ -68,7 +68,9 @@ SHAPES = [  # B, S, T, H, D, d_v, K
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("B", "S", "T", "H", "D", "d_v", "K_"), SHAPES)
-def test_sparse_mla_fwd_bwd(B: int, S: int, T: int, H: int, D: int, d_v: int, K_: int, dtype: torch.dtype) -> None:
+def test_sparse_mla_fwd_bwd(
+    B: int, S: int, T: int, H: int, D: int, d_v: int, K_: int, dtype: torch.dtype
+) -> None:
     q = torch.randn(B, S, H, D, dtype=dtype)
     kv = torch.randn(B, T, D, dtype=dtype)
     idx = _random_idx(B, S, T, K_)
@@ -103,7 +105,9 @@ def test_sparse_mla_with_causal_topk_equals_dense_when_k_covers_context() -> Non
 
     B, S, T, H, D, d_v = 2, 8, 8, 2, 48, 32
     q, kv = torch.randn(B, S, H, D), torch.randn(B, T, D)
-    scores = torch.randn(B, S, T).masked_fill(~causal_key_mask(0, S, T, B, torch.device("cpu")), float("-inf"))
+    scores = torch.randn(B, S, T).masked_fill(
+        ~causal_key_mask(0, S, T, B, torch.device("cpu")), float("-inf")
+    )
     idx = select_topk_reference(scores, 64)  # every visible key, -1 for the future ones
     out, _ = K.sparse_mla(q, kv, idx, sm_scale=0.2, d_v=d_v)
     _assert_close(out, dense_mla_reference(q, kv, 0.2, d_v), 1e-4, "sparse == dense")
@@ -133,8 +137,12 @@ def test_sparse_mla_varlen_paged_ragged_batch() -> None:
     out, lse = K.sparse_mla_varlen(q, kv, flat, sm_scale=0.15, d_v=d_v)
     # oracle: each token against its own sequence's contiguous latent rows
     for n, s in enumerate(seq_ids.tolist()):
-        rows = torch.cat([cache[int(p) * page : (int(p) + 1) * page] for p in block_table[s, : pages_per_seq[s]]])
-        ro, rl = sparse_mla_varlen_reference(q[n : n + 1].detach(), rows[: lens[s]], local[n : n + 1], 0.15, d_v)
+        rows = torch.cat(
+            [cache[int(p) * page : (int(p) + 1) * page] for p in block_table[s, : pages_per_seq[s]]]
+        )
+        ro, rl = sparse_mla_varlen_reference(
+            q[n : n + 1].detach(), rows[: lens[s]], local[n : n + 1], 0.15, d_v
+        )
         _assert_close(out[n : n + 1].detach(), ro, 1e-4, f"token {n}")
         _assert_close(lse[n : n + 1].detach(), rl, 1e-4, f"lse {n}")
     g = torch.randn_like(out)
@@ -161,7 +169,7 @@ def test_sparse_mla_bad_inputs_name_the_argument() -> None:
         K.sparse_mla(q, kv, torch.zeros(2, 4, 5, dtype=torch.int32), sm_scale=0.1, d_v=16)
     with pytest.raises(TypeError, match="idx: expected dtype"):
         K.sparse_mla(q, kv, idx.float(), sm_scale=0.1, d_v=16)
-    with pytest.raises(TypeError, match="kv: expected dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"kv: expected dtype torch\.float32"):
         K.sparse_mla(q, kv.bfloat16(), idx, sm_scale=0.1, d_v=16)
     with pytest.raises(ValueError, match="d_v: expected <= D = 24"):
         K.sparse_mla(q, kv, idx, sm_scale=0.1, d_v=32)

@@ -35,7 +35,9 @@ def test_topk_matches_reference_set(B: int, S: int, T: int, k: int) -> None:
 def test_topk_causal_rows_mark_masked_picks() -> None:
     B, S, T, k = 2, 9, 9, 6
     off = torch.tensor([0, 3])
-    scores = torch.randn(B, S, T).masked_fill(~causal_key_mask(off, S, T, B, torch.device("cpu")), float("-inf"))
+    scores = torch.randn(B, S, T).masked_fill(
+        ~causal_key_mask(off, S, T, B, torch.device("cpu")), float("-inf")
+    )
     got = K.topk(scores, k, method="radix")
     want = select_topk_reference(scores, k)
     assert torch.equal(_sorted(got), _sorted(want))

@@ -180,7 +180,9 @@ def attention_probs_summed(
     B, *_ = _check_kl(q, kv, idx)
     offsets = offsets_tensor(q_offset, B, q.device)
     with torch.no_grad():
-        return head_summed_probs(q, kv, _check_scale(sm_scale), offsets, None if idx is None else idx.to(torch.int32))
+        return head_summed_probs(
+            q, kv, _check_scale(sm_scale), offsets, None if idx is None else idx.to(torch.int32)
+        )
 
 
 def indexer_kl_loss(

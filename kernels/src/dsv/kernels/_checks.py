@@ -82,7 +82,9 @@ def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
 def offsets_tensor(q_offset: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """``q_offset`` (int or ``[B]`` integer tensor) as a contiguous int64 ``[B]`` tensor on ``device``."""
     if isinstance(q_offset, bool) or not isinstance(q_offset, int | torch.Tensor):
-        raise TypeError(f"q_offset: expected an int or an integer tensor of shape [B], got {type(q_offset).__name__}")
+        raise TypeError(
+            f"q_offset: expected an int or an integer tensor of shape [B], got {type(q_offset).__name__}"
+        )
     if isinstance(q_offset, int):
         if q_offset < 0:
             raise ValueError(f"q_offset: expected >= 0, got {q_offset}")

@@ -15,7 +15,12 @@ from dsv.core.attention import indexer_scores_reference
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 
-__all__ = ["dequantize_fp8_rows", "indexer_scores_fp8_reference", "indexer_scores_reference", "quantize_fp8_rows"]
+__all__ = [
+    "dequantize_fp8_rows",
+    "indexer_scores_fp8_reference",
+    "indexer_scores_reference",
+    "quantize_fp8_rows",
+]
 
 
 def quantize_fp8_rows(x: torch.Tensor, *, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

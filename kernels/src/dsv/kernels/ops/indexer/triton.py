@@ -61,14 +61,22 @@ def _indexer_kernel(
                 tl.store(out_base + t * stride_os, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=s_mask)
             else:
                 q = tl.load(
-                    q_ptr + b * stride_qb + t * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    q_ptr
+                    + b * stride_qb
+                    + t * stride_qs
+                    + offs_h[:, None] * stride_qh
+                    + offs_d[None, :] * stride_qd,
                     mask=h_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 )  # (BLOCK_H, BLOCK_D)
-                w = tl.load(w_ptr + b * stride_wb + t * stride_ws + offs_h * stride_wh, mask=h_mask, other=0.0)
+                w = tl.load(
+                    w_ptr + b * stride_wb + t * stride_ws + offs_h * stride_wh, mask=h_mask, other=0.0
+                )
                 w = w.to(tl.float32)
                 if FP8:
-                    w = w * tl.load(qs_ptr + b * stride_qsb + t * stride_qss + offs_h * stride_qsh, mask=h_mask, other=0.0)
+                    w = w * tl.load(
+                        qs_ptr + b * stride_qsb + t * stride_qss + offs_h * stride_qsh, mask=h_mask, other=0.0
+                    )
                 logits = mma(q, tl.trans(k), PREC, UPCAST)  # (BLOCK_H, BLOCK_S) fp32
                 score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)
                 if FP8:

@@ -41,7 +41,11 @@ def _logits_tile(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        q = tl.load(q_row + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        q = tl.load(
+            q_row + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=h_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         k = tl.load(rows + offs_d[None, :] * stride_kvd, mask=valid[:, None] & d_mask[None, :], other=0.0)
         s += mma(q, tl.trans(k), PREC, UPCAST)
     return s
@@ -118,7 +122,9 @@ def _probs_kernel(
 
 
 @triton.jit
-def _kl_row_kernel(p_ptr, x_ptr, kl_ptr, grad_ptr, N, inv_rows, eps, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kl_row_kernel(
+    p_ptr, x_ptr, kl_ptr, grad_ptr, N, inv_rows, eps, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr
+):
     # p_ptr, x_ptr, grad_ptr: contiguous (R, N) fp32; kl_ptr: (R,)
     row = tl.program_id(0).to(tl.int64)
     p_row = p_ptr + row * N
@@ -184,7 +190,9 @@ def head_summed_probs(
     return p
 
 
-def kl_rows(p: torch.Tensor, scores: torch.Tensor, *, write_grad: bool, eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kl_rows(
+    p: torch.Tensor, scores: torch.Tensor, *, write_grad: bool, eps: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row KL of contiguous fp32 ``p [R, N]`` vs ``softmax(scores [R, N])`` and, optionally, the
     gradient of the mean over rows with respect to ``scores``."""
     R, N = p.shape
@@ -225,12 +233,16 @@ class IndexerKL(torch.autograd.Function):
             grad = grad.view(B, S, N)
             if idx is not None:
                 full = torch.zeros((B, S, T), dtype=torch.float32, device=grad.device)
-                grad = full.scatter_add_(-1, idx.long().clamp(0, max(T - 1, 0)), grad.masked_fill(~valid, 0.0))
+                grad = full.scatter_add_(
+                    -1, idx.long().clamp(0, max(T - 1, 0)), grad.masked_fill(~valid, 0.0)
+                )
             ctx.save_for_backward(grad)
         ctx.scores_dtype = index_scores.dtype  # type: ignore[attr-defined]
         return kl.mean() if kl.numel() else kl.sum() * float("nan")
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
         return (grad * g).to(ctx.scores_dtype), None, None, None, None, None  # type: ignore[attr-defined]

@@ -9,7 +9,12 @@ import torch
 
 from dsv.core.attention import sparse_mla_reference
 
-__all__ = ["flat_indices_cu_seqlens", "flat_indices_paged", "sparse_mla_reference", "sparse_mla_varlen_reference"]
+__all__ = [
+    "flat_indices_cu_seqlens",
+    "flat_indices_paged",
+    "sparse_mla_reference",
+    "sparse_mla_varlen_reference",
+]
 
 
 def sparse_mla_varlen_reference(
@@ -21,7 +26,9 @@ def sparse_mla_varlen_reference(
     return out.squeeze(0), lse.squeeze(0)
 
 
-def flat_indices_cu_seqlens(idx: torch.Tensor, seq_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def flat_indices_cu_seqlens(
+    idx: torch.Tensor, seq_ids: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
     """Positions within each token's own sequence -> rows of the packed cache ``kv[cu_seqlens[i]:cu_seqlens[i+1]]``.
 
     ``idx [N, K]`` (``-1`` kept), ``seq_ids [N]`` the sequence of each token, ``cu_seqlens [num_seqs + 1]``.

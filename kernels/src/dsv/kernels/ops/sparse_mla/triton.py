@@ -66,11 +66,15 @@ def _sparse_mla_fwd_kernel(
         ids = tl.load(idx_row + offs_k * stride_ik, mask=offs_k < K, other=-1)
         valid = (ids >= 0) & (ids < T)
         rows = kv_base + tl.where(valid, ids, 0).to(tl.int64)[:, None] * stride_kvt
-        kv_nope = tl.load(rows + offs_dv[None, :] * stride_kvd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        kv_nope = tl.load(
+            rows + offs_dv[None, :] * stride_kvd, mask=valid[:, None] & dv_mask[None, :], other=0.0
+        )
         s = mma(q_nope, tl.trans(kv_nope), PREC, UPCAST)  # (BLOCK_H, BLOCK_K)
         if HAS_ROPE:
             kv_rope = tl.load(
-                rows + (D_V + offs_dr[None, :]) * stride_kvd, mask=valid[:, None] & dr_mask[None, :], other=0.0
+                rows + (D_V + offs_dr[None, :]) * stride_kvd,
+                mask=valid[:, None] & dr_mask[None, :],
+                other=0.0,
             )
             s += mma(q_rope, tl.trans(kv_rope), PREC, UPCAST)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -84,7 +88,9 @@ def _sparse_mla_fwd_kernel(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = out_ptr + b * stride_ob + t * stride_os + offs_h[:, None] * stride_oh + offs_dv[None, :] * stride_od
+    o_ptrs = (
+        out_ptr + b * stride_ob + t * stride_os + offs_h[:, None] * stride_oh + offs_dv[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
     tl.store(lse_ptr + b * stride_lb + t * stride_ls + offs_h * stride_lh, lse, mask=h_mask)
 
@@ -115,7 +121,11 @@ def _sparse_mla_bwd_kernel(
     q_row = q_ptr + b * stride_qb + t * stride_qs + offs_h[:, None] * stride_qh
     q_nope = tl.load(q_row + offs_dv[None, :] * stride_qd, mask=h_mask[:, None] & dv_mask[None, :], other=0.0)
     do = tl.load(
-        do_ptr + b * stride_dob + t * stride_dos + offs_h[:, None] * stride_doh + offs_dv[None, :] * stride_dod,
+        do_ptr
+        + b * stride_dob
+        + t * stride_dos
+        + offs_h[:, None] * stride_doh
+        + offs_dv[None, :] * stride_dod,
         mask=h_mask[:, None] & dv_mask[None, :],
         other=0.0,
     ).to(q_nope.dtype)
@@ -137,15 +147,21 @@ def _sparse_mla_bwd_kernel(
         valid = (ids >= 0) & (ids < T)
         ids_safe = tl.where(valid, ids, 0).to(tl.int64)
         rows = kv_base + ids_safe[:, None] * stride_kvt
-        kv_nope = tl.load(rows + offs_dv[None, :] * stride_kvd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        kv_nope = tl.load(
+            rows + offs_dv[None, :] * stride_kvd, mask=valid[:, None] & dv_mask[None, :], other=0.0
+        )
         s = mma(q_nope, tl.trans(kv_nope), PREC, UPCAST)
         if HAS_ROPE:
             kv_rope = tl.load(
-                rows + (D_V + offs_dr[None, :]) * stride_kvd, mask=valid[:, None] & dr_mask[None, :], other=0.0
+                rows + (D_V + offs_dr[None, :]) * stride_kvd,
+                mask=valid[:, None] & dr_mask[None, :],
+                other=0.0,
             )
             s += mma(q_rope, tl.trans(kv_rope), PREC, UPCAST)
         ok = valid[None, :] & h_mask[:, None]
-        p = tl.where(ok, tl.exp2(s * scale_log2 - tl.where(ok, lse2[:, None], 0.0)), 0.0)  # (BLOCK_H, BLOCK_K)
+        p = tl.where(
+            ok, tl.exp2(s * scale_log2 - tl.where(ok, lse2[:, None], 0.0)), 0.0
+        )  # (BLOCK_H, BLOCK_K)
         dp = mma(do, tl.trans(kv_nope), PREC, UPCAST)
         ds = p * (dp - delta[:, None])  # d loss / d logit (before sm_scale)
         ds_c = ds.to(kv_nope.dtype)
@@ -190,7 +206,7 @@ def sparse_mla_fwd(
         q, kv, idx, out, lse,
         S, T, H, K, d_v, D - d_v, sm_scale * LOG2E,
         *q.stride(), *kv.stride(), *idx.stride(), *out.stride(), *lse.stride(),
-        HAS_ROPE=D > d_v, **dot_flags(q.dtype),
+        HAS_ROPE=d_v < D, **dot_flags(q.dtype),
         BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=8 if block_dv >= 256 else 4,
     )  # fmt: skip
@@ -226,7 +242,7 @@ def sparse_mla_bwd(
         q, kv, idx, dout, lse, delta, dq, dkv,
         S, T, H, K, d_v, D - d_v, sm_scale, sm_scale * LOG2E,
         *q.stride(), *kv.stride(), *idx.stride(), *dout.stride(), *lse.stride(),
-        HAS_ROPE=D > d_v, **dot_flags(q.dtype),
+        HAS_ROPE=d_v < D, **dot_flags(q.dtype),
         BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=8 if block_dv >= 256 else 4,
     )  # fmt: skip
