@@ -110,7 +110,9 @@ class Task:
             values[name] = value
         for i, tool in enumerate(values["tools"]):
             if not (isinstance(tool, dict) and isinstance(tool.get("function"), dict)):
-                raise TaskFormatError(f"field 'tools'[{i}] must be an OpenAI tool entry with a 'function' object")
+                raise TaskFormatError(
+                    f"field 'tools'[{i}] must be an OpenAI tool entry with a 'function' object"
+                )
         return cls(**values)
 
 
@@ -219,7 +221,9 @@ class Environment(ABC):
         if isinstance(difficulty, bool) or not isinstance(difficulty, int):
             raise ValueError(f"difficulty must be an integer, got {difficulty!r}")
         if not 1 <= difficulty <= self.max_difficulty:
-            raise ValueError(f"difficulty for {self.name} must be in 1..{self.max_difficulty}, got {difficulty}")
+            raise ValueError(
+                f"difficulty for {self.name} must be in 1..{self.max_difficulty}, got {difficulty}"
+            )
         return difficulty
 
     def _rng(self, seed: int, difficulty: int) -> random.Random:
@@ -267,7 +271,11 @@ def generic_perturbations(answer: Any, rng: random.Random) -> list[Any]:
     elif isinstance(answer, float):
         out += [answer + 1.0, answer * 1.1 if answer else 0.5, round(answer) + 0.5]
     elif isinstance(answer, str):
-        out += [answer + "x", answer[:-1] if answer else "x", answer[::-1] if answer[::-1] != answer else "zz" + answer]
+        out += [
+            answer + "x",
+            answer[:-1] if answer else "x",
+            answer[::-1] if answer[::-1] != answer else "zz" + answer,
+        ]
     elif isinstance(answer, list):
         if answer:
             out.append(answer[:-1])
@@ -290,7 +298,9 @@ def generic_perturbations(answer: Any, rng: random.Random) -> list[Any]:
     return [p for p in out if p != answer]
 
 
-def safe_verify(env: Environment, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
+def safe_verify(
+    env: Environment, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None
+) -> Score:
     """`env.verify` that never raises: an exception becomes `Score(0, False, reason)`."""
     try:
         score = env.verify(task, answer, trace)

@@ -74,17 +74,28 @@ def run_episode(env: Environment, task: Task, policy: Policy, *, max_turns: int 
                         args = {"_raw": raw_args}
                 trace.append(ToolCallRecord(name, args if isinstance(args, dict) else {"_raw": args}, result))
                 messages.append(
-                    {"role": "tool", "tool_call_id": str(call.get("id") or f"call_{turn}_{i}"), "content": result}
+                    {
+                        "role": "tool",
+                        "tool_call_id": str(call.get("id") or f"call_{turn}_{i}"),
+                        "content": result,
+                    }
                 )
             continue
         text = reply.get("content") or ""
         try:
             answer = env.parse_answer(text)
         except AnswerFormatError as exc:
-            return EpisodeResult(messages, trace, text, Score.fail(f"unparseable answer: {exc}"), n_calls, turn)
+            return EpisodeResult(
+                messages, trace, text, Score.fail(f"unparseable answer: {exc}"), n_calls, turn
+            )
         except Exception as exc:
             return EpisodeResult(
-                messages, trace, text, Score.fail(f"answer parser raised {type(exc).__name__}: {exc}"), n_calls, turn
+                messages,
+                trace,
+                text,
+                Score.fail(f"answer parser raised {type(exc).__name__}: {exc}"),
+                n_calls,
+                turn,
             )
         score = safe_verify(env, task, answer, trace)
         return EpisodeResult(messages, trace, text, score, n_calls, turn, answer)

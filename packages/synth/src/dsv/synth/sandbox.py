@@ -146,7 +146,9 @@ def _world_executable(path: str) -> bool:
     """True if every directory on the way is o+x and the file is o+rx (runnable by an unrelated uid)."""
     p = Path(path).resolve()
     try:
-        if not p.is_file() or (p.stat().st_mode & (stat.S_IXOTH | stat.S_IROTH)) != (stat.S_IXOTH | stat.S_IROTH):
+        if not p.is_file() or (p.stat().st_mode & (stat.S_IXOTH | stat.S_IROTH)) != (
+            stat.S_IXOTH | stat.S_IROTH
+        ):
             return False
         return all(parent.stat().st_mode & stat.S_IXOTH for parent in p.parents)
     except OSError:
@@ -243,7 +245,9 @@ def run_command(
     libc = _libc()
     net = _network_isolation_available()
     if limits.require_network_isolation and not net:
-        return SandboxResult("error", None, "", "network isolation is not available on this machine", 0.0, 0.0, False)
+        return SandboxResult(
+            "error", None, "", "network isolation is not available on this machine", 0.0, 0.0, False
+        )
     as_root = _is_root()
     uid = _fresh_uid() if as_root else None
     workdir = Path(tempfile.mkdtemp(prefix="dsv-sandbox-"))

@@ -81,6 +81,8 @@ def read_tasks_report(
     return tasks, errors
 
 
-def read_tasks(path: str | os.PathLike[str], *, on_bad_record: Literal["stop", "skip"] = "stop") -> list[Task]:
+def read_tasks(
+    path: str | os.PathLike[str], *, on_bad_record: Literal["stop", "skip"] = "stop"
+) -> list[Task]:
     """Tasks from a JSONL file; a malformed record raises `TaskFileError` (`file:line: problem`) or is skipped."""
     return read_tasks_report(path, on_bad_record=on_bad_record)[0]

@@ -184,7 +184,9 @@ def _check(value: Any, schema: dict, where: str) -> Any:
             if t == "array" and "items" in schema:
                 return [_check(v, schema["items"], f"{where}[{i}]") for i, v in enumerate(value)]
             if t == "object" and isinstance(schema.get("additionalProperties"), dict):
-                return {k: _check(v, schema["additionalProperties"], f"{where}.{k}") for k, v in value.items()}
+                return {
+                    k: _check(v, schema["additionalProperties"], f"{where}.{k}") for k, v in value.items()
+                }
             return value
     # Models often send 3.0 for 3 or "3" for 3; accept exact conversions only.
     if "integer" in allowed:

@@ -59,7 +59,9 @@ def _perturb_exact(answer: Any) -> list[Any]:
     return [_fmt(c) for c in cands if c != x]
 
 
-_EXACT_FORMAT = "Finish with one line `Answer: <number>` (an integer, or an exact fraction p/q in lowest terms)."
+_EXACT_FORMAT = (
+    "Finish with one line `Answer: <number>` (an integer, or an exact fraction p/q in lowest terms)."
+)
 
 
 @register
@@ -81,7 +83,9 @@ class ArithmeticEnv(Environment):
             expr = f"({expr} {op} {b})" if rng.random() < 0.6 else f"{expr} {op} {b}"
             value = eval(expr)  # the expression is built here from integers and operators only
         prompt = f"Compute the exact value of the following expression (// is floor division, % is modulo):\n\n{expr}"
-        return self._task(seed, d, prompt, {"expression": expr, "answer": str(value)}, _EXACT_FORMAT, tools=[])
+        return self._task(
+            seed, d, prompt, {"expression": expr, "answer": str(value)}, _EXACT_FORMAT, tools=[]
+        )
 
     def solve(self, task: Task) -> Any:
         return int(task.state["answer"])
@@ -102,7 +106,9 @@ class AlgebraWordEnv(Environment):
     name = "algebra_word"
     domain = "maths"
     description = "Word problems that reduce to a system of linear equations with a unique rational solution."
-    difficulty_knobs = "unknowns = 1 + ceil(difficulty/2) (2..4 people); coefficient size grows with difficulty"
+    difficulty_knobs = (
+        "unknowns = 1 + ceil(difficulty/2) (2..4 people); coefficient size grows with difficulty"
+    )
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
         d = self._check_difficulty(difficulty)
@@ -150,16 +156,20 @@ class AlgebraWordEnv(Environment):
 class CombinatoricsEnv(Environment):
     name = "combinatorics"
     domain = "maths"
-    description = "Counting problems: arrangements with restrictions, committees, lattice paths, derangements."
-    difficulty_knobs = "set sizes grow with difficulty; difficulty>=3 adds restrictions (exclusions, blocked cells)"
+    description = (
+        "Counting problems: committees, strings with restrictions, blocked lattice paths, balls in boxes."
+    )
+    difficulty_knobs = (
+        "set sizes grow with difficulty; more restrictions (exclusions, blocked cells, minimums) as it grows"
+    )
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
         d = self._check_difficulty(difficulty)
         rng = self._rng(seed, d)
-        kind = rng.choice(["committee", "word", "lattice", "derangement"])
+        kind = rng.choice(["committee", "strings", "lattice", "balls"])
         if kind == "committee":
-            men, women = rng.randint(3, 4 + 2 * d), rng.randint(3, 4 + 2 * d)
-            k_m, k_w = rng.randint(1, min(3, men)), rng.randint(1, min(3, women))
+            men, women = rng.randint(4, 6 + 2 * d), rng.randint(4, 6 + 2 * d)
+            k_m, k_w = rng.randint(2, min(4, men)), rng.randint(1, min(4, women))
             answer = math.comb(men, k_m) * math.comb(women, k_w)
             text = (
                 f"A club has {men} juniors and {women} seniors. In how many ways can a committee of exactly "
@@ -167,25 +177,24 @@ class CombinatoricsEnv(Environment):
             )
             if d >= 3:
                 # two specific juniors refuse to serve together
-                answer -= math.comb(men - 2, k_m - 2) * math.comb(women, k_w) if k_m >= 2 else 0
+                answer -= math.comb(men - 2, k_m - 2) * math.comb(women, k_w)
                 text += " Two particular juniors refuse to serve together."
-        elif kind == "word":
-            letters = rng.choice(["BANANA", "LETTER", "PEPPER", "SUCCESS", "COMMITTEE", "BALLOON", "MISSISSIPPI"])
-            if d <= 2:
-                letters = letters[: 4 + d]
-            counts = {c: letters.count(c) for c in set(letters)}
-            answer = math.factorial(len(letters))
-            for c in counts.values():
-                answer //= math.factorial(c)
-            text = f"How many distinct strings can be formed by rearranging all the letters of {letters}?"
+        elif kind == "strings":
+            alphabet, length = rng.randint(3, 4 + d), rng.randint(4, 5 + 2 * d)
+            banned = rng.randint(0, 1) if d >= 3 else 0
+            # no two equal adjacent letters; optionally the first letter may not be the banned letter 'A'
+            answer = (alphabet - banned) * (alphabet - 1) ** (length - 1)
+            text = (
+                f"How many strings of length {length} over an alphabet of {alphabet} letters have no two equal "
+                f"adjacent letters?"
+                + (" The first letter may not be A (A is one of the letters)." if banned else "")
+            )
         elif kind == "lattice":
-            w, h = rng.randint(2, 2 + 2 * d), rng.randint(2, 2 + 2 * d)
+            w, h = rng.randint(3, 3 + 2 * d), rng.randint(3, 3 + 2 * d)
             blocked: set[tuple[int, int]] = set()
-            if d >= 3:
-                while len(blocked) < d - 1:
-                    cell = (rng.randint(1, w - 1), rng.randint(0, h))
-                    if cell != (w, h):
-                        blocked.add(cell)
+            while len(blocked) < max(1, d - 1):
+                cell = (rng.randint(1, w - 1), rng.randint(0, h))
+                blocked.add(cell)
             ways = [[0] * (h + 1) for _ in range(w + 1)]
             for x in range(w + 1):
                 for y in range(h + 1):
@@ -198,19 +207,16 @@ class CombinatoricsEnv(Environment):
             answer = ways[w][h]
             text = (
                 f"Count the monotone lattice paths from (0,0) to ({w},{h}) using unit steps right (+1,0) and "
-                f"up (0,+1)."
+                f"up (0,+1). The points {sorted(blocked)} are blocked and may not be visited."
             )
-            if blocked:
-                text += f" The points {sorted(blocked)} are blocked and may not be visited."
         else:
-            n = rng.randint(3, 4 + 2 * d)
-            der = [1, 0]
-            for i in range(2, n + 1):
-                der.append((i - 1) * (der[-1] + der[-2]))
-            answer = der[n]
-            text = (
-                f"{n} guests check their coats. In how many ways can the coats be returned so that no guest "
-                f"gets their own coat?"
+            boxes, balls = rng.randint(3, 3 + d), rng.randint(10, 15 + 5 * d)
+            least = rng.randint(1, 2) if d >= 2 else 0
+            if balls - boxes * least < 1:
+                least = 0
+            answer = math.comb(balls - boxes * least + boxes - 1, boxes - 1)
+            text = f"In how many ways can {balls} identical balls be put into {boxes} distinct boxes" + (
+                f" so that every box gets at least {least}?" if least else "?"
             )
         return self._task(seed, d, text, {"kind": kind, "answer": str(answer)}, _EXACT_FORMAT, tools=[])
 

@@ -1,0 +1,173 @@
+"""Sandbox containment: loops, fork bombs, allocations, output floods, host files, sockets.
+
+Run: pytest packages/synth/tests/test_synth_sandbox.py
+Each hostile program must be stopped and reported with the right status while this
+(host) process carries on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from dsv.synth.sandbox import Limits, isolation_report, run_command, run_python
+
+IS_ROOT = os.geteuid() == 0
+FAST = Limits(cpu_s=2, wall_s=4, memory_mb=256, output_bytes=20_000, max_processes=16)
+
+
+def test_ok_with_files_stdin_and_collected_output() -> None:
+    code = (
+        "import helper, sys\nprint(helper.twice(int(sys.stdin.read())))\nopen('out.txt','w').write('done')\n"
+    )
+    r = run_python(
+        code,
+        files={"helper.py": "def twice(x):\n    return 2 * x\n"},
+        stdin="21",
+        limits=FAST,
+        collect_files=["out.txt"],
+    )
+    assert r.status == "ok", r
+    assert r.stdout.strip() == "42"
+    assert r.files == {"out.txt": "done"}
+    assert r.returncode == 0
+
+
+def test_error_status_and_stderr() -> None:
+    r = run_python("raise ValueError('boom')", limits=FAST)
+    assert r.status == "error"
+    assert r.returncode == 1
+    assert "ValueError: boom" in r.stderr
+
+
+def test_infinite_loop_is_stopped_by_cpu_limit() -> None:
+    r = run_python("while True:\n    pass\n", limits=FAST)
+    assert r.status == "timeout"
+    assert r.wall_s < FAST.wall_s + 2
+
+
+def test_sleeping_program_is_stopped_by_wall_limit() -> None:
+    r = run_python("import time\ntime.sleep(60)\n", limits=Limits(cpu_s=2, wall_s=1.0))
+    assert r.status == "timeout"
+    assert r.wall_s < 3
+
+
+def test_huge_allocation_is_a_memory_failure() -> None:
+    r = run_python("x = bytearray(2 * 1024**3)\nprint('allocated')\n", limits=FAST)
+    assert r.status == "memory", r
+    assert "allocated" not in r.stdout
+
+
+def test_huge_output_is_cut_off() -> None:
+    r = run_python("while True:\n    print('y' * 1000)\n", limits=FAST)
+    assert r.status == "output_limit"
+    assert len(r.stdout) <= FAST.output_bytes
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="process limits per sandbox need a private uid (root host)")
+def test_fork_bomb_is_contained_and_cleaned_up() -> None:
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "while True:\n"
+        "    try:\n"
+        "        os.fork()\n"
+        "        n += 1\n"
+        "    except OSError:\n"
+        "        time.sleep(0.01)\n"
+    )
+    r = run_python(code, limits=Limits(cpu_s=2, wall_s=3, memory_mb=256, max_processes=16))
+    assert r.status in ("timeout", "killed")
+    assert r.user_isolated
+    # Nothing of the bomb survives: no process still runs the sandbox script.
+    leftovers = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"_sandbox_main.py" in f.read():
+                        leftovers.append(pid)
+            except OSError:
+                pass
+    assert leftovers == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="file isolation relies on running the program under another uid")
+def test_secret_host_file_is_unreadable(tmp_path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    secret.chmod(0o600)
+    code = f"print(open({str(secret)!r}).read())\n"
+    r = run_python(code, limits=FAST)
+    assert r.status == "error"
+    assert "TOPSECRET" not in r.stdout
+    assert "PermissionError" in r.stderr
+    # Reading the host's root-only home fails the same way.
+    r2 = run_python("import os\nprint(os.listdir('/root'))\n", limits=FAST)
+    assert r2.status == "error" and "PermissionError" in r2.stderr
+
+
+def test_environment_is_scrubbed() -> None:
+    os.environ["DSV_SANDBOX_CANARY"] = "leak"
+    try:
+        r = run_python("import os\nprint(sorted(os.environ))\n", limits=FAST)
+    finally:
+        del os.environ["DSV_SANDBOX_CANARY"]
+    assert r.status == "ok"
+    assert "DSV_SANDBOX_CANARY" not in r.stdout
+
+
+@pytest.mark.skipif(
+    not isolation_report()["network_namespace"], reason="no network namespaces on this machine"
+)
+def test_socket_to_host_listener_fails() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    accepted: list[object] = []
+
+    def accept() -> None:
+        server.settimeout(5)
+        try:
+            accepted.append(server.accept())
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    # The host itself can connect (the listener is real) ...
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    t.join()
+    assert len(accepted) == 1
+    # ... the sandbox cannot.
+    code = (
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')\n"
+    )
+    r = run_python(code, limits=FAST)
+    server.close()
+    assert r.network_isolated
+    assert r.status == "error"
+    assert "connected" not in r.stdout
+    assert "OSError" in r.stderr or "Network is unreachable" in r.stderr or "Error" in r.stderr
+
+
+def test_run_command_and_bad_file_names() -> None:
+    r = run_command(["/bin/sh", "-c", "cat data.txt; pwd"], files={"data.txt": "hello"}, limits=FAST)
+    assert r.status == "ok"
+    assert r.stdout.startswith("hello")
+    with pytest.raises(ValueError):
+        run_command(["/bin/true"], files={"../escape.txt": "x"}, limits=FAST)
+    missing = run_command(["/nonexistent/program"], limits=FAST)
+    assert missing.status == "error"
+
+
+def test_workdir_is_private_and_removed() -> None:
+    r = run_python("import os\nprint(os.getcwd())\nprint(oct(os.stat('.').st_mode & 0o777))\n", limits=FAST)
+    cwd, mode = r.stdout.split()
+    assert mode == "0o700"
+    assert not os.path.exists(cwd)
