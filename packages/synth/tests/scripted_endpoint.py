@@ -57,6 +57,8 @@ def _words(text: str | None) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
+    # headers and body go out in two writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms per reply
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr log

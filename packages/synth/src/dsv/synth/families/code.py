@@ -176,7 +176,7 @@ class CodeRepairEnv(Environment):
             Args:
                 path: file name as listed by list_files.
             """
-            return files[path] if path in files else f"error: no file {path!r}"
+            return files.get(path, f"error: no file {path!r}")
 
         def write_file(path: str, content: str) -> str:
             """Replace a file's content in the working copy (used by run_python afterwards).
@@ -244,7 +244,7 @@ class CodeRepairEnv(Environment):
     def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
         out: list[Any] = [{}]  # the untouched, broken repo
         for path, content in answer.items():
-            for f, (src, _, mutants) in _CATALOGUE.items():
+            for _f, (src, _, mutants) in _CATALOGUE.items():
                 if src in content:  # mutate inside that function only: snippets recur across functions
                     orig, mutant = rng.choice(mutants)
                     out.append({**answer, path: content.replace(src, src.replace(orig, mutant, 1), 1)})

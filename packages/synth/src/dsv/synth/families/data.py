@@ -9,6 +9,7 @@ specified transformation; conversions and balances are exact rationals.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import random
 from collections.abc import Callable
@@ -43,7 +44,7 @@ class ShortestPathEnv(Environment):
         edges: dict[str, dict[str, int]] = {n: {} for n in nodes}
         order = list(nodes)
         rng.shuffle(order)
-        for a, b in zip(order, order[1:], strict=False):  # a spanning path keeps the graph connected
+        for a, b in itertools.pairwise(order):  # a spanning path keeps the graph connected
             w = rng.randint(1, 9 + 3 * d)
             edges[a][b] = edges[b][a] = w
         for _ in range(len(nodes) * (1 + d // 2)):
@@ -105,7 +106,7 @@ class ShortestPathEnv(Environment):
         if answer[0] != st["source"] or answer[-1] != st["target"]:
             return Score.fail(f"route must start at {st['source']} and end at {st['target']}")
         cost = 0
-        for a, b in zip(answer, answer[1:], strict=False):
+        for a, b in itertools.pairwise(answer):
             if b not in st["edges"].get(a, {}):
                 return Score.fail(f"no road from {a} to {b}")
             cost += st["edges"][a][b]
@@ -354,9 +355,8 @@ class LedgerEnv(Environment):
                     bal[t[1]] -= amt
                     if t[0] == "transfer":
                         bal[t[2]] += amt
-            elif t[0] == "interest":
-                if bal[t[1]] > 0:
-                    bal[t[1]] += bal[t[1]] * t[2] // 100
+            elif t[0] == "interest" and bal[t[1]] > 0:
+                bal[t[1]] += bal[t[1]] * t[2] // 100
         return bal
 
     def solve(self, task: Task) -> Any:
