@@ -291,7 +291,6 @@ def load_pretrained(
     ``dtype=None`` keeps the stored dtype. The tokenizer is None when the folder has none.
     """
     from dsv.core.model import DSVForCausalLM
-    from dsv.core.model.rope import inv_frequencies
     from dsv.core.tokenizer import Tokenizer
 
     folder = resolve(path_or_repo)
@@ -304,8 +303,6 @@ def load_pretrained(
         model = DSVForCausalLM(config)
     check_state_dict(model, state, str(folder))
     model.load_state_dict(state, assign=True, strict=True)
-    # RoPE frequencies are derived (not stored) and always fp32.
-    model.inv_freq = inv_frequencies(config)
     if dtype is not None:
         model = model.to(dtype)
         for moe in model.moe_layers:  # the router and its bias stay in fp32, as in the reference

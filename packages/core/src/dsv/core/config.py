@@ -211,8 +211,9 @@ class ModelConfig:
         if isinstance(rope_params, dict):
             rope_params = dict(rope_params)
             data.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
-            kind = rope_params.get("rope_type", rope_params.get("type"))
-            data.setdefault("rope_scaling", None if kind in (None, "default") else rope_params)
+            kind = rope_params.pop("rope_type", None) or rope_params.pop("type", None)
+            rope_params.pop("type", None)
+            data.setdefault("rope_scaling", None if kind in (None, "default") else {"type": kind, **rope_params})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in names and k not in _IGNORED_KEYS)
         if unknown:

@@ -124,7 +124,8 @@ class DSVForCausalLM(nn.Module):
         self.config = config
         self.model = DSVModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
+        # RoPE frequencies are derived, never stored, and stay fp32 whatever dtype the model is cast to.
+        self._inv_freq = inv_frequencies(config)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -150,7 +151,13 @@ class DSVForCausalLM(nn.Module):
         for mtp in self.mtp_layers:
             mtp.embed_tokens.weight.copy_(self.model.embed_tokens.weight)
             mtp.shared_head.head.weight.copy_(self.lm_head.weight)
-        self.inv_freq = inv_frequencies(self.config).to(self.lm_head.weight.device)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        device = self.model.embed_tokens.weight.device
+        if self._inv_freq.device != device and device.type != "meta":
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
 
     @property
     def blocks(self) -> list[Block]:

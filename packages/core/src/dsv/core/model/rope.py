@@ -28,7 +28,7 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     """Per-pair inverse frequencies ``[qk_rope_head_dim // 2]`` (fp32), YaRN-corrected when active."""
     dim = config.qk_rope_head_dim
     base = config.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     yarn = config.yarn
     if yarn is None:
         return freqs
@@ -44,7 +44,7 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # the reference's guard against a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     smooth = 1 - ramp
     return freqs / factor * (1 - smooth) + freqs * smooth
 

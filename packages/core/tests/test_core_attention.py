@@ -1,0 +1,128 @@
+"""The DSA reference ops: sparse attention equals masked dense attention on the selected set
+(hypothesis over shapes and index_topk), indexer scores equal their definition, top-k marks masked
+picks, and the distillation loss has the right fixed point and gradient flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv.core import attention as A
+
+
+def _masked_dense(q, kv, idx, scale, d_v):
+    """Dense softmax over all keys with everything outside the selection masked out."""
+    B, S, H, D = q.shape
+    T = kv.shape[1]
+    allowed = torch.zeros(B, S, T, dtype=torch.bool)
+    for b in range(B):
+        for s in range(S):
+            for t in idx[b, s].tolist():
+                if t >= 0:
+                    allowed[b, s, t] = True
+    logits = torch.einsum("bshd,btd->bsht", q.double(), kv.double()) * scale
+    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    probs = torch.nan_to_num(logits.softmax(-1), nan=0.0)
+    return torch.einsum("bsht,btd->bshd", probs, kv[..., :d_v].double())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    S=st.integers(1, 12),
+    extra=st.integers(0, 20),
+    H=st.integers(1, 4),
+    d_v=st.integers(1, 12),
+    rope=st.integers(0, 6),
+    topk=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_equals_masked_dense_on_selected_set(B, S, extra, H, d_v, rope, topk, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    T = S + extra  # queries sit at the end of the keys (decode / chunked prefill)
+    D = d_v + rope
+    q = torch.randn(B, S, H, D, generator=g)
+    kv = torch.randn(B, T, D, generator=g)
+    scores = torch.randn(B, S, T, generator=g)
+    visible = A.causal_key_mask(extra, S, T, B, torch.device("cpu"))
+    scores = scores.masked_fill(~visible, float("-inf"))
+    idx = A.select_topk_reference(scores, topk)
+    assert idx.shape == (B, S, min(topk, T)) and idx.dtype == torch.int32
+    # a pick is -1 exactly when it selected a masked key; valid picks are visible
+    for b in range(B):
+        for s in range(S):
+            picks = [t for t in idx[b, s].tolist() if t >= 0]
+            assert len(picks) == min(topk, extra + s + 1)
+            assert all(visible[b, s, t] for t in picks)
+    out, lse = A.sparse_mla_reference(q, kv, idx, 1 / math.sqrt(D), d_v)
+    ref = _masked_dense(q, kv, idx, 1 / math.sqrt(D), d_v)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lse).all()
+
+
+def test_selection_covering_all_keys_equals_dense() -> None:
+    B, S, H, D, d_v = 2, 9, 3, 10, 6
+    q, kv = torch.randn(B, S, H, D), torch.randn(B, S, D)
+    scores = A.indexer_scores_reference(torch.randn(B, S, 2, 4), torch.randn(B, S, 4), torch.randn(B, S, 2))
+    idx = A.select_topk_reference(scores, 64)
+    sparse, _ = A.sparse_mla_reference(q, kv, idx, 0.3, d_v)
+    torch.testing.assert_close(sparse, A.dense_mla_reference(q, kv, 0.3, d_v), atol=1e-5, rtol=1e-5)
+
+
+def test_all_masked_rows_give_zero_output_and_finite_grads() -> None:
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    kv = torch.randn(1, 5, 8, requires_grad=True)
+    idx = torch.full((1, 3, 4), -1, dtype=torch.int32)
+    idx[0, 1, 0] = 2
+    out, lse = A.sparse_mla_reference(q, kv, idx, 0.5, 6)
+    assert out[0, 0].abs().max() == 0 and out[0, 2].abs().max() == 0
+    assert torch.isneginf(lse[0, 0]).all() and torch.isfinite(lse[0, 1]).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(kv.grad).all()
+
+
+def test_indexer_scores_match_definition() -> None:
+    B, S, T, H, D = 2, 4, 7, 3, 5
+    q, k, w = torch.randn(B, S, H, D), torch.randn(B, T, D), torch.randn(B, S, H)
+    offset = torch.tensor([3, 1])
+    got = A.indexer_scores_reference(q, k, w, offset)
+    for b in range(B):
+        for t in range(S):
+            for s in range(T):
+                if s > offset[b] + t:
+                    assert got[b, t, s] == float("-inf")
+                else:
+                    want = sum(float(w[b, t, h]) * max(0.0, float(q[b, t, h] @ k[b, s])) for h in range(H))
+                    assert abs(float(got[b, t, s]) - want) < 1e-4
+
+
+def test_indexer_kl_loss_zero_at_target_and_grad_only_into_scores() -> None:
+    B, S, H, D = 1, 6, 2, 8
+    q, kv = torch.randn(B, S, H, D, requires_grad=True), torch.randn(B, S, D, requires_grad=True)
+    p = A.attention_probs_summed_reference(q, kv, 0.4)
+    assert torch.allclose(p.sum(-1), torch.ones(B, S))
+    # scores equal to log p make softmax(scores) == p: the loss is ~0
+    perfect = torch.log(p).requires_grad_(True)
+    assert A.indexer_kl_loss_reference(q, kv, perfect, 0.4).item() < 1e-6
+    scores = torch.randn(B, S, S).masked_fill(~A.causal_key_mask(0, S, S, B, torch.device("cpu")), float("-inf"))
+    scores.requires_grad_(True)
+    loss = A.indexer_kl_loss_reference(q, kv, scores, 0.4)
+    assert loss.item() > 0
+    loss.backward()
+    assert scores.grad is not None and q.grad is None and kv.grad is None
+    # restricted to a selection, the loss only sees selected keys
+    idx = A.select_topk_reference(scores.detach(), 2)
+    sparse_loss = A.indexer_kl_loss_reference(q, kv, scores, 0.4, idx)
+    assert sparse_loss.item() >= 0
+
+
+def test_forced_backend_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSV_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="DSV_KERNELS"):
+        A.backend_for(torch.zeros(1))
+    monkeypatch.setenv("DSV_KERNELS", "torch")
+    assert A.backend_for(torch.zeros(1)) == "torch"
