@@ -8,18 +8,41 @@ Run the tests: ``pytest kernels/tests`` (the conftest turns the interpreter on);
 benchmark: ``dsv bench kernels --help``.
 """
 
-from dsv.kernels._api import (
-    attention_probs_summed,
-    availability,
-    indexer_kl_loss,
-    indexer_scores,
-    indexer_scores_fp8,
-    sparse_mla,
-    sparse_mla_varlen,
-    topk,
-)
-from dsv.kernels.ops.indexer.reference import dequantize_fp8_rows, quantize_fp8_rows
-from dsv.kernels.ops.sparse_mla.reference import flat_indices_cu_seqlens, flat_indices_paged
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names -> defining module. Imported on first use so that loading the ``dsv bench kernels``
+# entry point (or ``dsv --help``) does not import torch and triton, and so a caller can still set
+# TRITON_INTERPRET before triton is first imported.
+_EXPORTS = {
+    "attention_probs_summed": "dsv.kernels._api",
+    "availability": "dsv.kernels._api",
+    "indexer_kl_loss": "dsv.kernels._api",
+    "indexer_scores": "dsv.kernels._api",
+    "indexer_scores_fp8": "dsv.kernels._api",
+    "sparse_mla": "dsv.kernels._api",
+    "sparse_mla_varlen": "dsv.kernels._api",
+    "topk": "dsv.kernels._api",
+    "dequantize_fp8_rows": "dsv.kernels.ops.indexer.reference",
+    "quantize_fp8_rows": "dsv.kernels.ops.indexer.reference",
+    "flat_indices_cu_seqlens": "dsv.kernels.ops.sparse_mla.reference",
+    "flat_indices_paged": "dsv.kernels.ops.sparse_mla.reference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dsv.kernels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "attention_probs_summed",

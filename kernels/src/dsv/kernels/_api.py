@@ -18,7 +18,7 @@ from dsv.kernels._checks import (
     check_tensor,
     offsets_tensor,
 )
-from dsv.kernels.ops.indexer.triton import launch_indexer
+from dsv.kernels.ops.indexer.triton import IndexerScores, launch_indexer
 from dsv.kernels.ops.indexer_kl.triton import IndexerKL, head_summed_probs
 from dsv.kernels.ops.sparse_mla.triton import SparseMLA
 from dsv.kernels.ops.topk.triton import TORCH_TOPK_MAX_T, launch_radix_topk, torch_topk
@@ -61,6 +61,7 @@ def indexer_scores(
     ``q [B, S, H, D]``, ``k [B, T, D]`` (same float dtype), ``w [B, S, H]`` (any float dtype), ``q_offset``
     int or ``[B]``: the absolute position of each row's first query. Returns fp32 ``[B, S, T]`` with
     ``-inf`` where ``s > q_offset[b] + t``. Prefill (many queries) and decode (``S = 1``) alike.
+    Differentiable in ``q``, ``k`` and ``w`` (the indexer trains on its distillation loss).
     """
     check_tensor("q", q, "[B, S, H, D]", ndim=4, dtypes=FLOAT_DTYPES)
     B, S, H, D = q.shape
@@ -68,7 +69,10 @@ def indexer_scores(
     check_tensor("w", w, "[B, S, H]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, H))
     check_same_dtype(q=q, k=k)
     device = check_same_device(q=q, k=k, w=w)
-    return launch_indexer(q, k, w, offsets_tensor(q_offset, B, device))
+    offsets = offsets_tensor(q_offset, B, device)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or w.requires_grad):
+        return IndexerScores.apply(q, k, w, offsets)
+    return launch_indexer(q, k, w, offsets)
 
 
 def indexer_scores_fp8(

@@ -122,3 +122,45 @@ def launch_indexer(
         FP8=fp8, **dot_flags(q.dtype), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
     )  # fmt: skip
     return out
+
+
+class IndexerScores(torch.autograd.Function):
+    """Triton forward; backward (for the dense warm-up, where the indexer trains on its KL loss)
+    recomputes ``relu'`` from ``q . k`` with torch ops, one query chunk at a time so the
+    ``[chunk, H, T]`` logits stay bounded."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        w: torch.Tensor,
+        offsets: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(q, k, w)
+        return launch_indexer(q, k, w, offsets)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, w = ctx.saved_tensors  # type: ignore[attr-defined]
+        B, S, H, D = q.shape
+        T = k.shape[1]
+        kf = k.float()
+        dq = torch.empty((B, S, H, D), dtype=torch.float32, device=q.device)
+        dw = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+        dk = torch.zeros((B, T, D), dtype=torch.float32, device=q.device)
+        # masked (future) entries are constant -inf: their incoming gradient must not leak
+        g_all = d_out.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        chunk = max(1, (1 << 24) // max(1, B * H * T))
+        for s0 in range(0, S, chunk):
+            sl = slice(s0, min(S, s0 + chunk))
+            qs = q[:, sl].float()
+            logits = torch.einsum("bshd,btd->bsht", qs, kf)  # (B, s, H, T)
+            g = g_all[:, sl].unsqueeze(2)  # (B, s, 1, T)
+            dw[:, sl] = (g * logits.clamp_min(0)).sum(-1)
+            dlog = g * w[:, sl].float().unsqueeze(-1) * (logits > 0)
+            dq[:, sl] = torch.einsum("bsht,btd->bshd", dlog, kf)
+            dk += torch.einsum("bsht,bshd->btd", dlog, qs)
+        return dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), None

@@ -1,0 +1,49 @@
+"""``dsv bench kernels`` runs end to end (torch path on CPU at a tiny size) and rejects bad flags.
+
+Run: ``pytest kernels/tests/test_kernels_bench.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv.kernels.bench import BenchShape, run_benchmarks
+
+
+def test_run_benchmarks_records_every_op_with_dense_ratio() -> None:
+    shape = BenchShape.from_preset("tiny")
+    records = run_benchmarks(
+        shapes=[shape], contexts=[48], batch=2, device="cpu", backend="torch", repeats=1, dtype_name="fp32"
+    )
+    assert {r["op"] for r in records} == {
+        "indexer",
+        "topk",
+        "sparse_prefill",
+        "dense_prefill",
+        "sparse_decode",
+        "dense_decode",
+    }
+    assert all(r["ms"] > 0 for r in records)
+    sparse = next(r for r in records if r["op"] == "sparse_prefill")
+    dense = next(r for r in records if r["op"] == "dense_prefill")
+    assert sparse["speedup_vs_dense"] == pytest.approx(dense["ms"] / sparse["ms"])
+
+
+def test_bench_cli_writes_json_and_png(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-c", "from dsv.cli.main import main; main()", "bench", "kernels", "--device", "cpu",
+           "--preset", "tiny", "--contexts", "32", "--repeats", "1", "--dtype", "fp32", "--out", str(tmp_path)]  # fmt: skip
+    pytest.importorskip("dsv.cli.main")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "kernels_bench.json").read_text())
+    assert data["meta"]["device"] == "cpu" and len(data["records"]) == 6
+    assert (tmp_path / "kernels_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([*cmd[:5], "--device", "gpu"], capture_output=True, text=True, timeout=60)
+    assert (
+        bad.returncode == 2 and bad.stderr.strip() == "error: --device must be auto, cpu or cuda, got 'gpu'"
+    )
