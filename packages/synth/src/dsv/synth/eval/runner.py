@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dsv.synth.env import Environment, Task, TaskFormatError
-from dsv.synth.eval._io import append_jsonl, read_jsonl_tolerant
+from dsv.synth.eval._io import JsonlAppender, read_jsonl_tolerant
 from dsv.synth.eval.client import EndpointError
 from dsv.synth.eval.policies import EpisodePolicy
 from dsv.synth.eval.report import write_report
@@ -269,30 +269,33 @@ def run_eval(
         on_start(len(wanted), len(wanted) - len(pending))
     started = datetime.now(UTC).isoformat(timespec="seconds")
     write_lock = threading.Lock()
+    writer = JsonlAppender(results_path)
 
     def finish(record: dict[str, Any]) -> None:
         with write_lock:
-            append_jsonl(results_path, record)
+            writer.append(record)
         if on_episode is not None:
             on_episode(record)
 
     workers = max(1, config.concurrency if factory.concurrent else 1)
-    if workers == 1:
-        for e, s in pending:
-            finish(_episode(e, s, config, factory, resolver))
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsv-eval") as pool:
-            todo = iter(pending)
-            running: set[Future[dict[str, Any]]] = set()
-            # keep at most `workers` in flight so a kill loses little and memory stays flat
-            for e, s in todo:
-                running.add(pool.submit(_episode, e, s, config, factory, resolver))
-                if len(running) >= workers:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        finish(fut.result())
-            for fut in running:
-                finish(fut.result())
+    try:
+        if workers == 1:
+            for e, s in pending:
+                finish(_episode(e, s, config, factory, resolver))
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsv-eval") as pool:
+                running: set[Future[dict[str, Any]]] = set()
+                # keep at most `workers` in flight so a kill loses little and memory stays flat
+                for e, s in pending:
+                    running.add(pool.submit(_episode, e, s, config, factory, resolver))
+                    if len(running) >= workers:
+                        finished, running = wait(running, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            finish(fut.result())
+                for fut in running:
+                    finish(fut.result())
+    finally:
+        writer.close()
 
     # the latest record per wanted key: every episode counted once, whatever the number of runs
     # (both thinking modes: running once with and once without --thinking into one dir compares them)
