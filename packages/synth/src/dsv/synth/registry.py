@@ -3,7 +3,7 @@
 Families register themselves with the `@register` decorator when their module
 under `dsv.synth.families` is imported; `families()` imports them all. If
 `reasoning_gym` is installed, `get("rg:<dataset_name>")` wraps one of its datasets
-as an environment (see `dsv.synth.families.reasoning_gym_adapter`).
+as an environment (see `dsv.synth.families._reasoning_gym`).
 
     from dsv.synth import registry
     env = registry.get("arithmetic")
@@ -70,7 +70,7 @@ def get(name: str) -> Environment:
     if not isinstance(name, str):
         raise UnknownFamilyError(repr(name), [])
     if name.startswith("rg:"):
-        from dsv.synth.families.reasoning_gym_adapter import reasoning_gym_env
+        from dsv.synth.families._reasoning_gym import reasoning_gym_env
 
         return reasoning_gym_env(name[3:])
     known = families()

@@ -11,13 +11,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from dsv.synth.env import Task, TaskFormatError
+from dsv.synth.env import DEFAULT_DIFFICULTY, Task, TaskFormatError
 
-__all__ = ["TaskFileError", "read_tasks", "read_tasks_report", "write_tasks"]
+__all__ = [
+    "TaskFileError",
+    "export_hf",
+    "generate_tasks",
+    "read_tasks",
+    "read_tasks_report",
+    "write_tasks",
+]
 
 
 class TaskFileError(ValueError):
@@ -86,3 +93,61 @@ def read_tasks(
 ) -> list[Task]:
     """Tasks from a JSONL file; a malformed record raises `TaskFileError` (`file:line: problem`) or is skipped."""
     return read_tasks_report(path, on_bad_record=on_bad_record)[0]
+
+
+def generate_tasks(
+    names: Sequence[str],
+    n: int,
+    *,
+    seed: int = 0,
+    difficulty: int = DEFAULT_DIFFICULTY,
+    on_task: Callable[[Task], None] | None = None,
+) -> list[Task]:
+    """`n` tasks per family (seeds `seed .. seed+n-1`); unknown names raise `UnknownFamilyError` before any work."""
+    from dsv.synth import registry
+
+    envs = [registry.get(name) for name in names]
+    for env in envs:
+        if not 1 <= difficulty <= env.max_difficulty:
+            raise ValueError(
+                f"difficulty for {env.name} must be in 1..{env.max_difficulty}, got {difficulty}"
+            )
+    out: list[Task] = []
+    for env in envs:
+        for s in range(seed, seed + n):
+            task = env.generate(s, difficulty)
+            out.append(task)
+            if on_task is not None:
+                on_task(task)
+    return out
+
+
+def export_hf(path: str | os.PathLike[str], tasks: Sequence[Task]) -> None:
+    """Save tasks as a Hugging Face `datasets` dataset (`save_to_disk`); tools/state are JSON strings."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("--format hf needs the datasets library: pip install 'dsv-synth[hf]'") from None
+    rows = {
+        "id": [t.id for t in tasks],
+        "family": [t.family for t in tasks],
+        "seed": [t.seed for t in tasks],
+        "difficulty": [t.difficulty for t in tasks],
+        "prompt": [t.prompt for t in tasks],
+        "answer_format": [t.answer_format for t in tasks],
+        # Nested, per-family shapes do not fit one Arrow schema: keep them as JSON text.
+        "tools": [json.dumps(t.tools, ensure_ascii=False) for t in tasks],
+        "state": [json.dumps(t.state, ensure_ascii=False) for t in tasks],
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
