@@ -88,9 +88,12 @@ def eval_command(
         from dsv.synth.eval.client import EndpointClient
         from dsv.synth.eval.policies import EndpointPolicyFactory
 
-        client = EndpointClient(
-            base_url, model, api_key=api_key, timeout_s=timeout, max_connections=max(8, concurrency)
-        )
+        try:
+            client = EndpointClient(
+                base_url, model, api_key=api_key, timeout_s=timeout, max_connections=max(8, concurrency)
+            )
+        except ImportError as exc:
+            _fail(str(exc), 2)
         factory = EndpointPolicyFactory(
             client, thinking=thinking, max_tokens=max_tokens, temperature=temperature
         )

@@ -20,13 +20,24 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatReply", "EndpointClient", "EndpointError", "Usage", "resolve_api_key"]
+__all__ = [
+    "ChatReply",
+    "ClientNotInstalledError",
+    "EndpointClient",
+    "EndpointError",
+    "Usage",
+    "resolve_api_key",
+]
 
 API_KEY_ENV_VARS = ("DSV_API_KEY", "OPENAI_API_KEY")
 
 
 class EndpointError(RuntimeError):
     """The endpoint could not be reached or answered with an error (after the client's retries)."""
+
+
+class ClientNotInstalledError(ImportError):
+    """The ``openai`` client is missing; the message says what to install."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,14 @@ class EndpointClient:
         max_retries: int = 2,
         max_connections: int = 64,
     ) -> None:
-        import httpx
-        from openai import OpenAI
+        try:
+            import httpx
+            from openai import OpenAI
+        except ImportError as exc:
+            raise ClientNotInstalledError(
+                f"talking to an OpenAI-compatible endpoint needs the openai client ({exc.name} is missing); "
+                "install it with `pip install 'dsv-synth[eval]'`"
+            ) from None
 
         self.base_url = base_url
         self.model = model

@@ -130,8 +130,14 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], meta: dict[
     """Write report.json, report.md and the plot into ``out_dir``; return the report dict."""
     out_dir = Path(out_dir)
     report = build_report(records, meta)
-    atomic_write_bytes(out_dir / PLOT_NAME, _plot(report))
-    report["plots"] = [PLOT_NAME]
+    try:
+        png = _plot(report)
+    except ImportError:  # the numbers matter more than the picture: report without it
+        report["plots"] = []
+        report["plots_skipped"] = "matplotlib is not installed (pip install 'dsv-synth[eval]')"
+    else:
+        atomic_write_bytes(out_dir / PLOT_NAME, png)
+        report["plots"] = [PLOT_NAME]
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report

@@ -70,7 +70,10 @@ def build_command(
         thinking=thinking,
         temperature=temperature,
     )
-    client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
+    try:
+        client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
+    except ImportError as exc:
+        _fail(str(exc), 2)
     with Progress(
         TextColumn("[bold]synth build"),
         BarColumn(),
