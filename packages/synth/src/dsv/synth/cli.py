@@ -125,3 +125,9 @@ def generate(
     except OSError as exc:
         _fail(f"cannot write {out}: {exc.strerror or exc}")
     _out.print(f"wrote {len(tasks)} tasks ({', '.join(families)}) to {out}")
+
+
+# `dsv synth build` lives with the pipeline (dsv.synth.pipeline.cli); registered here so it sits under `dsv synth`.
+from dsv.synth.pipeline.cli import build_command  # noqa: E402
+
+synth_app.command("build")(build_command)
