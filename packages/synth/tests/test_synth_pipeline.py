@@ -340,27 +340,34 @@ def test_build_command_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_build_command_runs_against_the_endpoint(tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from dsv.synth.pipeline.cli import build_command
+    from dsv.synth.cli import synth_app
 
-    app = typer.Typer()
-    app.command()(build_command)
     with se.ScriptedEndpoint(lambda body: se.Reply(content=_fence(COUNTER))) as endpoint:
-        args = [
-            "--base-url",
-            endpoint.base_url,
-            "--model",
-            "m",
-            "-n",
-            "2",
-            "--out",
-            str(tmp_path),
-            "--seeds",
-            "1",
-        ]
-        result = CliRunner().invoke(app, args)
+        args = ["build", "--base-url", endpoint.base_url, "--model", "m", "-n", "2", "--out", str(tmp_path)]
+        result = CliRunner().invoke(synth_app, [*args, "--seeds", "1"])
     assert result.exit_code == 0, result.output
     assert "1 accepted, 1 rejected" in result.output  # the second proposal reuses an accepted name
     assert Library(tmp_path / "library").names() == ["tally_counter"]
+
+
+def test_builtin_families_are_not_duplicates_of_each_other() -> None:
+    from dsv.synth.pipeline.build import builtin_fingerprints
+    from dsv.synth.pipeline.dedup import find_duplicate
+
+    config = BuildConfig(out_dir=Path("unused"))
+    fps = builtin_fingerprints()
+    assert len(fps) >= 2
+    for fp in fps:
+        others = [o for o in fps if o.name != fp.name]
+        match = find_duplicate(
+            fp,
+            others,
+            code_threshold=config.code_threshold,
+            prompt_threshold=config.prompt_threshold,
+            containment_threshold=config.containment_threshold,
+        )
+        assert match is not None and not match.duplicate, (fp.name, match)
+        # and each family is a duplicate of itself, so the signals are live
+        assert find_duplicate(fp, [fp], code_threshold=0.6, prompt_threshold=0.75).duplicate
