@@ -1,0 +1,65 @@
+"""Sampling: the kept-token masks (Keep Sampling Mask), greedy, seeds, stop tokens, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv.core.generate import SamplingParams, generate, kept_token_mask, sample_next
+from dsv.core.model import DSVForCausalLM
+from dsv.core.presets import tiny
+
+
+def test_top_k_and_top_p_masks() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert kept_token_mask(logits, SamplingParams(top_k=2)).tolist() == [[True, True, False, False, False]]
+    assert kept_token_mask(logits, SamplingParams(top_p=0.7)).tolist() == [[True, True, False, False, False]]
+    assert kept_token_mask(logits, SamplingParams(top_p=0.71)).tolist() == [[True, True, True, False, False]]
+    assert kept_token_mask(logits, SamplingParams(top_p=0.1)).tolist() == [[True, False, False, False, False]]
+    assert kept_token_mask(logits, SamplingParams(temperature=0)).tolist() == [[True, False, False, False, False]]
+
+
+def test_samples_stay_in_kept_set_and_logprobs_are_renormalised() -> None:
+    logits = torch.randn(64, 50)
+    params = SamplingParams(top_k=5, top_p=0.8, temperature=0.7)
+    res = sample_next(logits, params, torch.Generator().manual_seed(0))
+    assert res.kept_mask.gather(1, res.tokens[:, None]).all()
+    logp = (logits / 0.7).masked_fill(~res.kept_mask, float("-inf")).log_softmax(-1)
+    torch.testing.assert_close(res.logprobs, logp.gather(1, res.tokens[:, None]).squeeze(1))
+
+
+def test_invalid_params_are_rejected() -> None:
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+def test_generate_is_seeded_and_streams() -> None:
+    model = DSVForCausalLM(tiny()).eval()
+    params = SamplingParams(max_new_tokens=12, seed=7, top_p=0.9)
+    seen: list[int] = []
+    a = generate(model, [0, 5, 9], params, return_sampling_masks=True, on_token=seen.append)
+    b = generate(model, [0, 5, 9], params)
+    assert a.tokens == b.tokens == seen and len(a.tokens) == 12 and a.finish_reason == "length"
+    assert a.sampling_masks is not None and len(a.sampling_masks) == 12
+    assert all(m[t] for m, t in zip(a.sampling_masks, a.tokens, strict=True))
+
+
+def test_greedy_generate_equals_argmax_of_full_forward_and_stops() -> None:
+    model = DSVForCausalLM(tiny(index_topk=4)).eval()
+    prompt = [0, 11, 12, 13, 14, 15]
+    out = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert out.tokens == seq[len(prompt) :]
+    stop = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(out.tokens[2],)))
+    assert stop.tokens == out.tokens[: out.tokens.index(out.tokens[2]) + 1] and stop.finish_reason == "stop"
+
+
+def test_keep_routing_from_generate() -> None:
+    model = DSVForCausalLM(tiny()).eval()
+    out = generate(model, [0, 3, 4], SamplingParams(max_new_tokens=3, seed=1), return_routes=True)
+    assert out.routes is not None and len(out.routes) == 3
+    assert out.routes[0][1].shape == (1, 3, 2) and out.routes[1][1].shape == (1, 1, 2)

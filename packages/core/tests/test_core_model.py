@@ -1,0 +1,85 @@
+"""Model behaviour beyond parity: Keep Routing, DSA on/off, ragged cache rows, the indexer loss."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv.core.cache import DenseKVCache
+from dsv.core.model import DSVForCausalLM
+from dsv.core.presets import tiny
+
+
+def test_forced_routes_replay_the_recorded_forward() -> None:
+    model = DSVForCausalLM(tiny()).eval()
+    x = torch.randint(0, 1024, (2, 20))
+    with torch.no_grad():
+        rec = model(x, return_routes=True)
+        replay = model(x, forced_routes=rec.routes, return_routes=True)
+        assert torch.equal(rec.logits, replay.logits)
+        # different routes change the output: forcing is really used
+        other = [None if r is None else (r + 1) % model.config.n_routed_experts for r in rec.routes]
+        changed = model(x, forced_routes=other, return_routes=True)
+    assert all(torch.equal(a, b) for a, b in zip(changed.routes[1:], other[1:], strict=True))
+    assert not torch.allclose(changed.logits, rec.logits)
+    assert rec.routes[0] is None and rec.routes[1].shape == (2, 20, 2)
+
+
+def test_routing_respects_groups() -> None:
+    model = DSVForCausalLM(tiny(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        routes = model(torch.randint(0, 1024, (1, 30)), return_routes=True).routes[1]
+    groups = routes // 2  # 4 groups of 2 experts
+    assert (groups == groups[..., :1]).all(), "with topk_group=1 both experts come from one group"
+
+
+def test_sparse_differs_from_dense_only_beyond_topk() -> None:
+    model = DSVForCausalLM(tiny(index_topk=8)).eval()
+    x = torch.randint(0, 1024, (1, 24))
+    with torch.no_grad():
+        sparse = model(x).logits
+        dense = model(x, use_sparse=False).logits
+    torch.testing.assert_close(sparse[:, :8], dense[:, :8], atol=1e-5, rtol=1e-5)
+    assert (sparse[:, 12:] - dense[:, 12:]).abs().max() > 1e-4
+
+
+def test_ragged_cache_rows_match_single_rows() -> None:
+    cfg = tiny(index_topk=6)
+    model = DSVForCausalLM(cfg).eval()
+    a, b = torch.randint(0, 1024, (1, 13)), torch.randint(0, 1024, (1, 9))
+    with torch.no_grad():
+        ref_a = model(a).logits[:, -1]
+        ref_b = model(b).logits[:, -1]
+        cache = DenseKVCache(cfg, 2, 16)
+        # prefill both rows to different lengths: row 0 gets 12 tokens, row 1 gets 8 (+4 junk beyond)
+        model(torch.cat([a[:, :12], torch.cat([b[:, :8], b[:, :4]], 1)]), cache=cache)
+        cache._offsets = torch.tensor([12, 8])
+        step = model(torch.cat([a[:, 12:13], b[:, 8:9]]), cache=cache).logits[:, -1]
+    torch.testing.assert_close(step[0], ref_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1], ref_b[0], atol=1e-5, rtol=1e-5)
+
+
+def test_indexer_loss_trains_only_the_indexer() -> None:
+    model = DSVForCausalLM(tiny(index_topk=8)).train()
+    x = torch.randint(0, 1024, (2, 24))
+    for sparse in (False, True):
+        model.zero_grad()
+        out = model(x, use_sparse=sparse, indexer_loss=True)
+        assert out.indexer_loss is not None and out.indexer_loss.item() > 0
+        out.indexer_loss.backward()
+        for i, block in enumerate(model.blocks):
+            for name, p in block.named_parameters():
+                has_grad = p.grad is not None and bool(p.grad.abs().sum() > 0)
+                assert has_grad == name.startswith("self_attn.indexer."), f"layer {i}: {name}"
+    # the LM loss never reaches the indexer
+    model.zero_grad()
+    out = model(x)
+    torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.indexer_parameters())
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+
+
+def test_mtp_logits_predict_two_ahead_shapes() -> None:
+    model = DSVForCausalLM(tiny()).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 1024, (2, 10)), return_mtp=True)
+    assert out.mtp_logits is not None and out.mtp_logits[0].shape == (2, 9, 1024)
