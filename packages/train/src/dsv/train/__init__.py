@@ -1,0 +1,60 @@
+"""dsv-train: the DeepSeek-V3.2 training recipe on accelerate.
+
+Stages ``pretrain``, ``dsa-warmup``, ``dsa-sparse`` and ``sft`` (see :mod:`dsv.train.trainer`);
+data sources and packing in :mod:`dsv.train.data`; measures (indexer recall, validation loss,
+pass-key retrieval) in :mod:`dsv.train.metrics`. torch is imported on first attribute access.
+
+    from dsv.train import TrainConfig, train
+    train(TrainConfig(stage="pretrain", model="tiny", out="runs/tiny", steps=50))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "STAGES",
+    "BatchPlan",
+    "DataError",
+    "Document",
+    "PackedData",
+    "TrainConfig",
+    "TrainError",
+    "TrainSummary",
+    "default_documents",
+    "encode_chat",
+    "indexer_recall",
+    "load_documents",
+    "lr_at",
+    "pack",
+    "passkey_accuracy",
+    "train",
+    "validation_loss",
+]
+
+_LAZY = {
+    "STAGES": "dsv.train.trainer",
+    "TrainConfig": "dsv.train.trainer",
+    "TrainError": "dsv.train.trainer",
+    "TrainSummary": "dsv.train.trainer",
+    "train": "dsv.train.trainer",
+    "BatchPlan": "dsv.train.data",
+    "DataError": "dsv.train.data",
+    "Document": "dsv.train.data",
+    "PackedData": "dsv.train.data",
+    "default_documents": "dsv.train.data",
+    "encode_chat": "dsv.train.data",
+    "load_documents": "dsv.train.data",
+    "pack": "dsv.train.data",
+    "indexer_recall": "dsv.train.metrics",
+    "passkey_accuracy": "dsv.train.metrics",
+    "validation_loss": "dsv.train.metrics",
+    "lr_at": "dsv.train.schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dsv.train' has no attribute {name!r}")

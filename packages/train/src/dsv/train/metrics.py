@@ -1,0 +1,110 @@
+"""Evaluation measures used by the stages and the quality benchmark.
+
+- :func:`indexer_recall`: the share of the dense attention mass (summed over heads, L1-normalised,
+  as in the warm-up target) that the lightning indexer's top-k set captures, averaged over layers
+  and over the queries that see more than ``index_topk`` keys (for the others the selection is
+  every key and recall is 1 by construction, so they are left out).
+- :func:`validation_loss`: mean next-token cross-entropy over target tokens, dense or sparse.
+- :func:`passkey_accuracy`: greedy retrieval of a 5-digit pass key hidden in filler text whose
+  length is a chosen multiple of ``index_topk`` (needle in a haystack).
+
+Run the checks: ``pytest packages/train/tests/test_train_stages.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsv.core.attention import attention_probs_summed_reference
+from dsv.core.model.rope import apply_rope_interleaved
+from dsv.train.data import IGNORE_INDEX, passkey_document
+
+
+def _absorbed_q_and_latent(mla: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute one MLA layer's absorbed queries ``[B,S,H,r+rope]`` and latent rows ``[B,S,r+rope]``."""
+    B, S, _ = x.shape
+    q = mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x))).view(B, S, mla.n_heads, mla.nope + mla.rope)
+    q_nope, q_pe = q[..., : mla.nope], apply_rope_interleaved(q[..., mla.nope :], cos, sin)
+    kv = mla.kv_a_proj_with_mqa(x)
+    latent = torch.cat((mla.kv_a_layernorm(kv[..., : mla.rank]), apply_rope_interleaved(kv[..., mla.rank :], cos, sin)), -1)
+    return mla._absorbed_query(q_nope, q_pe), latent
+
+
+@torch.no_grad()
+def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean dense-attention mass inside the indexer's top-k set (see the module docstring)."""
+    if not model.config.has_indexer:
+        raise ValueError("indexer recall needs a deepseek_v32 model (it has no indexer)")
+    topk = model.config.index_topk
+    S = input_ids.shape[1]
+    if S <= topk:
+        raise ValueError(f"recall needs sequences longer than index_topk={topk} (got {S}): every key is selected")
+    captured: dict[int, tuple[torch.Tensor, ...]] = {}
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        def grab(_mod: Any, args: tuple[Any, ...], i: int = i) -> None:
+            captured[i] = args[:3]
+
+        hooks.append(block.self_attn.register_forward_pre_hook(grab))
+    total, count = 0.0, 0
+    try:
+        for b0 in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[b0 : b0 + batch_size].to(model.lm_head.weight.device)
+            out = model(ids, use_sparse=False, return_indices=True)
+            for i, block in enumerate(model.blocks):
+                x, cos, sin = captured[i]
+                q_abs, latent = _absorbed_q_and_latent(block.self_attn, x, cos, sin)
+                p = attention_probs_summed_reference(q_abs, latent, block.self_attn.scale)  # (B, S, T)
+                idx = out.indices[i].long()
+                mass = torch.gather(p, -1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, S)
+                rows = mass[:, topk:]  # queries that see more than top-k keys
+                total += float(rows.sum())
+                count += rows.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def validation_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, *, use_sparse: bool, batch_size: int = 8) -> float:
+    """Mean cross-entropy over target tokens of ``(input_ids, labels)`` rows."""
+    device = model.lm_head.weight.device
+    total, n = 0.0, 0
+    for b0 in range(0, input_ids.shape[0], batch_size):
+        ids, lab = input_ids[b0 : b0 + batch_size].to(device), labels[b0 : b0 + batch_size].to(device)
+        logits = model(ids, use_sparse=use_sparse).logits
+        total += float(F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+        n += int((lab != IGNORE_INDEX).sum())
+    return total / max(1, n)
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    model: Any, tokenizer: Any, *, context_tokens: int, n: int = 32, seed: int = 1234, use_sparse: bool, max_new_tokens: int = 4
+) -> float:
+    """Share of ``n`` needle documents (about ``context_tokens`` long) whose pass key the model
+    reproduces exactly with greedy decoding after ``"The pass key is"``."""
+    rng = random.Random(seed)
+    device = model.lm_head.weight.device
+    # Grow the filler until the prompt reaches the requested length (token counts vary per sentence).
+    filler = 4
+    while len(tokenizer.encode(passkey_document(random.Random(seed), filler)[0])) < context_tokens - 8:
+        filler += 2
+    hits = 0
+    for _ in range(n):
+        prompt, answer, _ = passkey_document(rng, filler)
+        key = answer.strip(" .")
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        out: list[int] = []
+        for _ in range(max(max_new_tokens, len(tokenizer.encode(answer)))):
+            logits = model(torch.tensor([ids + out], device=device), use_sparse=use_sparse).logits
+            out.append(int(logits[0, -1].argmax()))
+        got = re.match(r"\s*(\d+)", tokenizer.decode(out))
+        hits += int(got is not None and got.group(1) == key)
+    return hits / n

@@ -1,0 +1,611 @@
+"""The training loop of every stage, on accelerate.
+
+Stages (V3.2-Exp §2.1, spec §3):
+
+- ``pretrain``: next-token loss (+ MTP loss, + the sequence-wise balance loss). Dense or DSA
+  attention (``--attention``); with DSA the indexer learns from its KL loss on the selected set.
+- ``dsa-warmup``: every parameter frozen except the lightning indexers; dense attention; loss =
+  ``KL(head-summed, L1-normalised main attention || softmax(index scores))``; indexer recall is
+  measured on the validation rows before and after.
+- ``dsa-sparse``: top-k selection on, all parameters train on the LM loss; the indexer gets the KL
+  loss restricted to its selected set with detached inputs (inside the model), so neither loss
+  reaches the other's parameters.
+- ``sft``: V3.2 chat encoding, loss only on assistant tokens; attention as configured (sparse for
+  ``deepseek_v32``, as in post-training).
+
+Per step: gradient accumulation (``no_sync`` until the last micro-batch), gradient clipping,
+an LR from :func:`dsv.train.schedule.lr_at`, then the aux-loss-free MoE bias update of DeepSeek-V3
+(``bias -= gamma * sign(load - mean_load)`` with the load summed over the global batch).
+
+Losses are sums over target tokens divided by the *global* number of targets in the step (known
+on every process, since every process knows the whole batch plan), times the world size to undo
+DDP's gradient averaging: N processes compute exactly the gradient of one process with the same
+global batch.
+
+Checkpoints: ``OUT/checkpoint-NNNNNNN/`` is a Hugging Face folder (``save_pretrained``) plus
+``train_state/`` (run settings, step, optimizer state, RNG), written as one atomic folder rename;
+``OUT/final/`` at the end. ``--resume`` restarts from the newest complete checkpoint with the same
+data order (a pure function of seed and step) and refuses different settings.
+
+Library use::
+
+    from dsv.train import TrainConfig, train
+    summary = train(TrainConfig(stage="pretrain", model="tiny", out="runs/tiny", steps=50))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsv.core.checkpoint import atomic_write_bytes, atomic_write_json, load_pretrained, save_pretrained
+from dsv.core.errors import DSVError
+from dsv.train.data import IGNORE_INDEX, BatchPlan, DataError, PackedData, load_documents, pack
+from dsv.train.schedule import SCHEDULES, lr_at
+
+STAGES = ("pretrain", "dsa-warmup", "dsa-sparse", "sft")
+# Stage defaults: (lr, schedule). Warm-up lr 1e-3 as in V3.2-Exp; constant schedules for the DSA stages.
+_STAGE_DEFAULTS = {
+    "pretrain": (1e-3, "cosine"),
+    "dsa-warmup": (1e-3, "constant"),
+    "dsa-sparse": (3e-4, "constant"),
+    "sft": (2e-4, "cosine"),
+}
+# Settings that must match for --resume to continue the same run.
+_RESUME_KEYS = (
+    "stage", "steps", "micro_batch_size", "grad_accum", "seq_len", "lr", "schedule", "warmup_steps", "min_lr_ratio",
+    "decay_fraction", "weight_decay", "max_grad_norm", "seed", "attention", "bias_update_speed", "aux_loss_alpha",
+    "mtp_loss_weight", "indexer_loss_weight", "thinking", "val_fraction",
+)  # fmt: skip
+
+
+class TrainError(DSVError):
+    """A training run cannot start or continue (bad settings, refused resume...)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings of one stage run (the CLI flags map one-to-one)."""
+
+    stage: str
+    out: Path
+    model: str = "tiny"  # a preset name (fresh weights + a BPE trained on the data) or a checkpoint folder
+    data: list[str] = field(default_factory=lambda: ["default"])
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 128
+    lr: float | None = None
+    schedule: str | None = None
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str | None = None  # no | bf16 | fp16; None = whatever `accelerate launch` set
+    attention: str = "auto"  # dense | sparse | auto (sparse when the model has an indexer)
+    bias_update_speed: float = 1e-3  # gamma of the aux-loss-free balance update
+    aux_loss_alpha: float = 1e-4  # weight of the sequence-wise balance loss
+    mtp_loss_weight: float = 0.1
+    indexer_loss_weight: float = 1.0
+    thinking: bool = True  # SFT: encode in thinking mode
+    val_fraction: float = 0.05
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_rows: int = 16
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    resume: bool = False
+    on_bad_record: str = "stop"
+    default_data_size: int = 2000
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.stage not in STAGES:
+            raise TrainError(f"unknown stage {self.stage!r}; choose one of: {', '.join(STAGES)}")
+        lr, schedule = _STAGE_DEFAULTS[self.stage]
+        self.lr = lr if self.lr is None else self.lr
+        self.schedule = schedule if self.schedule is None else self.schedule
+        checks = [
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.attention in ("dense", "sparse", "auto"), f"--attention must be dense, sparse or auto, got {self.attention!r}"),
+            (self.on_bad_record in ("skip", "stop"), f"--on-bad-record must be skip or stop, got {self.on_bad_record!r}"),
+            (self.steps >= 1, "--steps must be >= 1"),
+            (self.micro_batch_size >= 1 and self.grad_accum >= 1, "--micro-batch-size and --grad-accum must be >= 1"),
+            (self.seq_len >= 2, "--seq-len must be >= 2"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise TrainError(why)
+
+    def run_settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _RESUME_KEYS}
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run reports (also written to ``OUT/summary.json``)."""
+
+    stage: str
+    steps: int
+    final_dir: str
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    final_loss: float
+    val_loss: float | None
+    recall_before: float | None = None
+    recall_after: float | None = None
+    skipped_records: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first (a checkpoint is complete once renamed in)."""
+    if not out.exists():
+        return []
+    found = [p for p in out.glob("checkpoint-*") if (p / "train_state" / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _check_resume(saved: dict[str, Any], now: dict[str, Any], ckpt: Path) -> None:
+    diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in now if saved.get(k) != now[k]]
+    if diffs:
+        raise TrainError(
+            f"--resume refused: {ckpt} was written with different settings: {'; '.join(diffs)}. "
+            "Use the same flags to continue, or a new --out folder to start another run"
+        )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _resolve_model(cfg: TrainConfig, docs: list[Any]) -> tuple[Any, Any]:
+    from dsv.core.presets import PRESETS
+
+    if cfg.model in PRESETS:
+        from dsv.core.model import DSVForCausalLM
+        from dsv.core.tokenizer import default_corpus, train_bpe
+        from dsv.train.data import tokenize_document  # noqa: F401  (documents render through it)
+
+        mcfg = PRESETS[cfg.model]()
+        texts = default_corpus(2000, seed=cfg.seed)
+        for d in docs[:2000]:
+            if d.is_chat:
+                from dsv.core.chat import encode_messages
+
+                texts.append(encode_messages(d.messages, tools=d.tools, thinking=cfg.thinking))
+            else:
+                texts.append(d.text)
+        tok = train_bpe(texts, mcfg.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = DSVForCausalLM(mcfg)
+        return model, tok
+    path = Path(cfg.model).expanduser()
+    if not path.exists():
+        raise TrainError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint folder")
+    model, tok = load_pretrained(path)
+    if tok is None:
+        raise TrainError(f"{path}: the checkpoint has no tokenizer.json; training needs one")
+    return model, tok
+
+
+def _use_sparse(cfg: TrainConfig, has_indexer: bool) -> bool:
+    if cfg.stage == "dsa-warmup":
+        return False
+    if cfg.stage == "dsa-sparse":
+        return True
+    if cfg.attention == "sparse" and not has_indexer:
+        raise TrainError("--attention sparse needs a deepseek_v32 model; convert it with `dsv model convert --add-indexer`")
+    return has_indexer and cfg.attention != "dense"
+
+
+def _configure_trainable(model: Any, cfg: TrainConfig, sparse: bool) -> None:
+    indexer = {id(p) for p in model.indexer_parameters()}
+    for p in model.parameters():
+        if cfg.stage == "dsa-warmup":
+            p.requires_grad_(id(p) in indexer)
+        elif not sparse and id(p) in indexer:
+            p.requires_grad_(False)  # dense attention: the indexer is not used, keep it out of the optimizer
+        else:
+            p.requires_grad_(True)
+
+
+def _rng_state() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, buf)
+    return buf.getvalue()
+
+
+def _set_rng_state(data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+    """Run one stage as configured; returns the summary (see the module docstring)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    out = cfg.out
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)  # idle experts get no gradient
+    log_with = []
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = ["tensorboard"]
+        except ImportError:
+            pass
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs], log_with=log_with or None,
+        project_dir=str(out),
+    )  # fmt: skip
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    # ---- resume point
+    ckpts = list_checkpoints(out)
+    if ckpts and not cfg.resume:
+        raise TrainError(f"{out} already holds checkpoints (newest {ckpts[-1].name}); pass --resume to continue or choose a new --out")
+    resume_from = ckpts[-1] if (cfg.resume and ckpts) else None
+    state: dict[str, Any] = {}
+    if resume_from is not None:
+        state = json.loads((resume_from / "train_state" / "state.json").read_text())
+        _check_resume(state["settings"], cfg.run_settings(), resume_from)
+
+    # ---- data and model
+    chat = cfg.stage == "sft"
+    docs, problems = load_documents(cfg.data, on_bad_record=cfg.on_bad_record, chat=chat,  # type: ignore[arg-type]
+                                    default_size=cfg.default_data_size, seed=cfg.seed)  # fmt: skip
+    if resume_from is not None:
+        model, tok = load_pretrained(resume_from)
+        assert tok is not None
+    else:
+        model, tok = _resolve_model(cfg, docs)
+    if model.config.vocab_size < tok.vocab_size:
+        raise TrainError(f"tokenizer has {tok.vocab_size} ids but the model vocab_size is {model.config.vocab_size}")
+    has_indexer = model.config.has_indexer
+    if cfg.stage in ("dsa-warmup", "dsa-sparse") and not has_indexer:
+        raise TrainError(
+            f"{cfg.stage} needs a deepseek_v32 model with an indexer; this one is {model.config.model_type}: "
+            "run `dsv model convert --add-indexer` first"
+        )
+    packed = pack(tok, docs, cfg.seq_len, seed=cfg.seed, thinking=cfg.thinking,
+                  on_bad_record=cfg.on_bad_record, problems=problems)  # type: ignore[arg-type]  # fmt: skip
+    train_rows, val_rows = packed.split(cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (packed, None)
+    if resume_from is not None and state.get("data_fingerprint") != packed.fingerprint():
+        raise TrainError(f"--resume refused: the data differs from the data {resume_from} was trained on (fingerprint)")
+    for p in problems:
+        accelerator.print(f"warning: skipped {p}")
+
+    sparse = _use_sparse(cfg, has_indexer)
+    want_indexer_loss = has_indexer and (cfg.stage == "dsa-warmup" or sparse)
+    use_mtp = cfg.stage != "dsa-warmup" and bool(model.mtp_layers) and cfg.mtp_loss_weight > 0
+    _configure_trainable(model, cfg, sparse)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    start_step = 0
+    if resume_from is not None:
+        start_step = int(state["step"])
+        if sharded:
+            accelerator.load_state(str(resume_from / "train_state" / "accelerate"))
+        else:
+            optimizer.load_state_dict(torch.load(resume_from / "train_state" / "optimizer.pt", weights_only=False))
+        _set_rng_state((resume_from / "train_state" / "rng.pt").read_bytes())
+
+    plan = BatchPlan(len(train_rows), cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
+    device = accelerator.device
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict[str, Any]] = []
+    if main:
+        if metrics_path.exists():
+            kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            history = [m for m in kept if m.get("step", 0) <= start_step] if resume_from is not None else []
+        atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
+        atomic_write_json(out / "train_config.json", {**dataclasses.asdict(cfg), "out": str(cfg.out)})
+    if log_with:
+        accelerator.init_trackers("dsv-train", config={k: v for k, v in cfg.run_settings().items() if v is not None})
+
+    eval_ids = val_rows.input_ids[: cfg.eval_rows] if val_rows is not None else train_rows.input_ids[: cfg.eval_rows]
+    recall_before = None
+    if has_indexer and cfg.stage in ("dsa-warmup", "dsa-sparse") and cfg.seq_len > raw.config.index_topk and start_step == 0:
+        from dsv.train.metrics import indexer_recall
+
+        raw.eval()
+        recall_before = indexer_recall(raw, eval_ids)
+        raw.train()
+        accelerator.print(f"indexer recall before: {recall_before:.4f}")
+
+    def save(step: int, folder_name: str, with_state: bool = True) -> Path:
+        target = out / folder_name
+        settings = {"step": step, "settings": cfg.run_settings(), "data_fingerprint": packed.fingerprint(),
+                    "world": world, "stage": cfg.stage}  # fmt: skip
+        extra: dict[str, bytes] = {}
+        if with_state:
+            extra["train_state/state.json"] = (json.dumps(settings, indent=2) + "\n").encode()
+            extra["train_state/rng.pt"] = _rng_state()
+            if not sharded:
+                buf = io.BytesIO()
+                torch.save(optimizer.state_dict(), buf)
+                extra["train_state/optimizer.pt"] = buf.getvalue()
+        if sharded:
+            return _save_sharded(accelerator, model, tok, target, extra, with_state)
+        if main:
+            save_pretrained(raw, tok, target, extra_files=extra)
+        accelerator.wait_for_everyone()
+        return target
+
+    # ---- the loop
+    total_targets_cache: dict[int, int] = {}
+
+    def step_targets(step: int) -> int:
+        if step not in total_targets_cache:
+            total_targets_cache.clear()
+            total_targets_cache[step] = int((train_rows.labels[plan.step_rows(step)] != IGNORE_INDEX).sum())
+        return total_targets_cache[step]
+
+    progress = _Progress(cfg.steps, start_step, enabled=cfg.progress and main)
+    t0 = time.perf_counter()
+    tokens_seen = 0
+    last_loss = float("nan")
+    val_loss = None
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                       min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)  # type: ignore[arg-type]  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n_targets = max(1, step_targets(step))
+            share = cfg.micro_batch_size / plan.global_batch * world  # per-sequence mean -> global mean, DDP-averaged
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # lm sum, indexer, aux, mtp sum
+            loads: list[torch.Tensor] | None = None
+            for micro in range(cfg.grad_accum):
+                rows = plan.micro_rows(step, micro, accelerator.process_index)
+                ids = train_rows.input_ids[rows].to(device)
+                labels = train_rows.labels[rows].to(device)
+                last = micro == cfg.grad_accum - 1
+                ctx = accelerator.no_sync(model) if not last else _nullcontext()
+                with ctx:
+                    o = model(ids, use_sparse=sparse, indexer_loss=want_indexer_loss, return_mtp=use_mtp)
+                    loss = torch.zeros((), device=device)
+                    if cfg.stage != "dsa-warmup":
+                        lm = F.cross_entropy(o.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                        loss = loss + lm / n_targets * world
+                        sums[0] += lm.detach().double()
+                        if use_mtp and o.mtp_logits:
+                            for d, ml in enumerate(o.mtp_logits):
+                                mt = F.cross_entropy(ml.flatten(0, 1), labels[:, 1 + d :].flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+                                loss = loss + cfg.mtp_loss_weight * mt / n_targets * world / len(o.mtp_logits)
+                                sums[3] += mt.detach().double() / len(o.mtp_logits)
+                        if o.aux_loss is not None and cfg.aux_loss_alpha > 0:
+                            loss = loss + cfg.aux_loss_alpha * o.aux_loss * share
+                            sums[2] += o.aux_loss.detach().double() * share / world
+                    if o.indexer_loss is not None:
+                        loss = loss + cfg.indexer_loss_weight * o.indexer_loss * share
+                        sums[1] += o.indexer_loss.detach().double() * share / world
+                    accelerator.backward(loss)
+                if o.expert_load:
+                    batch_load = torch.stack([x.float() for x in o.expert_load])
+                    loads = batch_load if loads is None else loads + batch_load
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if loads is not None and cfg.bias_update_speed > 0 and cfg.stage != "dsa-warmup":
+                loads = accelerator.reduce(loads, reduction="sum")
+                with torch.no_grad():
+                    for moe, load in zip(raw.moe_layers, loads, strict=True):
+                        moe.gate.e_score_correction_bias -= cfg.bias_update_speed * torch.sign(load - load.mean())
+            sums = accelerator.reduce(sums, reduction="sum")
+            tokens_seen += plan.global_batch * cfg.seq_len
+            record: dict[str, Any] = {"step": step + 1, "lr": lr}
+            if cfg.stage != "dsa-warmup":
+                record["loss"] = float(sums[0]) / n_targets
+                last_loss = record["loss"]
+                if use_mtp:
+                    record["mtp_loss"] = float(sums[3]) / n_targets
+                if sums[2] != 0:
+                    record["aux_loss"] = float(sums[2])
+            if want_indexer_loss:
+                record["indexer_loss"] = float(sums[1])
+                if cfg.stage == "dsa-warmup":
+                    last_loss = record["indexer_loss"]
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_second"] = tokens_seen / max(elapsed, 1e-9)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and val_rows is not None:
+                val_loss = _evaluate(raw, val_rows, cfg, sparse)
+                record["val_loss"] = val_loss
+            if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                history.append(record)
+            if log_with:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+            progress.update(step + 1, record)
+            if on_step is not None:
+                on_step(record)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save(step + 1, f"checkpoint-{step + 1:07d}")
+                if main:
+                    for old in list_checkpoints(out)[: -cfg.keep_last] if cfg.keep_last > 0 else []:
+                        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        progress.close()
+
+    # ---- the end: evaluation, final checkpoint, summary, plot
+    seconds = time.perf_counter() - t0
+    if val_rows is not None and cfg.stage != "dsa-warmup":
+        val_loss = _evaluate(raw, val_rows, cfg, sparse)
+    recall_after = None
+    if has_indexer and cfg.stage in ("dsa-warmup", "dsa-sparse") and cfg.seq_len > raw.config.index_topk:
+        from dsv.train.metrics import indexer_recall
+
+        raw.eval()
+        recall_after = indexer_recall(raw, eval_ids)
+        raw.train()
+    final = save(cfg.steps, "final", with_state=True)
+    summary = TrainSummary(
+        stage=cfg.stage, steps=cfg.steps, final_dir=str(final), tokens=tokens_seen, seconds=seconds,
+        tokens_per_second=tokens_seen / max(seconds, 1e-9), final_loss=last_loss, val_loss=val_loss,
+        recall_before=recall_before, recall_after=recall_after, skipped_records=problems,
+    )  # fmt: skip
+    if main:
+        atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
+        if cfg.plot:
+            _plot(history, out / "loss.png", cfg.stage)
+    if log_with:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    _release(accelerator)
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _release(accelerator: Any) -> None:
+    """Forget accelerate's process-wide state so another run can start in the same process (tests,
+    library callers); the process group of a launched multi-process job is left alone."""
+    if accelerator.num_processes == 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@torch.no_grad()
+def _evaluate(raw: Any, rows: PackedData, cfg: TrainConfig, sparse: bool) -> float:
+    from dsv.train.metrics import validation_loss
+
+    was_training = raw.training
+    raw.eval()
+    try:
+        return validation_loss(raw, rows.input_ids[: cfg.eval_rows], rows.labels[: cfg.eval_rows], use_sparse=sparse)
+    finally:
+        raw.train(was_training)
+
+
+def _save_sharded(accelerator: Any, model: Any, tok: Any, target: Path, extra: dict[str, bytes], with_state: bool) -> Path:
+    """FSDP / DeepSpeed: gather a full state dict for the HF folder and let accelerate write the
+    sharded optimizer state beside it; the main process renames the finished folder into place."""
+    from dsv.core.checkpoint import replace_dir
+    from dsv.core.model import DSVForCausalLM
+
+    staging = target.with_name(f".{target.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    full = accelerator.get_state_dict(model)  # gathered on the main process
+    if with_state:
+        accelerator.save_state(str(staging / "accelerate"))
+    if accelerator.is_main_process:
+        with torch.device("meta"):
+            shadow = DSVForCausalLM(accelerator.unwrap_model(model).config)
+        shadow.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=False, assign=True)
+        hf = save_pretrained(shadow, tok, target.with_name(f".{target.name}.hf"), extra_files=extra)
+        if with_state:
+            os.replace(staging / "accelerate", hf / "train_state" / "accelerate")
+        shutil.rmtree(staging, ignore_errors=True)
+        replace_dir(hf, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+class _Progress:
+    """A rich progress bar with loss, tokens/s and ETA (main process only)."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        )  # fmt: skip
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self.bar.start()
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        loss = record.get("loss", record.get("indexer_loss", math.nan))
+        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{record['tokens_per_second']:,.0f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
+    """Loss curve PNG (matplotlib Agg); skipped quietly when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "indexer_loss", "val_loss"):
+        pts = [(m["step"], m[key]) for m in history if key in m]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=key, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"dsv train {stage}")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+__all__ = ["STAGES", "DataError", "TrainConfig", "TrainError", "TrainSummary", "list_checkpoints", "train"]
