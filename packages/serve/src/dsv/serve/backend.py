@@ -1,0 +1,219 @@
+"""Generation backends behind the HTTP layer: the native engine, or a vLLM/SGLang server.
+
+Both take a prompt (text already encoded with dsv's chat encoding, or token ids) and stream
+:class:`Piece` objects of decoded text. The HTTP layer owns everything above that (chat encoding,
+parsing, stop strings, the OpenAI shapes), so clients see the same API whichever engine runs.
+
+- :class:`LocalBackend` runs :class:`~dsv.serve.engine.Engine` in-process; closing the stream
+  early (client gone, stop string, timeout) cancels the sequence and frees its cache blocks.
+- :class:`ProxyBackend` forwards to an engine's ``/v1/completions`` (streaming, special tokens
+  kept so ``</think>`` and DSML survive) and reads its server-sent events.
+
+Run the checks: ``pytest packages/serve/tests/test_serve_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dsv.core.chat import Templates
+from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+
+__all__ = ["Backend", "LocalBackend", "Piece", "ProxyBackend", "TokenLogprob"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """A stretch of generated text; the last piece carries ``finish_reason`` and usage."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+class Backend(Protocol):
+    templates: Templates
+    max_model_len: int
+
+    def count(self, prompt: str | list[int]) -> int: ...
+
+    def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The native engine with the checkpoint's tokenizer."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, *, templates: Templates, max_model_len: int) -> None:
+        self.engine, self.tokenizer, self.templates, self.max_model_len = engine, tokenizer, templates, max_model_len
+        self.eos_id: int = tokenizer.eos_id
+
+    def ids(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_bos=False)
+
+    def count(self, prompt: str | list[int]) -> int:
+        return len(self.ids(prompt))
+
+    def stats(self) -> dict[str, float]:
+        s = self.engine.stats()
+        return {
+            "waiting": s.waiting,
+            "running": s.running,
+            "used_blocks": s.used_blocks,
+            "cached_blocks": s.cached_blocks,
+            "num_blocks": s.num_blocks,
+            "prefix_hit_blocks": s.prefix_hit_blocks,
+        }
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    async def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
+        ids = self.ids(prompt)
+        params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
+        sid = self.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        done = False
+        gen: list[int] = []
+        shown = ""
+        try:
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, Finish):
+                    done = True
+                    tail = self.tokenizer.decode(gen)[len(shown) :] if gen else ""
+                    yield Piece(
+                        text=tail,
+                        finish_reason=ev.reason,
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        error=ev.error,
+                    )
+                    return
+                lp = TokenLogprob(
+                    self.tokenizer.decode([ev.token]),
+                    ev.logprob,
+                    [(self.tokenizer.decode([t]), v) for t, v in ev.top],
+                )
+                if ev.token in params.stop_token_ids:
+                    yield Piece(logprobs=[lp])
+                    continue
+                gen.append(ev.token)
+                text = self.tokenizer.decode(gen)
+                # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the next token.
+                if text.endswith("\ufffd"):
+                    yield Piece(logprobs=[lp])
+                    continue
+                delta, shown = text[len(shown) :], text
+                yield Piece(text=delta, logprobs=[lp])
+        finally:
+            if not done:
+                self.engine.cancel(sid)
+
+
+class ProxyBackend:
+    """Forward encoded prompts to a vLLM/SGLang ``/v1/completions`` endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tokenizer: Any,
+        *,
+        templates: Templates,
+        max_model_len: int,
+        api_key: str | None = None,
+    ) -> None:
+        import httpx
+
+        self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
+        self.templates, self.max_model_len = templates, max_model_len
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=None)
+        self._inflight = 0
+
+    def count(self, prompt: str | list[int]) -> int:
+        return len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt, add_bos=False))
+
+    def stats(self) -> dict[str, float]:
+        return {"waiting": 0, "running": self._inflight}
+
+    def close(self) -> None:
+        pass
+
+    async def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            # Both engines accept these extensions; special tokens must survive for the parser.
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+        }
+        if params.top_k:
+            body["top_k"] = params.top_k
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.top_logprobs:
+            body["logprobs"] = params.top_logprobs
+        finish: str | None = None
+        usage: dict[str, int] = {}
+        self._inflight += 1
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    detail = (await resp.aread()).decode(errors="replace")[:500]
+                    yield Piece(finish_reason="error", error=f"engine returned {resp.status_code}: {detail}")
+                    return
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        lps = _proxy_logprobs(choice.get("logprobs"))
+                        if choice.get("text") or lps:
+                            yield Piece(text=choice.get("text") or "", logprobs=lps)
+                        finish = choice.get("finish_reason") or finish
+        finally:
+            self._inflight -= 1
+        yield Piece(
+            finish_reason=finish or "stop",
+            prompt_tokens=int(usage.get("prompt_tokens", 0)) or self.count(prompt),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+        )
+
+
+def _proxy_logprobs(lp: dict[str, Any] | None) -> list[TokenLogprob]:
+    if not lp or not lp.get("tokens"):
+        return []
+    tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+    return [
+        TokenLogprob(tok, float(v if v is not None else 0.0), sorted((top or {}).items(), key=lambda kv: -kv[1]))
+        for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops, strict=False)
+    ]

@@ -1,0 +1,71 @@
+"""``dsv serve PATH_OR_REPO``: the OpenAI-compatible server (thin Typer command).
+
+Run: ``dsv serve ./ckpt --port 8000 [--engine vllm|sglang] [--api-key KEY]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+__all__ = ["serve"]
+
+console = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def serve(
+    path_or_repo: str = typer.Argument(..., help="checkpoint folder or Hugging Face repo id"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    engine: str = typer.Option("native", help="native, vllm or sglang"),
+    model_name: str = typer.Option(None, help="served model name (default: the folder name)"),
+    api_key: str = typer.Option(None, envvar="DSV_API_KEY", help="require this bearer key (or DSV_API_KEY)"),
+    max_model_len: int = typer.Option(None, help="context length limit (default: the config's)"),
+    max_tokens_limit: int = typer.Option(4096, help="largest max_tokens a request may ask for"),
+    max_in_flight: int = typer.Option(256, help="requests in flight before 429"),
+    max_batch: int = typer.Option(64, help="sequences decoded together (native engine)"),
+    request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
+) -> None:
+    """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
+    import uvicorn
+
+    from dsv.serve.launch import engine_command, free_port, load_native_app, load_proxy_app, start_engine, wait_ready
+
+    if engine not in ("native", "vllm", "sglang"):
+        _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
+    settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
+                "max_in_flight": max_in_flight, "request_timeout_s": request_timeout}  # fmt: skip
+    proc = None
+    try:
+        if engine == "native":
+            app = load_native_app(path_or_repo, model_name=model_name, max_model_len=max_model_len,
+                                  max_batch=max_batch, **settings)  # fmt: skip
+        else:
+            if not Path(path_or_repo).is_dir():
+                _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
+            inner = free_port()
+            name = model_name or Path(path_or_repo.rstrip("/")).name
+            proc = start_engine(engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name))
+            wait_ready(f"http://127.0.0.1:{inner}/v1/models", proc)
+            app = load_proxy_app(path_or_repo, f"http://127.0.0.1:{inner}", model_name=name,
+                                 max_model_len=max_model_len, **settings)  # fmt: skip
+    except FileNotFoundError as e:
+        _fail(f"{e}; check the checkpoint path or install the engine")
+    except (RuntimeError, TimeoutError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({engine})")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)

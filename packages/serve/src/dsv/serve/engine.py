@@ -1,0 +1,294 @@
+"""The native serving engine: continuous batching with chunked prefill over a paged cache.
+
+One background thread owns the model. Each iteration it
+
+1. drops cancelled sequences (their blocks go back to the pool at once),
+2. admits waiting requests while blocks and batch slots allow (prefix-cache hits skip prefill),
+3. runs at most one prefill chunk (``prefill_chunk`` tokens of one sequence, B=1) so long prompts
+   never stall decoding for long, and
+4. runs one decode forward for every sequence whose prompt is cached (B=running, S=1).
+
+The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
+decode and kernels happen inside the model through the core dispatch. Sampling is
+:func:`dsv.core.generate.sample_next`, per row because each request has its own parameters and
+seeded generator. Events go back through a callback, called on the engine thread.
+
+Run the checks: ``pytest packages/serve/tests/test_serve_engine.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv.serve.paged_cache import BlockPool, PagedBatchView, prefix_keys
+
+__all__ = ["Engine", "EngineStats", "Finish", "GenParams", "TokenEvent"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenParams:
+    """Per-request sampling settings."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0  # alternatives reported per token (0: only the chosen token's logprob)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str = ""
+
+
+Event = TokenEvent | Finish
+
+
+@dataclass
+class _Seq:
+    id: int
+    prompt: list[int]
+    params: GenParams
+    on_event: Callable[[Event], None]
+    generator: torch.Generator
+    keys: list[bytes]
+    blocks: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose rows are in the cache
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    used_blocks: int = 0
+    cached_blocks: int = 0
+    num_blocks: int = 0
+    generated_tokens: int = 0
+    prefix_hit_blocks: int = 0
+
+
+class Engine:
+    """Continuous-batching engine around a ``DSVForCausalLM``-like model (callable with ``cache=``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_layers: int,
+        kv_dim: int,
+        index_dim: int | None,
+        num_blocks: int = 512,
+        block_size: int = 16,
+        max_batch: int = 64,
+        prefill_chunk: int = 256,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.pool = BlockPool(
+            num_layers=num_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            kv_dim=kv_dim,
+            index_dim=index_dim,
+            device=device,
+            dtype=dtype,
+        )
+        self.max_batch, self.prefill_chunk, self.device = max_batch, prefill_chunk, torch.device(device)
+        self._ids = itertools.count()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._cancel: set[int] = set()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.generated_tokens = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, config: object, **kwargs: object) -> Engine:
+        """Engine sized from a ``ModelConfig`` (latent and indexer widths, layer count)."""
+        return cls(
+            model,
+            num_layers=config.num_hidden_layers + config.num_nextn_predict_layers,  # type: ignore[attr-defined]
+            kv_dim=config.kv_latent_dim,  # type: ignore[attr-defined]
+            index_dim=config.index_head_dim if config.has_indexer else None,  # type: ignore[attr-defined]
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    # ----------------------------------------------------------------- client API (any thread)
+    def blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
+        return -(-(prompt_len + max_tokens) // self.pool.block_size)
+
+    def submit(self, prompt: list[int], params: GenParams, on_event: Callable[[Event], None]) -> int:
+        """Queue a request; events arrive through ``on_event`` on the engine thread. Returns its id."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
+            raise ValueError("request needs more cache blocks than the pool holds")
+        g = torch.Generator(device="cpu")
+        g.manual_seed(params.seed if params.seed is not None else int(time.time_ns()) & 0x7FFFFFFF)
+        seq = _Seq(next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size))
+        with self._cv:
+            self._waiting.append(seq)
+            self._cv.notify()
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a request; its blocks are freed on the engine's next iteration (no more events)."""
+        with self._cv:
+            self._cancel.add(seq_id)
+            self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(
+                waiting=len(self._waiting),
+                running=len(self._running),
+                used_blocks=self.pool.used_blocks,
+                cached_blocks=self.pool.cached_blocks,
+                num_blocks=self.pool.num_blocks,
+                generated_tokens=self.generated_tokens,
+                prefix_hit_blocks=self.pool.prefix_hits,
+            )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dsv-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ----------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running and not self._cancel:
+                    self._cv.wait()
+                if self._stop:
+                    for seq in [*self._running, *self._waiting]:
+                        self._finish(seq, "error", "server shutting down")
+                    self._waiting.clear()
+                    return
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self.step()
+            except Exception as e:  # keep serving: fail the batch, not the server
+                with self._cv:
+                    for seq in list(self._running):
+                        self._finish(seq, "error", f"{type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel:
+            return
+        for seq in [s for s in self._running if s.id in self._cancel]:
+            self._running.remove(seq)
+            self.pool.release(seq.blocks)
+        self._waiting = deque(s for s in self._waiting if s.id not in self._cancel)
+        self._cancel.clear()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            seq = self._waiting[0]
+            # Keep at least one prompt token to compute, so the first logits exist.
+            usable = (len(seq.prompt) - 1) // self.pool.block_size
+            reused = self.pool.match_prefix(seq.keys[:usable])
+            need = self.blocks_needed(len(seq.prompt), seq.params.max_tokens) - len(reused)
+            if need > self.pool.available:
+                self.pool.release(reused)
+                self.pool.prefix_hits -= len(reused)
+                return
+            seq.blocks = reused + self.pool.allocate(need)
+            seq.cached = len(reused) * self.pool.block_size
+            self._waiting.popleft()
+            self._running.append(seq)
+
+    def _forward(self, seqs: list[_Seq], inputs: list[list[int]]) -> torch.Tensor:
+        S = len(inputs[0])
+        view = PagedBatchView(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs], S)
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=view).logits[:, -1].float()  # (B, V)
+        for s in seqs:
+            s.cached += S
+        return logits
+
+    def step(self) -> None:
+        """One engine iteration: at most one prefill chunk, then one decode step for all."""
+        with self._cv:
+            running = list(self._running)
+        prefill = next((s for s in running if s.cached < len(s.prompt)), None)
+        if prefill is not None:
+            chunk = prefill.prompt[prefill.cached : prefill.cached + self.prefill_chunk]
+            logits = self._forward([prefill], [chunk])
+            bs = self.pool.block_size
+            for i in range(min(prefill.cached, len(prefill.prompt)) // bs):
+                self.pool.register(prefill.blocks[i], prefill.keys[i])
+            if prefill.cached == len(prefill.prompt):
+                self._sample([prefill], logits)
+        decode = [s for s in running if s.cached >= len(s.prompt) and s is not prefill and s.generated]
+        if decode:
+            logits = self._forward(decode, [[s.generated[-1]] for s in decode])
+            self._sample(decode, logits)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        from dsv.core.generate import SamplingParams, sample_next
+
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
+            token = int(sample_next(logits[row : row + 1], sp, seq.generator).tokens[0])
+            top: list[tuple[int, float]] = []
+            if p.top_logprobs:
+                v, i = logp[row].topk(min(p.top_logprobs, logp.shape[-1]))
+                top = list(zip(i.tolist(), v.tolist(), strict=True))
+            seq.generated.append(token)
+            with self._cv:
+                self.generated_tokens += 1
+                if seq.id in self._cancel:
+                    continue
+            seq.on_event(TokenEvent(token, float(logp[row, token]), top))
+            if token in p.stop_token_ids:
+                self._finish_locked(seq, "stop")
+            elif len(seq.generated) >= p.max_tokens:
+                self._finish_locked(seq, "length")
+
+    def _finish_locked(self, seq: _Seq, reason: str, error: str = "") -> None:
+        with self._cv:
+            self._finish(seq, reason, error)
+
+    def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self.pool.release(seq.blocks)
+        seq.blocks = []
+        seq.on_event(Finish(reason, len(seq.prompt), len(seq.generated), error))

@@ -1,0 +1,138 @@
+"""Build and start a server: the native engine, or vLLM/SGLang behind dsv's HTTP layer.
+
+``dsv serve PATH --engine vllm|sglang`` starts that engine on a private loopback port with its
+DeepSeek-V3.2 options and serves dsv's API in front of it (chat encoding and parsing by dsv,
+generation by the engine's ``/v1/completions``):
+
+- vLLM: ``vllm serve PATH --tokenizer-mode deepseek_v32 --tool-call-parser deepseek_v32
+  --enable-auto-tool-choice --reasoning-parser deepseek_v3``
+- SGLang: ``python -m sglang.launch_server --model PATH --tool-call-parser deepseekv32
+  --reasoning-parser deepseek-v3``
+
+Run: ``dsv serve PATH [--engine native|vllm|sglang]``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["engine_command", "free_port", "load_native_app", "load_proxy_app", "start_engine", "wait_ready"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def engine_command(engine: str, path: str, *, host: str, port: int, model_name: str, extra: list[str] | None = None) -> list[str]:
+    """The command line that starts ``engine`` for the checkpoint at ``path``."""
+    if engine == "vllm":
+        cmd = [
+            "vllm", "serve", path,
+            "--tokenizer-mode", "deepseek_v32",
+            "--tool-call-parser", "deepseek_v32",
+            "--enable-auto-tool-choice",
+            "--reasoning-parser", "deepseek_v3",
+            "--host", host, "--port", str(port),
+            "--served-model-name", model_name,
+        ]  # fmt: skip
+    elif engine == "sglang":
+        cmd = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model", path,
+            "--tool-call-parser", "deepseekv32",
+            "--reasoning-parser", "deepseek-v3",
+            "--host", host, "--port", str(port),
+            "--served-model-name", model_name,
+        ]  # fmt: skip
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose native, vllm or sglang")
+    return cmd + list(extra or [])
+
+
+def start_engine(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Start the engine process (its output goes to this process's stderr)."""
+    return subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 1800.0) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the engine exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def _tokenizer_and_templates(folder: Path) -> tuple[object, object, int]:
+    from dsv.core.chat import Templates
+    from dsv.core.checkpoint import load_config
+    from dsv.core.tokenizer import Tokenizer
+
+    config = load_config(folder)
+    return Tokenizer.load(folder), Templates.from_checkpoint(folder), int(config.max_position_embeddings)
+
+
+def load_native_app(
+    path_or_repo: str,
+    *,
+    model_name: str | None = None,
+    max_model_len: int | None = None,
+    num_blocks: int | None = None,
+    block_size: int = 16,
+    max_batch: int = 64,
+    prefill_chunk: int = 256,
+    device: str = "cpu",
+    **settings: object,
+) -> object:
+    """The FastAPI app serving a checkpoint with the native engine (engine thread started)."""
+    import torch
+
+    from dsv.core.chat import Templates
+    from dsv.core.checkpoint import load_pretrained, resolve
+    from dsv.serve.app import ServerSettings, create_app
+    from dsv.serve.backend import LocalBackend
+    from dsv.serve.engine import Engine
+
+    folder = resolve(path_or_repo)
+    model, tokenizer = load_pretrained(str(folder), device=device, dtype=torch.float32)
+    model.eval()
+    config = model.config
+    max_len = max_model_len or int(config.max_position_embeddings)
+    blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
+    engine = Engine.for_model(model, config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
+                              prefill_chunk=prefill_chunk, device=device)  # fmt: skip
+    engine.start()
+    backend = LocalBackend(engine, tokenizer, templates=Templates.from_checkpoint(folder), max_model_len=max_len)
+    name = model_name or Path(str(path_or_repo).rstrip("/")).name
+    return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
+
+
+def load_proxy_app(
+    path: str, base_url: str, *, model_name: str | None = None, engine_model: str | None = None,
+    max_model_len: int | None = None, **settings: object,
+) -> object:  # fmt: skip
+    """The FastAPI app that encodes with dsv and forwards to an engine at ``base_url``."""
+    from dsv.serve.app import ServerSettings, create_app
+    from dsv.serve.backend import ProxyBackend
+
+    folder = Path(path)
+    tokenizer, templates, max_len = _tokenizer_and_templates(folder)
+    name = model_name or folder.name
+    backend = ProxyBackend(base_url, engine_model or name, tokenizer, templates=templates,  # type: ignore[arg-type]
+                           max_model_len=max_model_len or max_len)  # fmt: skip
+    return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]

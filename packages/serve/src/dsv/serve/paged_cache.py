@@ -1,0 +1,187 @@
+"""Paged KV cache for the serve engine: a block pool shared by all sequences, ref-counted blocks,
+and prefix caching of full prompt blocks.
+
+Storage per layer is ``kv [num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]`` (the MLA
+latent) and ``index_k [num_blocks * block_size, index_head_dim]`` (the DSA indexer keys). A
+sequence owns a block table (block ids in position order). :class:`PagedBatchView` implements the
+core :class:`dsv.core.cache.KVCache` protocol for one forward over a set of sequences: it scatters
+the new rows into their slots and gathers each row's past back into a padded ``[B, T, D]`` tensor.
+
+Prefix caching: a full block of prompt tokens is keyed by ``hash(parent key, its tokens)`` once
+its rows are written. A new sequence whose prompt starts with cached blocks takes them (refcount
++1) and skips that part of the prefill. A block whose refcount drops to zero goes back to the pool
+at once; if it holds a cached prefix it stays findable until the pool needs it again (LRU).
+
+Run the checks: ``pytest packages/serve/tests/test_serve_paged_cache.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["BlockPool", "OutOfBlocks", "PagedBatchView", "prefix_keys"]
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool cannot provide the blocks asked for."""
+
+
+def prefix_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Chained keys of the full blocks of ``tokens`` (key i covers tokens ``[0, (i+1)*block_size)``)."""
+    keys, parent = [], b""
+    for i in range(len(tokens) // block_size):
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(repr(list(tokens[i * block_size : (i + 1) * block_size])).encode())
+        parent = h.digest()
+        keys.append(parent)
+    return keys
+
+
+class BlockPool:
+    """Fixed pool of cache blocks with ref counts and a prefix cache.
+
+    Blocks are in one of three states: used (refcount > 0), cached (refcount 0 but holding a
+    registered prefix, reusable or evictable), free. ``used_blocks`` is the number in use; it
+    returns to 0 when no request is running.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_dim: int,
+        index_dim: int | None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        slots = num_blocks * block_size
+        self.kv = torch.zeros(num_layers, slots, kv_dim, device=device, dtype=dtype)
+        self.index_k = (
+            torch.zeros(num_layers, slots, index_dim, device=device, dtype=dtype) if index_dim else None
+        )
+        self.refcount = [0] * num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._cached: OrderedDict[int, bytes] = OrderedDict()  # refcount-0 blocks with a prefix, LRU order
+        self._by_key: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self.prefix_hits = 0  # blocks reused from the prefix cache, for metrics
+
+    # -------------------------------------------------------------- accounting
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free) - len(self._cached)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def available(self) -> int:
+        """Blocks that can be handed out now (free plus evictable cached ones)."""
+        return len(self._free) + len(self._cached)
+
+    # -------------------------------------------------------------- allocation
+    def match_prefix(self, keys: Sequence[bytes]) -> list[int]:
+        """Longest run of cached blocks for ``keys``; each returned block gets refcount +1."""
+        out = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            self._take(block)
+            out.append(block)
+        self.prefix_hits += len(out)
+        return out
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh blocks (refcount 1), evicting least recently used cached prefixes if needed."""
+        if n > self.available:
+            raise OutOfBlocks(f"need {n} blocks, {self.available} available")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, key = self._cached.popitem(last=False)
+                del self._by_key[key], self._key_of[block]
+            self.refcount[block] = 1
+            out.append(block)
+        return out
+
+    def register(self, block: int, key: bytes) -> None:
+        """Mark ``block`` (fully written) as holding the prefix ``key``."""
+        if key in self._by_key or block in self._key_of:
+            return
+        self._by_key[key], self._key_of[block] = block, key
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; unreferenced blocks are available again at once."""
+        for block in blocks:
+            assert self.refcount[block] > 0, f"block {block} released more often than taken"
+            self.refcount[block] -= 1
+            if self.refcount[block] == 0:
+                key = self._key_of.get(block)
+                if key is None:
+                    self._free.append(block)
+                else:
+                    self._cached[block] = key
+
+    def _take(self, block: int) -> None:
+        if self.refcount[block] == 0:
+            self._cached.pop(block, None)
+        self.refcount[block] += 1
+
+
+class PagedBatchView:
+    """The :class:`dsv.core.cache.KVCache` protocol over pool blocks for one forward.
+
+    ``tables[b]`` is row b's block table and ``lengths[b]`` its tokens already cached; every row
+    gets ``new_tokens`` new tokens in this forward.
+    """
+
+    def __init__(self, pool: BlockPool, tables: Sequence[Sequence[int]], lengths: Sequence[int], new_tokens: int) -> None:
+        self.pool = pool
+        device = pool.kv.device
+        bs = pool.block_size
+        B, S = len(tables), new_tokens
+        self._offsets = torch.tensor(list(lengths), dtype=torch.long, device=device)
+        T = max(lengths) + S
+        # Slot of absolute position p in row b: table[b][p // bs] * bs + p % bs.
+        table = torch.zeros(B, (T + bs - 1) // bs, dtype=torch.long)
+        for b, t in enumerate(tables):
+            n = min(len(t), table.shape[1])
+            table[b, :n] = torch.tensor(list(t[:n]), dtype=torch.long)
+        pos = torch.arange(T)
+        gather = table[:, pos // bs] * bs + pos % bs  # (B, T)
+        valid = pos.view(1, T) < (self._offsets.cpu().view(B, 1) + S)
+        self._gather = torch.where(valid, gather, torch.zeros_like(gather)).to(device)  # padding reads slot 0
+        write_pos = self._offsets.cpu().view(B, 1) + torch.arange(S).view(1, S)  # (B, S)
+        self._write = torch.gather(gather, 1, write_pos).to(device)  # (B, S)
+
+    def offsets(self) -> torch.Tensor:
+        return self._offsets
+
+    def update(
+        self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flat = self._write.reshape(-1)
+        store = self.pool.kv[layer]
+        store[flat] = kv.reshape(-1, kv.shape[-1]).to(store.dtype)
+        kv_all = store[self._gather]  # (B, T, D)
+        ik_all = None
+        if index_k is not None:
+            assert self.pool.index_k is not None, "pool built without indexer storage"
+            istore = self.pool.index_k[layer]
+            istore[flat] = index_k.reshape(-1, index_k.shape[-1]).to(istore.dtype)
+            ik_all = istore[self._gather]
+        return kv_all, ik_all
+
+    def advance(self, n: int) -> None:
+        self._offsets += n

@@ -1,0 +1,151 @@
+"""The official ``openai`` client against a real ``dsv serve`` (uvicorn thread, 127.0.0.1).
+
+The model is the fixture's tiny checkpoint trained to follow a fixed script (see conftest), so
+greedy decoding (temperature 0) gives known answers through the real engine and parser.
+
+Run: ``pytest packages/serve/tests/test_serve_openai.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from conftest import ASK, CALL, GREET, WEATHER_TOOL, LiveServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(trained_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=trained_server.url + "/v1", api_key="sk-test", max_retries=0)
+
+
+def test_models_and_auth(client: openai.OpenAI, trained_server: LiveServer) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["dsv-tiny", "dsv-tiny-reasoner"]
+    bad = openai.OpenAI(base_url=trained_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(trained_server.url + "/health").json()["status"] == "ok"
+
+
+def test_thinking_on_and_off(client: openai.OpenAI) -> None:
+    on = client.chat.completions.create(model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40)
+    msg = on.choices[0].message
+    assert msg.content == "Hello there!" and msg.reasoning_content == "say hello"  # type: ignore[attr-defined]
+    assert on.choices[0].finish_reason == "stop"
+    body_switch = client.chat.completions.create(
+        model="dsv-tiny", messages=GREET, temperature=0, max_tokens=40, extra_body={"thinking": {"type": "enabled"}}
+    )
+    assert body_switch.choices[0].message.content == "Hello there!"
+    off = client.chat.completions.create(model="dsv-tiny", messages=GREET, temperature=0, max_tokens=8)
+    assert getattr(off.choices[0].message, "reasoning_content", None) is None
+    assert off.usage is not None and off.usage.completion_tokens <= 8
+
+
+def test_streaming_reasoning_then_content(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    reasoning, content, order, usage, finish = "", "", [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            r = getattr(c.delta, "reasoning_content", None)
+            if r:
+                reasoning += r
+                order.append("r")
+            if c.delta.content:
+                content += c.delta.content
+                order.append("c")
+            finish = c.finish_reason or finish
+    assert (reasoning, content, finish) == ("say hello", "Hello there!", "stop")
+    assert order == sorted(order, key=lambda k: k != "r"), "reasoning pieces come before content"
+    assert usage is not None and usage.completion_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_tool_call_round_trip(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    # Send the returned message back with the tool result: the model answers.
+    messages = [*ASK, choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
+    second = client.chat.completions.create(model="dsv-tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=40)
+    assert second.choices[0].message.content == "It is sunny in Paris." and second.choices[0].finish_reason == "stop"
+
+
+def test_tool_call_streamed(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80, stream=True
+    )
+    calls = [tc for chunk in stream for c in chunk.choices for tc in (c.delta.tool_calls or [])]
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [(0, "get_weather", {"city": "Paris"})]
+
+
+def test_named_tool_choice_forces_the_call(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    assert out.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
+
+
+def test_n_stop_logprobs_usage(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="dsv-tiny", messages=ASK[:0] + [{"role": "user", "content": "count"}], n=3, temperature=1.0, seed=7,
+        max_tokens=6, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    for c in out.choices:
+        assert c.logprobs is not None and c.logprobs.content
+        for entry in c.logprobs.content:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+    assert out.usage is not None and out.usage.completion_tokens == sum(len(c.logprobs.content) for c in out.choices)  # type: ignore[union-attr]
+    # stop sequences cut the text before the stop string
+    full = client.chat.completions.create(model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80)
+    assert full.choices[0].message.tool_calls
+    after = client.chat.completions.create(model="dsv-tiny", messages=[*ASK, {"role": "assistant", "content": "",
+        "tool_calls": [CALL]}, {"role": "tool", "content": "sunny, 21 C"}], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
+    assert after.choices[0].message.content == "It is " and after.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_refused_in_thinking_mode(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dsv-tiny-reasoner", messages=GREET, logprobs=True)
+    assert e.value.body["param"] == "logprobs"
+
+
+def test_completions_endpoint(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="dsv-tiny", prompt="hello", max_tokens=5, temperature=0, logprobs=2)
+    assert out.usage is not None and out.usage.completion_tokens == 5
+    assert len(out.choices[0].logprobs.tokens) == 5  # type: ignore[union-attr]
+    again = client.completions.create(model="dsv-tiny", prompt="hello", max_tokens=5, temperature=0)
+    assert again.choices[0].text == out.choices[0].text, "greedy decoding is deterministic"
+
+
+def test_errors_in_openai_shape(client: openai.OpenAI, trained_server: LiveServer) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=GREET)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dsv-tiny", messages=[{"role": "user", "content": "x " * 3000}], max_tokens=10)
+    assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dsv-tiny", messages=GREET, tools=[{"type": "function", "function": {"name": "bad name!"}}])
+    assert e.value.body["code"] == "invalid_tool_schema"
+    r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"Authorization": "Bearer sk-test"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    metrics = httpx.get(trained_server.url + "/metrics").text
+    for name in ("dsv_queue_depth", "dsv_running_requests", "dsv_tokens_per_second", "dsv_cache_usage_ratio",
+                 "dsv_time_to_first_token_seconds_bucket", "dsv_inter_token_latency_seconds_bucket"):  # fmt: skip
+        assert name in metrics
