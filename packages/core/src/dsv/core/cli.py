@@ -216,3 +216,27 @@ def generate(
         out = run(model, ids, params, on_token=on_token)
     sys.stdout.write("\n")
     err.print(f"[dim]{len(out.tokens)} tokens, finish_reason={out.finish_reason}[/]")
+
+
+@model_app.command("convert")
+@user_errors
+def convert(
+    src: str = typer.Argument(..., help="deepseek_v3 checkpoint folder or Hub repo id."),
+    out: Path = typer.Argument(..., help="Folder to write the deepseek_v32 checkpoint into."),
+    add_indexer: bool = typer.Option(False, "--add-indexer", help="Add a freshly initialised lightning indexer."),
+    index_n_heads: int = typer.Option(64, help="Indexer heads (V3.2: 64)."),
+    index_head_dim: int = typer.Option(128, help="Indexer head dim (V3.2: 128)."),
+    index_topk: int = typer.Option(2048, help="Keys each query attends to (V3.2: 2048)."),
+    seed: int = typer.Option(0, help="Seed of the indexer initialisation."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
+) -> None:
+    """Convert a DeepSeek-V3-architecture checkpoint into a DeepSeek-V3.2 one (then run `dsv train dsa-warmup`)."""
+    from dsv.core.convert import add_indexer as run
+    from dsv.core.errors import DSVError
+
+    if not add_indexer:
+        raise DSVError("nothing to do: pass --add-indexer (the only conversion available)")
+    r = run(src, out, index_n_heads=index_n_heads, index_head_dim=index_head_dim, index_topk=index_topk,
+            seed=seed, overwrite=force)  # fmt: skip
+    console.print(f"wrote {r.out}: indexer added to {r.layers} layers ({r.new_parameters:,} new parameters); "
+                  f"next: dsv train dsa-warmup --model {r.out} --out RUN")  # fmt: skip
