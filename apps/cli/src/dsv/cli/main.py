@@ -33,7 +33,13 @@ KNOWN_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dsv-serve", "OpenAI-compatible server"),
     "chat": ("dsv-tui", "the Textual agent shell"),
 }
-KNOWN_BENCHES: dict[str, str] = {"core": "dsv-core", "kernels": "dsv-kernels", "serve": "dsv-serve"}
+KNOWN_BENCHES: dict[str, str] = {
+    "core": "dsv-core",
+    "kernels": "dsv-kernels",
+    "serve": "dsv-serve",
+    "synth": "dsv-synth",
+    "train": "dsv-train",
+}
 
 console = Console(stderr=True)
 

@@ -86,7 +86,8 @@ class MoE(nn.Module):
         for e in torch.nonzero(counts).flatten().tolist():
             tok, slot = torch.nonzero(idx == e, as_tuple=True)
             y = self.experts[e](flat[tok])
-            out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+            # an expert is chosen at most once per token, so `tok` has no repeats: plain indexed add
+            out[tok] += y.float() * weights[tok, slot, None]
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).float()
         if self.training:

@@ -1,0 +1,56 @@
+"""Nox sessions: each distribution installed alone (with only what it declares, plus its dsv
+dependencies, which are not on PyPI) runs its own tests; `integration` runs the cross-package
+tests with everything; `lint` runs ruff.
+
+    nox -s core            # dsv-core alone
+    nox -s kernels synth   # several
+    nox                    # all
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"
+
+# session name -> (folder, extras for its own tests, dsv folders it depends on)
+PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "core": ("packages/core", "test", ()),
+    "cli": ("apps/cli", "test", ()),
+    "kernels": ("kernels", "test,bench", ("packages/core",)),
+    "synth": ("packages/synth", "test,hf,rg,eval", ()),
+    "serve": ("packages/serve", "test", ("packages/core",)),
+    "train": ("packages/train", "test,plots", ("packages/core",)),
+}
+
+
+def _install(session: nox.Session, folder: str, extras: str, deps: tuple[str, ...]) -> None:
+    session.install(TORCH, "pytest-timeout")
+    for dep in deps:
+        session.install("-e", dep)
+    session.install("-e", f"{folder}[{extras}]")
+
+
+for _name, (_folder, _extras, _deps) in PACKAGES.items():
+
+    def _session(session: nox.Session, folder: str = _folder, extras: str = _extras, deps: tuple[str, ...] = _deps) -> None:
+        _install(session, folder, extras, deps)
+        session.run("python", "-m", "pytest", f"{folder}/tests", *session.posargs)
+
+    nox.session(name=_name)(_session)
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Cross-package tests with every distribution installed."""
+    session.install("-r", "requirements-dev.txt")
+    session.run("python", "-m", "pytest", "tests", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with every dsv distribution and run the whole test suite.
+# This is the README's test command and what .ci/run calls. It fails when pytest fails,
+# and also when pytest collected or ran no test at all (pytest's exit code 5, or 0 passed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DSV_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+"$VENV/bin/ruff" check .
+log=$(mktemp)
+set +e
+"$VENV/bin/python" -m pytest -n "${DSV_TEST_WORKERS:-2}" --dist loadgroup -p no:cacheprovider "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "tools/test.sh: pytest collected no tests; failing" >&2
+  exit 1
+fi
+if [ "$rc" -ne 0 ]; then
+  exit "$rc"
+fi
+if ! grep -Eq '[1-9][0-9]* passed' "$log"; then
+  echo "tools/test.sh: no test passed; failing" >&2
+  exit 1
+fi
