@@ -304,6 +304,7 @@ def test_sigkill_midway_then_resume_counts_each_task_once(tmp_path: Path) -> Non
         proc.wait()
         done = len([line for line in results.read_text().splitlines() if line.strip()])
         assert 4 <= done < 12, "the kill should land midway"
+        time.sleep(0.3)  # let requests the killed client had already sent reach the server's log
         asked_before = len(endpoint.requests)
         oracle.delay_s = 0.0
         rerun = subprocess.run(
@@ -365,3 +366,50 @@ def test_in_process_checkpoint_eval(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["target"].startswith("checkpoint ")
     assert report["results"]["thinking"]["overall"]["episodes"] == 2
+
+
+def test_cli_task_file_with_samples_and_no_thinking(tmp_path: Path) -> None:
+    from dsv.synth.tasks import write_tasks
+
+    env = registry.get("arithmetic")
+    write_tasks(tmp_path / "tasks.jsonl", [env.generate(s, 2) for s in (1, 3)])
+    oracle = OracleModel()
+    with se.ScriptedEndpoint(oracle) as endpoint:
+        args = [
+            "--base-url",
+            endpoint.base_url,
+            "--model",
+            "scripted",
+            "--tasks",
+            str(tmp_path / "tasks.jsonl"),
+        ]
+        run = subprocess.run(
+            [sys.executable, "-m", "dsv.synth.eval", *args, "--samples", "4", "--no-thinking", "--out", str(tmp_path / "o")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert {b["thinking"]["type"] for b in endpoint.requests} == {"disabled"}
+    assert run.returncode == 0, run.stderr
+    m = json.loads((tmp_path / "o" / "report.json").read_text())["results"]["no-thinking"]["overall"]
+    assert m["accuracy"] == pytest.approx((CORRECT[1] + CORRECT[3]) / 8)
+    assert m["pass@4"] == 1.0 and m["pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## no-thinking" in md and "| pass@1 | pass@2 | pass@4 |" in md
+
+
+def test_public_api_is_pinned() -> None:
+    import dsv.synth.eval as ev
+    import dsv.synth.pipeline as pl
+
+    assert sorted(ev.__all__) == [
+        "ChatReply", "EndpointClient", "EndpointError", "EndpointPolicyFactory", "EnvResolver", "EpisodePolicy",
+        "EvalConfig", "LocalModelPolicyFactory", "TaskEntry", "Usage", "family_entries", "load_task_file",
+        "pass_at_k", "percentile", "run_eval", "summarize", "summarize_groups", "write_report",
+    ]  # fmt: skip
+    assert sorted(pl.__all__) == [
+        "BuildConfig", "Fingerprint", "HarnessError", "Library", "LibraryError", "PROPOSAL_INSTRUCTIONS",
+        "ProposalFormatError", "ProposalOutcome", "SandboxedEnvironment", "build", "check_proposal",
+        "extract_code", "find_duplicate", "jaccard", "run_harness", "static_check",
+    ]  # fmt: skip
+    for module in (ev, pl):
+        for name in module.__all__:
+            assert getattr(module, name) is not None
