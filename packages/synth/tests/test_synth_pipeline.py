@@ -37,6 +37,9 @@ def _load_scripted():
 
 se = _load_scripted()
 
+# the module fixture builds a whole library (~10 s): keep this file on one xdist worker so it is built once
+pytestmark = pytest.mark.xdist_group("synth_pipeline")
+
 GOOD = '''
 from dsv.synth.env import Environment, Score, Task
 
