@@ -70,7 +70,7 @@ def _missing(name: str, dist: str, what: str) -> Callable[..., None]:
         )
         raise typer.Exit(2)
 
-    command.__doc__ = f"[not installed: pip install {dist}] {what}"
+    command.__doc__ = f"(not installed: pip install {dist}) {what}"
     return command
 
 
@@ -98,7 +98,7 @@ def _broken(name: str, exc: ImportError) -> Callable[..., None]:
         console.print(f"[red]error:[/] `dsv {name}` could not be loaded: {exc}")
         raise typer.Exit(2)
 
-    command.__doc__ = f"[broken install] {exc}"
+    command.__doc__ = f"(broken install) {exc}"
     return command
 
 
