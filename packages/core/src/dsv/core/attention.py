@@ -127,11 +127,7 @@ def sparse_mla_reference(
         sl = slice(s0, min(S, s0 + chunk))
         ids = idx[:, sl].long()  # (B, s, K)
         valid = ids >= 0
-        gathered = torch.gather(
-            kv.unsqueeze(1).expand(B, ids.shape[1], -1, D),
-            2,
-            ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, D),
-        )  # (B, s, K, D)
+        gathered = _gather_rows(kv, ids)  # (B, s, K, D)
         logits = torch.einsum("bshd,bskd->bshk", q[:, sl].float(), gathered.float()) * sm_scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)  # (B, s, H)
@@ -143,20 +139,40 @@ def sparse_mla_reference(
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
-def attention_probs_summed_reference(
-    q: torch.Tensor, kv: torch.Tensor, sm_scale: float, q_offset: torch.Tensor | int = 0
-) -> torch.Tensor:
-    """Main-attention probabilities summed over heads and L1-normalised over keys: ``p [B, S, T]``.
+def _gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``kv [B, T, D]`` rows at ``idx [B, S, K]`` (``-1`` read as row 0; mask separately) -> ``[B, S, K, D]``."""
+    B, S, K = idx.shape
+    D = kv.shape[-1]
+    return torch.gather(
+        kv.unsqueeze(1).expand(B, S, -1, D), 2, idx.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, D)
+    )
 
-    This is the distillation target of the dense warm-up (V3.2-Exp §2.1): no gradient flows into it.
+
+def attention_probs_summed_reference(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sm_scale: float,
+    q_offset: torch.Tensor | int = 0,
+    idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Main-attention probabilities summed over heads and L1-normalised: the indexer's target.
+
+    Without ``idx`` (dense warm-up, V3.2-Exp §2.1) the main attention is dense: ``p [B, S, T]`` over
+    every visible key. With ``idx`` (sparse stage) the main attention itself only sees the selected
+    keys, so each head's softmax runs over the selection: ``p [B, S, K]`` aligned with ``idx``
+    (0 at ``-1`` entries). No gradient flows into the target.
     """
     with torch.no_grad():
         B, S, H, D = q.shape
-        T = kv.shape[1]
-        logits = torch.einsum("bshd,btd->bsht", q.float(), kv.float()) * sm_scale
-        visible = causal_key_mask(q_offset, S, T, B, q.device)
-        logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
-        p = logits.softmax(dim=-1).sum(dim=2)  # (B, S, T)
+        if idx is None:
+            T = kv.shape[1]
+            logits = torch.einsum("bshd,btd->bsht", q.float(), kv.float()) * sm_scale
+            visible = causal_key_mask(q_offset, S, T, B, q.device)
+            logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+        else:
+            logits = torch.einsum("bshd,bskd->bshk", q.float(), _gather_rows(kv, idx).float()) * sm_scale
+            logits = logits.masked_fill(~(idx >= 0).unsqueeze(2), float("-inf"))
+        p = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0).sum(dim=2)  # (B, S, T or K)
         return p / p.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
@@ -171,19 +187,15 @@ def indexer_kl_loss_reference(
 ) -> torch.Tensor:
     """Indexer distillation loss, mean over query tokens of ``KL(p_t || softmax(I_t))``.
 
-    ``p_t`` is the head-summed, L1-normalised main attention of query ``t`` (computed from the absorbed
-    ``q``/``kv`` without gradient). With ``idx`` (the sparse stage) both distributions are restricted
-    to the selected set and renormalised there; ``-1`` entries are ignored. Only ``index_scores``
-    receives gradient.
+    ``p_t`` is :func:`attention_probs_summed_reference` (computed from the absorbed ``q``/``kv``
+    without gradient). With ``idx`` (the sparse stage) both distributions live on the selected set:
+    ``p`` from the sparse main attention, ``softmax`` over the selected scores; ``-1`` entries are
+    ignored. Only ``index_scores`` receives gradient.
     """
-    p = attention_probs_summed_reference(q, kv, sm_scale, q_offset)  # (B, S, T)
+    p = attention_probs_summed_reference(q, kv, sm_scale, q_offset, idx)
     scores = index_scores.float()
     if idx is not None:
-        valid = idx >= 0
-        ids = idx.long().clamp_min(0)
-        p = torch.gather(p, -1, ids).masked_fill(~valid, 0.0)
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-        scores = torch.gather(scores, -1, ids).masked_fill(~valid, float("-inf"))
+        scores = torch.gather(scores, -1, idx.long().clamp_min(0)).masked_fill(idx < 0, float("-inf"))
     log_q = torch.log_softmax(scores, dim=-1)
     log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
     kl = (p * (torch.log(p + eps) - log_q)).sum(-1)  # (B, S)
