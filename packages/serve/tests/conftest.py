@@ -1,6 +1,8 @@
 """Fixtures for the dsv-serve tests: tiny checkpoints and a real uvicorn server on 127.0.0.1.
 
-``trained_ckpt`` is a tiny model briefly trained here (teacher forcing, a few hundred Adam steps)
+``trained_ckpt`` ships its own short tools prose as ``encoding/encoding_dsv32.py`` (read by
+``Templates.from_checkpoint`` with ast, as for an official checkpoint) so prompts stay short, and is
+a tiny model briefly trained here (teacher forcing, a few hundred Adam steps)
 to answer three fixed conversations exactly: a thinking-mode greeting, a tool call (DSML) for a
 weather question with tools, and an answer after the tool result. Greedy decoding then produces
 those strings for real, so the tests exercise the model, the engine and the parser honestly.
@@ -18,17 +20,22 @@ from typing import Any
 import pytest
 import torch
 
-from dsv.core.chat import encode_assistant_completion, encode_messages
+from dsv.core.chat import Templates, encode_assistant_completion, encode_messages
 
 WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     },
 }
-CALL = {"id": "call_x", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ENCODER_FILE = 'TOOLS_SYSTEM_TEMPLATE = "## Tools\\n<functions>\\n{tool_schemas}\\n</functions>\\n"\n'
+
+CALL = {
+    "id": "call_x",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 AFTER_TOOL = [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]},
               {"role": "tool", "tool_call_id": "call_x", "content": "sunny, 21 C"}]  # fmt: skip
@@ -42,16 +49,19 @@ SCRIPT: list[tuple[list[dict[str, Any]], bool, list[dict[str, Any]] | None, dict
 ]
 
 
-def _train(model: torch.nn.Module, tok: Any) -> None:
+def _train(model: torch.nn.Module, tok: Any, templates: Templates) -> None:
     pairs = []
     for messages, thinking, tools, answer in SCRIPT:
-        prompt = tok.encode(encode_messages(messages, thinking=thinking, tools=tools), add_bos=False)
-        target = tok.encode(encode_assistant_completion(answer, thinking=thinking), add_bos=False)
+        prompt_text = encode_messages(messages, thinking=thinking, tools=tools, templates=templates)
+        prompt = tok.encode(prompt_text, add_bos=False)
+        target = tok.encode(
+            encode_assistant_completion(answer, thinking=thinking, templates=templates), add_bos=False
+        )
         pairs.append((torch.tensor([prompt + target]), len(prompt)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     torch.manual_seed(0)
     model.train()
-    for step in range(600):
+    for step in range(800):
         loss = torch.zeros(())
         for ids, n_prompt in pairs:
             logits = model(ids[:, :-1]).logits[0, n_prompt - 1 :]
@@ -62,7 +72,8 @@ def _train(model: torch.nn.Module, tok: Any) -> None:
         if step % 25 == 24:
             with torch.no_grad():
                 ok = all(
-                    bool((model(ids[:, :-1]).logits[0, n - 1 :].argmax(-1) == ids[0, n:]).all()) for ids, n in pairs
+                    bool((model(ids[:, :-1]).logits[0, n - 1 :].argmax(-1) == ids[0, n:]).all())
+                    for ids, n in pairs
                 )
             if ok:
                 break
@@ -95,10 +106,17 @@ def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = presets.tiny()
     tok = train_bpe(default_corpus(), cfg.vocab_size)
-    model = DSVForCausalLM(cfg)
-    _train(model, tok)
     out = tmp_path_factory.mktemp("ckpt") / "scripted"
+    model = DSVForCausalLM(cfg)
     save_pretrained(model, tok, out)
+    (out / "encoding").mkdir()
+    (out / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
+    templates = Templates.from_checkpoint(out)
+    assert templates.source != "dsv"
+    _train(model, tok, templates)
+    save_pretrained(model, tok, out)  # replaces the folder: put the encoder file back
+    (out / "encoding").mkdir()
+    (out / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
     return out
 
 
@@ -117,7 +135,9 @@ class LiveServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

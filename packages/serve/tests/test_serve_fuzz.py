@@ -19,7 +19,11 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.slow
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
@@ -40,7 +44,9 @@ _bad_field = st.sampled_from([
 def client(tiny_ckpt: Path) -> TestClient:
     from dsv.serve import load_native_app
 
-    app = load_native_app(str(tiny_ckpt), model_name="m", max_model_len=256, max_tokens_limit=64, num_blocks=64)
+    app = load_native_app(
+        str(tiny_ckpt), model_name="m", max_model_len=256, max_tokens_limit=64, num_blocks=64
+    )
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c  # type: ignore[misc]
 
@@ -48,18 +54,31 @@ def client(tiny_ckpt: Path) -> TestClient:
 def _check(r: Any) -> None:
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+    assert (
+        set(err) == {"message", "type", "param", "code"}
+        and isinstance(err["message"], str)
+        and err["message"]
+    )
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.binary(max_size=64) | _json.map(lambda v: json.dumps(v).encode()), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+@given(
+    body=st.binary(max_size=64) | _json.map(lambda v: json.dumps(v).encode()),
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+)
 def test_garbage_bodies(client: TestClient, body: bytes, path: str) -> None:
     _check(client.post(path, content=body))
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
-@given(fields=st.lists(_bad_field, min_size=1, max_size=3), chat=st.booleans(), extra=st.dictionaries(st.text(max_size=6), _json, max_size=2))
-def test_schema_violations(client: TestClient, fields: list[tuple[str, Any]], chat: bool, extra: dict[str, Any]) -> None:
+@given(
+    fields=st.lists(_bad_field, min_size=1, max_size=3),
+    chat=st.booleans(),
+    extra=st.dictionaries(st.text(max_size=6), _json, max_size=2),
+)
+def test_schema_violations(
+    client: TestClient, fields: list[tuple[str, Any]], chat: bool, extra: dict[str, Any]
+) -> None:
     body: dict[str, Any] = {**extra, "model": "m", "max_tokens": 2}
     body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
     for k, v in fields:

@@ -34,12 +34,18 @@ def test_models_and_auth(client: openai.OpenAI, trained_server: LiveServer) -> N
 
 
 def test_thinking_on_and_off(client: openai.OpenAI) -> None:
-    on = client.chat.completions.create(model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40)
+    on = client.chat.completions.create(
+        model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40
+    )
     msg = on.choices[0].message
     assert msg.content == "Hello there!" and msg.reasoning_content == "say hello"  # type: ignore[attr-defined]
     assert on.choices[0].finish_reason == "stop"
     body_switch = client.chat.completions.create(
-        model="dsv-tiny", messages=GREET, temperature=0, max_tokens=40, extra_body={"thinking": {"type": "enabled"}}
+        model="dsv-tiny",
+        messages=GREET,
+        temperature=0,
+        max_tokens=40,
+        extra_body={"thinking": {"type": "enabled"}},
     )
     assert body_switch.choices[0].message.content == "Hello there!"
     off = client.chat.completions.create(model="dsv-tiny", messages=GREET, temperature=0, max_tokens=8)
@@ -67,11 +73,17 @@ def test_streaming_reasoning_then_content(client: openai.OpenAI) -> None:
             finish = c.finish_reason or finish
     assert (reasoning, content, finish) == ("say hello", "Hello there!", "stop")
     assert order == sorted(order, key=lambda k: k != "r"), "reasoning pieces come before content"
-    assert usage is not None and usage.completion_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert (
+        usage is not None
+        and usage.completion_tokens > 0
+        and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    )
 
 
 def test_tool_call_round_trip(client: openai.OpenAI) -> None:
-    first = client.chat.completions.create(model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80)
+    first = client.chat.completions.create(
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200
+    )
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls or []
@@ -79,21 +91,28 @@ def test_tool_call_round_trip(client: openai.OpenAI) -> None:
     # Send the returned message back with the tool result: the model answers.
     messages = [*ASK, choice.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
-    second = client.chat.completions.create(model="dsv-tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=40)
-    assert second.choices[0].message.content == "It is sunny in Paris." and second.choices[0].finish_reason == "stop"
+    second = client.chat.completions.create(
+        model="dsv-tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=40
+    )
+    assert (
+        second.choices[0].message.content == "It is sunny in Paris."
+        and second.choices[0].finish_reason == "stop"
+    )
 
 
 def test_tool_call_streamed(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80, stream=True
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200, stream=True
     )
     calls = [tc for chunk in stream for c in chunk.choices for tc in (c.delta.tool_calls or [])]
-    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [(0, "get_weather", {"city": "Paris"})]
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Paris"})
+    ]
 
 
 def test_named_tool_choice_forces_the_call(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=60,
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )  # fmt: skip
     assert out.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
@@ -101,7 +120,7 @@ def test_named_tool_choice_forces_the_call(client: openai.OpenAI) -> None:
 
 def test_n_stop_logprobs_usage(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK[:0] + [{"role": "user", "content": "count"}], n=3, temperature=1.0, seed=7,
+        model="dsv-tiny", messages=[{"role": "user", "content": "count"}], n=3, temperature=1.0, seed=7,
         max_tokens=6, logprobs=True, top_logprobs=2,
     )  # fmt: skip
     assert [c.index for c in out.choices] == [0, 1, 2]
@@ -109,12 +128,16 @@ def test_n_stop_logprobs_usage(client: openai.OpenAI) -> None:
         assert c.logprobs is not None and c.logprobs.content
         for entry in c.logprobs.content:
             assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
-    assert out.usage is not None and out.usage.completion_tokens == sum(len(c.logprobs.content) for c in out.choices)  # type: ignore[union-attr]
+    assert out.usage is not None and out.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in out.choices
+    )  # type: ignore[union-attr]
     # stop sequences cut the text before the stop string
-    full = client.chat.completions.create(model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=80)
+    full = client.chat.completions.create(
+        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200
+    )
     assert full.choices[0].message.tool_calls
     after = client.chat.completions.create(model="dsv-tiny", messages=[*ASK, {"role": "assistant", "content": "",
-        "tool_calls": [CALL]}, {"role": "tool", "content": "sunny, 21 C"}], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
+        "tool_calls": [CALL]}, {"role": "tool", "content": "sunny, 21 C"}], tools=[WEATHER_TOOL], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
     assert after.choices[0].message.content == "It is " and after.choices[0].finish_reason == "stop"
 
 
@@ -137,10 +160,14 @@ def test_errors_in_openai_shape(client: openai.OpenAI, trained_server: LiveServe
         client.chat.completions.create(model="gpt-4", messages=GREET)
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="dsv-tiny", messages=[{"role": "user", "content": "x " * 3000}], max_tokens=10)
+        client.chat.completions.create(
+            model="dsv-tiny", messages=[{"role": "user", "content": "x " * 3000}], max_tokens=10
+        )
     assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="dsv-tiny", messages=GREET, tools=[{"type": "function", "function": {"name": "bad name!"}}])
+        client.chat.completions.create(
+            model="dsv-tiny", messages=GREET, tools=[{"type": "function", "function": {"name": "bad name!"}}]
+        )
     assert e.value.body["code"] == "invalid_tool_schema"
     r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": "Bearer sk-test"})  # fmt: skip

@@ -75,7 +75,11 @@ class _StopScanner:
             pos = min(hits)[0]
             out, self.buf, self.stopped = self.buf[:pos], "", True
             return out
-        keep = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.buf.endswith(s[:n])), default=0)
+        keep = (
+            0
+            if final
+            else max((n for s in self.stops for n in range(1, len(s)) if self.buf.endswith(s[:n])), default=0)
+        )
         out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
         return out
 
@@ -125,7 +129,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500
+        )
 
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Any:
@@ -133,16 +139,26 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         if path.startswith("/v1/") and settings.api_key:
             auth = request.headers.get("authorization", "")
             if not secrets.compare_digest(auth.encode(), f"Bearer {settings.api_key}".encode()):
-                return err(APIError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"))
+                return err(
+                    APIError(
+                        401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"
+                    )
+                )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return err(APIError(413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large"))
+            return err(
+                APIError(
+                    413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large"
+                )
+            )
         return await call_next(request)
 
     async def read_json(request: Request, model: type) -> Any:
         raw = await request.body()
         if len(raw) > settings.max_request_bytes:
-            raise APIError(413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large")
+            raise APIError(
+                413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large"
+            )
         try:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -155,7 +171,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             first = e.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             kind = "invalid_tool_schema" if param and param.startswith("tools") else "invalid_value"
-            raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code=kind) from None
+            raise APIError(
+                400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code=kind
+            ) from None
 
     def resolve_model(name: str) -> bool | None:
         if name == settings.model_name:
@@ -247,8 +265,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                         raise APIError(408, f"request took longer than {settings.request_timeout_s} s",
                                        type="timeout_error", code="request_timeout") from None  # fmt: skip
                     for t in tasks:
-                        if t.done() and t.exception() is not None:
-                            raise t.exception()  # type: ignore[misc]
+                        exc = t.exception() if t.done() else None
+                        if exc is not None:
+                            raise exc from None
                     continue
                 if ev.finish is not None:
                     remaining -= 1
@@ -279,7 +298,10 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         names = [settings.model_name, f"{settings.model_name}-reasoner"]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "dsv"} for n in names]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "dsv"} for n in names],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -291,7 +313,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                            code="invalid_value")  # fmt: skip
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         forced = ""
-        if isinstance(req.tool_choice, dict) or (req.tool_choice is not None and not isinstance(req.tool_choice, str)):
+        if isinstance(req.tool_choice, dict) or (
+            req.tool_choice is not None and not isinstance(req.tool_choice, str)
+        ):
             name = req.tool_choice.function.get("name", "")  # type: ignore[union-attr]
             if name not in {t["function"]["name"] for t in tools}:
                 raise APIError(400, f"tool_choice names `{name}`, which is not in tools", param="tool_choice",
@@ -320,7 +344,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
         def job(i: int) -> Any:
             parser = StreamParser(thinking, templates=backend.templates, id_prefix=f"{prefix}{i}")
-            return lambda out: run_choice(i, prompt, sampling(req, max_tokens, i, top), req.stops(), parser, forced, out)
+            return lambda out: run_choice(
+                i, prompt, sampling(req, max_tokens, i, top), req.stops(), parser, forced, out
+            )
 
         jobs = [job(i) for i in range(req.n)]
         state["in_flight"] += 1
@@ -342,7 +368,15 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def chat_full(request: Request, req: ChatCompletionRequest, jobs: list[Any], rid: str, created: int,
                         prompt_tokens: int) -> dict[str, Any]:  # fmt: skip
         acc: dict[int, dict[str, Any]] = {
-            i: {"reasoning": [], "content": [], "calls": [], "lp": [], "finish": None, "tokens": 0, "error": ""}
+            i: {
+                "reasoning": [],
+                "content": [],
+                "calls": [],
+                "lp": [],
+                "finish": None,
+                "tokens": 0,
+                "error": "",
+            }
             for i in range(len(jobs))
         }
         async for ev in fan_in(jobs, request, stream=False):
@@ -366,7 +400,11 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 msg["reasoning_content"] = "".join(a["reasoning"])
             if a["calls"]:
                 msg["tool_calls"] = a["calls"]
-            choice: dict[str, Any] = {"index": i, "message": msg, "finish_reason": finish_reason(a["finish"], bool(a["calls"]))}
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": msg,
+                "finish_reason": finish_reason(a["finish"], bool(a["calls"])),
+            }
             choice["logprobs"] = {"content": [_chat_lp(x) for x in a["lp"]]} if req.logprobs else None
             choices.append(choice)
         completion = sum(a["tokens"] for a in acc.values())
@@ -420,18 +458,21 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await read_json(request, CompletionRequest)
         resolve_model(req.model)
-        prompt: str | list[int] = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt  # type: ignore[assignment]
+        prompt: str | list[int] = (
+            req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+        )  # type: ignore[assignment]
         prompt_tokens = backend.count(prompt)
         max_tokens = budget(prompt_tokens, req.max_tokens)
         top = req.logprobs if req.logprobs is not None else 0
         want_lp = req.logprobs is not None
         admit()
         created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
-        jobs = [
-            (lambda i: lambda out: run_choice(i, prompt, sampling(req, max_tokens, i, max(top, 1) if want_lp else 0),
-                                              req.stops(), None, "", out))(i)  # fmt: skip
-            for i in range(req.n)
-        ]
+
+        def job(i: int) -> Any:
+            params = sampling(req, max_tokens, i, max(top, 1) if want_lp else 0)
+            return lambda out: run_choice(i, prompt, params, req.stops(), None, "", out)
+
+        jobs = [job(i) for i in range(req.n)]
         echo = prompt if (req.echo and isinstance(prompt, str)) else ""
         state["in_flight"] += 1
 
@@ -442,6 +483,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     "top_logprobs": [dict(e.top[:top]) for e in entries], "text_offset": []}  # fmt: skip
 
         if req.stream:
+
             async def gen() -> AsyncIterator[str]:
                 completion = 0
                 first = dict.fromkeys(range(req.n), True)
@@ -470,7 +512,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 if ev.finish is not None:
                     a["finish"], a["tokens"] = ev.finish, ev.completion_tokens
                     if ev.finish == "error":
-                        raise APIError(503, f"generation failed: {ev.error}", type="server_error", code="engine_error")
+                        raise APIError(
+                            503, f"generation failed: {ev.error}", type="server_error", code="engine_error"
+                        )
             completion = sum(a["tokens"] for a in acc.values())
             return {
                 "id": rid, "object": "text_completion", "created": created, "model": req.model,

@@ -62,7 +62,12 @@ class LocalBackend:
     """The native engine with the checkpoint's tokenizer."""
 
     def __init__(self, engine: Engine, tokenizer: Any, *, templates: Templates, max_model_len: int) -> None:
-        self.engine, self.tokenizer, self.templates, self.max_model_len = engine, tokenizer, templates, max_model_len
+        self.engine, self.tokenizer, self.templates, self.max_model_len = (
+            engine,
+            tokenizer,
+            templates,
+            max_model_len,
+        )
         self.eos_id: int = tokenizer.eos_id
 
     def ids(self, prompt: str | list[int]) -> list[int]:
@@ -214,6 +219,8 @@ def _proxy_logprobs(lp: dict[str, Any] | None) -> list[TokenLogprob]:
         return []
     tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
     return [
-        TokenLogprob(tok, float(v if v is not None else 0.0), sorted((top or {}).items(), key=lambda kv: -kv[1]))
+        TokenLogprob(
+            tok, float(v if v is not None else 0.0), sorted((top or {}).items(), key=lambda kv: -kv[1])
+        )
         for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops, strict=False)
     ]

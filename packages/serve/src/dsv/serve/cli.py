@@ -38,7 +38,14 @@ def serve(
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
     import uvicorn
 
-    from dsv.serve.launch import engine_command, free_port, load_native_app, load_proxy_app, start_engine, wait_ready
+    from dsv.serve.launch import (
+        engine_command,
+        free_port,
+        load_native_app,
+        load_proxy_app,
+        start_engine,
+        wait_ready,
+    )
 
     if engine not in ("native", "vllm", "sglang"):
         _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
@@ -54,7 +61,9 @@ def serve(
                 _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
             inner = free_port()
             name = model_name or Path(path_or_repo.rstrip("/")).name
-            proc = start_engine(engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name))
+            proc = start_engine(
+                engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name)
+            )
             wait_ready(f"http://127.0.0.1:{inner}/v1/models", proc)
             app = load_proxy_app(path_or_repo, f"http://127.0.0.1:{inner}", model_name=name,
                                  max_model_len=max_model_len, **settings)  # fmt: skip

@@ -151,7 +151,9 @@ class Engine:
             raise ValueError("request needs more cache blocks than the pool holds")
         g = torch.Generator(device="cpu")
         g.manual_seed(params.seed if params.seed is not None else int(time.time_ns()) & 0x7FFFFFFF)
-        seq = _Seq(next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size))
+        seq = _Seq(
+            next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size)
+        )
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()

@@ -30,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def engine_command(engine: str, path: str, *, host: str, port: int, model_name: str, extra: list[str] | None = None) -> list[str]:
+def engine_command(
+    engine: str, path: str, *, host: str, port: int, model_name: str, extra: list[str] | None = None
+) -> list[str]:
     """The command line that starts ``engine`` for the checkpoint at ``path``."""
     if engine == "vllm":
         cmd = [
@@ -117,7 +119,9 @@ def load_native_app(
     engine = Engine.for_model(model, config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
                               prefill_chunk=prefill_chunk, device=device)  # fmt: skip
     engine.start()
-    backend = LocalBackend(engine, tokenizer, templates=Templates.from_checkpoint(folder), max_model_len=max_len)
+    backend = LocalBackend(
+        engine, tokenizer, templates=Templates.from_checkpoint(folder), max_model_len=max_len
+    )
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
 

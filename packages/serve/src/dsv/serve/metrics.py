@@ -20,10 +20,19 @@ class Metrics:
     def __init__(self, backend: Any) -> None:
         self.registry = r = CollectorRegistry()
         self.backend = backend
-        self.ttft = Histogram("dsv_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("dsv_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "dsv_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "dsv_inter_token_latency_seconds",
+            "Time between output tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("dsv_generated_tokens", "Output tokens generated", registry=r)
-        self.tokens_per_s = Gauge("dsv_tokens_per_second", "Output tokens per second over the last 10 s", registry=r)
+        self.tokens_per_s = Gauge(
+            "dsv_tokens_per_second", "Output tokens per second over the last 10 s", registry=r
+        )
         self.in_flight = Gauge("dsv_requests_in_flight", "HTTP generation requests in flight", registry=r)
         self.queue = Gauge("dsv_queue_depth", "Requests waiting for the engine", registry=r)
         self.running = Gauge("dsv_running_requests", "Sequences being generated", registry=r)

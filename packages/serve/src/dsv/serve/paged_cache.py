@@ -146,7 +146,9 @@ class PagedBatchView:
     gets ``new_tokens`` new tokens in this forward.
     """
 
-    def __init__(self, pool: BlockPool, tables: Sequence[Sequence[int]], lengths: Sequence[int], new_tokens: int) -> None:
+    def __init__(
+        self, pool: BlockPool, tables: Sequence[Sequence[int]], lengths: Sequence[int], new_tokens: int
+    ) -> None:
         self.pool = pool
         device = pool.kv.device
         bs = pool.block_size

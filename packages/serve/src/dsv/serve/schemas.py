@@ -184,5 +184,7 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
         if isinstance(v, list) and (not v or (isinstance(v[0], str) and len(v) != 1)):
-            raise ValueError("prompt must be a string, one string in a list, or a non-empty list of token ids")
+            raise ValueError(
+                "prompt must be a string, one string in a list, or a non-empty list of token ids"
+            )
         return v
