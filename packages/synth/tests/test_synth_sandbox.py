@@ -1,5 +1,8 @@
 """Sandbox containment: loops, fork bombs, allocations, output floods, host files, sockets.
 
+As root, also the private filesystem view: host files (even world-readable ones) are absent,
+the workdir is at /work, system directories are read-only, and a failed step falls back.
+
 Run: pytest packages/synth/tests/test_synth_sandbox.py
 Each hostile program must be stopped and reported with the right status while this
 (host) process carries on.
@@ -8,13 +11,19 @@ Each hostile program must be stopped and reported with the right status while th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import os
 import socket
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from dsv.synth.sandbox import Limits, isolation_report, run_command, run_python
+from dsv.synth import sandbox
+from dsv.synth.sandbox import SANDBOX_WORKDIR, Limits, isolation_report, run_command, run_python
 
 IS_ROOT = os.geteuid() == 0
 FAST = Limits(cpu_s=2, wall_s=4, memory_mb=256, output_bytes=20_000, max_processes=16)
@@ -105,10 +114,11 @@ def test_secret_host_file_is_unreadable(tmp_path) -> None:
     r = run_python(code, limits=FAST)
     assert r.status == "error"
     assert "TOPSECRET" not in r.stdout
-    assert "PermissionError" in r.stderr
+    # Denied by permissions, or absent altogether under the private filesystem view.
+    assert "PermissionError" in r.stderr or "FileNotFoundError" in r.stderr
     # Reading the host's root-only home fails the same way.
     r2 = run_python("import os\nprint(os.listdir('/root'))\n", limits=FAST)
-    assert r2.status == "error" and "PermissionError" in r2.stderr
+    assert r2.status == "error" and ("PermissionError" in r2.stderr or "FileNotFoundError" in r2.stderr)
 
 
 def test_environment_is_scrubbed() -> None:
@@ -166,7 +176,78 @@ def test_run_command_and_bad_file_names() -> None:
 
 
 def test_workdir_is_private_and_removed() -> None:
-    r = run_python("import os\nprint(os.getcwd())\nprint(oct(os.stat('.').st_mode & 0o777))\n", limits=FAST)
+    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}.txt"
+    code = f"import os\nopen({marker!r}, 'w').write('x')\nprint(os.getcwd())\nprint(oct(os.stat('.').st_mode & 0o777))\n"
+    r = run_python(code, limits=FAST)
     cwd, mode = r.stdout.split()
     assert mode == "0o700"
-    assert not os.path.exists(cwd)
+    if r.filesystem_isolated:
+        assert cwd == SANDBOX_WORKDIR
+    else:
+        assert not os.path.exists(cwd)
+    # The host-side workdir (and the private root's mount point) are gone: no marker survives.
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "dsv-sandbox-*", marker))
+
+
+ROOT_ONLY = pytest.mark.skipif(
+    not (IS_ROOT and isolation_report()["private_filesystem"]),
+    reason="the private filesystem view needs root and mount namespaces",
+)
+
+
+@ROOT_ONLY
+def test_world_readable_host_files_are_invisible() -> None:
+    # A world-readable file in the host's /tmp, this repository's own source, and /etc/passwd.
+    fd, host_tmp = tempfile.mkstemp(prefix="dsv-visible-", suffix=".txt", dir="/tmp")
+    os.write(fd, b"HOSTTMP-CANARY")
+    os.close(fd)
+    os.chmod(host_tmp, 0o644)
+    repo_file = str(Path(__file__).resolve())
+    try:
+        for path in (host_tmp, repo_file, "/etc/passwd"):
+            assert os.stat(path).st_mode & 0o004, f"{path} should be world-readable for this test"
+            r = run_python(f"print(open({path!r}).read())\n", limits=FAST)
+            assert r.filesystem_isolated and r.user_isolated
+            assert r.status == "error", (path, r)
+            assert "FileNotFoundError" in r.stderr
+            assert "HOSTTMP-CANARY" not in r.stdout and "test_world_readable" not in r.stdout
+        r = run_python("import os\nprint(sorted(os.listdir('/')))\nprint(os.listdir('/tmp'))\n", limits=FAST)
+        assert r.status == "ok", r
+        top, tmp = r.stdout.splitlines()
+        assert "etc" not in top and "root" not in top and "home" not in top
+        assert tmp == "[]"
+    finally:
+        os.unlink(host_tmp)
+
+
+@ROOT_ONLY
+def test_private_root_workdir_is_writable_and_system_dirs_are_read_only() -> None:
+    code = (
+        "import os, tempfile\n"
+        "print(open('data.txt').read())\n"
+        "open('/work/new.txt', 'w').write('written')\n"
+        "with tempfile.NamedTemporaryFile(dir='/tmp') as f:\n    f.write(b'ok')\n"
+        "for target in ('/usr/evil.txt', '/evil.txt'):\n"
+        "    try:\n        open(target, 'w')\n        print('WROTE', target)\n"
+        "    except OSError as exc:\n        print('denied', exc.errno)\n"
+    )
+    r = run_python(code, files={"data.txt": "from the host"}, limits=FAST, collect_files=["new.txt"])
+    assert r.status == "ok", r
+    assert r.stdout.splitlines()[0] == "from the host"
+    assert "WROTE" not in r.stdout and r.stdout.count("denied") == 2
+    assert r.files == {"new.txt": "written"}
+
+
+@ROOT_ONLY
+def test_private_root_falls_back_when_a_step_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sandbox._root_plan
+
+    def broken(tmp_mb: int) -> object:
+        plan = real(tmp_mb)
+        return dataclasses.replace(plan, binds=(*plan.binds, "/nonexistent-dsv-dir"))
+
+    monkeypatch.setattr(sandbox, "_root_plan", broken)
+    r = run_python("print('ran')\n", limits=FAST)
+    assert r.status == "ok", r
+    assert r.stdout.strip() == "ran"
+    assert not r.filesystem_isolated and r.user_isolated

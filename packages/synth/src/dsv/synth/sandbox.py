@@ -25,11 +25,21 @@ What is enforced (Linux):
   root, or a user namespace plus network namespace where unprivileged user namespaces
   are allowed). Only the loopback device exists there and it is down, so connecting
   even to 127.0.0.1 of the host fails. `SandboxResult.network_isolated` says whether
-  that happened; `isolation_report()` says what this machine supports.
+  that happened; `isolation_report()` says what this machine supports;
+- when the host runs as root: a private filesystem view. The child enters a new mount
+  namespace, makes every mount private, and builds a minimal root on a fresh tmpfs:
+  read-only (nosuid, nodev) bind mounts of /usr (with /bin, /lib, /lib64, /sbin as on the
+  host, bind-mounted or symlinked), the interpreter's installation prefix when it lies
+  elsewhere, the device files null, zero, full, random and urandom, the workdir read-write
+  at /work (HOME, TMPDIR and the current directory), and an empty tmpfs at /tmp. It then
+  chroots into that root before dropping to the unprivileged uid. Host files outside those
+  paths (/etc, /home, /root, the host's /tmp, source trees) do not exist for the program.
+  `SandboxResult.filesystem_isolated` says whether that happened; if the machine does not
+  allow it (probed once), runs go ahead without it.
 
-Not enforced: a private filesystem view (world-readable host files, e.g. system
-libraries and world-readable source trees, stay readable), cgroup memory/CPU
-accounting, seccomp system-call filtering.
+Not enforced: cgroup memory/CPU accounting, seccomp system-call filtering, a private
+/proc or PID namespace (there is no /proc inside the private root). Without root there is
+no uid change and no private filesystem view.
 
 When the host python is not runnable by the unprivileged uid (e.g. under /root),
 `run_python` uses a system `python3` that is; programs get the standard library only.
@@ -59,12 +69,31 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-__all__ = ["Limits", "SandboxResult", "isolation_report", "run_command", "run_python", "sandbox_python"]
+__all__ = [
+    "SANDBOX_WORKDIR",
+    "Limits",
+    "SandboxResult",
+    "isolation_report",
+    "run_command",
+    "run_python",
+    "sandbox_python",
+]
 
 Status = Literal["ok", "timeout", "memory", "output_limit", "error", "killed"]
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY = 0x1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+SANDBOX_WORKDIR = "/work"  # where the workdir appears inside the private filesystem view
+_SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32", "/sbin")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 _UID_BASE = 2_000_000  # far above any uid a real account uses
 _UID_SPAN = 1_000_000
 _PREEXEC_FAILED = 97  # exit code the child uses when it could not be confined
@@ -96,6 +125,7 @@ class SandboxResult:
     cpu_s: float
     network_isolated: bool
     user_isolated: bool = False
+    filesystem_isolated: bool = False  # private root (see the module docstring) was in force
     files: dict[str, str] = field(default_factory=dict)  # files written by the run, when requested
 
     @property
@@ -171,11 +201,119 @@ def isolation_report() -> dict[str, object]:
     return {
         "network_namespace": _network_isolation_available(),
         "unprivileged_uid": _is_root(),
+        "private_filesystem": _filesystem_isolation_available(),
         "rlimits": ["cpu", "address_space", "file_size", "open_files", "processes", "core"],
         "wall_and_output_limits": True,
         "private_workdir": True,
         "python": sandbox_python(),
     }
+
+
+@dataclass(frozen=True)
+class _RootPlan:
+    """What the child mounts into its private root (computed in the parent: the child only executes it)."""
+
+    binds: tuple[str, ...]  # host directories bound read-only at the same path
+    links: tuple[tuple[str, str], ...]  # (path, target): symlinked top-level dirs such as /bin -> usr/bin
+    tmp_mb: int
+
+
+def _under(path: str, parents: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
+
+
+@functools.cache
+def _interpreter_dirs() -> tuple[str, ...]:
+    """Installation prefixes of the sandbox interpreter that lie outside the system directories."""
+    exe = sandbox_python()
+    if exe != sys.executable:
+        candidates = {str(Path(exe).resolve().parent.parent)}
+    else:
+        candidates = {
+            str(Path(sys.executable).resolve().parent.parent),
+            os.path.realpath(sys.base_prefix),
+            os.path.realpath(sys.prefix),
+        }
+    return tuple(sorted(c for c in candidates if c != "/" and not _under(c, _SYSTEM_DIRS)))
+
+
+def _root_plan(tmp_mb: int) -> _RootPlan:
+    binds: list[str] = []
+    links: list[tuple[str, str]] = []
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            links.append((d, os.readlink(d)))
+        elif os.path.isdir(d):
+            binds.append(d)
+    binds.extend(_interpreter_dirs())
+    return _RootPlan(tuple(binds), tuple(links), max(1, tmp_mb))
+
+
+def _enter_private_root(libc: ctypes.CDLL, plan: _RootPlan, root: str, workdir: str) -> None:
+    """In the child: new mount namespace, minimal root on a tmpfs at `root`, chroot into it.
+
+    Raises OSError on any failed step; the caller then runs without a private view.
+    """
+
+    def mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        args = [None if x is None else x.encode() for x in (src, dst, fstype)]
+        if libc.mount(args[0], args[1], args[2], flags, None if data is None else data.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {dst}: {os.strerror(err)}")
+
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # Nothing mounted below may propagate back to the host's namespace.
+    mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+    ro = _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+    for d in plan.binds:
+        target = root + d
+        os.makedirs(target, exist_ok=True)
+        mount(d, target, None, _MS_BIND | _MS_REC)
+        mount(None, target, None, ro)
+    for path, dest in plan.links:
+        os.symlink(dest, root + path)
+    os.mkdir(root + "/dev", 0o755)
+    for dev in _DEVICES:
+        if os.path.exists(f"/dev/{dev}"):
+            with open(f"{root}/dev/{dev}", "w"):
+                pass
+            mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, _MS_BIND)
+            mount(None, f"{root}/dev/{dev}", None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID)
+    work = root + SANDBOX_WORKDIR
+    os.makedirs(work)
+    mount(workdir, work, None, _MS_BIND)
+    mount(None, work, None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV)
+    os.mkdir(root + "/tmp")
+    mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={plan.tmp_mb}m")
+    mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    os.chroot(root)
+    os.chdir(SANDBOX_WORKDIR)
+
+
+@functools.cache
+def _filesystem_isolation_available() -> bool:
+    """Whether a child can build and enter a private root here (root only; probed once)."""
+    libc = _libc()
+    if libc is None or not _is_root() or not sys.platform.startswith("linux"):
+        return False
+    plan = _root_plan(1)
+    root = tempfile.mkdtemp(prefix="dsv-sandbox-root-")
+    workdir = tempfile.mkdtemp(prefix="dsv-sandbox-probe-")
+    try:
+        proc = subprocess.run(
+            ["/bin/sh", "-c", "test -d /work && test ! -e /etc/passwd"],
+            preexec_fn=functools.partial(_enter_private_root, libc, plan, root, workdir),
+            timeout=10,
+            env={},
+        )
+        return proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _uid_in_use(uid: int) -> bool:
@@ -251,6 +389,8 @@ def run_command(
     as_root = _is_root()
     uid = _fresh_uid() if as_root else None
     workdir = Path(tempfile.mkdtemp(prefix="dsv-sandbox-"))
+    # The private root's mount point: empty on the host; the tmpfs on it lives only in the child's namespace.
+    root = tempfile.mkdtemp(prefix="dsv-sandbox-root-") if _filesystem_isolation_available() else None
     try:
         for name, content in files.items():
             target = workdir / _safe_relpath(name)
@@ -258,11 +398,18 @@ def run_command(
             target.write_text(content, encoding="utf-8")
         if uid is not None:
             _chown_tree(workdir, uid)
-        return _run(argv, workdir, stdin, limits, libc, net, uid, collect_files)
+        result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, root)
+        if result.status == "error" and result.returncode is None and root is not None:
+            # The private root could not be built for this run (e.g. a mount limit): run without it.
+            result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, None)
+        return result
     finally:
         if uid is not None:
             _kill_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
+        if root is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
 
 
 def run_python(
@@ -293,13 +440,20 @@ def _run(
     net: bool,
     uid: int | None,
     collect_files: Sequence[str],
+    root: str | None,
 ) -> SandboxResult:
     cpu = max(1, int(limits.cpu_s + 0.999))
     mem = limits.memory_mb * 1024 * 1024
     fsize = limits.file_size_mb * 1024 * 1024
     netflags = _netns_flags()
 
+    plan = _root_plan(limits.file_size_mb * 4) if root is not None else None
+    workdir_str = str(workdir)
+
     def preexec() -> None:  # runs in the child between fork and exec
+        if plan is not None and root is not None and libc is not None:
+            # An exception here surfaces in the parent as a failed start; run_command retries without it.
+            _enter_private_root(libc, plan, root, workdir_str)
         try:
             if net and libc is not None and libc.unshare(netflags) != 0:
                 os._exit(_PREEXEC_FAILED)
@@ -317,10 +471,11 @@ def _run(
         except BaseException:
             os._exit(_PREEXEC_FAILED)
 
+    home = SANDBOX_WORKDIR if plan is not None else str(workdir)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
+        "HOME": home,
+        "TMPDIR": home,
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONIOENCODING": "utf-8",
@@ -340,7 +495,15 @@ def _run(
         )
     except (OSError, subprocess.SubprocessError) as exc:
         return SandboxResult(
-            "error", None, "", f"could not start: {exc}", time.monotonic() - start, 0.0, net, uid is not None
+            "error",
+            None,
+            "",
+            f"could not start: {exc}",
+            time.monotonic() - start,
+            0.0,
+            net,
+            uid is not None,
+            filesystem_isolated=plan is not None,
         )
     if stdin is not None and proc.stdin is not None:
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -415,7 +578,18 @@ def _run(
                 collected[name] = target.read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")
     if rc == _PREEXEC_FAILED and not stdout and not stderr:
         stderr = "sandbox: could not confine the child process (namespace, rlimit or uid change failed)"
-    return SandboxResult(reason, rc, stdout, stderr, wall, cpu_used, net, uid is not None, collected)
+    return SandboxResult(
+        reason,
+        rc,
+        stdout,
+        stderr,
+        wall,
+        cpu_used,
+        net,
+        uid is not None,
+        filesystem_isolated=plan is not None,
+        files=collected,
+    )
 
 
 def _kill_group(pgid: int) -> None:
