@@ -134,7 +134,7 @@ def _chat_document(rng: random.Random, i: int) -> Document:
     return Document(messages=messages)
 
 
-def default_documents(n: int = 2000, seed: int = 0, *, chat: bool = False, passkey_filler: int = 24) -> list[Document]:
+def default_documents(n: int = 2000, seed: int = 0, *, chat: bool = False, passkey_filler: int = 16) -> list[Document]:
     """The embedded deterministic corpus (no download).
 
     Text mode mixes needle-in-a-haystack pass-key documents (long-range retrieval, what sparse

@@ -260,8 +260,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             log_with = ["tensorboard"]
         except ImportError:
             pass
+    # cpu=True without CUDA: a multi-process launch (`accelerate launch --multi_gpu`) then runs on
+    # CPU with gloo; accelerate's own `--cpu` flag starts a single process unless mpirun is used.
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs], log_with=log_with or None,
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs], log_with=log_with or None,
         project_dir=str(out),
     )  # fmt: skip
     main = accelerator.is_main_process
@@ -490,9 +492,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
         if cfg.plot:
             _plot(history, out / "loss.png", cfg.stage)
-    if log_with:
-        accelerator.end_training()
     accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.end_training()  # closes the trackers (and, in accelerate >= 1.x, the process group)
     _release(accelerator)
     return summary
 
