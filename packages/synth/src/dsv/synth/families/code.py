@@ -4,17 +4,26 @@ The repo has a few modules built from a catalogue of small functions; one or mor
 carry an injected bug (difficulty 1: a function body is missing and must be
 implemented). The model gets file tools (list, read, write) and a `run_python`
 tool that executes a snippet against its working copy in the sandbox. Hidden
-tests decide: the verifier writes the answer's files over the repo and runs the
-hidden tests in `dsv.synth.sandbox` (never in this process). Reward is the
-fraction of hidden tests passed; `passed` needs all of them.
+tests decide. Reward is the fraction of hidden tests passed; `passed` needs all of them.
+
+Judging is kept out of reach of the answer's code. Each hidden test is a list of
+assertions `assert f(args) == expected` (or `assert f(args)` / `assert not f(args)`),
+split on the host into calls and expectations. Only the calls (function, arguments)
+go into the sandbox, where a small caller program imports the answer's modules, makes
+each call and prints the returned values as type-tagged JSON. The expectations never
+leave the host: the verdict is the host comparing the decoded values with them. An
+answer that patches the test runner, forges output or exits early therefore gains
+nothing. It would have to return the right values, which is what the tests ask.
 
 Answer: a JSON object {"path": "full new file content", ...} of changed files.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import random
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +31,7 @@ from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCall
 from dsv.synth.registry import register
 from dsv.synth.sandbox import Limits, run_python
 
-__all__ = ["CodeRepairEnv"]
+__all__ = ["CodeRepairEnv", "HiddenTestFormatError", "judge_calls", "split_test"]
 
 # name -> (source, hidden tests, [(original, mutant), ...]); every mutant fails the tests.
 _CATALOGUE: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
@@ -215,30 +224,34 @@ class CodeRepairEnv(Environment):
         if bad:
             return Score.fail(f"answer may only contain top-level .py files, got {bad}")
         files = {**task.state["files"], **answer}
-        # One sandbox run for all tests: each test runs isolated in its own namespace and reports.
-        runner = (
-            "import json, traceback\nresults = {}\n"
-            f"tests = json.loads({json.dumps(json.dumps(task.state['tests']))})\n"
-            "for t in tests:\n"
-            "    try:\n        exec(compile(t['code'], t['name'], 'exec'), {'__name__': 'hidden_test'})\n"
-            "        results[t['name']] = 'pass'\n"
-            "    except BaseException as exc:\n"
-            "        results[t['name']] = type(exc).__name__\n"
-            "open('_results.json', 'w').write(json.dumps(results))\n"
-        )
-        r = run_python(runner, files=files, limits=self.limits, collect_files=["_results.json"])
-        if "_results.json" not in r.files:
-            return Score.fail(f"hidden tests did not complete (sandbox status {r.status})")
         try:
-            results = json.loads(r.files["_results.json"])
-        except json.JSONDecodeError:
-            return Score.fail("hidden test results were tampered with")
-        names = [t["name"] for t in task.state["tests"]]
-        passed = [n for n in names if results.get(n) == "pass"]
+            plans = [(t["name"], split_test(t["code"])) for t in task.state["tests"]]
+        except (HiddenTestFormatError, KeyError, TypeError) as exc:
+            return Score.fail(f"task has malformed hidden tests: {exc}")
+        calls = [
+            {"id": f"{i}.{j}", "module": module, "fn": fn, "args": args}
+            for i, (_, cases) in enumerate(plans)
+            for j, (module, fn, args, _) in enumerate(cases)
+        ]
+        outcomes = judge_calls(files, calls, self.limits)
+        if outcomes is None:
+            return Score.fail(
+                "hidden tests did not complete (the answer's code crashed, hung or exited early)"
+            )
+        results: dict[str, str] = {}
+        for i, (name, cases) in enumerate(plans):
+            results[name] = "pass"
+            for j, (_, fn, _args, expect) in enumerate(cases):
+                verdict = _judge_one(outcomes.get(f"{i}.{j}"), expect)
+                if verdict != "pass":
+                    results[name] = f"{fn}: {verdict}"
+                    break
+        names = [name for name, _ in plans]
+        passed = [n for n in names if results[n] == "pass"]
         reward = len(passed) / len(names)
         if len(passed) == len(names):
             return Score.ok(f"all {len(names)} hidden tests pass")
-        failing = [f"{n} ({results.get(n, 'missing')})" for n in names if n not in passed]
+        failing = [f"{n} ({results[n]})" for n in names if n not in passed]
         return Score.fail(f"hidden tests failing: {', '.join(failing)}", reward=reward)
 
     def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
@@ -249,3 +262,143 @@ class CodeRepairEnv(Environment):
                     orig, mutant = rng.choice(mutants)
                     out.append({**answer, path: content.replace(src, src.replace(orig, mutant, 1), 1)})
         return out[:4]
+
+
+class HiddenTestFormatError(ValueError):
+    """A hidden test is not a list of `assert f(literal, ...) == literal` style statements."""
+
+
+_Expect = tuple[str, Any]  # ("eq", value) | ("true", None) | ("false", None)
+
+
+def split_test(code: str) -> list[tuple[str, str, list[Any], _Expect]]:
+    """Split a hidden test into (module, function, args, expectation) calls; parsed on the host, never run.
+
+    Accepted statements: `from MODULE import F` and `assert F(literals...)`, `assert not F(...)`,
+    `assert F(...) == literal`.
+    """
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        raise HiddenTestFormatError(f"syntax error at line {exc.lineno}") from None
+    modules: dict[str, str] = {}
+    out: list[tuple[str, str, list[Any], _Expect]] = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                modules[alias.asname or alias.name] = node.module
+            continue
+        if not isinstance(node, ast.Assert):
+            raise HiddenTestFormatError(f"line {node.lineno}: only imports and asserts are allowed")
+        test = node.test
+        expect: _Expect = ("true", None)
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            test, expect = test.operand, ("false", None)
+        elif isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+            try:
+                expect = ("eq", ast.literal_eval(test.comparators[0]))
+            except ValueError:
+                raise HiddenTestFormatError(f"line {node.lineno}: expected value is not a literal") from None
+            test = test.left
+        if not (isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and not test.keywords):
+            raise HiddenTestFormatError(f"line {node.lineno}: expected a call of an imported function")
+        fn = test.func.id
+        if fn not in modules:
+            raise HiddenTestFormatError(f"line {node.lineno}: {fn} is not imported")
+        try:
+            args = [ast.literal_eval(a) for a in test.args]
+        except ValueError:
+            raise HiddenTestFormatError(f"line {node.lineno}: arguments must be literals") from None
+        out.append((modules[fn], fn, args, expect))
+    if not out:
+        raise HiddenTestFormatError("no assertions")
+    return out
+
+
+# The only program that runs next to the answer's code. It makes the calls and reports values;
+# it never sees an expected value, so tampering with it cannot produce a pass.
+_CALLER = r"""
+import importlib, json, sys
+MARK = sys.argv[1]
+
+def enc(v, depth=0):
+    if depth > 50:
+        return {"t": "deep"}
+    if v is None or isinstance(v, (bool, str)):
+        return {"t": type(v).__name__, "v": v}
+    if isinstance(v, int):
+        return {"t": "int", "v": str(v)}
+    if isinstance(v, float):
+        return {"t": "float", "v": repr(v)}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+        return {"t": type(v).__name__, "v": [enc(x, depth + 1) for x in items]}
+    if isinstance(v, dict):
+        return {"t": "dict", "v": [[enc(k, depth + 1), enc(x, depth + 1)] for k, x in v.items()]}
+    return {"t": "other", "v": type(v).__name__}
+
+calls = json.loads(sys.stdin.read())
+out = {}
+for c in calls:
+    try:
+        value = getattr(importlib.import_module(c["module"]), c["fn"])(*c["args"])
+        out[c["id"]] = {"value": enc(value)}
+    except BaseException as exc:
+        out[c["id"]] = {"error": type(exc).__name__}
+sys.stdout.write("\n" + MARK + json.dumps(out) + "\n")
+"""
+
+_SCALARS: dict[str, type] = {"NoneType": type(None), "bool": bool, "str": str}
+
+
+def _decode(node: Any, depth: int = 0) -> Any:
+    """A value from the caller's type-tagged JSON; ValueError on anything malformed."""
+    if depth > 60 or not isinstance(node, dict) or "t" not in node:
+        raise ValueError("malformed value")
+    t, v = node["t"], node.get("v")
+    if t in _SCALARS:
+        if not isinstance(v, _SCALARS[t]):
+            raise ValueError("malformed scalar")
+        return v
+    if t == "int" and isinstance(v, str) and len(v) <= 4000:
+        return int(v)
+    if t == "float" and isinstance(v, str):
+        return float(v)
+    if t in ("list", "tuple", "set", "frozenset") and isinstance(v, list):
+        items = [_decode(x, depth + 1) for x in v]
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[t](items)
+    if t == "dict" and isinstance(v, list):
+        return {_decode(k, depth + 1): _decode(x, depth + 1) for k, x in v}
+    raise ValueError(f"value of type {t!r} cannot be compared")
+
+
+def _judge_one(outcome: Any, expect: _Expect) -> str:
+    """'pass' or why this call fails, from the untrusted outcome record and the host's expectation."""
+    if not isinstance(outcome, dict):
+        return "no result"
+    if "error" in outcome:
+        return f"raised {str(outcome['error'])[:60]}"
+    try:
+        value = _decode(outcome.get("value"))
+        kind, want = expect
+        ok = bool(value) if kind == "true" else (not value) if kind == "false" else value == want
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        return "unreadable result"
+    return "pass" if ok else "wrong value"
+
+
+def judge_calls(files: dict[str, str], calls: list[dict[str, Any]], limits: Limits) -> dict[str, Any] | None:
+    """Run `calls` against `files` in the sandbox; the raw outcome per call id, or None if none came back.
+
+    The outcomes are untrusted data: callers compare them with expectations kept on the host.
+    """
+    mark = f"@@dsv-calls-{secrets.token_hex(8)}:"
+    r = run_python(_CALLER, files=files, stdin=json.dumps(calls), args=[mark], limits=limits)
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith(mark):
+            try:
+                data = json.loads(line[len(mark) :])
+            except (json.JSONDecodeError, RecursionError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None

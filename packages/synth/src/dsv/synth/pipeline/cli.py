@@ -49,7 +49,9 @@ def build_command(
     ),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for one endpoint reply."),
     sandbox_wall: float = typer.Option(
-        20.0, "--sandbox-wall", help="Wall-clock seconds for one proposal's checks."
+        20.0,
+        "--sandbox-wall",
+        help="Wall-clock seconds for each of the four sandboxed check runs of a proposal.",
     ),
 ) -> None:
     """Propose environments with an LLM; keep those whose reference passes, wrong answers fail, and that are new."""
