@@ -157,7 +157,9 @@ def sparse_mla_varlen(
     return out.squeeze(0), lse.squeeze(0)
 
 
-def _check_kl(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+def _check_kl(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor | None, lse: torch.Tensor | None
+) -> tuple[int, int, int, int, int]:
     check_tensor("q", q, "[B, S, H, D]", ndim=4, dtypes=FLOAT_DTYPES)
     B, S, H, D = q.shape
     check_tensor("kv", kv, "[B, T, D]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, None, D))
@@ -167,6 +169,9 @@ def _check_kl(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor | None) -> tu
         check_same_device(q=q, kv=kv, idx=idx)
     else:
         check_same_device(q=q, kv=kv)
+    if lse is not None:
+        check_tensor("lse", lse, "[B, S, H]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, H))
+        check_same_device(q=q, lse=lse)
     return B, S, H, D, kv.shape[1]
 
 
@@ -177,15 +182,22 @@ def attention_probs_summed(
     sm_scale: float,
     idx: torch.Tensor | None = None,
     q_offset: int | torch.Tensor = 0,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-summed, L1-normalised causal attention probabilities ``[B, S, T]`` (the distillation target),
-    computed blockwise; with ``idx [B, S, K]`` only at the selected keys (``[B, S, K]``, not renormalised,
-    0 at invalid or future picks)."""
-    B, *_ = _check_kl(q, kv, idx)
+    """Head-summed, L1-normalised attention probabilities (the distillation target), blockwise; equal
+    to ``dsv.core.attention.attention_probs_summed_reference``.
+
+    ``idx=None``: dense causal attention, ``[B, S, T]``. ``idx [B, S, K]``: the sparse main attention,
+    each head's softmax over the selected keys only, ``[B, S, K]`` aligned with ``idx`` (0 at ``-1`` or
+    ``>= T`` picks; a row with no valid pick is all 0). ``lse [B, S, H]`` (natural log) is the main
+    attention's own log-sum-exp over the same keys (``sparse_mla``'s second output); passing it skips
+    recomputing it.
+    """
+    B, *_ = _check_kl(q, kv, idx, lse)
     offsets = offsets_tensor(q_offset, B, q.device)
     with torch.no_grad():
         return head_summed_probs(
-            q, kv, _check_scale(sm_scale), offsets, None if idx is None else idx.to(torch.int32)
+            q, kv, _check_scale(sm_scale), offsets, None if idx is None else idx.to(torch.int32), lse
         )
 
 
@@ -197,19 +209,22 @@ def indexer_kl_loss(
     sm_scale: float,
     idx: torch.Tensor | None = None,
     q_offset: int | torch.Tensor = 0,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indexer distillation loss ``mean_t KL(p_t || softmax(I_t))``, equal to
     ``dsv.core.attention.indexer_kl_loss_reference``; gradient flows only into ``index_scores [B, S, T]``.
 
-    ``idx=None`` is the dense warm-up (all keys); ``idx [B, S, K]`` is the sparse stage (both
-    distributions restricted to the selection and renormalised there; ``-1`` ignored; indices are
-    assumed distinct per row, as top-k gives them).
+    ``idx=None`` is the dense warm-up (all visible keys). ``idx [B, S, K]`` is the sparse stage: ``p``
+    is the sparse main attention's head-summed probabilities (each head's softmax over the selection)
+    and ``softmax(I)`` runs over the selected scores; ``-1`` picks are ignored; indices are assumed
+    distinct per row, as top-k gives them. ``lse [B, S, H]``: see :func:`attention_probs_summed` (in the
+    sparse stage, pass ``sparse_mla``'s ``lse`` to make the target cost one pass over the selection).
     """
-    B, S, H, D, T = _check_kl(q, kv, idx)
+    B, S, H, D, T = _check_kl(q, kv, idx, lse)
     check_tensor("index_scores", index_scores, "[B, S, T]", ndim=3, dtypes=FLOAT_DTYPES, shape=(B, S, T))
     check_same_device(q=q, index_scores=index_scores)
     offsets = offsets_tensor(q_offset, B, q.device)
     return IndexerKL.apply(
         index_scores, q.detach(), kv.detach(), None if idx is None else idx.to(torch.int32),
-        _check_scale(sm_scale), offsets,
+        _check_scale(sm_scale), offsets, None if lse is None else lse.detach(),
     )  # fmt: skip

@@ -124,10 +124,165 @@ def launch_indexer(
     return out
 
 
+@triton.jit
+def _rows(pid_t, S, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    # BLOCK_T queries x BLOCK_H heads flattened into BLOCK_T * BLOCK_H rows (m = t * BLOCK_H + h), so one
+    # MMA covers several queries even when H alone is a thin tile
+    offs_m = tl.arange(0, BLOCK_T * BLOCK_H)
+    t_m = (pid_t * BLOCK_T + offs_m // BLOCK_H).to(tl.int64)
+    h_m = offs_m % BLOCK_H
+    return t_m, h_m, (t_m < S) & (h_m < H)
+
+
+@triton.jit
+def _indexer_bwd_dq_kernel(
+    q_ptr, k_ptr, w_ptr, g_ptr, off_ptr, dq_ptr, dw_ptr,
+    S, T, H, D,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_wb, stride_ws, stride_wh,
+    stride_gb, stride_gs, stride_gt,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # dq_ptr (B, S, H, D) and dw_ptr (B, S, H): contiguous fp32. One program owns BLOCK_T queries and
+    # walks the key tiles up to its last query's position: dq and dw are written once, no atomics.
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t_m, h_m, m_mask = _rows(pid_t, S, H, BLOCK_T, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(
+        q_ptr
+        + b * stride_qb
+        + t_m[:, None] * stride_qs
+        + h_m[:, None] * stride_qh
+        + offs_d[None, :] * stride_qd,
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (M, BLOCK_D)
+    w = tl.load(w_ptr + b * stride_wb + t_m * stride_ws + h_m * stride_wh, mask=m_mask, other=0.0).to(
+        tl.float32
+    )
+    q_off = tl.load(off_ptr + b)
+    pos_m = q_off + t_m
+    end = tl.minimum(T, q_off + tl.minimum(S, (pid_t + 1) * BLOCK_T))  # last query's position + 1
+    g_rows = g_ptr + b * stride_gb + t_m[:, None] * stride_gs
+    k_base = k_ptr + b * stride_kb
+    dq = tl.zeros([BLOCK_T * BLOCK_H, BLOCK_D], tl.float32)
+    dw = tl.zeros([BLOCK_T * BLOCK_H], tl.float32)
+    for s0 in range(0, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < T
+        k = tl.load(
+            k_base + offs_s[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_S, BLOCK_D)
+        logits = mma(q, tl.trans(k), PREC, UPCAST)  # (M, BLOCK_S) fp32
+        # future keys are constant -inf in the forward: their incoming gradient is never read
+        vis = m_mask[:, None] & s_mask[None, :] & (offs_s[None, :] <= pos_m[:, None])
+        g = tl.load(g_rows + offs_s[None, :].to(tl.int64) * stride_gt, mask=vis, other=0.0)
+        dw += tl.sum(g * tl.maximum(logits, 0.0), axis=1)
+        dlog = tl.where(logits > 0.0, g * w[:, None], 0.0)
+        dq += mma(dlog.to(k.dtype), k, PREC, UPCAST)
+    row = (b * S + t_m) * H + h_m
+    tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], dq, mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(dw_ptr + row, dw, mask=m_mask)
+
+
+@triton.jit
+def _indexer_bwd_dk_kernel(
+    q_ptr, k_ptr, w_ptr, g_ptr, off_ptr, dk_ptr,
+    S, T, H, D,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_wb, stride_ws, stride_wh,
+    stride_gb, stride_gs, stride_gt,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # dk_ptr (B, T, D): contiguous fp32. One program owns BLOCK_S keys (loaded once) and walks the
+    # queries that can see them, BLOCK_T at a time: dk is written once, no atomics.
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = offs_s < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    k = tl.load(
+        k_ptr + b * stride_kb + offs_s[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_S, BLOCK_D)
+    q_off = tl.load(off_ptr + b)
+    # queries before t_first see none of these keys; start on a BLOCK_T boundary to share _rows
+    t_first = tl.maximum(pid_s * BLOCK_S - q_off, 0)
+    dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for pid_t in range(t_first // BLOCK_T, tl.cdiv(S, BLOCK_T)):
+        t_m, h_m, m_mask = _rows(pid_t, S, H, BLOCK_T, BLOCK_H)
+        q = tl.load(
+            q_ptr
+            + b * stride_qb
+            + t_m[:, None] * stride_qs
+            + h_m[:, None] * stride_qh
+            + offs_d[None, :] * stride_qd,
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (M, BLOCK_D)
+        w = tl.load(w_ptr + b * stride_wb + t_m * stride_ws + h_m * stride_wh, mask=m_mask, other=0.0)
+        logits = mma(q, tl.trans(k), PREC, UPCAST)  # (M, BLOCK_S)
+        vis = m_mask[:, None] & s_mask[None, :] & (offs_s[None, :] <= (q_off + t_m)[:, None])
+        g = tl.load(
+            g_ptr + b * stride_gb + t_m[:, None] * stride_gs + offs_s[None, :].to(tl.int64) * stride_gt,
+            mask=vis,
+            other=0.0,
+        )
+        dlog = tl.where(logits > 0.0, g * w.to(tl.float32)[:, None], 0.0)
+        dk += mma(tl.trans(dlog.to(q.dtype)), q, PREC, UPCAST)
+    tl.store(
+        dk_ptr + (b * T + offs_s[:, None].to(tl.int64)) * D + offs_d[None, :],
+        dk,
+        mask=s_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_S, BLOCK_H, BLOCK_D, num_warps) for the backward kernels."""
+    block_h = next_pow2(H)
+    block_d = next_pow2(D)
+    if interpreting():
+        return 2, 16, block_h, block_d, 4
+    # 128 (query, head) rows x D = 128 fp32 accumulator: 64 registers a thread at 8 warps
+    return max(1, 128 // block_h), 64 if block_d <= 128 else 32, block_h, block_d, 8
+
+
+def indexer_bwd(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, d_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``I = sum_h w * relu(q . k)`` (causal) for incoming ``d_out [B, S, T]``: ``(dq, dk, dw)``
+    in the inputs' dtypes. Never materialises ``[B, S, H, T]``; entries of ``d_out`` at future keys
+    are ignored (the forward wrote constant ``-inf`` there)."""
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    dq = torch.empty((B, S, H, D), dtype=torch.float32, device=q.device)
+    dw = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+    dk = torch.empty((B, T, D), dtype=torch.float32, device=q.device)
+    if B * S * H == 0 or T == 0:
+        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dw.zero_().to(w.dtype)
+    block_t, block_s, block_h, block_d, warps = _bwd_blocks(H, D)
+    args = (S, T, H, D, *q.stride(), *k.stride(), *w.stride(), *d_out.stride())
+    meta = dict(**dot_flags(q.dtype), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
+                num_warps=warps)  # fmt: skip
+    _indexer_bwd_dq_kernel[(triton.cdiv(S, block_t), B)](q, k, w, d_out, offsets, dq, dw, *args, **meta)
+    _indexer_bwd_dk_kernel[(triton.cdiv(T, block_s), B)](q, k, w, d_out, offsets, dk, *args, **meta)
+    return dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)
+
+
 class IndexerScores(torch.autograd.Function):
-    """Triton forward; backward (for the dense warm-up, where the indexer trains on its KL loss)
-    recomputes ``relu'`` from ``q . k`` with torch ops, one query chunk at a time so the
-    ``[chunk, H, T]`` logits stay bounded."""
+    """Triton forward and backward (the indexer trains on its distillation loss): the backward
+    recomputes ``q . k`` tile by tile for ``relu'`` in two launches, one owning queries (``dq``, ``dw``)
+    and one owning keys (``dk``)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -137,30 +292,13 @@ class IndexerScores(torch.autograd.Function):
         w: torch.Tensor,
         offsets: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(q, k, w)
+        ctx.save_for_backward(q, k, w, offsets)
         return launch_indexer(q, k, w, offsets)
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        q, k, w = ctx.saved_tensors  # type: ignore[attr-defined]
-        B, S, H, D = q.shape
-        T = k.shape[1]
-        kf = k.float()
-        dq = torch.empty((B, S, H, D), dtype=torch.float32, device=q.device)
-        dw = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
-        dk = torch.zeros((B, T, D), dtype=torch.float32, device=q.device)
-        # masked (future) entries are constant -inf: their incoming gradient must not leak
-        g_all = d_out.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        chunk = max(1, (1 << 24) // max(1, B * H * T))
-        for s0 in range(0, S, chunk):
-            sl = slice(s0, min(S, s0 + chunk))
-            qs = q[:, sl].float()
-            logits = torch.einsum("bshd,btd->bsht", qs, kf)  # (B, s, H, T)
-            g = g_all[:, sl].unsqueeze(2)  # (B, s, 1, T)
-            dw[:, sl] = (g * logits.clamp_min(0)).sum(-1)
-            dlog = g * w[:, sl].float().unsqueeze(-1) * (logits > 0)
-            dq[:, sl] = torch.einsum("bsht,btd->bshd", dlog, kf)
-            dk += torch.einsum("bsht,bshd->btd", dlog, qs)
-        return dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype), None
+        q, k, w, offsets = ctx.saved_tensors  # type: ignore[attr-defined]
+        dq, dk, dw = indexer_bwd(q, k, w, offsets, d_out)
+        return dq, dk, dw, None

@@ -1,15 +1,16 @@
 """Triton kernels for the indexer distillation loss ``mean_t KL(p_t || softmax(I_t))`` (V3.2-Exp §2.1).
 
 ``p_t`` is the main attention (absorbed form: ``q [B,S,H,D]`` against the shared latent rows
-``kv [B,T,D]``) summed over heads and L1-normalised. Three launches, none of which materialises the
-``[B, H, S, T]`` attention:
+``kv [B,T,D]``) summed over heads and L1-normalised. Dense warm-up: each head's softmax runs over all
+visible keys, ``p [B,S,T]``. Sparse stage: the main attention itself only sees the selection, so each
+head's softmax runs over the selected keys ``idx [B,S,K]`` and ``p [B,S,K]``; cost O(S·K), no pass
+over the whole context. Three launches, none of which materialises the ``[B, H, S, T]`` attention:
 
-1. ``_attn_lse_kernel`` — per (query, head block) the log-sum-exp of the causal attention logits,
-   streaming key tiles (the same pass a flash forward makes).
+1. ``_attn_lse_kernel`` — per (query, head block) the log-sum-exp of the attention logits over the
+   causal prefix (dense) or the gathered selection (sparse), streaming key tiles as a flash forward
+   does. Skipped when the caller passes the main attention's ``lse`` (``sparse_mla`` returns it).
 2. ``_probs_kernel`` — per (query, block of positions) the head-summed probabilities
-   ``sum_h exp(s_h - lse_h) / H``, recomputed tile by tile; positions are all keys (dense warm-up) or
-   the selected ``idx`` (sparse stage, gathered rows). Output ``[B, S, N]``, N = T or K, the size of the
-   index scores the caller already holds.
+   ``sum_h exp(s_h - lse_h) / H``, recomputed tile by tile. Output ``[B, S, N]``, N = T or K.
 3. ``_kl_row_kernel`` — per row: renormalise ``p``, log-sum-exp of the scores, the KL term and the
    gradient ``(softmax(I) * sum(p) - p) / rows`` in the same pass, so backward is one multiply.
 
@@ -28,6 +29,8 @@ from dsv.kernels._checks import interpreting, next_pow2
 from dsv.kernels._tl import dot_flags, mma
 
 LOG2E = 1.4426950408889634
+# (64 heads x 64 keys) fp32 logits tile per program: 32 registers a thread at 4 warps
+_NUM_WARPS = 4
 
 
 @triton.jit
@@ -53,27 +56,39 @@ def _logits_tile(
 
 @triton.jit
 def _attn_lse_kernel(
-    q_ptr, kv_ptr, off_ptr, lse_ptr,
-    S, T, H, D, scale_log2,
+    q_ptr, kv_ptr, idx_ptr, off_ptr, lse_ptr,
+    S, T, H, D, K, scale_log2,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kvb, stride_kvt, stride_kvd,
+    stride_ib, stride_is, stride_ik,
+    SPARSE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    # lse_ptr: contiguous (B, S, H) fp32, base-2 log-sum-exp of the scaled logits
+    # lse_ptr: contiguous (B, S, H) fp32, base-2 log-sum-exp of the scaled logits over the visible keys
+    # (dense) or over the selected ones (sparse: the sparse main attention's own normaliser)
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
     t = (pid % S).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
-    pos = tl.load(off_ptr + b) + t
     q_row = q_ptr + b * stride_qb + t * stride_qs
     kv_base = kv_ptr + b * stride_kvb
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    end = tl.minimum(T, pos + 1)
+    if SPARSE:
+        end = K
+    else:
+        end = tl.minimum(T, tl.load(off_ptr + b) + t + 1)
     for n0 in range(0, end, BLOCK_N):
-        ids = n0 + tl.arange(0, BLOCK_N)
-        valid = ids < end
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if SPARSE:
+            ids = tl.load(
+                idx_ptr + b * stride_ib + t * stride_is + offs_n * stride_ik, mask=offs_n < K, other=-1
+            )
+            valid = (ids >= 0) & (ids < T)
+        else:
+            ids = offs_n
+            valid = ids < end
         s = _logits_tile(q_row, kv_base, offs_h, h_mask, ids, valid, D, stride_qh, stride_qd, stride_kvt, stride_kvd,
                          BLOCK_H, BLOCK_N, BLOCK_D, PREC, UPCAST)  # fmt: skip
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -101,12 +116,14 @@ def _probs_kernel(
     t = (pid % S).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    pos = tl.load(off_ptr + b) + t
     if SPARSE:
         ids = tl.load(idx_ptr + b * stride_ib + t * stride_is + offs_n * stride_ik, mask=n_mask, other=-1)
+        # the sparse main attention sees exactly the selection (FlashMLA's convention: -1 or >= T is
+        # "no key"); causality is the selector's business, as in sparse_mla
+        valid = n_mask & (ids >= 0) & (ids < T)
     else:
         ids = offs_n
-    valid = n_mask & (ids >= 0) & (ids < T) & (ids <= pos)
+        valid = n_mask & (ids < T) & (ids <= tl.load(off_ptr + b) + t)
     q_row = q_ptr + b * stride_qb + t * stride_qs
     kv_base = kv_ptr + b * stride_kvb
     acc = tl.zeros([BLOCK_N], tl.float32)
@@ -153,7 +170,8 @@ def _kl_row_kernel(
         pos = p > 0.0
         kl += tl.sum(tl.where(pos, p * (tl.log(p + eps) - (x - lse)), 0.0), axis=0)
         if WRITE_GRAD:
-            g = (tl.exp(x - lse) * p_total - p) * inv_rows
+            # a row without attention mass (every pick invalid) has no target: gradient 0, not NaN
+            g = (tl.where(p_total > 0.0, tl.exp(x - lse), 0.0) * p_total - p) * inv_rows
             tl.store(grad_ptr + row * N + offs, g, mask=mask)
     tl.store(kl_ptr + row, kl)
 
@@ -165,27 +183,43 @@ def _blocks(H: int, D: int) -> tuple[int, int, int]:
 
 
 def head_summed_probs(
-    q: torch.Tensor, kv: torch.Tensor, sm_scale: float, offsets: torch.Tensor, idx: torch.Tensor | None
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sm_scale: float,
+    offsets: torch.Tensor,
+    idx: torch.Tensor | None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-summed main-attention probabilities / H at all keys (``[B,S,T]``) or at ``idx`` (``[B,S,K]``)."""
+    """Head-summed main-attention probabilities / H: dense over all visible keys (``[B,S,T]``, per-head
+    softmax over the causal prefix) or sparse (``[B,S,K]``, per-head softmax over the selection ``idx``).
+
+    Each row sums to 1 (0 for a sparse row with no valid pick). ``lse`` (natural log, ``[B,S,H]``, the
+    main attention's own normaliser over the same keys, e.g. ``sparse_mla``'s second output) skips the
+    log-sum-exp pass.
+    """
     B, S, H, D = q.shape
     T = kv.shape[1]
     N = T if idx is None else idx.shape[-1]
     block_h, block_n, block_d = _blocks(H, D)
     flags = dot_flags(q.dtype)
-    lse = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
     p = torch.empty((B, S, N), dtype=torch.float32, device=q.device)
     if B * S * H == 0 or N == 0:
         return p.zero_()
     scale_log2 = sm_scale * LOG2E
-    _attn_lse_kernel[(B * S, triton.cdiv(H, block_h))](
-        q, kv, offsets, lse, S, T, H, D, scale_log2, *q.stride(), *kv.stride(),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, **flags,
-    )  # fmt: skip
-    ix = idx if idx is not None else offsets[:1].view(1, 1, 1)  # any int tensor when dense
+    ix = idx if idx is not None else offsets.view(1, 1, -1)  # any int tensor when dense
+    if lse is None:
+        lse2 = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+        _attn_lse_kernel[(B * S, triton.cdiv(H, block_h))](
+            q, kv, ix, offsets, lse2, S, T, H, D, N, scale_log2, *q.stride(), *kv.stride(), *ix.stride(),
+            SPARSE=idx is not None, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, **flags,
+            num_warps=_NUM_WARPS,
+        )  # fmt: skip
+    else:
+        lse2 = (lse.float() * LOG2E).contiguous()  # the kernels work in base 2
     _probs_kernel[(B * S, triton.cdiv(N, block_n))](
-        q, kv, ix, offsets, lse, p, S, T, H, D, N, scale_log2, *q.stride(), *kv.stride(), *ix.stride(),
+        q, kv, ix, offsets, lse2, p, S, T, H, D, N, scale_log2, *q.stride(), *kv.stride(), *ix.stride(),
         SPARSE=idx is not None, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, **flags,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
     return p
 
@@ -218,9 +252,10 @@ class IndexerKL(torch.autograd.Function):
         idx: torch.Tensor | None,
         sm_scale: float,
         offsets: torch.Tensor,
+        lse: torch.Tensor | None,
     ) -> torch.Tensor:
         B, S, T = index_scores.shape
-        p = head_summed_probs(q, kv, sm_scale, offsets, idx)  # (B, S, N)
+        p = head_summed_probs(q, kv, sm_scale, offsets, idx, lse)  # (B, S, N)
         x = index_scores.detach().float()
         if idx is not None:
             valid = (idx >= 0) & (idx < T)
@@ -245,4 +280,4 @@ class IndexerKL(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return (grad * g).to(ctx.scores_dtype), None, None, None, None, None  # type: ignore[attr-defined]
+        return (grad * g).to(ctx.scores_dtype), None, None, None, None, None, None  # type: ignore[attr-defined]
