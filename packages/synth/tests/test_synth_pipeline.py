@@ -374,3 +374,54 @@ def test_builtin_families_are_not_duplicates_of_each_other() -> None:
         assert match is not None and not match.duplicate, (fp.name, match)
         # and each family is a duplicate of itself, so the signals are live
         assert find_duplicate(fp, [fp], code_threshold=0.6, prompt_threshold=0.75).duplicate
+
+
+def test_cli_generate_list_show_with_a_library(built, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dsv.synth.cli import synth_app
+    from dsv.synth.tasks import read_tasks
+
+    lib = str(built["config"].library)
+    runner = CliRunner()
+    out = tmp_path / "tasks.jsonl"
+    args = [
+        "generate",
+        "vowel_count",
+        "arithmetic",
+        "--library",
+        lib,
+        "--n",
+        "2",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+    ]
+    r = runner.invoke(synth_app, args)
+    assert r.exit_code == 0, r.output
+    tasks = read_tasks(out)
+    assert [t.id for t in tasks] == ["vowel_count-2-7", "vowel_count-2-8", "arithmetic-2-7", "arithmetic-2-8"]
+    # The generated tasks are the sandboxed generator's, and its verifier judges them after a round-trip.
+    env = Library(lib).environment("vowel_count")
+    assert tasks[0].to_json() == env.generate(7, 2).to_json()
+    assert env.verify(tasks[0], env.solve(tasks[0])).passed
+    assert tasks[0].tools[0]["function"]["name"] == "word_at"
+
+    r = runner.invoke(synth_app, ["list", "--library", lib])
+    assert r.exit_code == 0, r.output
+    assert "tally_counter" in r.output and "vowel_count" in r.output and "arithmetic" in r.output
+    r = runner.invoke(synth_app, ["show", "tally_counter", "--library", lib, "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert '"press"' in r.output and "reference" in r.output and "passed=True" in r.output
+
+    # Without --library the name is unknown; a typo gets a suggestion from the library; a bad dir is one line.
+    r = runner.invoke(synth_app, ["generate", "vowel_count", "--out", str(out)])
+    assert r.exit_code == 1 and "unknown family 'vowel_count'" in r.output
+    r = runner.invoke(synth_app, ["generate", "vowel_cont", "--library", lib, "--out", str(out)])
+    assert r.exit_code == 1 and "did you mean vowel_count" in r.output
+    r = runner.invoke(synth_app, ["list", "--library", str(tmp_path / "missing")])
+    assert (
+        r.exit_code == 1 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    )
+    assert "Traceback" not in r.output

@@ -4,6 +4,8 @@
     dsv synth show travel
     dsv synth generate arithmetic sql --n 100 --seed 0 --difficulty 2 --out tasks.jsonl
     dsv synth generate sudoku --n 50 --format hf --out sudoku_ds
+    dsv synth list --library runs/synth/library                 # plus environments from `dsv synth build`
+    dsv synth generate vowel_count arithmetic --library runs/synth/library --n 20 --out tasks.jsonl
 
 Thin by design: each command parses, calls one library function and prints with
 rich. User mistakes print one `error: ...` line and exit 1 (2 for usage errors).
@@ -31,13 +33,24 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+_LIBRARY_HELP = "library dir of environments accepted by `dsv synth build` (they run in the sandbox)"
+
+
 @synth_app.command("list")
-def list_families() -> None:
-    """Table of families: domain, tools, difficulty range."""
+def list_families(
+    library: Path | None = typer.Option(None, "--library", help=_LIBRARY_HELP),
+) -> None:
+    """Table of families: domain, tools, difficulty range (and a library's accepted environments)."""
     from rich.table import Table
 
     from dsv.synth import registry
 
+    lib_names: list[str] = []
+    if library is not None:
+        try:
+            lib_names = registry.library_names(library)
+        except ValueError as exc:
+            _fail(str(exc))
     table = Table(title="dsv synth families")
     for col in ("family", "domain", "tools", "difficulty", "description"):
         table.add_column(col)
@@ -47,6 +60,8 @@ def list_families() -> None:
         tools = ", ".join(t["function"]["name"] for t in task.tools) or "-"
         table.add_row(name, cls.domain, tools, f"1..{cls.max_difficulty}", cls.description)
     _out.print(table)
+    if library is not None:
+        _print_library(library, lib_names)
     from dsv.synth.families._reasoning_gym import available_datasets
 
     n_rg = len(available_datasets())
@@ -54,24 +69,51 @@ def list_families() -> None:
         _out.print(f"plus {n_rg} reasoning_gym datasets as rg:<name> (e.g. rg:basic_arithmetic)")
 
 
+def _print_library(library: Path, names: list[str]) -> None:
+    from rich.table import Table
+
+    from dsv.synth.pipeline.library import Library, LibraryError
+
+    table = Table(title=f"accepted environments in {library} ({len(names)})")
+    for col in ("family", "domain", "tools", "checked", "description"):
+        table.add_column(col)
+    lib = Library(library)
+    for name in names:
+        try:
+            m = lib.manifest(name)
+        except LibraryError as exc:
+            table.add_row(name, "-", "-", "-", f"damaged: {exc}")
+            continue
+        checks = m.get("checks") or {}
+        checked = (
+            f"{checks.get('tasks_checked', '?')} tasks, {checks.get('wrong_answers_checked', '?')} wrong"
+        )
+        tools = ", ".join(str(t) for t in m.get("tools") or []) or "-"
+        table.add_row(name, str(m.get("domain", "-")), tools, checked, str(m.get("description", "")))
+    _out.print(table)
+
+
 @synth_app.command("show")
 def show(
     family: str = typer.Argument(..., help="family name (see `dsv synth list`)"),
     seed: int = typer.Option(0, help="seed of the example task"),
     difficulty: int = typer.Option(2, help="difficulty of the example task"),
+    library: Path | None = typer.Option(None, "--library", help=_LIBRARY_HELP),
 ) -> None:
     """Description, tools with their JSON schemas, one example task and its reference solution."""
     from rich.panel import Panel
     from rich.syntax import Syntax
 
     from dsv.synth import registry, safe_verify
+    from dsv.synth.pipeline.library import LibraryError
 
     try:
-        env = registry.get(family)
+        env = registry.get(family, library=library)
         task = env.generate(seed, difficulty)
+        answer = env.solve(task)
     except registry.UnknownFamilyError as exc:
         _fail(str(exc))
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, LibraryError) as exc:
         _fail(str(exc))
     _out.print(f"[bold]{env.name}[/] ({env.domain}) — {env.description}")
     knobs = getattr(env, "difficulty_knobs", "")
@@ -81,7 +123,6 @@ def show(
         _out.print(Syntax(json.dumps(tool["function"], indent=2), "json", word_wrap=True))
     _out.print(Panel(task.prompt, title=f"task {task.id}"))
     _out.print(f"answer format: {task.answer_format}")
-    answer = env.solve(task)
     _out.print(
         Panel(json.dumps(answer, indent=1) if not isinstance(answer, str) else answer, title="reference")
     )
@@ -96,10 +137,12 @@ def generate(
     difficulty: int = typer.Option(2, "--difficulty", help="1..5 (family-specific knobs)"),
     out: Path = typer.Option(..., "--out", help="output: a .jsonl file, or a directory for --format hf"),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or hf (Hugging Face datasets save_to_disk)"),
+    library: Path | None = typer.Option(None, "--library", help=_LIBRARY_HELP),
 ) -> None:
     """Generate tasks (with hidden verifier state) into a JSONL file or a Hugging Face dataset."""
     from rich.progress import Progress
 
+    from dsv.synth.pipeline.library import LibraryError
     from dsv.synth.registry import UnknownFamilyError
     from dsv.synth.tasks import export_hf, generate_tasks, write_tasks
 
@@ -109,11 +152,16 @@ def generate(
         bar = progress.add_task("generating", total=n * len(families))
         try:
             tasks = generate_tasks(
-                families, n, seed=seed, difficulty=difficulty, on_task=lambda _t: progress.advance(bar)
+                families,
+                n,
+                seed=seed,
+                difficulty=difficulty,
+                on_task=lambda _t: progress.advance(bar),
+                library=library,
             )
         except UnknownFamilyError as exc:
             _fail(str(exc))
-        except (ValueError, ImportError) as exc:
+        except (ValueError, ImportError, LibraryError) as exc:
             _fail(str(exc))
     try:
         if fmt == "hf":

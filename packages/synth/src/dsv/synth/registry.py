@@ -8,17 +8,23 @@ as an environment (see `dsv.synth.families._reasoning_gym`).
     from dsv.synth import registry
     env = registry.get("arithmetic")
     task = env.generate(seed=0)
+    env = registry.get("vowel_count", library="runs/synth/library")  # accepted by `dsv synth build`
+
+With `library=DIR`, names not built in are looked up among the environments that
+`dsv synth build` accepted into DIR; those run only in the sandbox
+(`dsv.synth.pipeline.library.SandboxedEnvironment`).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pkgutil
 
 from dsv.synth.env import Environment
 
-__all__ = ["UnknownFamilyError", "families", "get", "register"]
+__all__ = ["UnknownFamilyError", "families", "get", "library_names", "register"]
 
 _FAMILIES: dict[str, type[Environment]] = {}
 _LOADED = False
@@ -65,8 +71,21 @@ def families() -> dict[str, type[Environment]]:
     return dict(sorted(_FAMILIES.items()))
 
 
-def get(name: str) -> Environment:
-    """An instance of family `name` (or `rg:<dataset>` for a reasoning_gym dataset)."""
+def library_names(library: str | os.PathLike[str]) -> list[str]:
+    """Names of the accepted environments in library directory ``library``; ValueError if it is not one."""
+    from pathlib import Path
+
+    from dsv.synth.pipeline.library import Library
+
+    if not Path(library).is_dir():
+        raise ValueError(
+            f"no library directory at {library} (made by `dsv synth build`, default OUT/library)"
+        )
+    return Library(library).names()
+
+
+def get(name: str, *, library: str | os.PathLike[str] | None = None) -> Environment:
+    """An instance of family `name`, `rg:<dataset>` for reasoning_gym, or an entry of `library`."""
     if not isinstance(name, str):
         raise UnknownFamilyError(repr(name), [])
     if name.startswith("rg:"):
@@ -76,4 +95,12 @@ def get(name: str) -> Environment:
     known = families()
     if name in known:
         return known[name]()
-    raise UnknownFamilyError(name, difflib.get_close_matches(name, list(known), n=3, cutoff=0.5))
+    candidates = list(known)
+    if library is not None:
+        from dsv.synth.pipeline.library import Library
+
+        in_library = library_names(library)
+        if name in in_library:
+            return Library(library).environment(name)
+        candidates += in_library
+    raise UnknownFamilyError(name, difflib.get_close_matches(name, candidates, n=3, cutoff=0.5))

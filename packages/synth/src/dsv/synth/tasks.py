@@ -102,11 +102,16 @@ def generate_tasks(
     seed: int = 0,
     difficulty: int = DEFAULT_DIFFICULTY,
     on_task: Callable[[Task], None] | None = None,
+    library: str | os.PathLike[str] | None = None,
 ) -> list[Task]:
-    """`n` tasks per family (seeds `seed .. seed+n-1`); unknown names raise `UnknownFamilyError` before any work."""
+    """`n` tasks per family (seeds `seed .. seed+n-1`); unknown names raise `UnknownFamilyError` before any work.
+
+    `library` adds the environments `dsv synth build` accepted into that directory; their tasks
+    are generated in the sandbox (`LibraryError` if a sandboxed run fails).
+    """
     from dsv.synth import registry
 
-    envs = [registry.get(name) for name in names]
+    envs = [registry.get(name, library=library) for name in names]
     for env in envs:
         if not 1 <= difficulty <= env.max_difficulty:
             raise ValueError(
