@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-SMALL = {"seq_len": 48, "micro_batch_size": 2, "default_data_size": 160, "progress": False, "tensorboard": False}
+SMALL = {
+    "seq_len": 48,
+    "micro_batch_size": 2,
+    "default_data_size": 160,
+    "progress": False,
+    "tensorboard": False,
+}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,15 @@ import torch
 
 from dsv.core.chat import encode_assistant_completion, encode_messages
 from dsv.core.tokenizer import default_corpus, train_bpe
-from dsv.train.data import IGNORE_INDEX, BatchPlan, DataError, default_documents, encode_chat, load_documents, pack
+from dsv.train.data import (
+    IGNORE_INDEX,
+    BatchPlan,
+    DataError,
+    default_documents,
+    encode_chat,
+    load_documents,
+    pack,
+)
 from dsv.train.schedule import lr_at
 
 
@@ -55,7 +63,12 @@ def test_sft_mask_is_exactly_the_assistant_completions(tok, thinking: bool) -> N
     assert "It said 5.</think>The answer is 5.<｜end▁of▁sentence｜>" in trained if thinking else True
     assert "function_calls" in trained and "old thoughts" not in trained
     untrained = tok.decode([t for t, m in zip(ids, mask, strict=True) if not m])
-    for piece in ("Be brief.", "<｜User｜>Say hi.<｜Assistant｜>", "<function_results>", "<result>5</result>"):
+    for piece in (
+        "Be brief.",
+        "<｜User｜>Say hi.<｜Assistant｜>",
+        "<function_results>",
+        "<result>5</result>",
+    ):
         assert piece in untrained
     assert "Hi." not in untrained and "The answer is 5." not in untrained
 
@@ -108,7 +121,16 @@ def test_text_files_hf_dataset_and_task_files(tmp_path: Path) -> None:
     tasks_mod = pytest.importorskip("dsv.synth.tasks")
     from dsv.synth.env import Task
 
-    task = Task(id="t-1-0", family="t", seed=0, difficulty=1, prompt="Compute 2+2.", tools=[], state={}, answer_format="int")
+    task = Task(
+        id="t-1-0",
+        family="t",
+        seed=0,
+        difficulty=1,
+        prompt="Compute 2+2.",
+        tools=[],
+        state={},
+        answer_format="int",
+    )
     tasks_mod.write_tasks(tmp_path / "tasks.jsonl", [task])
     docs, _ = load_documents([str(tmp_path / "tasks.jsonl")])
     assert "Compute 2+2." in docs[0].text and docs[0].text.startswith("<｜begin▁of▁sentence｜>")
@@ -147,6 +169,11 @@ def test_schedules() -> None:
 
 def test_jsonl_chat_records(tmp_path: Path) -> None:
     f = tmp_path / "chat.jsonl"
-    f.write_text(json.dumps({"messages": CONVERSATION, "tools": TOOLS}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    f.write_text(
+        json.dumps({"messages": CONVERSATION, "tools": TOOLS})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "x"}]})
+        + "\n"
+    )
     docs, problems = load_documents([str(f)], on_bad_record="skip")
     assert len(docs) == 1 and docs[0].is_chat and "no assistant turn" in problems[0]

@@ -41,9 +41,14 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((two / "summary.json").read_text())["tokens"] == json.loads((one / "summary.json").read_text())["tokens"]
+    assert (
+        json.loads((two / "summary.json").read_text())["tokens"]
+        == json.loads((one / "summary.json").read_text())["tokens"]
+    )
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4)
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["val_loss"] == pytest.approx(json.loads((one / "summary.json").read_text())["val_loss"], rel=1e-4)
+    assert summary["val_loss"] == pytest.approx(
+        json.loads((one / "summary.json").read_text())["val_loss"], rel=1e-4
+    )

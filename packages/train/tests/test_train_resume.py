@@ -20,7 +20,13 @@ from dsv.core.checkpoint import load_pretrained
 from dsv.train import TrainConfig, TrainError, train
 from dsv.train.trainer import list_checkpoints
 
-SMALL = {"seq_len": 48, "micro_batch_size": 2, "default_data_size": 160, "progress": False, "tensorboard": False}
+SMALL = {
+    "seq_len": 48,
+    "micro_batch_size": 2,
+    "default_data_size": 160,
+    "progress": False,
+    "tensorboard": False,
+}
 FLAGS = ["--seq-len", "48", "--micro-batch-size", "2", "--default-data-size", "160", "--no-progress",
          "--steps", "12", "--save-every", "2", "--model", "tiny"]  # fmt: skip
 
@@ -61,7 +67,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path: Path) -> None:
 def test_resume_refuses_changed_settings_and_missing_flag(tmp_path: Path) -> None:
     train(TrainConfig(stage="pretrain", out=tmp_path, steps=2, save_every=1, **SMALL))
     with pytest.raises(TrainError, match=r"--resume refused: .*lr \(checkpoint 0\.001, now 0\.01\)"):
-        train(TrainConfig(stage="pretrain", out=tmp_path, steps=2, save_every=1, lr=0.01, resume=True, **SMALL))
+        train(
+            TrainConfig(stage="pretrain", out=tmp_path, steps=2, save_every=1, lr=0.01, resume=True, **SMALL)
+        )
     with pytest.raises(TrainError, match="pass --resume"):
         train(TrainConfig(stage="pretrain", out=tmp_path, steps=2, save_every=1, **SMALL))
 
@@ -85,7 +93,9 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch:
     good = list_checkpoints(tmp_path)
     assert [p.name for p in good] == ["checkpoint-0000002"]
     assert not (tmp_path / "final").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "a temporary folder was left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], (
+        "a temporary folder was left behind"
+    )
     model, tok = load_pretrained(good[0])
     assert tok is not None and model is not None
 

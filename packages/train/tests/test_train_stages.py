@@ -13,7 +13,13 @@ import torch
 from dsv.core.checkpoint import load_pretrained, read_state_dict
 from dsv.train import TrainConfig, train
 
-SMALL = {"seq_len": 48, "micro_batch_size": 2, "default_data_size": 160, "progress": False, "tensorboard": False}
+SMALL = {
+    "seq_len": 48,
+    "micro_batch_size": 2,
+    "default_data_size": 160,
+    "progress": False,
+    "tensorboard": False,
+}
 
 
 def test_pretrain_writes_checkpoint_metrics_and_plot(pretrained: Path) -> None:
@@ -37,7 +43,9 @@ def test_dsa_warmup_changes_only_the_indexer(pretrained: Path, tmp_path: Path) -
     main_indexers = {k for k in before if ".self_attn.indexer." in k and int(k.split(".")[2]) < 2}
     assert changed, "the warm-up changed nothing"
     assert changed <= main_indexers, f"non-indexer tensors changed: {sorted(changed - main_indexers)[:5]}"
-    assert any(k.endswith("wq_b.weight") for k in changed) and any(k.endswith("weights_proj.weight") for k in changed)
+    assert any(k.endswith("wq_b.weight") for k in changed) and any(
+        k.endswith("weights_proj.weight") for k in changed
+    )
     assert summary.recall_before is not None and summary.recall_after is not None
     assert 0.0 < summary.recall_before <= 1.0 and 0.0 < summary.recall_after <= 1.0
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -45,7 +53,11 @@ def test_dsa_warmup_changes_only_the_indexer(pretrained: Path, tmp_path: Path) -
 
 
 def test_dsa_sparse_trains_backbone_and_indexer(pretrained: Path, tmp_path: Path) -> None:
-    train(TrainConfig(stage="dsa-sparse", model=str(pretrained / "final"), out=tmp_path, steps=2, save_every=0, **SMALL))
+    train(
+        TrainConfig(
+            stage="dsa-sparse", model=str(pretrained / "final"), out=tmp_path, steps=2, save_every=0, **SMALL
+        )
+    )
     before, after = read_state_dict(pretrained / "final"), read_state_dict(tmp_path / "final")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.layers.0.self_attn.kv_b_proj.weight" in changed  # LM loss reaches the backbone

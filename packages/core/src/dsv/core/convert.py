@@ -89,11 +89,15 @@ def _tensor_meta(folder: Path, weight_map: dict[str, str], name: str) -> tuple[t
 
     with safe_open(str(folder / weight_map[name]), framework="pt") as sf:
         t = sf.get_slice(name)
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype(), torch.bfloat16)
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+            t.get_dtype(), torch.bfloat16
+        )
         return dtype, tuple(t.get_shape())
 
 
-def indexer_tensors(config: ModelConfig, layers: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def indexer_tensors(
+    config: ModelConfig, layers: int, dtype: torch.dtype, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Freshly initialised indexer tensors for ``layers`` layers, named as on the Hub: projections
     ``Normal(0, initializer_range)`` (what :class:`~dsv.core.model.DSVForCausalLM` uses), LayerNorm
     weight 1 and bias 0."""
@@ -144,7 +148,9 @@ def add_indexer(
     if model_type == "deepseek_v32":
         raise CheckpointError(f"{folder} is already deepseek_v32 (it has an indexer); nothing to convert")
     if model_type != "deepseek_v3":
-        raise CheckpointError(f"{folder}: model_type is {model_type!r}; --add-indexer converts deepseek_v3 checkpoints only")
+        raise CheckpointError(
+            f"{folder}: model_type is {model_type!r}; --add-indexer converts deepseek_v3 checkpoints only"
+        )
     if raw.get("q_lora_rank") is None:
         raise CheckpointError(
             f"{folder} has q_lora_rank: null (no MLA q latent, as in Moonlight-16B-A3B or DeepSeek-V2-Lite); "
@@ -167,13 +173,17 @@ def add_indexer(
     layers = max(config.num_hidden_layers, min(layers, max(present) + 1 if present else 0))
     clash = [k for k in weight_map if ".self_attn.indexer." in k]
     if clash:
-        raise CheckpointError(f"{folder} already holds indexer tensors ({clash[0]}...) despite model_type deepseek_v3")
+        raise CheckpointError(
+            f"{folder} already holds indexer tensors ({clash[0]}...) despite model_type deepseek_v3"
+        )
     probe = "model.layers.0.self_attn.q_a_proj.weight"
     if probe not in weight_map:
         raise CheckpointError(f"{folder}: {probe} not found; is this a DeepSeek-V3-architecture checkpoint?")
     dtype, shape = _tensor_meta(folder, weight_map, probe)
     if shape != (config.q_lora_rank, config.hidden_size):
-        raise CheckpointError(f"{folder}: {probe} has shape {shape}, config says ({config.q_lora_rank}, {config.hidden_size})")
+        raise CheckpointError(
+            f"{folder}: {probe} has shape {shape}, config says ({config.q_lora_rank}, {config.hidden_size})"
+        )
     new = indexer_tensors(config, layers, dtype, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)

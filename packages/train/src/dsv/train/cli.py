@@ -56,9 +56,17 @@ def _run(stage: str, **flags: Any) -> None:
 
 def _stage_command(stage: str, doc: str) -> Callable[..., None]:
     def command(
-        out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics.jsonl, loss.png, final/."),
-        model: str = typer.Option("tiny", "--model", help="Preset name (fresh weights) or checkpoint folder."),
-        data: list[str] = typer.Option(["default"], "--data", help="Text/JSONL files, dataset folders, task files or 'default' (repeatable)."),
+        out: Path = typer.Option(
+            ..., "--out", help="Run folder: checkpoints, metrics.jsonl, loss.png, final/."
+        ),
+        model: str = typer.Option(
+            "tiny", "--model", help="Preset name (fresh weights) or checkpoint folder."
+        ),
+        data: list[str] = typer.Option(
+            ["default"],
+            "--data",
+            help="Text/JSONL files, dataset folders, task files or 'default' (repeatable).",
+        ),
         steps: int = typer.Option(100, help="Optimizer steps."),
         micro_batch_size: int = typer.Option(4, help="Sequences per process per micro-step."),
         grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
@@ -71,7 +79,9 @@ def _stage_command(stage: str, doc: str) -> Callable[..., None]:
         weight_decay: float = typer.Option(0.1),
         max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = off)."),
         seed: int = typer.Option(0),
-        mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16 (default: accelerate's setting)."),
+        mixed_precision: str | None = typer.Option(
+            None, help="no | bf16 | fp16 (default: accelerate's setting)."
+        ),
         attention: str = typer.Option("auto", help="pretrain/sft: dense | sparse | auto."),
         bias_update_speed: float = typer.Option(1e-3, help="MoE aux-loss-free bias update speed gamma."),
         aux_loss_alpha: float = typer.Option(1e-4, help="Weight of the sequence-wise balance loss."),
@@ -84,7 +94,9 @@ def _stage_command(stage: str, doc: str) -> Callable[..., None]:
         keep_last: int = typer.Option(2, help="Checkpoints to keep (0 = all)."),
         log_every: int = typer.Option(1, help="metrics.jsonl record every N steps."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-        on_bad_record: str = typer.Option("stop", help="A broken data record: stop (error) or skip (reported)."),
+        on_bad_record: str = typer.Option(
+            "stop", help="A broken data record: stop (error) or skip (reported)."
+        ),
         default_data_size: int = typer.Option(2000, help="Documents in the embedded 'default' data set."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:

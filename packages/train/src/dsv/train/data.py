@@ -84,7 +84,7 @@ def passkey_document(rng: random.Random, n_filler: int, depth: float | None = No
     """
     key = f"{rng.randint(10000, 99999)}"
     filler = [_sentence(rng) for _ in range(n_filler)]
-    at = int(round((rng.random() if depth is None else depth) * n_filler))
+    at = round((rng.random() if depth is None else depth) * n_filler)
     filler.insert(at, f"The pass key is {key}. Remember it.")
     prompt = " ".join(filler) + " What is the pass key? The pass key is"
     answer = f" {key}."
@@ -115,12 +115,25 @@ def _chat_document(rng: random.Random, i: int) -> Document:
     if i % 3 == 1:
         tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.",
                   "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+        call = {
+            "id": "c0",
+            "type": "function",
+            "function": {"name": "add", "arguments": json.dumps({"a": a, "b": b})},
+        }
         messages = [
             {"role": "user", "content": f"Use the tool to add {a} and {b}."},
-            {"role": "assistant", "reasoning_content": "I should call add.", "content": "",
-             "tool_calls": [{"id": "c0", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": a, "b": b})}}]},  # fmt: skip
+            {
+                "role": "assistant",
+                "reasoning_content": "I should call add.",
+                "content": "",
+                "tool_calls": [call],
+            },
             {"role": "tool", "tool_call_id": "c0", "content": str(a + b)},
-            {"role": "assistant", "reasoning_content": "The tool answered.", "content": f"The sum is {a + b}."},
+            {
+                "role": "assistant",
+                "reasoning_content": "The tool answered.",
+                "content": f"The sum is {a + b}.",
+            },
         ]
         return Document(messages=messages, tools=tools)
     noun = rng.choice(_NOUNS)
@@ -134,7 +147,9 @@ def _chat_document(rng: random.Random, i: int) -> Document:
     return Document(messages=messages)
 
 
-def default_documents(n: int = 2000, seed: int = 0, *, chat: bool = False, passkey_filler: int = 16) -> list[Document]:
+def default_documents(
+    n: int = 2000, seed: int = 0, *, chat: bool = False, passkey_filler: int = 16
+) -> list[Document]:
     """The embedded deterministic corpus (no download).
 
     Text mode mixes needle-in-a-haystack pass-key documents (long-range retrieval, what sparse
@@ -149,7 +164,9 @@ def default_documents(n: int = 2000, seed: int = 0, *, chat: bool = False, passk
             continue
         kind = i % 4
         if kind == 0:
-            docs.append(Document(text=passkey_document(rng, rng.randint(passkey_filler // 2, passkey_filler))[2]))
+            docs.append(
+                Document(text=passkey_document(rng, rng.randint(passkey_filler // 2, passkey_filler))[2])
+            )
         elif kind == 1:
             docs.append(Document(text=_kv_document(rng)))
         elif kind == 2:
@@ -179,7 +196,9 @@ def _record_to_document(record: Any) -> Document:
         if not isinstance(record["text"], str):
             raise ValueError("'text' must be a string")
         return Document(text=record["text"])
-    raise ValueError(f"record has neither 'text' nor 'messages' (keys: {', '.join(sorted(record)) or 'none'})")
+    raise ValueError(
+        f"record has neither 'text' nor 'messages' (keys: {', '.join(sorted(record)) or 'none'})"
+    )
 
 
 def _is_task_file(path: Path) -> bool:
@@ -220,7 +239,9 @@ def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> 
     try:
         from dsv.synth.tasks import TaskFileError, read_tasks_report
     except ImportError:
-        raise DataError(f"{path} is a dsv-synth task file; install dsv-synth to read it (pip install dsv-synth)") from None
+        raise DataError(
+            f"{path} is a dsv-synth task file; install dsv-synth to read it (pip install dsv-synth)"
+        ) from None
     from dsv.core.chat import encode_messages
 
     try:
@@ -229,7 +250,11 @@ def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> 
         raise DataError(f"{exc} (pass --on-bad-record skip to drop broken records)") from None
     problems.extend(errors)
     return [
-        Document(text=encode_messages([{"role": "user", "content": t.prompt}], tools=t.tools or None, thinking=True))
+        Document(
+            text=encode_messages(
+                [{"role": "user", "content": t.prompt}], tools=t.tools or None, thinking=True
+            )
+        )
         for t in tasks
     ]
 
@@ -259,7 +284,11 @@ def _read_hf_dataset(path: Path, on_bad_record: OnBadRecord, problems: list[str]
 
 
 def load_documents(
-    sources: Sequence[str], *, on_bad_record: OnBadRecord = "stop", chat: bool = False, default_size: int = 2000,
+    sources: Sequence[str],
+    *,
+    on_bad_record: OnBadRecord = "stop",
+    chat: bool = False,
+    default_size: int = 2000,
     seed: int = 0,
 ) -> tuple[list[Document], list[str]]:
     """Read every source (see the module docstring) -> ``(documents, skipped-record messages)``."""
@@ -273,12 +302,20 @@ def load_documents(
             continue
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(f"{path}: no such file or folder (give text/JSONL files, a dataset folder or 'default')")
+            raise DataError(
+                f"{path}: no such file or folder (give text/JSONL files, a dataset folder or 'default')"
+            )
         if path.is_dir():
-            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            if (
+                (path / "dataset_info.json").exists()
+                or (path / "dataset_dict.json").exists()
+                or (path / "state.json").exists()
+            ):
                 docs += _read_hf_dataset(path, on_bad_record, problems)
             else:
-                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl"))
+                files = sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".jsonl")
+                )
                 if not files:
                     raise DataError(f"{path}: folder has no .txt/.md/.jsonl files and is not a saved dataset")
                 for f in files:
@@ -305,7 +342,11 @@ def _read_file(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> l
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, thinking: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    thinking: bool = True,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation in the V3.2 encoding and, per token, whether it is trained on.
 
@@ -325,7 +366,9 @@ def encode_chat(
             continue
         current = thinking and i > last_user
         prefix = encode_messages(messages[:i], thinking=current, tools=tools) if i else ""
-        body = encode_assistant_completion(m if current else {**m, "reasoning_content": None}, thinking=current)
+        body = encode_assistant_completion(
+            m if current else {**m, "reasoning_content": None}, thinking=current
+        )
         if not full.startswith(prefix + body):
             raise ValueError(f"assistant message {i} does not render as a prefix of the conversation")
         spans.append((len(prefix), len(prefix) + len(body)))
@@ -335,7 +378,9 @@ def encode_chat(
     return ids, mask
 
 
-def tokenize_document(tokenizer: Any, doc: Document, *, thinking: bool = True) -> tuple[list[int], list[bool]]:
+def tokenize_document(
+    tokenizer: Any, doc: Document, *, thinking: bool = True
+) -> tuple[list[int], list[bool]]:
     """``(ids, target mask)``: text -> BOS text EOS, all targets; chat -> :func:`encode_chat`."""
     if doc.is_chat:
         assert doc.messages is not None
@@ -366,15 +411,25 @@ class PackedData:
         n = len(self)
         n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
         if n - n_val < 1:
-            raise DataError(f"only {n} packed rows: too few to hold out {n_val} for validation; add data or lower --val-fraction")
+            raise DataError(
+                f"only {n} packed rows: too few to hold out {n_val} for validation; add data or lower --val-fraction"
+            )
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
         tr, va = perm[: n - n_val].sort().values, perm[n - n_val :].sort().values
-        return PackedData(self.input_ids[tr], self.labels[tr]), PackedData(self.input_ids[va], self.labels[va])
+        return PackedData(self.input_ids[tr], self.labels[tr]), PackedData(
+            self.input_ids[va], self.labels[va]
+        )
 
 
 def pack(
-    tokenizer: Any, docs: Sequence[Document], seq_len: int, *, seed: int = 0, thinking: bool = True,
-    on_bad_record: OnBadRecord = "stop", problems: list[str] | None = None,
+    tokenizer: Any,
+    docs: Sequence[Document],
+    seq_len: int,
+    *,
+    seed: int = 0,
+    thinking: bool = True,
+    on_bad_record: OnBadRecord = "stop",
+    problems: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PackedData:
     """Tokenise ``docs`` (shuffled with ``seed``) into one stream and cut rows of ``seq_len`` (+1 for labels)."""
@@ -398,7 +453,9 @@ def pack(
             progress(n)
     rows = (len(ids) - 1) // seq_len
     if rows < 1:
-        raise DataError(f"the data has {len(ids)} tokens, fewer than --seq-len + 1 = {seq_len + 1}; add data or lower --seq-len")
+        raise DataError(
+            f"the data has {len(ids)} tokens, fewer than --seq-len + 1 = {seq_len + 1}; add data or lower --seq-len"
+        )
     t_ids = torch.tensor(ids[: rows * seq_len + 1], dtype=torch.long)
     t_mask = torch.tensor(mask[: rows * seq_len + 1], dtype=torch.bool)
     idx = torch.arange(rows).view(-1, 1) * seq_len + torch.arange(seq_len + 1).view(1, -1)  # (N, S+1)

@@ -25,13 +25,17 @@ from dsv.core.model.rope import apply_rope_interleaved
 from dsv.train.data import IGNORE_INDEX, passkey_document
 
 
-def _absorbed_q_and_latent(mla: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _absorbed_q_and_latent(
+    mla: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute one MLA layer's absorbed queries ``[B,S,H,r+rope]`` and latent rows ``[B,S,r+rope]``."""
     B, S, _ = x.shape
     q = mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x))).view(B, S, mla.n_heads, mla.nope + mla.rope)
     q_nope, q_pe = q[..., : mla.nope], apply_rope_interleaved(q[..., mla.nope :], cos, sin)
     kv = mla.kv_a_proj_with_mqa(x)
-    latent = torch.cat((mla.kv_a_layernorm(kv[..., : mla.rank]), apply_rope_interleaved(kv[..., mla.rank :], cos, sin)), -1)
+    latent = torch.cat(
+        (mla.kv_a_layernorm(kv[..., : mla.rank]), apply_rope_interleaved(kv[..., mla.rank :], cos, sin)), -1
+    )
     return mla._absorbed_query(q_nope, q_pe), latent
 
 
@@ -42,11 +46,14 @@ def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> 
         raise ValueError("indexer recall needs a deepseek_v32 model (it has no indexer)")
     topk = model.config.index_topk
     S = input_ids.shape[1]
-    if S <= topk:
-        raise ValueError(f"recall needs sequences longer than index_topk={topk} (got {S}): every key is selected")
+    if topk >= S:
+        raise ValueError(
+            f"recall needs sequences longer than index_topk={topk} (got {S}): every key is selected"
+        )
     captured: dict[int, tuple[torch.Tensor, ...]] = {}
     hooks = []
     for i, block in enumerate(model.blocks):
+
         def grab(_mod: Any, args: tuple[Any, ...], i: int = i) -> None:
             captured[i] = args[:3]
 
@@ -72,21 +79,32 @@ def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> 
 
 
 @torch.no_grad()
-def validation_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, *, use_sparse: bool, batch_size: int = 8) -> float:
+def validation_loss(
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, *, use_sparse: bool, batch_size: int = 8
+) -> float:
     """Mean cross-entropy over target tokens of ``(input_ids, labels)`` rows."""
     device = model.lm_head.weight.device
     total, n = 0.0, 0
     for b0 in range(0, input_ids.shape[0], batch_size):
         ids, lab = input_ids[b0 : b0 + batch_size].to(device), labels[b0 : b0 + batch_size].to(device)
         logits = model(ids, use_sparse=use_sparse).logits
-        total += float(F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        )
         n += int((lab != IGNORE_INDEX).sum())
     return total / max(1, n)
 
 
 @torch.no_grad()
 def passkey_accuracy(
-    model: Any, tokenizer: Any, *, context_tokens: int, n: int = 32, seed: int = 1234, use_sparse: bool, max_new_tokens: int = 4
+    model: Any,
+    tokenizer: Any,
+    *,
+    context_tokens: int,
+    n: int = 32,
+    seed: int = 1234,
+    use_sparse: bool,
+    max_new_tokens: int = 4,
 ) -> float:
     """Share of ``n`` needle documents (about ``context_tokens`` long) whose pass key the model
     reproduces exactly with greedy decoding after ``"The pass key is"``."""

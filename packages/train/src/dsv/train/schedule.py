@@ -14,8 +14,14 @@ SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def lr_at(
-    step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-    min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
+    step: int,
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
     if schedule not in SCHEDULES:

@@ -124,15 +124,30 @@ class TrainConfig:
         self.lr = lr if self.lr is None else self.lr
         self.schedule = schedule if self.schedule is None else self.schedule
         checks = [
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.attention in ("dense", "sparse", "auto"), f"--attention must be dense, sparse or auto, got {self.attention!r}"),
-            (self.on_bad_record in ("skip", "stop"), f"--on-bad-record must be skip or stop, got {self.on_bad_record!r}"),
+            (
+                self.schedule in SCHEDULES,
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+            ),
+            (
+                self.attention in ("dense", "sparse", "auto"),
+                f"--attention must be dense, sparse or auto, got {self.attention!r}",
+            ),
+            (
+                self.on_bad_record in ("skip", "stop"),
+                f"--on-bad-record must be skip or stop, got {self.on_bad_record!r}",
+            ),
             (self.steps >= 1, "--steps must be >= 1"),
-            (self.micro_batch_size >= 1 and self.grad_accum >= 1, "--micro-batch-size and --grad-accum must be >= 1"),
+            (
+                self.micro_batch_size >= 1 and self.grad_accum >= 1,
+                "--micro-batch-size and --grad-accum must be >= 1",
+            ),
             (self.seq_len >= 2, "--seq-len must be >= 2"),
             (self.lr > 0, "--lr must be > 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-            (self.mixed_precision in (None, "no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
+            (
+                self.mixed_precision in (None, "no", "bf16", "fp16"),
+                "--mixed-precision must be no, bf16 or fp16",
+            ),
         ]
         for ok, why in checks:
             if not ok:
@@ -205,7 +220,9 @@ def _resolve_model(cfg: TrainConfig, docs: list[Any]) -> tuple[Any, Any]:
         return model, tok
     path = Path(cfg.model).expanduser()
     if not path.exists():
-        raise TrainError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint folder")
+        raise TrainError(
+            f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint folder"
+        )
     model, tok = load_pretrained(path)
     if tok is None:
         raise TrainError(f"{path}: the checkpoint has no tokenizer.json; training needs one")
@@ -218,7 +235,9 @@ def _use_sparse(cfg: TrainConfig, has_indexer: bool) -> bool:
     if cfg.stage == "dsa-sparse":
         return True
     if cfg.attention == "sparse" and not has_indexer:
-        raise TrainError("--attention sparse needs a deepseek_v32 model; convert it with `dsv model convert --add-indexer`")
+        raise TrainError(
+            "--attention sparse needs a deepseek_v32 model; convert it with `dsv model convert --add-indexer`"
+        )
     return has_indexer and cfg.attention != "dense"
 
 
@@ -273,7 +292,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     # ---- resume point
     ckpts = list_checkpoints(out)
     if ckpts and not cfg.resume:
-        raise TrainError(f"{out} already holds checkpoints (newest {ckpts[-1].name}); pass --resume to continue or choose a new --out")
+        raise TrainError(
+            f"{out} already holds checkpoints (newest {ckpts[-1].name}); pass --resume to continue or choose a new --out"
+        )
     resume_from = ckpts[-1] if (cfg.resume and ckpts) else None
     state: dict[str, Any] = {}
     if resume_from is not None:
@@ -290,7 +311,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     else:
         model, tok = _resolve_model(cfg, docs)
     if model.config.vocab_size < tok.vocab_size:
-        raise TrainError(f"tokenizer has {tok.vocab_size} ids but the model vocab_size is {model.config.vocab_size}")
+        raise TrainError(
+            f"tokenizer has {tok.vocab_size} ids but the model vocab_size is {model.config.vocab_size}"
+        )
     has_indexer = model.config.has_indexer
     if cfg.stage in ("dsa-warmup", "dsa-sparse") and not has_indexer:
         raise TrainError(
@@ -299,9 +322,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         )
     packed = pack(tok, docs, cfg.seq_len, seed=cfg.seed, thinking=cfg.thinking,
                   on_bad_record=cfg.on_bad_record, problems=problems)  # type: ignore[arg-type]  # fmt: skip
-    train_rows, val_rows = packed.split(cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (packed, None)
+    train_rows, val_rows = (
+        packed.split(cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (packed, None)
+    )
     if resume_from is not None and state.get("data_fingerprint") != packed.fingerprint():
-        raise TrainError(f"--resume refused: the data differs from the data {resume_from} was trained on (fingerprint)")
+        raise TrainError(
+            f"--resume refused: the data differs from the data {resume_from} was trained on (fingerprint)"
+        )
     for p in problems:
         accelerator.print(f"warning: skipped {p}")
 
@@ -325,7 +352,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         if sharded:
             accelerator.load_state(str(resume_from / "train_state" / "accelerate"))
         else:
-            optimizer.load_state_dict(torch.load(resume_from / "train_state" / "optimizer.pt", weights_only=False))
+            optimizer.load_state_dict(
+                torch.load(resume_from / "train_state" / "optimizer.pt", weights_only=False)
+            )
         _set_rng_state((resume_from / "train_state" / "rng.pt").read_bytes())
 
     plan = BatchPlan(len(train_rows), cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
@@ -340,11 +369,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
         atomic_write_json(out / "train_config.json", {**dataclasses.asdict(cfg), "out": str(cfg.out)})
     if log_with:
-        accelerator.init_trackers("dsv-train", config={k: v for k, v in cfg.run_settings().items() if v is not None})
+        accelerator.init_trackers(
+            "dsv-train", config={k: v for k, v in cfg.run_settings().items() if v is not None}
+        )
 
-    eval_ids = val_rows.input_ids[: cfg.eval_rows] if val_rows is not None else train_rows.input_ids[: cfg.eval_rows]
+    eval_ids = (
+        val_rows.input_ids[: cfg.eval_rows] if val_rows is not None else train_rows.input_ids[: cfg.eval_rows]
+    )
     recall_before = None
-    if has_indexer and cfg.stage in ("dsa-warmup", "dsa-sparse") and cfg.seq_len > raw.config.index_topk and start_step == 0:
+    if (
+        has_indexer
+        and cfg.stage in ("dsa-warmup", "dsa-sparse")
+        and cfg.seq_len > raw.config.index_topk
+        and start_step == 0
+    ):
         from dsv.train.metrics import indexer_recall
 
         raw.eval()
@@ -393,7 +431,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             n_targets = max(1, step_targets(step))
-            share = cfg.micro_batch_size / plan.global_batch * world  # per-sequence mean -> global mean, DDP-averaged
+            share = (
+                cfg.micro_batch_size / plan.global_batch * world
+            )  # per-sequence mean -> global mean, DDP-averaged
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # lm sum, indexer, aux, mtp sum
             loads: list[torch.Tensor] | None = None
             for micro in range(cfg.grad_accum):
@@ -406,7 +446,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                     o = model(ids, use_sparse=sparse, indexer_loss=want_indexer_loss, return_mtp=use_mtp)
                     loss = torch.zeros((), device=device)
                     if cfg.stage != "dsa-warmup":
-                        lm = F.cross_entropy(o.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                        lm = F.cross_entropy(
+                            o.logits.flatten(0, 1),
+                            labels.flatten(),
+                            ignore_index=IGNORE_INDEX,
+                            reduction="sum",
+                        )
                         loss = loss + lm / n_targets * world
                         sums[0] += lm.detach().double()
                         if use_mtp and o.mtp_logits:
@@ -425,14 +470,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                 if o.expert_load:
                     batch_load = torch.stack([x.float() for x in o.expert_load])
                     loads = batch_load if loads is None else loads + batch_load
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = (
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if loads is not None and cfg.bias_update_speed > 0 and cfg.stage != "dsa-warmup":
                 loads = accelerator.reduce(loads, reduction="sum")
                 with torch.no_grad():
                     for moe, load in zip(raw.moe_layers, loads, strict=True):
-                        moe.gate.e_score_correction_bias -= cfg.bias_update_speed * torch.sign(load - load.mean())
+                        moe.gate.e_score_correction_bias -= cfg.bias_update_speed * torch.sign(
+                            load - load.mean()
+                        )
             sums = accelerator.reduce(sums, reduction="sum")
             tokens_seen += plan.global_batch * cfg.seq_len
             record: dict[str, Any] = {"step": step + 1, "lr": lr}
@@ -524,12 +573,16 @@ def _evaluate(raw: Any, rows: PackedData, cfg: TrainConfig, sparse: bool) -> flo
     was_training = raw.training
     raw.eval()
     try:
-        return validation_loss(raw, rows.input_ids[: cfg.eval_rows], rows.labels[: cfg.eval_rows], use_sparse=sparse)
+        return validation_loss(
+            raw, rows.input_ids[: cfg.eval_rows], rows.labels[: cfg.eval_rows], use_sparse=sparse
+        )
     finally:
         raw.train(was_training)
 
 
-def _save_sharded(accelerator: Any, model: Any, tok: Any, target: Path, extra: dict[str, bytes], with_state: bool) -> Path:
+def _save_sharded(
+    accelerator: Any, model: Any, tok: Any, target: Path, extra: dict[str, bytes], with_state: bool
+) -> Path:
     """FSDP / DeepSpeed: gather a full state dict for the HF folder and let accelerate write the
     sharded optimizer state beside it; the main process renames the finished folder into place."""
     from dsv.core.checkpoint import replace_dir
@@ -576,7 +629,9 @@ class _Progress:
         if not self.enabled:
             return
         loss = record.get("loss", record.get("indexer_loss", math.nan))
-        self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{record['tokens_per_second']:,.0f}")
+        self.bar.update(
+            self.task, completed=step, loss=f"{loss:.4f}", tps=f"{record['tokens_per_second']:,.0f}"
+        )
 
     def close(self) -> None:
         if self.enabled:
@@ -598,7 +653,9 @@ def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
     for key in ("loss", "indexer_loss", "val_loss"):
         pts = [(m["step"], m[key]) for m in history if key in m]
         if pts:
-            ax.plot(*zip(*pts, strict=True), label=key, marker="o" if key == "val_loss" else None, markersize=3)
+            ax.plot(
+                *zip(*pts, strict=True), label=key, marker="o" if key == "val_loss" else None, markersize=3
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"dsv train {stage}")
