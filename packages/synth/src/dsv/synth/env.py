@@ -240,9 +240,7 @@ class Environment(ABC):
         tools: list[dict] | None = None,
     ) -> Task:
         if tools is None:
-            from dsv.synth.tools import tool_schema
-
-            tools = [tool_schema(fn) for fn in self.tools(_schema_probe(self.name, seed, difficulty, state))]
+            tools = _cached_schemas(self.tools(_schema_probe(self.name, seed, difficulty, state)))
         return Task(
             id=Task.make_id(self.name, difficulty, seed),
             family=self.name,
@@ -253,6 +251,36 @@ class Environment(ABC):
             state=state,
             answer_format=answer_format,
         )
+
+
+# Tool schemas depend only on each function's code, name, docstring, defaults and annotations, which
+# are the same for every task of a family; building them (inspect + typing) dominated generate().
+_SCHEMA_CACHE: dict[tuple[Any, ...], str] = {}
+
+
+def _cached_schemas(fns: list[Callable[..., Any]]) -> list[dict]:
+    """`tool_schema` of each function, built once per distinct function definition; fresh dicts each call."""
+    from dsv.synth.tools import tool_schema
+
+    out: list[dict] = []
+    for fn in fns:
+        code = getattr(fn, "__code__", None)
+        if code is None or hasattr(fn, "__signature__"):
+            out.append(tool_schema(fn))
+            continue
+        key = (
+            code,
+            fn.__name__,
+            fn.__doc__,
+            repr(fn.__defaults__),
+            repr(fn.__kwdefaults__),
+            repr(fn.__annotations__),
+        )
+        text = _SCHEMA_CACHE.get(key)
+        if text is None:
+            text = _SCHEMA_CACHE[key] = json.dumps(tool_schema(fn))
+        out.append(json.loads(text))
+    return out
 
 
 def _schema_probe(family: str, seed: int, difficulty: int, state: dict) -> Task:

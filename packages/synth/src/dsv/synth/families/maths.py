@@ -7,8 +7,11 @@ unknowns / the size of the counting problem.
 
 from __future__ import annotations
 
+import ast
 import math
+import operator
 import random
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -64,6 +67,34 @@ _EXACT_FORMAT = (
 )
 
 
+_INT_OPS: dict[type, Callable[[int, int], int]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+
+
+def int_expression_value(expr: str) -> int:
+    """Value of an integer expression over + - * // % and parentheses, by walking its syntax tree.
+
+    Python's own precedence and floor semantics (it parses with `ast`), without compiling or running
+    code. ValueError for anything else.
+    """
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp) and type(node.op) in _INT_OPS:
+            return _INT_OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        raise ValueError(f"not an integer expression: {ast.dump(node)[:80]}")
+
+    return walk(ast.parse(expr, mode="eval").body)
+
+
 @register
 class ArithmeticEnv(Environment):
     name = "arithmetic"
@@ -81,7 +112,7 @@ class ArithmeticEnv(Environment):
             op = rng.choice(["+", "-", "*", "//", "%"] if d >= 3 else ["+", "-", "*"])
             b = rng.randint(2, hi if op in "+-" else max(3, hi // 10 + 3))
             expr = f"({expr} {op} {b})" if rng.random() < 0.6 else f"{expr} {op} {b}"
-            value = eval(expr)  # the expression is built here from integers and operators only
+        value = int_expression_value(expr)
         prompt = f"Compute the exact value of the following expression (// is floor division, % is modulo):\n\n{expr}"
         return self._task(
             seed, d, prompt, {"expression": expr, "answer": str(value)}, _EXACT_FORMAT, tools=[]
