@@ -2,8 +2,12 @@
 
 Tests of `dsv synth build` and `dsv eval` (and the eval throughput benchmark) talk to
 it with the official ``openai`` client over real sockets: the server implements
-``POST /v1/chat/completions`` (non-streaming) and ``GET /v1/models`` well enough for
-that client, and records every request body it received so a test can check what
+``POST /v1/chat/completions`` and ``GET /v1/models`` well enough for that client. A
+request with ``"stream": true`` gets the same reply as server-sent events: one
+``chat.completion.chunk`` per few characters of ``reasoning_content`` and ``content``,
+tool calls split into a header delta (index, id, name) and argument-text deltas, a
+final chunk with ``finish_reason``, a usage chunk when ``stream_options.include_usage``
+is set, then ``data: [DONE]`` (chunked transfer encoding, keep-alive). It records every request body it received so a test can check what
 was sent (thinking flag, tools, reasoning_content round-trips) and how many calls
 were made (resumption must not repeat finished work).
 
@@ -101,7 +105,25 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.status != 200:
             self._send(reply.status, {"error": {"message": reply.content or "error", "type": "server_error"}})
             return
-        self._send(200, self._completion(body, reply))
+        completion = self._completion(body, reply)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            self._send_stream(completion, include_usage)
+        else:
+            self._send(200, completion)
+
+    def _send_stream(self, completion: dict[str, Any], include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in stream_chunks(completion, include_usage=include_usage):
+            data = f"data: {json.dumps(chunk)}\n\n".encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        done = b"data: [DONE]\n\n"
+        self.wfile.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+        self.wfile.flush()
 
     def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
@@ -149,6 +171,37 @@ class _Handler(BaseHTTPRequestHandler):
             ],
             "usage": usage,
         }
+
+
+def _pieces(text: str, size: int = 7) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def stream_chunks(completion: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
+    """A ``chat.completion`` body as the ``chat.completion.chunk`` events a streaming server sends."""
+    choice = completion["choices"][0]
+    message = choice["message"]
+    head = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"]}
+    head["model"] = completion["model"]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    out += [chunk({"reasoning_content": p}) for p in _pieces(message.get("reasoning_content") or "")]
+    out += [chunk({"content": p}) for p in _pieces(message.get("content") or "")]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        fn = call["function"]
+        header = {"index": index, "id": call["id"], "type": "function"}
+        out.append(chunk({"tool_calls": [{**header, "function": {"name": fn["name"], "arguments": ""}}]}))
+        out += [
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]})
+            for p in _pieces(fn["arguments"])
+        ]
+    out.append(chunk({}, choice["finish_reason"]))
+    if include_usage:
+        out.append({**head, "choices": [], "usage": completion["usage"]})
+    return out
 
 
 class _Server(ThreadingHTTPServer):

@@ -413,3 +413,117 @@ def test_public_api_is_pinned() -> None:
     for module in (ev, pl):
         for name in module.__all__:
             assert getattr(module, name) is not None
+
+
+class RouteModel:
+    """Plays shortest_path with reasoning and a tool call, then answers (right for even seeds)."""
+
+    def __init__(self, n: int) -> None:
+        env = registry.get("shortest_path")
+        self.env = env
+        self.tasks = [env.generate(s, 2) for s in range(n)]
+
+    def __call__(self, body: dict) -> se.Reply:
+        user = se.last_user_text(body)
+        task = next(t for t in self.tasks if user.startswith(t.prompt))
+        if not any(m.get("role") == "tool" for m in body["messages"]):
+            return se.Reply(
+                content="",
+                reasoning_content=f"I should look around {task.state['source']} first — ünïcode ok.",
+                tool_calls=[
+                    {"name": "neighbours", "arguments": {"station": task.state["source"]}},
+                    {"name": "neighbours", "arguments": {"station": task.state["target"]}},
+                ],
+                reasoning_tokens=None if task.seed % 3 == 0 else 11,
+            )
+        route = self.env.solve(task)
+        if task.seed % 2:
+            route = route[:1] + route[-1:]  # skips the middle: no such road, or not optimal
+        return se.Reply(
+            content=f"The route is below.\nAnswer: {json.dumps(route)}",
+            reasoning_content="the tool results give the costs; Dijkstra by hand",
+            completion_tokens=30 + task.seed,
+        )
+
+
+def _strip_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if "time" not in k and k not in ("wall_s", "finished", "started")}
+
+
+def test_streamed_and_plain_evals_give_the_same_report(tmp_path: Path) -> None:
+    model = RouteModel(n=4)
+    reports = {}
+    with se.ScriptedEndpoint(model) as endpoint:
+        for stream in (False, True):
+            client = EndpointClient(endpoint.base_url, "scripted", max_retries=0)
+            try:
+                factory = EndpointPolicyFactory(client, thinking=True, stream=stream)
+                resolver = EnvResolver()
+                entries = family_entries(resolver, "shortest_path", 4, difficulty=2)
+                config = EvalConfig(out_dir=tmp_path / str(stream), samples=2, thinking=True, concurrency=2)
+                reports[stream] = run_eval(entries, factory, config, resolver)
+            finally:
+                client.close()
+        bodies = endpoint.requests
+    assert [bool(b.get("stream")) for b in bodies] == [False] * 16 + [True] * 16
+    assert all(b["stream_options"] == {"include_usage": True} for b in bodies[16:])
+    # Streamed assistant turns went back to the server exactly as the plain ones did.
+    second_turns = [b["messages"] for b in bodies if len(b["messages"]) > 1]
+    plain = sorted(json.dumps(_no_ids(m), sort_keys=True) for m in second_turns[:8])
+    streamed = sorted(json.dumps(_no_ids(m), sort_keys=True) for m in second_turns[8:])
+    assert plain == streamed
+    m = reports[True]["results"]["thinking"]["overall"]
+    assert m["accuracy"] == 0.5 and m["tool_calls_per_episode"] == 2.0
+    # answers carry no server reasoning count (approx); the tool turn has one except for seeds 0 and 3
+    assert m["reasoning_tokens_source"] == ["approx", "approx+usage"], m["reasoning_tokens_source"]
+    assert reports[True]["results"] == reports[False]["results"]
+    lines = {}
+    for stream in (False, True):
+        records = [json.loads(x) for x in (tmp_path / str(stream) / "results.jsonl").read_text().splitlines()]
+        lines[stream] = sorted(
+            (_strip_timing(r) for r in records), key=lambda r: json.dumps(r, sort_keys=True)
+        )
+    assert lines[True] == lines[False]
+
+
+def _no_ids(messages: list[dict]) -> list[dict]:
+    """Messages without the per-reply random tool-call ids (the server makes fresh ones every time)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        m.pop("tool_call_id", None)
+        if "tool_calls" in m:
+            m["tool_calls"] = [{**c, "id": "-"} for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def test_streamed_reply_accumulates_to_the_plain_one() -> None:
+    model = RouteModel(n=2)
+    with se.ScriptedEndpoint(model) as endpoint:
+        client = EndpointClient(endpoint.base_url, "scripted", max_retries=0)
+        try:
+            messages = [{"role": "user", "content": model.tasks[1].prompt}]
+            plain = client.chat(messages, thinking=True)
+            streamed = client.chat(messages, thinking=True, stream=True)
+        finally:
+            client.close()
+    assert len(streamed.message["tool_calls"]) == 2 and "ünïcode" in streamed.message["reasoning_content"]
+    assert _no_ids([streamed.message]) == _no_ids([plain.message])
+    assert streamed.usage == plain.usage and streamed.usage.reasoning_tokens == 11
+    assert streamed.finish_reason == plain.finish_reason == "tool_calls"
+
+
+def test_stream_without_an_endpoint_is_a_usage_error(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from dsv.synth.eval.cli import eval_command
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    args = ["--model", str(tmp_path), "--family", "arithmetic", "--stream", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, args)
+    assert (
+        result.exit_code == 2 and result.output.strip().startswith("error:") and "--base-url" in result.output
+    )

@@ -56,6 +56,9 @@ def eval_command(
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Output token limit per turn."),
     temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for one endpoint reply."),
+    stream: bool = typer.Option(
+        False, "--stream/--no-stream", help="Stream endpoint replies (SSE) and accumulate the deltas."
+    ),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Output directory (resumable)."),
 ) -> None:
     """Accuracy, pass@k, output/reasoning tokens and tool calls of a model on task sets."""
@@ -65,6 +68,8 @@ def eval_command(
 
     if (tasks is None) == (family is None):
         _fail("pass exactly one of --tasks FILE or --family NAME", 2)
+    if stream and base_url is None:
+        _fail("--stream applies to endpoints: pass --base-url too (an in-process --model is not streamed)", 2)
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file; pass a directory")
     if library is not None and not library.is_dir():
@@ -95,7 +100,7 @@ def eval_command(
         except ImportError as exc:
             _fail(str(exc), 2)
         factory = EndpointPolicyFactory(
-            client, thinking=thinking, max_tokens=max_tokens, temperature=temperature
+            client, thinking=thinking, max_tokens=max_tokens, temperature=temperature, stream=stream
         )
     else:
         if not Path(model).exists():

@@ -11,7 +11,14 @@ Thinking mode is sent the way DeepSeek's API takes it: ``extra_body={"thinking":
 it is read from the SDK's extra fields; assistant messages passed back keep it, which
 DeepSeek requires inside a tool-calling loop.
 
-Usage: ``EndpointClient(base_url, model).chat(messages, tools=..., thinking=True)``.
+With ``stream=True`` the same call uses the SDK's streaming (server-sent
+``chat.completion.chunk`` events) and accumulates the deltas: ``reasoning_content``
+and ``content`` text, and tool calls by their ``index`` (id and name from the first
+delta, argument text concatenated). Usage comes from the final chunk
+(``stream_options={"include_usage": true}``). The result is the same ``ChatReply`` a
+non-streaming call returns.
+
+Usage: ``EndpointClient(base_url, model).chat(messages, tools=..., thinking=True, stream=False)``.
 """
 
 from __future__ import annotations
@@ -147,8 +154,9 @@ class EndpointClient:
         max_tokens: int | None = None,
         temperature: float | None = None,
         seed: int | None = None,
+        stream: bool = False,
     ) -> ChatReply:
-        """One non-streaming completion; raises ``EndpointError`` with the server's reason on failure."""
+        """One completion (streamed and accumulated when ``stream``); ``EndpointError`` on failure."""
         import openai
 
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
@@ -163,6 +171,8 @@ class EndpointClient:
         if thinking is not None:
             kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
         try:
+            if stream:
+                return self._stream(kwargs)
             response = self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             raise EndpointError(f"{self.base_url} answered HTTP {exc.status_code}: {exc.message}") from exc
@@ -172,6 +182,64 @@ class EndpointClient:
             raise EndpointError(f"{self.base_url} returned no choices")
         choice = response.choices[0]
         return ChatReply(_message_to_dict(choice.message), _usage(response.usage), choice.finish_reason)
+
+    def _stream(self, kwargs: dict[str, Any]) -> ChatReply:
+        content: list[str] = []
+        reasoning: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        finish_reason: str | None = None
+        usage: Any = None
+        saw_choice = False
+        events = self._client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+        try:
+            for chunk in events:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if not chunk.choices:
+                    continue
+                saw_choice = True
+                choice = chunk.choices[0]
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+                delta = choice.delta
+                if delta is None:
+                    continue
+                extra = getattr(delta, "model_extra", None) or {}
+                piece = extra.get("reasoning_content")
+                if piece is None:
+                    piece = getattr(delta, "reasoning_content", None)
+                if piece:
+                    reasoning.append(str(piece))
+                if delta.content:
+                    content.append(delta.content)
+                for call in delta.tool_calls or []:
+                    slot = calls.setdefault(call.index, {"id": None, "name": "", "arguments": []})
+                    if call.id:
+                        slot["id"] = call.id
+                    if call.function is not None:
+                        if call.function.name:
+                            slot["name"] += call.function.name
+                        if call.function.arguments:
+                            slot["arguments"].append(call.function.arguments)
+        finally:
+            events.close()
+        if not saw_choice:
+            raise EndpointError(f"{self.base_url} streamed no choices")
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": slot["id"] or f"call_{index}",
+                    "type": "function",
+                    "function": {"name": slot["name"], "arguments": "".join(slot["arguments"]) or "{}"},
+                }
+                for index, slot in sorted(calls.items())
+            ]
+        return ChatReply(message, _usage(usage), finish_reason)
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

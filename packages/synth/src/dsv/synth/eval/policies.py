@@ -84,11 +84,13 @@ class EndpointPolicyFactory:
         thinking: bool,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        stream: bool = False,
     ) -> None:
         self.client = client
         self.thinking = thinking
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.stream = stream
 
     def describe(self) -> str:
         return f"endpoint {self.client.base_url} model={self.client.model}"
@@ -103,6 +105,7 @@ class EndpointPolicyFactory:
                 thinking=self.thinking,
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
+                stream=self.stream,
             )
             reasoning_text = reply.message.get("reasoning_content") or ""
             if reply.usage.reasoning_tokens is not None:

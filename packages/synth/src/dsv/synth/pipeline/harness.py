@@ -93,7 +93,7 @@ def _replay(env, task, calls):
 
 
 def _one(cls, req):
-    from dsv.synth.env import AnswerFormatError, Task, ToolCallRecord
+    from dsv.synth.env import AnswerFormatError, Task, ToolCallRecord, safe_verify
     from dsv.synth.tools import call_tool, tool_schema
 
     mode = req["mode"]
@@ -129,7 +129,7 @@ def _one(cls, req):
     if mode == "verify":
         trace = [ToolCallRecord(t["name"], t["arguments"], t["result"]) for t in req["trace"]]
         _replay(env, task, [(t.name, t.arguments) for t in trace])
-        s = env.verify(task, req["answer"], trace)
+        s = safe_verify(env, task, req["answer"], trace)
         return {"ok": True, "score": {"reward": s.reward, "passed": s.passed, "reason": s.reason}}
     return {"ok": False, "category": "harness", "reason": f"unknown mode {mode!r}"}
 
