@@ -2,10 +2,14 @@
 
 ``trained_ckpt`` ships its own short tools prose as ``encoding/encoding_dsv32.py`` (read by
 ``Templates.from_checkpoint`` with ast, as for an official checkpoint) so prompts stay short, and is
-a tiny model briefly trained here (teacher forcing, a few hundred Adam steps)
-to answer three fixed conversations exactly: a thinking-mode greeting, a tool call (DSML) for a
-weather question with tools, and an answer after the tool result. Greedy decoding then produces
-those strings for real, so the tests exercise the model, the engine and the parser honestly.
+a one-layer model trained here (teacher forcing, usually under 60 Adam steps, a few seconds) to
+answer three fixed conversations exactly: a thinking-mode greeting, a tool call (DSML) for a weather
+question with tools, and an answer after the tool result. Greedy decoding then produces those
+strings for real, so the tests exercise the model, the engine and the parser honestly.
+
+Torch runs one intra-op thread here: the engine thread, uvicorn and the client threads share two
+CPU cores, and with two intra-op threads each small matmul waits on a busy core (measured 20-50x
+slower per forward on the shared CI machine).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -49,36 +54,54 @@ SCRIPT: list[tuple[list[dict[str, Any]], bool, list[dict[str, Any]] | None, dict
 ]
 
 
-def _train(model: torch.nn.Module, tok: Any, templates: Templates) -> None:
-    pairs = []
-    for messages, thinking, tools, answer in SCRIPT:
-        prompt_text = encode_messages(messages, thinking=thinking, tools=tools, templates=templates)
-        prompt = tok.encode(prompt_text, add_bos=False)
-        target = tok.encode(
-            encode_assistant_completion(answer, thinking=thinking, templates=templates), add_bos=False
+def _script_texts(templates: Templates) -> list[tuple[str, str]]:
+    """(prompt, completion) strings of the script, encoded as the server encodes them."""
+    return [
+        (
+            encode_messages(messages, thinking=thinking, tools=tools, templates=templates),
+            encode_assistant_completion(answer, thinking=thinking, templates=templates),
         )
-        pairs.append((torch.tensor([prompt + target]), len(prompt)))
+        for messages, thinking, tools, answer in SCRIPT
+    ]
+
+
+def _train(model: torch.nn.Module, tok: Any, templates: Templates, max_steps: int = 400) -> None:
+    """Teacher-force the script until greedy decoding reproduces every completion.
+
+    The three sequences go in one right-padded batch (causal attention: the padding after a
+    sequence never reaches its positions), the loss covers completion tokens only, and training
+    stops at the first step where every completion token is the argmax.
+    """
+    seqs = [(tok.encode(p), tok.encode(a)) for p, a in _script_texts(templates)]
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    target = torch.full((len(seqs), width - 1), -100)
+    for row, (p, a) in enumerate(seqs):
+        ids[row, : len(p) + len(a)] = torch.tensor(p + a)
+        target[row, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
+    scored = target != -100
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(0)
     model.train()
-    for step in range(800):
-        loss = torch.zeros(())
-        for ids, n_prompt in pairs:
-            logits = model(ids[:, :-1]).logits[0, n_prompt - 1 :]
-            loss = loss + torch.nn.functional.cross_entropy(logits, ids[0, n_prompt:])
+    for _ in range(max_steps):
+        logits = model(ids[:, :-1]).logits  # (3, width - 1, V)
+        if bool((logits.argmax(-1)[scored] == target[scored]).all()):
+            break
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 24:
-            with torch.no_grad():
-                ok = all(
-                    bool((model(ids[:, :-1]).logits[0, n - 1 :].argmax(-1) == ids[0, n:]).all())
-                    for ids, n in pairs
-                )
-            if ok:
-                break
     model.eval()
-    assert ok, "the fixture model did not learn its script"
+    with torch.no_grad():
+        ok = bool((model(ids[:, :-1]).logits.argmax(-1)[scored] == target[scored]).all())
+    assert ok, f"the fixture model did not learn its script in {max_steps} steps"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -96,28 +119,55 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def scripted_config() -> Any:
+    """The fixture model: one MoE layer (DSA indexer included), hidden 64, a 384-token vocabulary."""
+    from dsv.core import presets
+
+    return presets.tiny(
+        vocab_size=384, num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0
+    )
+
+
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dsv.core import presets
+    """A one-layer model trained (a few seconds) to answer the script exactly under greedy decoding.
+
+    Its BPE is trained on the script's own text, so the sequences are short and the few fixed
+    token sequences are all the model has to learn.
+    """
     from dsv.core.checkpoint import save_pretrained
     from dsv.core.model import DSVForCausalLM
     from dsv.core.tokenizer import default_corpus, train_bpe
 
-    torch.manual_seed(0)
-    cfg = presets.tiny()
-    tok = train_bpe(default_corpus(), cfg.vocab_size)
     out = tmp_path_factory.mktemp("ckpt") / "scripted"
+    probe = tmp_path_factory.mktemp("encoding")
+    (probe / "encoding").mkdir()
+    (probe / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
+    templates = Templates.from_checkpoint(probe)
+    assert templates.source != "dsv"
+    script = [text for pair in _script_texts(templates) for text in pair]
+    cfg = scripted_config()
+    tok = train_bpe(script * 20 + default_corpus(200), cfg.vocab_size)
+    torch.manual_seed(0)
     model = DSVForCausalLM(cfg)
+    _train(model, tok, templates)
     save_pretrained(model, tok, out)
     (out / "encoding").mkdir()
     (out / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
-    templates = Templates.from_checkpoint(out)
-    assert templates.source != "dsv"
-    _train(model, tok, templates)
-    save_pretrained(model, tok, out)  # replaces the folder: put the encoder file back
-    (out / "encoding").mkdir()
-    (out / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def script() -> SimpleNamespace:
+    """The script's messages and tool for the tests (test modules cannot import conftest under
+    ``--import-mode=importlib``)."""
+    return SimpleNamespace(ASK=ASK, CALL=CALL, GREET=GREET, WEATHER_TOOL=WEATHER_TOOL, AFTER_TOOL=AFTER_TOOL)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> type[LiveServer]:
+    """The :class:`LiveServer` class: ``with live_server(app) as server: server.url``."""
+    return LiveServer
 
 
 def free_port() -> int:

@@ -9,21 +9,24 @@ Run: ``pytest packages/serve/tests/test_serve_openai.py``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import ASK, CALL, GREET, WEATHER_TOOL, LiveServer
 
-pytestmark = pytest.mark.slow
+from dsv.core.chat import Templates, encode_messages
+
 
 
 @pytest.fixture(scope="module")
-def client(trained_server: LiveServer) -> openai.OpenAI:
+def client(trained_server: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=trained_server.url + "/v1", api_key="sk-test", max_retries=0)
 
 
-def test_models_and_auth(client: openai.OpenAI, trained_server: LiveServer) -> None:
+def test_models_and_auth(client: openai.OpenAI, trained_server: Any) -> None:
     ids = [m.id for m in client.models.list().data]
     assert ids == ["dsv-tiny", "dsv-tiny-reasoner"]
     bad = openai.OpenAI(base_url=trained_server.url + "/v1", api_key="wrong", max_retries=0)
@@ -33,29 +36,29 @@ def test_models_and_auth(client: openai.OpenAI, trained_server: LiveServer) -> N
     assert httpx.get(trained_server.url + "/health").json()["status"] == "ok"
 
 
-def test_thinking_on_and_off(client: openai.OpenAI) -> None:
+def test_thinking_on_and_off(script: SimpleNamespace, client: openai.OpenAI) -> None:
     on = client.chat.completions.create(
-        model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40
+        model="dsv-tiny-reasoner", messages=script.GREET, temperature=0, max_tokens=40
     )
     msg = on.choices[0].message
     assert msg.content == "Hello there!" and msg.reasoning_content == "say hello"  # type: ignore[attr-defined]
     assert on.choices[0].finish_reason == "stop"
     body_switch = client.chat.completions.create(
         model="dsv-tiny",
-        messages=GREET,
+        messages=script.GREET,
         temperature=0,
         max_tokens=40,
         extra_body={"thinking": {"type": "enabled"}},
     )
     assert body_switch.choices[0].message.content == "Hello there!"
-    off = client.chat.completions.create(model="dsv-tiny", messages=GREET, temperature=0, max_tokens=8)
+    off = client.chat.completions.create(model="dsv-tiny", messages=script.GREET, temperature=0, max_tokens=8)
     assert getattr(off.choices[0].message, "reasoning_content", None) is None
     assert off.usage is not None and off.usage.completion_tokens <= 8
 
 
-def test_streaming_reasoning_then_content(client: openai.OpenAI) -> None:
+def test_streaming_reasoning_then_content(script: SimpleNamespace, client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="dsv-tiny-reasoner", messages=GREET, temperature=0, max_tokens=40, stream=True,
+        model="dsv-tiny-reasoner", messages=script.GREET, temperature=0, max_tokens=40, stream=True,
         stream_options={"include_usage": True},
     )  # fmt: skip
     reasoning, content, order, usage, finish = "", "", [], None, None
@@ -80,19 +83,19 @@ def test_streaming_reasoning_then_content(client: openai.OpenAI) -> None:
     )
 
 
-def test_tool_call_round_trip(client: openai.OpenAI) -> None:
+def test_tool_call_round_trip(script: SimpleNamespace, client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200
+        model="dsv-tiny", messages=script.ASK, tools=[script.WEATHER_TOOL], temperature=0, max_tokens=200
     )
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls or []
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     # Send the returned message back with the tool result: the model answers.
-    messages = [*ASK, choice.message.model_dump(exclude_none=True),
+    messages = [*script.ASK, choice.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
     second = client.chat.completions.create(
-        model="dsv-tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=40
+        model="dsv-tiny", messages=messages, tools=[script.WEATHER_TOOL], temperature=0, max_tokens=40
     )
     assert (
         second.choices[0].message.content == "It is sunny in Paris."
@@ -100,9 +103,14 @@ def test_tool_call_round_trip(client: openai.OpenAI) -> None:
     )
 
 
-def test_tool_call_streamed(client: openai.OpenAI) -> None:
+def test_tool_call_streamed(script: SimpleNamespace, client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200, stream=True
+        model="dsv-tiny",
+        messages=script.ASK,
+        tools=[script.WEATHER_TOOL],
+        temperature=0,
+        max_tokens=200,
+        stream=True,
     )
     calls = [tc for chunk in stream for c in chunk.choices for tc in (c.delta.tool_calls or [])]
     assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
@@ -110,15 +118,15 @@ def test_tool_call_streamed(client: openai.OpenAI) -> None:
     ]
 
 
-def test_named_tool_choice_forces_the_call(client: openai.OpenAI) -> None:
+def test_named_tool_choice_forces_the_call(script: SimpleNamespace, client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200,
+        model="dsv-tiny", messages=script.ASK, tools=[script.WEATHER_TOOL], temperature=0, max_tokens=200,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )  # fmt: skip
     assert out.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
 
 
-def test_n_stop_logprobs_usage(client: openai.OpenAI) -> None:
+def test_n_stop_logprobs_usage(script: SimpleNamespace, client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
         model="dsv-tiny", messages=[{"role": "user", "content": "count"}], n=3, temperature=1.0, seed=7,
         max_tokens=6, logprobs=True, top_logprobs=2,
@@ -133,31 +141,36 @@ def test_n_stop_logprobs_usage(client: openai.OpenAI) -> None:
     )  # type: ignore[union-attr]
     # stop sequences cut the text before the stop string
     full = client.chat.completions.create(
-        model="dsv-tiny", messages=ASK, tools=[WEATHER_TOOL], temperature=0, max_tokens=200
+        model="dsv-tiny", messages=script.ASK, tools=[script.WEATHER_TOOL], temperature=0, max_tokens=200
     )
     assert full.choices[0].message.tool_calls
-    after = client.chat.completions.create(model="dsv-tiny", messages=[*ASK, {"role": "assistant", "content": "",
-        "tool_calls": [CALL]}, {"role": "tool", "content": "sunny, 21 C"}], tools=[WEATHER_TOOL], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
+    after = client.chat.completions.create(model="dsv-tiny", messages=[*script.ASK, {"role": "assistant", "content": "",
+        "tool_calls": [script.CALL]}, {"role": "tool", "content": "sunny, 21 C"}], tools=[script.WEATHER_TOOL], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
     assert after.choices[0].message.content == "It is " and after.choices[0].finish_reason == "stop"
 
 
-def test_logprobs_refused_in_thinking_mode(client: openai.OpenAI) -> None:
+def test_logprobs_refused_in_thinking_mode(script: SimpleNamespace, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="dsv-tiny-reasoner", messages=GREET, logprobs=True)
+        client.chat.completions.create(model="dsv-tiny-reasoner", messages=script.GREET, logprobs=True)
     assert e.value.body["param"] == "logprobs"
 
 
-def test_completions_endpoint(client: openai.OpenAI) -> None:
-    out = client.completions.create(model="dsv-tiny", prompt="hello", max_tokens=5, temperature=0, logprobs=2)
-    assert out.usage is not None and out.usage.completion_tokens == 5
-    assert len(out.choices[0].logprobs.tokens) == 5  # type: ignore[union-attr]
-    again = client.completions.create(model="dsv-tiny", prompt="hello", max_tokens=5, temperature=0)
-    assert again.choices[0].text == out.choices[0].text, "greedy decoding is deterministic"
+def test_completions_endpoint(script: SimpleNamespace, client: openai.OpenAI, trained_ckpt: Path) -> None:
+    # The raw encoded greeting prompt: the model continues with the script's reasoning, cut at 5 tokens.
+    prompt = encode_messages(script.GREET, thinking=True, templates=Templates.from_checkpoint(trained_ckpt))
+    out = client.completions.create(model="dsv-tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    choice = out.choices[0]
+    assert out.usage is not None and out.usage.completion_tokens == 5 and choice.finish_reason == "length"
+    assert choice.logprobs is not None and len(choice.logprobs.tokens) == 5
+    assert "".join(choice.logprobs.tokens) == choice.text and choice.text
+    assert "say hello</think>Hello there!".startswith(choice.text)
+    again = client.completions.create(model="dsv-tiny", prompt=prompt, max_tokens=5, temperature=0)
+    assert again.choices[0].text == choice.text, "greedy decoding is deterministic"
 
 
-def test_errors_in_openai_shape(client: openai.OpenAI, trained_server: LiveServer) -> None:
+def test_errors_in_openai_shape(script: SimpleNamespace, client: openai.OpenAI, trained_server: Any) -> None:
     with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4", messages=GREET)
+        client.chat.completions.create(model="gpt-4", messages=script.GREET)
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
@@ -166,7 +179,9 @@ def test_errors_in_openai_shape(client: openai.OpenAI, trained_server: LiveServe
     assert e.value.body["code"] == "context_length_exceeded" and "1024" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
-            model="dsv-tiny", messages=GREET, tools=[{"type": "function", "function": {"name": "bad name!"}}]
+            model="dsv-tiny",
+            messages=script.GREET,
+            tools=[{"type": "function", "function": {"name": "bad name!"}}],
         )
     assert e.value.body["code"] == "invalid_tool_schema"
     r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
