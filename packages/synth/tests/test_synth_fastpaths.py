@@ -2,8 +2,9 @@
 
 Run: pytest packages/synth/tests/test_synth_fastpaths.py
 
-- `int_expression_value` (an AST walker) against Python's own `eval` on arithmetic tasks and on
-  random expressions;
+- arithmetic's incrementally kept value and `int_expression_value` (an AST walker) against
+  Python's own `eval`, on arithmetic tasks and on random expressions;
+- `sample_two` against `random.Random.sample(seq, 2)`, draw for draw;
 - cached tool schemas against `tool_schema` built fresh, for every family with tools.
 """
 
@@ -15,16 +16,32 @@ import pytest
 
 from dsv.synth import registry
 from dsv.synth.env import _cached_schemas, _schema_probe
+from dsv.synth.families.data import sample_two
 from dsv.synth.families.maths import int_expression_value
 from dsv.synth.tools import tool_schema
 
 
-def test_ast_walker_matches_eval_on_arithmetic_tasks() -> None:
+def test_incremental_value_and_ast_walker_match_eval_on_arithmetic_tasks() -> None:
     env = registry.get("arithmetic")
     for difficulty in range(1, 6):
-        for seed in range(60):
-            expr = env.generate(seed, difficulty).state["expression"]
-            assert int_expression_value(expr) == eval(expr), expr  # the slow twin, on trusted text
+        for seed in range(100):
+            state = env.generate(seed, difficulty).state
+            expr = state["expression"]
+            want = eval(expr)  # the slow twin, on text this test's generator built
+            assert int(state["answer"]) == want, expr
+            assert int_expression_value(expr) == want, expr
+
+
+def test_sample_two_draws_exactly_like_random_sample() -> None:
+    for n in range(2, 41):
+        seq = [f"s{i}" for i in range(n)]
+        for seed in range(40):
+            fast, slow = random.Random(f"{n}/{seed}"), random.Random(f"{n}/{seed}")
+            for _ in range(5):
+                assert sample_two(fast, seq) == tuple(slow.sample(seq, 2)), (n, seed)
+            assert fast.random() == slow.random()  # the generators stay in step afterwards
+    with pytest.raises(ValueError):
+        sample_two(random.Random(0), ["only"])
 
 
 def test_ast_walker_matches_eval_on_random_expressions() -> None:

@@ -28,6 +28,27 @@ _STATIONS = [
 ]  # fmt: skip
 
 
+def sample_two(rng: random.Random, seq: list[str]) -> tuple[str, str]:
+    """Exactly `rng.sample(seq, 2)` (same draws, same result) without its general-purpose overhead.
+
+    This was the dominant cost of shortest_path's generate. It follows CPython's `Random.sample`:
+    for k=2 a pool swap when len(seq) <= 21, else rejection of a repeated index. The tests compare
+    it with `rng.sample` so a change there cannot go unnoticed.
+    """
+    n = len(seq)
+    if n < 2:
+        raise ValueError("need at least two items")
+    below = rng._randbelow  # the primitive Random.sample draws with
+    i = below(n)
+    if n <= 21:
+        j = below(n - 1)
+        return seq[i], seq[n - 1] if j == i else seq[j]
+    j = below(n)
+    while j == i:
+        j = below(n)
+    return seq[i], seq[j]
+
+
 @register
 class ShortestPathEnv(Environment):
     name = "shortest_path"
@@ -48,7 +69,7 @@ class ShortestPathEnv(Environment):
             w = rng.randint(1, 9 + 3 * d)
             edges[a][b] = edges[b][a] = w
         for _ in range(len(nodes) * (1 + d // 2)):
-            a, b = rng.sample(nodes, 2)
+            a, b = sample_two(rng, nodes)
             w = rng.randint(1, 9 + 3 * d)
             edges[a][b] = edges[b][a] = w
         src, dst = order[0], order[-1]

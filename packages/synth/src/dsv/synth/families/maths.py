@@ -76,6 +76,13 @@ _INT_OPS: dict[type, Callable[[int, int], int]] = {
 }
 
 
+_INT_OPS_BY_SYMBOL: dict[str, Callable[[int, int], int]] = {
+    "*": operator.mul,
+    "//": operator.floordiv,
+    "%": operator.mod,
+}
+
+
 def int_expression_value(expr: str) -> int:
     """Value of an integer expression over + - * // % and parentheses, by walking its syntax tree.
 
@@ -107,12 +114,25 @@ class ArithmeticEnv(Environment):
         rng = self._rng(seed, d)
         hi = 10 ** min(1 + d, 4)
         expr = str(rng.randint(2, hi))
-        value = int(expr)
+        # The value is kept up to date as the expression grows: `acc` is the sum of the finished
+        # additive terms, `sign * term` the last one (a product chain). Precedence without the
+        # parentheses is thereby exact, and no parsing is needed (`int_expression_value` is the
+        # slow twin the tests compare against).
+        acc, sign, term = 0, 1, int(expr)
         for _ in range(2 + 2 * d):
             op = rng.choice(["+", "-", "*", "//", "%"] if d >= 3 else ["+", "-", "*"])
             b = rng.randint(2, hi if op in "+-" else max(3, hi // 10 + 3))
-            expr = f"({expr} {op} {b})" if rng.random() < 0.6 else f"{expr} {op} {b}"
-        value = int_expression_value(expr)
+            wrap = rng.random() < 0.6
+            if op in "+-":
+                acc, sign, term = acc + sign * term, (1 if op == "+" else -1), b
+            else:
+                term = _INT_OPS_BY_SYMBOL[op](term, b)
+            if wrap:
+                expr = f"({expr} {op} {b})"
+                acc, sign, term = 0, 1, acc + sign * term
+            else:
+                expr = f"{expr} {op} {b}"
+        value = acc + sign * term
         prompt = f"Compute the exact value of the following expression (// is floor division, % is modulo):\n\n{expr}"
         return self._task(
             seed, d, prompt, {"expression": expr, "answer": str(value)}, _EXACT_FORMAT, tools=[]
