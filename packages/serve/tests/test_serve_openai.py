@@ -20,7 +20,6 @@ import pytest
 from dsv.core.chat import Templates, encode_messages
 
 
-
 @pytest.fixture(scope="module")
 def client(trained_server: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=trained_server.url + "/v1", api_key="sk-test", max_retries=0)

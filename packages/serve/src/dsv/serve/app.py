@@ -245,8 +245,6 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs))
         finally:
             await stream.aclose()  # cancels the sequence in the engine when it is still running
-            if finish is None and scanner.stopped is False:
-                pass
 
     async def fan_in(jobs: list[Any], request: Request, stream: bool) -> AsyncIterator[_ChoiceEvent]:
         """Run the choices concurrently; yield their events; cancel all on disconnect or timeout."""
@@ -256,14 +254,16 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         deadline = time.monotonic() + settings.request_timeout_s
         try:
             while remaining:
+                # The deadline holds while tokens keep coming too, not only when the engine is silent.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(408, f"request took longer than {settings.request_timeout_s} s",
+                                   type="timeout_error", code="request_timeout")  # fmt: skip
                 try:
-                    ev = await asyncio.wait_for(out.get(), timeout=0.5)
+                    ev = await asyncio.wait_for(out.get(), timeout=min(0.5, left))
                 except TimeoutError:
                     if await request.is_disconnected():
                         return
-                    if time.monotonic() > deadline:
-                        raise APIError(408, f"request took longer than {settings.request_timeout_s} s",
-                                       type="timeout_error", code="request_timeout") from None  # fmt: skip
                     for t in tasks:
                         exc = t.exception() if t.done() else None
                         if exc is not None:
@@ -487,14 +487,20 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             async def gen() -> AsyncIterator[str]:
                 completion = 0
                 first = dict.fromkeys(range(req.n), True)
-                async for ev in fan_in(jobs, request, stream=True):
-                    text = (echo if first[ev.index] else "") + ev.text
-                    first[ev.index] = False
-                    completion += ev.completion_tokens
-                    body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                            "choices": [{"index": ev.index, "text": text, "logprobs": lp_obj(ev.logprobs),
-                                         "finish_reason": ev.finish}]}  # fmt: skip
-                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                try:
+                    async for ev in fan_in(jobs, request, stream=True):
+                        text = (echo if first[ev.index] else "") + ev.text
+                        first[ev.index] = False
+                        completion += ev.completion_tokens
+                        if ev.finish == "error":
+                            err_body = error_body(ev.error or "generation failed", "server_error")
+                            yield f"data: {json.dumps(err_body)}\n\n"
+                        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                                "choices": [{"index": ev.index, "text": text, "logprobs": lp_obj(ev.logprobs),
+                                             "finish_reason": ev.finish}]}  # fmt: skip
+                        yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                except APIError as e:  # headers are sent: the error travels as an event, then [DONE]
+                    yield f"data: {json.dumps(e.body())}\n\n"
                 if req.stream_options is not None and req.stream_options.include_usage:
                     body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from dsv.core.chat import Templates
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
 
-__all__ = ["Backend", "LocalBackend", "Piece", "ProxyBackend", "TokenLogprob"]
+__all__ = ["Backend", "IncrementalDetokenizer", "LocalBackend", "Piece", "ProxyBackend", "TokenLogprob"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,43 @@ class Backend(Protocol):
     def stats(self) -> dict[str, float]: ...
 
     def close(self) -> None: ...
+
+
+class IncrementalDetokenizer:
+    """Streamed text of generated ids, decoding only a short window per token.
+
+    Decoding the whole output after every token costs O(n^2) over a generation. Here each step
+    decodes ``ids[prefix:]``, where ``prefix`` is where the last emitted stretch started (a few
+    tokens back), and emits what that window adds beyond its already-emitted part. The window
+    starts at a token boundary where the text was complete, so byte-level merges (a UTF-8
+    character split over tokens) and decoders that treat the first token specially both come out
+    as in a one-shot decode. While the window ends in an incomplete UTF-8 sequence (U+FFFD) the
+    text is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids[prefix:read] are already emitted
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text it completes (possibly empty)."""
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end decodes as U+FFFD)."""
+        return self._emit(final=True) if self._read < len(self.ids) else ""
+
+    def _emit(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        text = decode(self.ids[self._prefix :])
+        if not final and (len(text) <= len(done) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(done) :]
 
 
 class LocalBackend:
@@ -97,16 +134,14 @@ class LocalBackend:
         params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
         sid = self.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         done = False
-        gen: list[int] = []
-        shown = ""
+        detok = IncrementalDetokenizer(self.tokenizer)
         try:
             while True:
                 ev = await queue.get()
                 if isinstance(ev, Finish):
                     done = True
-                    tail = self.tokenizer.decode(gen)[len(shown) :] if gen else ""
                     yield Piece(
-                        text=tail,
+                        text=detok.flush(),
                         finish_reason=ev.reason,
                         prompt_tokens=ev.prompt_tokens,
                         completion_tokens=ev.completion_tokens,
@@ -121,14 +156,7 @@ class LocalBackend:
                 if ev.token in params.stop_token_ids:
                     yield Piece(logprobs=[lp])
                     continue
-                gen.append(ev.token)
-                text = self.tokenizer.decode(gen)
-                # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the next token.
-                if text.endswith("\ufffd"):
-                    yield Piece(logprobs=[lp])
-                    continue
-                delta, shown = text[len(shown) :], text
-                yield Piece(text=delta, logprobs=[lp])
+                yield Piece(text=detok.push(ev.token), logprobs=[lp])
         finally:
             if not done:
                 self.engine.cancel(sid)

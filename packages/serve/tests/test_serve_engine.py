@@ -1,0 +1,320 @@
+"""The native engine: continuous batching, chunked prefill, prefix caching, cancellation, and the
+HTTP layer's queue limit, per-request timeout and graceful shutdown; incremental detokenisation.
+
+Engine tests drive :class:`~dsv.serve.engine.Engine` directly on a seeded random ``tiny`` model
+with greedy decoding and no stop token, so every run of a prompt has one right answer: the tokens
+the same prompt gets when it runs alone. HTTP tests serve the random tiny checkpoint with uvicorn
+on 127.0.0.1 (greedy output of that model runs hundreds of tokens without an end-of-sentence).
+
+Run: ``pytest packages/serve/tests/test_serve_engine.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv.serve.backend import IncrementalDetokenizer
+from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+
+GREEDY = GenParams(temperature=0.0, max_tokens=24)
+
+
+class _Counting(torch.nn.Module):
+    """The model, recording the (batch, new tokens) shape of every forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.shapes = model, []
+
+    def forward(self, ids: torch.Tensor, **kw: Any) -> Any:
+        self.shapes.append(tuple(ids.shape))
+        return self.model(ids, **kw)
+
+
+class _Run:
+    """One submitted request: its tokens, its finish, and an event per milestone."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: Finish | None = None
+        self.done = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, ev: TokenEvent | Finish) -> None:
+        if isinstance(ev, Finish):
+            self.finish = ev
+            self.done.set()
+        else:
+            self.tokens.append(ev.token)
+            if len(self.tokens) >= 4:
+                self.started.set()
+
+    def wait(self) -> list[int]:
+        assert self.done.wait(60), "request did not finish"
+        return self.tokens
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, Any]:
+    from dsv.core import presets
+    from dsv.core.model import DSVForCausalLM
+
+    torch.manual_seed(0)
+    cfg = presets.tiny()
+    return DSVForCausalLM(cfg).eval(), cfg
+
+
+@pytest.fixture
+def make_engine(tiny: tuple[torch.nn.Module, Any]) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**kw: Any) -> Engine:
+        model, cfg = tiny
+        e = Engine.for_model(_Counting(model), cfg, **{"num_blocks": 64, "block_size": 8, **kw})
+        e.start()
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, 1000, (n,), generator=g).tolist() for n in (37, 11, 52, 20)]
+
+
+def _alone(make_engine: Callable[..., Engine], prompt: list[int], params: GenParams = GREEDY) -> list[int]:
+    run = _Run()
+    make_engine().submit(prompt, params, run)
+    return run.wait()
+
+
+def _wait_idle(engine: Engine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (s := engine.stats()).running or s.waiting or s.used_blocks:
+        assert time.monotonic() < deadline, f"engine not idle: {s}"
+        time.sleep(0.005)
+
+
+def test_requests_joining_mid_flight_get_their_solo_tokens(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    solo = [_alone(make_engine, p) for p in prompts]
+    engine = make_engine(prefill_chunk=16)
+    first = _Run()
+    engine.submit(prompts[0], GenParams(temperature=0.0, max_tokens=60), first)
+    assert first.started.wait(30)
+    late = [_Run() for _ in prompts[1:]]
+    for p, run in zip(prompts[1:], late, strict=True):
+        engine.submit(p, GREEDY, run)
+    assert [r.wait() for r in late] == solo[1:]
+    assert first.wait()[:24] == solo[0]
+    batched = [s for s in engine.model.shapes if s[1] == 1 and s[0] > 1]
+    assert batched, "the late requests were decoded in one batch with the first"
+    _wait_idle(engine)
+
+
+def test_chunked_prefill_interleaves_and_matches(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    whole = _alone(make_engine, prompts[2])
+    engine = make_engine(prefill_chunk=5)
+    decoding = _Run()
+    did = engine.submit(prompts[1], GenParams(temperature=0.0, max_tokens=200), decoding)
+    assert decoding.started.wait(30)
+    seen = len(engine.model.shapes)
+    long = _Run()
+    engine.submit(prompts[2], GREEDY, long)
+    assert long.wait() == whole
+    shapes = engine.model.shapes[seen:]
+    prefill = [i for i, s in enumerate(shapes) if s[1] > 1]
+    assert [shapes[i] for i in prefill] == [(1, 5)] * 10 + [(1, 2)], (
+        "the 52-token prompt went in 5-token chunks"
+    )
+    between = [s for s in shapes[prefill[0] : prefill[-1]] if s[1] == 1]
+    assert len(between) >= len(prefill) - 1, "decoding went on between the prefill chunks"
+    engine.cancel(did)
+    _wait_idle(engine)
+
+
+def test_prefix_cache_reuses_blocks(make_engine: Callable[..., Engine]) -> None:
+    base = _prompts()[2]  # 52 tokens: 6 full blocks of 8
+    other = [*base[:40], 7, 8, 9, 10, 11]
+    expected = _alone(make_engine, other)
+    engine = make_engine()
+    engine.submit(base, GREEDY, first := _Run())
+    first.wait()
+    _wait_idle(engine)
+    assert engine.stats().cached_blocks >= 6
+    hits, seen = engine.stats().prefix_hit_blocks, len(engine.model.shapes)
+    engine.submit(other, GREEDY, second := _Run())
+    assert second.wait() == expected, "reused cache rows give the same tokens as a fresh prefill"
+    assert engine.stats().prefix_hit_blocks - hits == 5  # blocks 0..4 cover its first 40 tokens
+    prefilled = sum(s[1] for s in engine.model.shapes[seen:] if s[1] > 1)
+    assert prefilled == len(other) - 40, "only the uncached tail was prefilled"
+    _wait_idle(engine)
+
+
+def test_cancel_frees_blocks_at_once(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_batch=1)
+    running, queued = _Run(), _Run()
+    rid = engine.submit(_prompts()[0], GenParams(temperature=0.0, max_tokens=400), running)
+    qid = engine.submit(_prompts()[1], GenParams(temperature=0.0, max_tokens=400), queued)
+    assert running.started.wait(30)
+    assert engine.stats().used_blocks > 0 and engine.stats().waiting == 1
+    engine.cancel(qid)
+    engine.cancel(rid)
+    t0 = time.monotonic()
+    _wait_idle(engine, timeout=2.0)
+    assert time.monotonic() - t0 < 1.0
+    n = len(running.tokens)
+    time.sleep(0.1)
+    assert len(running.tokens) == n and running.finish is None and queued.tokens == []
+
+
+def test_shutdown_ends_running_requests(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine()
+    run = _Run()
+    engine.submit(_prompts()[0], GenParams(temperature=0.0, max_tokens=400), run)
+    assert run.started.wait(30)
+    engine.stop()
+    assert run.done.is_set() and run.finish is not None and run.finish.reason == "error"
+    assert "shutting down" in run.finish.error
+
+
+# --------------------------------------------------------------------------- detokenisation
+@pytest.fixture(scope="module")
+def multibyte_tok() -> Any:
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    extra = ["héllo wörld ça va déjà", "日本語のテキストです。", "emoji 🙂🚀 mixed ünïcödé", "Привет мир"]
+    return train_bpe(default_corpus(300) + extra * 3, 512)
+
+
+class _DecodeLog:
+    def __init__(self, tok: Any) -> None:
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids: list[int]) -> str:
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80))
+def test_streamed_text_equals_one_shot_decode(multibyte_tok: Any, text: str) -> None:
+    ids = multibyte_tok.encode(text)
+    detok = IncrementalDetokenizer(multibyte_tok)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == multibyte_tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces[:-1]) or "\ufffd" in text
+
+
+def test_detokenizer_window_stays_small(multibyte_tok: Any) -> None:
+    text = "日本語 déjà vu 🙂 " * 40
+    ids = multibyte_tok.encode(text)
+    log = _DecodeLog(multibyte_tok)
+    detok = IncrementalDetokenizer(log)
+    out = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert out == text and len(ids) > 200
+    assert max(log.lengths) <= 8, "each step decodes a few tokens, not the whole output"
+
+
+# --------------------------------------------------------------------------- HTTP: limits
+@pytest.fixture
+def serve_tiny(tiny_ckpt: Path, live_server: Any) -> Iterator[Callable[..., Any]]:
+    from dsv.serve import load_native_app
+
+    servers: list[Any] = []
+
+    def start(**settings: Any) -> Any:
+        app = load_native_app(str(tiny_ckpt), model_name="m", max_model_len=1024, num_blocks=256, **settings)
+        server = live_server(app).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.__exit__(None, None, None)
+
+
+def _body(max_tokens: int, stream: bool) -> dict[str, Any]:
+    return {"model": "m", "prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+def _read_stream(resp: httpx.Response) -> tuple[list[dict[str, Any]], bool]:
+    chunks, done = [], False
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                done = True
+            else:
+                chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+def test_queue_full_is_429_with_retry_after(serve_tiny: Callable[..., Any]) -> None:
+    server = serve_tiny(max_in_flight=2)
+    url = server.url + "/v1/completions"
+    with httpx.Client(timeout=60) as c:
+        with (
+            c.stream("POST", url, json=_body(300, True)) as a,
+            c.stream("POST", url, json=_body(300, True)) as b,
+        ):
+            assert a.status_code == b.status_code == 200
+            r = httpx.post(url, json=_body(4, False), timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+            for resp in (a, b):
+                chunks, done = _read_stream(resp)
+                assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        r = httpx.post(url, json=_body(4, False), timeout=30)
+        assert r.status_code == 200, "room again once the two streams ended"
+
+
+def test_request_timeout(serve_tiny: Callable[..., Any]) -> None:
+    server = serve_tiny(request_timeout_s=0.4)
+    url = server.url + "/v1/completions"
+    t0 = time.monotonic()
+    r = httpx.post(url, json=_body(600, False), timeout=60)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    assert time.monotonic() - t0 < 3.0, "the deadline held while tokens kept coming"
+    with httpx.stream("POST", url, json=_body(600, True), timeout=60) as resp:
+        chunks, done = _read_stream(resp)
+    assert done and any("error" in c and c["error"]["code"] == "request_timeout" for c in chunks)
+    deadline = time.monotonic() + 5
+    while httpx.get(server.url + "/health").json()["used_blocks"]:
+        assert time.monotonic() < deadline, "timed-out requests gave their cache blocks back"
+        time.sleep(0.02)
+
+
+def test_graceful_shutdown_finishes_streams(tiny_ckpt: Path, live_server: Any) -> None:
+    from dsv.serve import load_native_app
+
+    app = load_native_app(str(tiny_ckpt), model_name="m", max_model_len=1024, num_blocks=256)
+    server = live_server(app).__enter__()
+    url = server.url + "/v1/completions"
+    with httpx.stream("POST", url, json=_body(120, True), timeout=60) as resp:
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        server.server.should_exit = True  # what SIGTERM/SIGINT do in uvicorn
+        rest = [line for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(x[6:]) for x in [first, *rest[:-1]]]
+    assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks if c["choices"][0]["text"] or c["choices"][0]["finish_reason"]) >= 2
+    server.thread.join(timeout=30)
+    assert not server.thread.is_alive()
+    assert app.state.backend.engine._thread is not None and not app.state.backend.engine._thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, json=_body(4, False), timeout=5)
