@@ -269,8 +269,8 @@ def test_queue_full_is_429_with_retry_after(serve_tiny: Callable[..., Any]) -> N
     url = server.url + "/v1/completions"
     with httpx.Client(timeout=60) as c:
         with (
-            c.stream("POST", url, json=_body(300, True)) as a,
-            c.stream("POST", url, json=_body(300, True)) as b,
+            c.stream("POST", url, json=_body(200, True)) as a,
+            c.stream("POST", url, json=_body(200, True)) as b,
         ):
             assert a.status_code == b.status_code == 200
             r = httpx.post(url, json=_body(4, False), timeout=30)
