@@ -101,3 +101,17 @@ def test_cache_tells_apart_functions_with_the_same_code() -> None:
     first, second = _cached_schemas([make(3)]), _cached_schemas([make(4)])
     assert first[0]["function"]["parameters"]["properties"]["x"]["default"] == 3
     assert second[0]["function"]["parameters"]["properties"]["x"]["default"] == 4
+
+
+def test_cache_handles_unhashable_defaults() -> None:
+    def pick(items: list[int] = [1, 2]) -> str:  # noqa: B006 - the unhashable default is the point
+        """Pick one.
+
+        Args:
+            items: candidates.
+        """
+        return str(items[0])
+
+    first, second = _cached_schemas([pick]), _cached_schemas([pick])
+    assert first == second == [tool_schema(pick)]
+    assert first[0] is not second[0]
