@@ -6,6 +6,8 @@ Run: ``dsv serve ./ckpt --port 8000 [--engine vllm|sglang] [--api-key KEY]``.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,9 +74,19 @@ def serve(
     except (RuntimeError, TimeoutError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({engine})")
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found:
+    # with the default one the process would die there and leave the engine process running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
