@@ -399,7 +399,7 @@ def run_command(
         if uid is not None:
             _chown_tree(workdir, uid)
         result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, root)
-        if result.status == "error" and result.returncode is None and root is not None:
+        if result.returncode is None and root is not None and "preexec_fn" in result.stderr:
             # The private root could not be built for this run (e.g. a mount limit): run without it.
             result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, None)
         return result
