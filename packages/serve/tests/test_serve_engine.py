@@ -79,10 +79,11 @@ def tiny() -> tuple[torch.nn.Module, Any]:
 def make_engine(tiny: tuple[torch.nn.Module, Any]) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
-    def make(**kw: Any) -> Engine:
+    def make(start: bool = True, **kw: Any) -> Engine:
         model, cfg = tiny
         e = Engine.for_model(_Counting(model), cfg, **{"num_blocks": 64, "block_size": 8, **kw})
-        e.start()
+        if start:
+            e.start()
         engines.append(e)
         return e
 
@@ -123,6 +124,20 @@ def test_requests_joining_mid_flight_get_their_solo_tokens(make_engine: Callable
     assert first.wait()[:24] == solo[0]
     batched = [s for s in engine.model.shapes if s[1] == 1 and s[0] > 1]
     assert batched, "the late requests were decoded in one batch with the first"
+    _wait_idle(engine)
+
+
+def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]
+    solo = [_alone(make_engine, p) for p in prompts]
+    engine = make_engine(start=False, num_blocks=64)
+    runs = [_Run() for _ in prompts]
+    for p, run in zip(prompts, runs, strict=True):
+        engine.submit(p, GREEDY, run)
+    engine.start()
+    assert [r.wait() for r in runs] == solo
+    assert engine.model.shapes[0] == (3, 20) and all(s[1] == 1 for s in engine.model.shapes[1:])
     _wait_idle(engine)
 
 

@@ -137,26 +137,35 @@ class LocalBackend:
         detok = IncrementalDetokenizer(self.tokenizer)
         try:
             while True:
-                ev = await queue.get()
-                if isinstance(ev, Finish):
-                    done = True
-                    yield Piece(
-                        text=detok.flush(),
-                        finish_reason=ev.reason,
-                        prompt_tokens=ev.prompt_tokens,
-                        completion_tokens=ev.completion_tokens,
-                        error=ev.error,
+                # Under load several tokens queue up between wake-ups: send them as one piece.
+                events = [await queue.get()]
+                while not queue.empty() and not isinstance(events[-1], Finish):
+                    events.append(queue.get_nowait())
+                text: list[str] = []
+                lps: list[TokenLogprob] = []
+                for ev in events:
+                    if isinstance(ev, Finish):
+                        done = True
+                        text.append(detok.flush())
+                        yield Piece(
+                            text="".join(text),
+                            logprobs=lps,
+                            finish_reason=ev.reason,
+                            prompt_tokens=ev.prompt_tokens,
+                            completion_tokens=ev.completion_tokens,
+                            error=ev.error,
+                        )
+                        return
+                    lps.append(
+                        TokenLogprob(
+                            self.tokenizer.decode([ev.token]),
+                            ev.logprob,
+                            [(self.tokenizer.decode([t]), v) for t, v in ev.top],
+                        )
                     )
-                    return
-                lp = TokenLogprob(
-                    self.tokenizer.decode([ev.token]),
-                    ev.logprob,
-                    [(self.tokenizer.decode([t]), v) for t, v in ev.top],
-                )
-                if ev.token in params.stop_token_ids:
-                    yield Piece(logprobs=[lp])
-                    continue
-                yield Piece(text=detok.push(ev.token), logprobs=[lp])
+                    if ev.token not in params.stop_token_ids:
+                        text.append(detok.push(ev.token))
+                yield Piece(text="".join(text), logprobs=lps)
         finally:
             if not done:
                 self.engine.cancel(sid)

@@ -4,8 +4,9 @@ One background thread owns the model. Each iteration it
 
 1. drops cancelled sequences (their blocks go back to the pool at once),
 2. admits waiting requests while blocks and batch slots allow (prefix-cache hits skip prefill),
-3. runs at most one prefill chunk (``prefill_chunk`` tokens of one sequence, B=1) so long prompts
-   never stall decoding for long, and
+3. runs one prefill forward: the next chunk (at most ``prefill_chunk`` tokens) of the waiting
+   prompts whose chunk has the same length, batched up to ``prefill_budget`` tokens, so many new
+   requests start together and long prompts never stall decoding for long, and
 4. runs one decode forward for every sequence whose prompt is cached (B=running, S=1).
 
 The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
@@ -105,6 +106,7 @@ class Engine:
         block_size: int = 16,
         max_batch: int = 64,
         prefill_chunk: int = 256,
+        prefill_budget: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -119,6 +121,7 @@ class Engine:
             dtype=dtype,
         )
         self.max_batch, self.prefill_chunk, self.device = max_batch, prefill_chunk, torch.device(device)
+        self.prefill_budget = prefill_budget or 4 * prefill_chunk  # prompt tokens per prefill forward
         self._ids = itertools.count()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -244,19 +247,27 @@ class Engine:
         return logits
 
     def step(self) -> None:
-        """One engine iteration: at most one prefill chunk, then one decode step for all."""
+        """One engine iteration: one batched prefill chunk, then one decode step for all."""
         with self._cv:
             running = list(self._running)
-        prefill = next((s for s in running if s.cached < len(s.prompt)), None)
-        if prefill is not None:
-            chunk = prefill.prompt[prefill.cached : prefill.cached + self.prefill_chunk]
-            logits = self._forward([prefill], [chunk])
+        prefilled: set[int] = set()
+        waiting = [s for s in running if s.cached < len(s.prompt)]
+        if waiting:
+            # Rows of one forward need the same number of new tokens: batch the prompts whose next
+            # chunk has the first one's length, within the prefill token budget.
+            width = min(self.prefill_chunk, len(waiting[0].prompt) - waiting[0].cached)
+            group = [s for s in waiting if min(self.prefill_chunk, len(s.prompt) - s.cached) == width]
+            group = group[: max(1, self.prefill_budget // width)]
+            logits = self._forward(group, [s.prompt[s.cached : s.cached + width] for s in group])
             bs = self.pool.block_size
-            for i in range(min(prefill.cached, len(prefill.prompt)) // bs):
-                self.pool.register(prefill.blocks[i], prefill.keys[i])
-            if prefill.cached == len(prefill.prompt):
-                self._sample([prefill], logits)
-        decode = [s for s in running if s.cached >= len(s.prompt) and s is not prefill and s.generated]
+            for seq in group:
+                for i in range(seq.cached // bs):
+                    self.pool.register(seq.blocks[i], seq.keys[i])
+                prefilled.add(seq.id)
+            done = [row for row, seq in enumerate(group) if seq.cached == len(seq.prompt)]
+            if done:
+                self._sample([group[row] for row in done], logits[done])
+        decode = [s for s in running if s.cached >= len(s.prompt) and s.id not in prefilled and s.generated]
         if decode:
             logits = self._forward(decode, [[s.generated[-1]] for s in decode])
             self._sample(decode, logits)
@@ -265,10 +276,16 @@ class Engine:
         from dsv.core.generate import SamplingParams, sample_next
 
         logp = torch.log_softmax(logits, dim=-1)
+        # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
+        tokens = logits.argmax(-1).tolist()
         for row, seq in enumerate(seqs):
             p = seq.params
-            sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
-            token = int(sample_next(logits[row : row + 1], sp, seq.generator).tokens[0])
+            if p.temperature != 0:
+                sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
+                tokens[row] = int(sample_next(logits[row : row + 1], sp, seq.generator).tokens[0])
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(1).tolist()
+        for row, seq in enumerate(seqs):
+            p, token = seq.params, tokens[row]
             top: list[tuple[int, float]] = []
             if p.top_logprobs:
                 v, i = logp[row].topk(min(p.top_logprobs, logp.shape[-1]))
@@ -278,7 +295,7 @@ class Engine:
                 self.generated_tokens += 1
                 if seq.id in self._cancel:
                     continue
-            seq.on_event(TokenEvent(token, float(logp[row, token]), top))
+            seq.on_event(TokenEvent(token, chosen[row], top))
             if token in p.stop_token_ids:
                 self._finish_locked(seq, "stop")
             elif len(seq.generated) >= p.max_tokens:
