@@ -332,36 +332,37 @@ def bench_app(
     ),
 ) -> None:
     """DSA kernels (indexer, top-k, sparse MLA prefill/decode) vs. dense SDPA across context lengths."""
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
+    # every flag is checked before torch is imported, so a typo fails in well under a second
     all_ops = ("indexer", "topk", "sparse_prefill", "dense_prefill", "sparse_decode", "dense_decode")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
+    if device not in ("auto", "cpu", "cuda"):
         _fail(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda but no CUDA device is visible; use --device cpu", 1)
-    if backend == "auto":
-        backend = "triton" if device == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
+    if backend not in ("auto", "torch", "triton"):
         _fail(f"--backend must be auto, torch or triton, got {backend!r}")
-    if backend == "triton" and device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before dsv.kernels imports triton
     if dtype not in ("bf16", "fp32"):
         _fail(f"--dtype must be bf16 or fp32, got {dtype!r}")
     chosen_ops = tuple(o.strip() for o in ops.split(",") if o.strip()) or all_ops
     if bad := [o for o in chosen_ops if o not in all_ops]:
         _fail(f"unknown --ops {', '.join(bad)}; choose from {', '.join(all_ops)}")
     try:
-        ctx = [int(c) for c in contexts.split(",") if c.strip()] or (
-            [4096, 8192, 16384, 32768, 65536, 131072] if device == "cuda" else [512, 1024, 2048]
-        )
+        ctx = [int(c) for c in contexts.split(",") if c.strip()]
     except ValueError:
         _fail(f"--contexts must be comma-separated integers, got {contexts!r}")
     if any(c < 1 for c in ctx):
         _fail("--contexts must be positive")
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda but no CUDA device is visible; use --device cpu", 1)
+    if backend == "auto":
+        backend = "triton" if device == "cuda" else "torch"
+    if backend == "triton" and device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before dsv.kernels imports triton
+    ctx = ctx or ([4096, 8192, 16384, 32768, 65536, 131072] if device == "cuda" else [512, 1024, 2048])
     try:
         shapes = [BenchShape.from_preset(p.strip()) for p in preset.split(",") if p.strip()]
     except (KeyError, ValueError) as exc:

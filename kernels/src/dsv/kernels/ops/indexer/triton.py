@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from dsv.kernels._checks import interpreting, next_pow2
-from dsv.kernels._tl import dot_flags, mma
+from dsv.kernels._tl import device_fn, dot_flags, mma
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def _indexer_kernel(
         k_scale = tl.load(ks_ptr + b * stride_ksb + offs_s * stride_kst, mask=s_mask, other=0.0)
     out_base = out_ptr + b * stride_ob + offs_s * stride_ot
     for i in range(BLOCK_T):
-        t = pid_t * BLOCK_T + i
+        # int64: t * stride_os reaches S * T = 2^34 at 128K context
+        t = (pid_t * BLOCK_T + i).to(tl.int64)
         if t < S:
             pos = q_off + t
             if pid_s * BLOCK_S > pos:  # the whole key tile is in the future of this query
@@ -124,7 +125,7 @@ def launch_indexer(
     return out
 
 
-@triton.jit
+@device_fn
 def _rows(pid_t, S, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     # BLOCK_T queries x BLOCK_H heads flattened into BLOCK_T * BLOCK_H rows (m = t * BLOCK_H + h), so one
     # MMA covers several queries even when H alone is a thin tile

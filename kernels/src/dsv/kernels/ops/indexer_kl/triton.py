@@ -26,14 +26,15 @@ import triton
 import triton.language as tl
 
 from dsv.kernels._checks import interpreting, next_pow2
-from dsv.kernels._tl import dot_flags, mma
+from dsv.kernels._tl import device_fn, dot_flags, mma
 
 LOG2E = 1.4426950408889634
 # (64 heads x 64 keys) fp32 logits tile per program: 32 registers a thread at 4 warps
 _NUM_WARPS = 4
+KL_BLOCK_N = 1024  # one row of scores streamed in 1024-wide chunks (4 KiB of fp32)
 
 
-@triton.jit
+@device_fn
 def _logits_tile(
     q_row, kv_base, offs_h, h_mask, ids, valid, D, stride_qh, stride_qd, stride_kvt, stride_kvd,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -178,7 +179,7 @@ def _kl_row_kernel(
 
 def _blocks(H: int, D: int) -> tuple[int, int, int]:
     if interpreting():
-        return next_pow2(min(H, 16)), 16, 16
+        return next_pow2(min(H, 16)), 16, 32
     return next_pow2(min(H, 64)), 64, 64
 
 
@@ -234,7 +235,7 @@ def kl_rows(
     grad = torch.empty((R, N), dtype=torch.float32, device=p.device) if write_grad else kl
     if R == 0:
         return kl, (grad if write_grad else None)
-    block_n = 64 if interpreting() else 1024
+    block_n = 64 if interpreting() else KL_BLOCK_N
     _kl_row_kernel[(R,)](p, scores, kl, grad, N, 1.0 / R, eps, WRITE_GRAD=write_grad, BLOCK_N=block_n)
     return kl, (grad if write_grad else None)
 

@@ -21,11 +21,12 @@ import triton
 import triton.language as tl
 
 from dsv.kernels._checks import interpreting
+from dsv.kernels._tl import device_fn
 
 TORCH_TOPK_MAX_T = 4096
 
 
-@triton.jit
+@device_fn
 def _sortable(x):
     bits = x.to(tl.uint32, bitcast=True)
     neg = (bits >> 31) == 1
@@ -42,7 +43,7 @@ def _radix_topk_kernel(x_ptr, out_ptr, T, K, stride_xr, stride_or, BLOCK: tl.con
     prefix_mask = tl.zeros([], dtype=tl.uint32)
     k_rem = K
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p  # p is a static_range constant, so this folds at compile time
         hist = tl.zeros([256], dtype=tl.int32)
         for start in range(0, T, BLOCK):
             offs = start + tl.arange(0, BLOCK)
