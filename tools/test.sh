@@ -10,6 +10,9 @@ PY="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
 "$VENV/bin/ruff" check .
+# Two pytest workers share two cores: one intra-op thread each avoids oversubscription, which
+# slows torch on CPU by an order of magnitude.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 log=$(mktemp)
 set +e
 "$VENV/bin/python" -m pytest -n "${DSV_TEST_WORKERS:-2}" --dist loadgroup -p no:cacheprovider "$@" 2>&1 | tee "$log"

@@ -302,15 +302,20 @@ def load_pretrained(
     with torch.device("meta"):
         model = DSVForCausalLM(config)
     check_state_dict(model, state, str(folder))
-    model.load_state_dict(state, assign=True, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-        for moe in model.moe_layers:  # the router and its bias stay in fp32, as in the reference
-            moe.gate.float()
-        for block in model.blocks:
-            if block.self_attn.indexer is not None:
-                block.self_attn.indexer.weights_proj.float()
-    model = model.to(device)
+    target = dtype if dtype is not None else state["model.embed_tokens.weight"].dtype
+    model = model.to(target)
+    for moe in model.moe_layers:  # the router and its bias stay in fp32, as in the reference
+        moe.gate.float()
+    for block in model.blocks:
+        if block.self_attn.indexer is not None:
+            block.self_attn.indexer.weights_proj.float()
+    # Fresh allocations on the target device, then copies: tensors handed out by the safetensors
+    # reader may sit at unaligned offsets, and CPU kernels pick different (differently rounded)
+    # code paths for them, which would make a resumed run drift from an uninterrupted one.
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            tensor.copy_(state[name])
     model.eval()
     tokenizer = Tokenizer.load(folder) if with_tokenizer and (folder / "tokenizer.json").exists() else None
     return model, tokenizer
