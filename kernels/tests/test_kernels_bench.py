@@ -15,7 +15,9 @@ import pytest
 from dsv.kernels.bench import BenchShape, run_benchmarks
 
 
-def test_run_benchmarks_records_every_op_with_dense_ratio() -> None:
+def test_run_benchmarks_records_every_op_with_dense_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    # scores budget for 16 of the 48 queries: the long-context path (last queries only) runs
+    monkeypatch.setattr("dsv.kernels.bench.SCORE_BYTES", 4 * 2 * 48 * 16)
     shape = BenchShape.from_preset("tiny")
     records = run_benchmarks(
         shapes=[shape], contexts=[48], batch=2, device="cpu", backend="torch", repeats=1, dtype_name="fp32"
@@ -29,6 +31,11 @@ def test_run_benchmarks_records_every_op_with_dense_ratio() -> None:
         "dense_decode",
     }
     assert all(r["ms"] > 0 for r in records)
+    assert {r["op"]: r["queries"] for r in records if r["op"] in ("indexer", "topk")} == {
+        "indexer": 16,
+        "topk": 16,
+    }
+    assert all(r["queries"] == 48 for r in records if r["op"] not in ("indexer", "topk"))
     sparse = next(r for r in records if r["op"] == "sparse_prefill")
     dense = next(r for r in records if r["op"] == "dense_prefill")
     assert sparse["speedup_vs_dense"] == pytest.approx(dense["ms"] / sparse["ms"])

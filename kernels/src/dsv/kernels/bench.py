@@ -3,12 +3,15 @@
 For each model shape (a dsv.core preset: ``small``, ``v32`` = 128 heads, 512+64 latent, k=2048) and
 each context length it times, on the same inputs and in the same run:
 
-- ``indexer``  lightning-indexer scores for a full prefill (causal half counted in FLOP/s);
+- ``indexer``  lightning-indexer scores for a prefill (causal pairs counted in FLOP/s); from 64K
+  context on, for the last queries only (``queries`` column, see :func:`query_chunk`): the full
+  ``[L, L]`` fp32 score matrix is 64 GiB at 128K;
 - ``topk``     top-k selection over those score rows;
 - ``sparse_prefill`` sparse MLA forward (absorbed form, K = min(index_topk, L) picks per query);
 - ``dense_prefill``  torch SDPA causal attention in MHA form (qk = nope+rope, v = v_head_dim), the
   dense baseline (flash backend on CUDA where it accepts the shapes);
-- ``sparse_decode`` / ``dense_decode`` one new token per sequence against an L-token latent cache.
+- ``sparse_decode`` / ``dense_decode`` one new token per sequence against an L-token latent cache
+  (dense: SDPA with the heads as the queries of the one shared latent head, as FlashMLA decodes).
 
 Implementation: ``triton`` (dsv.kernels) on CUDA, ``torch`` (the dsv.core references) anywhere. On
 CUDA times come from ``triton.testing.do_bench`` (median) and memory from
@@ -36,7 +39,7 @@ from typing import Any
 
 import typer
 
-__all__ = ["BenchShape", "bench_app", "run_benchmarks"]
+__all__ = ["BenchShape", "bench_app", "query_chunk", "run_benchmarks"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,13 +135,22 @@ def run_benchmarks(
     records: list[dict[str, Any]] = []
 
     def rand(*size: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device=device, dtype=torch.float32).to(dt)
+        # drawn in the target dtype: an fp32 draw of the 128K prefill query (128 heads x 576) alone is 39 GB
+        return torch.randn(*size, generator=gen, device=device, dtype=dt)
 
     def measure(
-        shape: BenchShape, L: int, op: str, impl: str, fn: Callable[[], object], flops: float, nbytes: float
+        shape: BenchShape,
+        L: int,
+        op: str,
+        impl: str,
+        fn: Callable[[], object],
+        flops: float,
+        nbytes: float,
+        queries: int | None = None,
     ) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # freed blocks of the previous op must not fragment this one's
             torch.cuda.reset_peak_memory_stats()
         ms = timer(fn)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
@@ -148,6 +160,7 @@ def run_benchmarks(
                 "tflops": flops / (ms * 1e-3) / 1e12 if flops else None,
                 "gbps": nbytes / (ms * 1e-3) / 1e9 if nbytes else None,
                 "peak_mib": peak, "device": device, "dtype": dtype_name,
+                "queries": L if queries is None else queries,
             }
         )  # fmt: skip
         if progress:
@@ -161,25 +174,26 @@ def run_benchmarks(
             K = min(shape.index_topk, L)
             sm = D**-0.5
             if "indexer" in ops or "topk" in ops:
-                qi, ki = rand(B, L, shape.index_heads, shape.index_dim), rand(B, L, shape.index_dim)
-                wi = rand(B, L, shape.index_heads, dt=torch.float32)
-                idx_fn = (lambda: kern.indexer_scores(qi, ki, wi)) if backend == "triton" else (lambda: ref.indexer_scores_reference(qi, ki, wi))  # fmt: skip
+                # the last `nq` queries of the context (all of it up to SCORE_BYTES of fp32 scores): a full
+                # 128K x 128K score matrix is 64 GiB, more than the benchmark should hold on an 80 GB card;
+                # the last queries see the most keys, so this is the expensive end of the prefill
+                nq = query_chunk(B, L)
+                qi, ki = rand(B, nq, shape.index_heads, shape.index_dim), rand(B, L, shape.index_dim)
+                wi = rand(B, nq, shape.index_heads, dt=torch.float32)
+                off = L - nq
+                idx_fn = (lambda: kern.indexer_scores(qi, ki, wi, q_offset=off)) if backend == "triton" else (lambda: ref.indexer_scores_reference(qi, ki, wi, off))  # fmt: skip
                 if "indexer" in ops:
-                    flops = 2 * B * L * L * shape.index_heads * shape.index_dim / 2
+                    visible_pairs = nq * off + nq * (nq + 1) / 2  # causal (query, key) pairs computed
+                    flops = 2 * B * visible_pairs * shape.index_heads * shape.index_dim
                     measure(
-                        shape,
-                        L,
-                        "indexer",
-                        backend,
-                        idx_fn,
-                        flops,
-                        (qi.numel() + ki.numel()) * elt + 4 * B * L * L,
-                    )
+                        shape, L, "indexer", backend, idx_fn, flops,
+                        (qi.numel() + ki.numel()) * elt + 4 * B * nq * L, queries=nq,
+                    )  # fmt: skip
                 scores = idx_fn()
                 del qi, ki, wi
                 if "topk" in ops:
                     topk_fn = (lambda: kern.topk(scores, K)) if backend == "triton" else (lambda: ref.select_topk_reference(scores, K))  # fmt: skip
-                    measure(shape, L, "topk", backend, topk_fn, 0.0, 4 * scores.numel())
+                    measure(shape, L, "topk", backend, topk_fn, 0.0, 4 * scores.numel(), queries=nq)
                 del scores
             if "sparse_prefill" in ops:
                 q, kv = rand(B, L, H, D), rand(B, L, D)
@@ -241,10 +255,13 @@ def run_benchmarks(
                         shape, L, "sparse_decode", backend, dec_fn, 2 * B * H * K * (D + dv), B * K * D * elt
                     )
                 if "dense_decode" in ops:
-                    qt, kt, vt = q1.transpose(1, 2), cache.unsqueeze(1), cache[..., :dv].unsqueeze(1)
+                    # absorbed MQA decode as FlashMLA runs it: the heads are the queries of one shared
+                    # latent "head", so nothing is repeated per head (enable_gqa on the math backend
+                    # would copy the 128K cache 128 times) and no mask is needed (the token sees all L)
+                    qt, kt, vt = q1.view(B, 1, H, D), cache.unsqueeze(1), cache[..., :dv].unsqueeze(1)
 
                     def dense_dec() -> object:
-                        return F.scaled_dot_product_attention(qt, kt, vt, scale=sm, enable_gqa=True)
+                        return F.scaled_dot_product_attention(qt, kt, vt, scale=sm)
 
                     measure(
                         shape, L, "dense_decode", "sdpa", dense_dec, 2 * B * H * L * (D + dv), B * L * D * elt
@@ -265,6 +282,14 @@ def run_benchmarks(
         ]
         r["speedup_vs_dense"] = match[0]["ms"] / r["ms"] if match else None
     return records
+
+
+SCORE_BYTES = 8 << 30  # fp32 indexer scores the benchmark holds at once (8 GiB)
+
+
+def query_chunk(batch: int, context: int) -> int:
+    """Queries whose ``[batch, queries, context]`` fp32 scores fit in ``SCORE_BYTES`` (all up to 32K context)."""
+    return max(1, min(context, SCORE_BYTES // (4 * batch * context)))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -375,7 +400,18 @@ def bench_app(
             dtype_name=dtype, ops=chosen_ops, progress=lambda m: status.update(m),
         )  # fmt: skip
     table = Table(title=f"dsv bench kernels ({device}, {dtype}, batch {batch}, median of {repeats})")
-    for col in ("preset", "context", "op", "impl", "ms", "TFLOP/s", "GB/s", "peak MiB", "vs dense"):
+    for col in (
+        "preset",
+        "context",
+        "queries",
+        "op",
+        "impl",
+        "ms",
+        "TFLOP/s",
+        "GB/s",
+        "peak MiB",
+        "vs dense",
+    ):
         table.add_column(col, justify="right" if col not in ("preset", "op", "impl") else "left")
 
     def fmt(x: float | None, spec: str) -> str:
@@ -383,7 +419,7 @@ def bench_app(
 
     for r in records:
         table.add_row(
-            r["preset"], str(r["context"]), r["op"], r["impl"], fmt(r["ms"], ".3f"), fmt(r["tflops"], ".4f"),
+            r["preset"], str(r["context"]), str(r["queries"]), r["op"], r["impl"], fmt(r["ms"], ".3f"), fmt(r["tflops"], ".4f"),
             fmt(r["gbps"], ".1f"), fmt(r["peak_mib"], ".0f"), fmt(r["speedup_vs_dense"], ".2f") + ("x" if r["speedup_vs_dense"] else ""),
         )  # fmt: skip
     console.print(table)
