@@ -83,3 +83,24 @@ def test_mtp_logits_predict_two_ahead_shapes() -> None:
     with torch.no_grad():
         out = model(torch.randint(0, 1024, (2, 10)), return_mtp=True)
     assert out.mtp_logits is not None and out.mtp_logits[0].shape == (2, 9, 1024)
+
+
+def test_masked_dense_simulation_equals_gathered_sparse(monkeypatch) -> None:
+    """The torch path may compute DSA as dense attention masked to the selection; same numbers."""
+    from dsv.core import attention
+
+    # 16 index heads: with very few, exact-zero scores tie at the top-k boundary and a full forward
+    # and a decode may break the tie differently (both correct).
+    model = DSVForCausalLM(tiny(index_topk=8, index_n_heads=16)).eval()
+    x = torch.randint(0, 1024, (2, 30))
+    outs = {}
+    for ratio in (0, 1000):  # 0: always gather the selected rows; 1000: always masked dense
+        monkeypatch.setattr(attention, "MASKED_DENSE_MAX_RATIO", ratio)
+        with torch.no_grad():
+            full = model(x).logits
+            cache = DenseKVCache(model.config, 2, 30)
+            steps = [model(x[:, :20], cache=cache).logits] + [model(x[:, t : t + 1], cache=cache).logits for t in range(20, 30)]
+        outs[ratio] = (full, torch.cat(steps, 1))
+    for a, b in zip(outs[0], outs[1000], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[0][1], atol=1e-5, rtol=1e-5)

@@ -219,6 +219,26 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return select_topk_reference(scores, k)
 
 
+# On the torch path, attending densely with everything outside the selection masked out is the same
+# maths as gathering the selected rows, and cheaper until the context is several times the selection
+# (gathers are memory-bound on CPU). V3.2-Exp likewise simulates DSA with a masked dense attention
+# for short prefill.
+MASKED_DENSE_MAX_RATIO = 4
+
+
+def selection_mask(idx: torch.Tensor, s_k: int) -> torch.Tensor:
+    """Bool ``[B, S, s_k]``: True at the keys ``idx [B, S, K]`` selects (``-1`` entries select nothing)."""
+    B, S, _ = idx.shape
+    ids = torch.where(idx >= 0, idx.long(), torch.full_like(idx, s_k, dtype=torch.long))
+    allowed = torch.zeros(B, S, s_k + 1, dtype=torch.bool, device=idx.device)
+    return allowed.scatter_(2, ids, True)[..., :s_k]
+
+
+def prefers_masked_dense(t: torch.Tensor, s_k: int, k: int) -> bool:
+    """Whether a selection of ``k`` of ``s_k`` keys is better computed as masked dense attention."""
+    return backend_for(t) == "torch" and s_k <= MASKED_DENSE_MAX_RATIO * k
+
+
 def sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +263,14 @@ def indexer_kl_loss(
 
 
 def dense_mla_reference(
-    q: torch.Tensor, kv: torch.Tensor, sm_scale: float, d_v: int, q_offset: torch.Tensor | int = 0
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    q_offset: torch.Tensor | int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal dense attention in the absorbed (MQA) form over every visible key.
+    """Dense attention in the absorbed (MQA) form over every visible key (or over ``mask [B,S,T]``).
 
     All heads share the one latent row per key, so heads are folded into the query axis and the
     whole thing is two batched matmuls (no per-head copy of the keys). This is also what sparse
@@ -253,7 +278,7 @@ def dense_mla_reference(
     """
     B, S, H, D = q.shape
     T = kv.shape[1]
-    visible = causal_key_mask(q_offset, S, T, B, q.device)  # (B, S, T)
+    visible = causal_key_mask(q_offset, S, T, B, q.device) if mask is None else mask  # (B, S, T)
     logits = torch.bmm(q.reshape(B, S * H, D).float(), kv.float().transpose(1, 2)) * sm_scale  # (B, S*H, T)
     logits = logits.view(B, S, H, T).masked_fill(~visible.unsqueeze(2), float("-inf"))
     probs = logits.softmax(dim=-1).view(B, S * H, T)

@@ -86,7 +86,12 @@ class MLA(nn.Module):
         return torch.einsum("bshr,hvr->bshv", out_lat.to(w_uv.dtype), w_uv)  # (B, S, H, v)
 
     def _mha_dense(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_all: torch.Tensor, q_offset: torch.Tensor
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_all: torch.Tensor,
+        q_offset: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S = q_nope.shape[:2]
         T = kv_all.shape[1]
@@ -95,12 +100,12 @@ class MLA(nn.Module):
         k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, T, self.n_heads, self.rope)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        if S == T and bool((q_offset == 0).all()):
+        if mask is None and S == T and bool((q_offset == 0).all()):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
             )
         else:
-            visible = attention.causal_key_mask(q_offset, S, T, B, q.device)
+            visible = attention.causal_key_mask(q_offset, S, T, B, q.device) if mask is None else mask
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible.unsqueeze(1), scale=self.scale
             )
@@ -158,18 +163,27 @@ class MLA(nn.Module):
                 scores = attention.indexer_scores(iq, index_k_all, iw, q_offset)  # (B, S, T)
             extras.indices = attention.select_topk(scores.detach(), self.config.index_topk)
 
-        if sparse or (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss:
+        T = kv_all.shape[1]
+        mask = None
+        if sparse:
+            assert extras.indices is not None
+            if attention.prefers_masked_dense(q, T, extras.indices.shape[-1]):
+                mask = attention.selection_mask(extras.indices, T)  # (B, S, T); implies causality
+                sparse = False
+        absorbed = (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss
+        if sparse or absorbed:
             q_abs = self._absorbed_query(q_nope, q_pe)
             if sparse:
                 assert extras.indices is not None
                 out_lat, _ = attention.sparse_mla(q_abs, kv_all, extras.indices, self.scale, self.rank)
             else:
-                out_lat = attention.dense_mla_reference(q_abs, kv_all, self.scale, self.rank, q_offset)
+                out_lat = attention.dense_mla_reference(q_abs, kv_all, self.scale, self.rank, q_offset, mask)
             out = self._absorbed_output(out_lat)
             if indexer_loss and scores is not None:
+                selected = extras.indices if (sparse or mask is not None) else None
                 extras.indexer_loss = attention.indexer_kl_loss(
-                    q_abs.detach(), kv_all.detach(), scores, self.scale, extras.indices if sparse else None, q_offset
+                    q_abs.detach(), kv_all.detach(), scores, self.scale, selected, q_offset
                 )
         else:
-            out = self._mha_dense(q_nope, q_pe, kv_all, q_offset)
+            out = self._mha_dense(q_nope, q_pe, kv_all, q_offset, mask)
         return self.o_proj(out.reshape(B, S, H * self.v_dim).to(x.dtype)), extras
