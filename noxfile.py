@@ -36,7 +36,9 @@ def _install(session: nox.Session, folder: str, extras: str, deps: tuple[str, ..
 
 for _name, (_folder, _extras, _deps) in PACKAGES.items():
 
-    def _session(session: nox.Session, folder: str = _folder, extras: str = _extras, deps: tuple[str, ...] = _deps) -> None:
+    def _session(
+        session: nox.Session, folder: str = _folder, extras: str = _extras, deps: tuple[str, ...] = _deps
+    ) -> None:
         _install(session, folder, extras, deps)
         session.run("python", "-m", "pytest", f"{folder}/tests", *session.posargs)
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 
-def run_dsv(*args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_dsv(
+    *args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `dsv ARGS...` as a user would; fail the test with its output when it fails unexpectedly."""
     r = subprocess.run(
         [sys.executable, "-m", "dsv.cli.main", *args],
@@ -21,7 +23,9 @@ def run_dsv(*args: str, timeout: float = 600, check: bool = True, env: dict[str,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     if check and r.returncode != 0:
-        pytest.fail(f"dsv {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}")
+        pytest.fail(
+            f"dsv {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+        )
     return r
 
 

@@ -32,14 +32,27 @@ def test_synth_to_train_to_eval(tmp_path: Path) -> None:
             "--steps", "4", "--micro-batch-size", "2", "--seq-len", "64")  # fmt: skip
     final = tmp_path / "pre" / "final"
     assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
-    metrics = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = [
+        json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
     assert any("loss" in m for m in metrics)
 
     r = run_dsv("generate", str(final), "--prompt", "2 + 2 =", "--max-new-tokens", "4", "--seed", "0")
     assert "4 tokens" in r.stderr or "finish_reason=stop" in r.stderr
 
     out = tmp_path / "eval"
-    run_dsv("eval", "--model", str(final), "--tasks", str(tasks), "--max-tokens", "8", "--no-thinking", "--out", str(out))
+    run_dsv(
+        "eval",
+        "--model",
+        str(final),
+        "--tasks",
+        str(tasks),
+        "--max-tokens",
+        "8",
+        "--no-thinking",
+        "--out",
+        str(out),
+    )
     report = json.loads((out / "report.json").read_text())
     assert json.dumps(report).count("accuracy") >= 1
     assert (out / "report.md").exists()
@@ -48,7 +61,17 @@ def test_synth_to_train_to_eval(tmp_path: Path) -> None:
 def test_served_checkpoint_scored_through_openai_api(tiny_ckpt: Path, tmp_path: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "dsv.cli.main", "serve", str(tiny_ckpt), "--port", str(port), "--model-name", "tiny"],
+        [
+            sys.executable,
+            "-m",
+            "dsv.cli.main",
+            "serve",
+            str(tiny_ckpt),
+            "--port",
+            str(port),
+            "--model-name",
+            "tiny",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -12,7 +12,9 @@ from dsv.cli import main as cli
 
 
 def test_version_lists_installed_dsv_distributions() -> None:
-    r = subprocess.run([sys.executable, "-m", "dsv.cli.main", "--version"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsv.cli.main", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0
     assert "dsv-cli" in r.stdout
     assert set(cli.installed_distributions()) <= {line.split()[0] for line in r.stdout.splitlines()}
@@ -33,7 +35,11 @@ def test_missing_distribution_says_what_to_install(monkeypatch: pytest.MonkeyPat
 
 
 def test_broken_entry_point_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_load_group", lambda group: {"model": ImportError("No module named 'torch'")} if group == "dsv.commands" else {})
+    monkeypatch.setattr(
+        cli,
+        "_load_group",
+        lambda group: {"model": ImportError("No module named 'torch'")} if group == "dsv.commands" else {},
+    )
     r = CliRunner().invoke(cli.build_app(), ["model"])
     assert r.exit_code == 2 and "torch" in r.output
 
@@ -44,5 +50,7 @@ def test_doctor_reports_versions_and_kernels() -> None:
     facts = collect()
     for key in ("python", "torch", "triton", "device", "kernels", "dsv-cli"):
         assert key in facts
-    r = subprocess.run([sys.executable, "-m", "dsv.cli.main", "doctor"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsv.cli.main", "doctor"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "kernels" in r.stdout

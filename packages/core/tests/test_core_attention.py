@@ -108,7 +108,9 @@ def test_indexer_kl_loss_zero_at_target_and_grad_only_into_scores() -> None:
     # scores equal to log p make softmax(scores) == p: the loss is ~0
     perfect = torch.log(p).requires_grad_(True)
     assert A.indexer_kl_loss_reference(q, kv, perfect, 0.4).item() < 1e-6
-    scores = torch.randn(B, S, S).masked_fill(~A.causal_key_mask(0, S, S, B, torch.device("cpu")), float("-inf"))
+    scores = torch.randn(B, S, S).masked_fill(
+        ~A.causal_key_mask(0, S, S, B, torch.device("cpu")), float("-inf")
+    )
     scores.requires_grad_(True)
     loss = A.indexer_kl_loss_reference(q, kv, scores, 0.4)
     assert loss.item() > 0

@@ -103,7 +103,9 @@ def test_cached_repo_resolves_offline(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert model.config.model_type == "deepseek_v32"
 
 
-def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_previous_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = DSVForCausalLM(tiny())
     out = ck.save_pretrained(model, None, tmp_path / "m")
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -66,7 +66,9 @@ def test_truncated_checkpoint_and_offline_repo(tmp_checkpoint_copy: Path, tmp_pa
     f.write_bytes(f.read_bytes()[:100])
     r = dsv("generate", str(tmp_checkpoint_copy), "--prompt", "x")
     assert r.returncode == 1 and f.name in r.stderr and "Traceback" not in r.stderr
-    r = dsv("model", "info", "nobody/nothing", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "c")})
+    r = dsv(
+        "model", "info", "nobody/nothing", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "c")}
+    )
     assert r.returncode == 1 and "offline" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -16,7 +16,9 @@ def test_top_k_and_top_p_masks() -> None:
     assert kept_token_mask(logits, SamplingParams(top_p=0.7)).tolist() == [[True, True, False, False, False]]
     assert kept_token_mask(logits, SamplingParams(top_p=0.71)).tolist() == [[True, True, True, False, False]]
     assert kept_token_mask(logits, SamplingParams(top_p=0.1)).tolist() == [[True, False, False, False, False]]
-    assert kept_token_mask(logits, SamplingParams(temperature=0)).tolist() == [[True, False, False, False, False]]
+    assert kept_token_mask(logits, SamplingParams(temperature=0)).tolist() == [
+        [True, False, False, False, False]
+    ]
 
 
 def test_samples_stay_in_kept_set_and_logprobs_are_renormalised() -> None:
@@ -54,7 +56,9 @@ def test_greedy_generate_equals_argmax_of_full_forward_and_stops() -> None:
         for _ in range(8):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert out.tokens == seq[len(prompt) :]
-    stop = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(out.tokens[2],)))
+    stop = generate(
+        model, prompt, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(out.tokens[2],))
+    )
     assert stop.tokens == out.tokens[: out.tokens.index(out.tokens[2]) + 1] and stop.finish_reason == "stop"
 
 

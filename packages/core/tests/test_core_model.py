@@ -99,7 +99,9 @@ def test_masked_dense_simulation_equals_gathered_sparse(monkeypatch) -> None:
         with torch.no_grad():
             full = model(x).logits
             cache = DenseKVCache(model.config, 2, 30)
-            steps = [model(x[:, :20], cache=cache).logits] + [model(x[:, t : t + 1], cache=cache).logits for t in range(20, 30)]
+            steps = [model(x[:, :20], cache=cache).logits] + [
+                model(x[:, t : t + 1], cache=cache).logits for t in range(20, 30)
+            ]
         outs[ratio] = (full, torch.cat(steps, 1))
     for a, b in zip(outs[0], outs[1000], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

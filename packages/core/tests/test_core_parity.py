@@ -27,7 +27,13 @@ TOL = 1e-4
 
 def _config(model_type: str):
     if model_type == "deepseek_v3":
-        return tiny(model_type="deepseek_v3", num_nextn_predict_layers=0, index_n_heads=0, index_head_dim=0, index_topk=0)
+        return tiny(
+            model_type="deepseek_v3",
+            num_nextn_predict_layers=0,
+            index_n_heads=0,
+            index_head_dim=0,
+            index_topk=0,
+        )
     return tiny(index_n_heads=8, index_topk=16, num_nextn_predict_layers=0)
 
 
@@ -43,7 +49,9 @@ def _random_model(model_type: str) -> DSVForCausalLM:
 
 
 def _hf_load(folder: Path):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    )
     return hf.eval()
 
 
@@ -87,7 +95,9 @@ def test_decode_with_cache_matches_full_forward(pair) -> None:
 
 def test_transformers_checkpoint_loads_in_dsv(tmp_path: Path) -> None:
     cfg = _config("deepseek_v32")
-    hf_cfg = transformers.DeepseekV32Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    hf_cfg = transformers.DeepseekV32Config(
+        **{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    )
     torch.manual_seed(3)
     hf = transformers.DeepseekV32ForCausalLM(hf_cfg).eval()
     with torch.no_grad():

@@ -115,7 +115,11 @@ def build_app() -> typer.Typer:
     @app.callback()
     def root(
         version: bool = typer.Option(
-            False, "--version", callback=_version_callback, is_eager=True, help="List installed dsv distributions."
+            False,
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="List installed dsv distributions.",
         ),
     ) -> None:
         """dsv: the DeepSeek-V3.2 toolkit."""
@@ -129,9 +133,9 @@ def build_app() -> typer.Typer:
         obj = commands.get(name)
         if obj is None:
             dist, what = KNOWN_COMMANDS[name]
-            app.command(name=name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-                _missing(name, dist, what)
-            )
+            app.command(
+                name=name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+            )(_missing(name, dist, what))
         elif isinstance(obj, ImportError):
             app.command(name=name)(_broken(name, obj))
         else:
@@ -142,9 +146,9 @@ def build_app() -> typer.Typer:
     for name in sorted(set(benches) | set(KNOWN_BENCHES)):
         obj = benches.get(name)
         if obj is None:
-            bench.command(name=name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-                _missing(f"bench {name}", KNOWN_BENCHES[name], f"{name} benchmarks")
-            )
+            bench.command(
+                name=name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+            )(_missing(f"bench {name}", KNOWN_BENCHES[name], f"{name} benchmarks"))
         elif isinstance(obj, ImportError):
             bench.command(name=name)(_broken(f"bench {name}", obj))
         else:

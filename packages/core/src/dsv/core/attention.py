@@ -80,7 +80,9 @@ def _kernels() -> ModuleType:
 # ----------------------------------------------------------------------------- masks
 
 
-def causal_key_mask(q_offset: torch.Tensor | int, s_q: int, s_k: int, batch: int, device: torch.device) -> torch.Tensor:
+def causal_key_mask(
+    q_offset: torch.Tensor | int, s_q: int, s_k: int, batch: int, device: torch.device
+) -> torch.Tensor:
     """Bool ``[B, S, T]``: True where key ``s`` is visible to query ``t`` (``s <= q_offset[b] + t``)."""
     if isinstance(q_offset, int):
         q_offset = torch.full((batch,), q_offset, dtype=torch.long, device=device)
@@ -205,7 +207,9 @@ def indexer_kl_loss_reference(
 # ----------------------------------------------------------------------------- public ops
 
 
-def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_offset: torch.Tensor | int = 0) -> torch.Tensor:
+def indexer_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_offset: torch.Tensor | int = 0
+) -> torch.Tensor:
     """Lightning-indexer scores ``[B, S, T]`` (fp32, ``-inf`` on future keys); kernels when usable."""
     if backend_for(q) == "triton":
         return _kernels().indexer_scores(q, k, w, q_offset=q_offset)

@@ -51,7 +51,9 @@ class DenseKVCache:
         dtype: torch.dtype = torch.float32,
         num_layers: int | None = None,
     ) -> None:
-        layers = config.num_hidden_layers + config.num_nextn_predict_layers if num_layers is None else num_layers
+        layers = (
+            config.num_hidden_layers + config.num_nextn_predict_layers if num_layers is None else num_layers
+        )
         self.max_len = max_len
         self.kv = torch.zeros(layers, batch_size, max_len, config.kv_latent_dim, device=device, dtype=dtype)
         self.index_k = (

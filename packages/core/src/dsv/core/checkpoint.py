@@ -106,7 +106,9 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def write_weights(folder: Path, state: dict[str, torch.Tensor], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def write_weights(
+    folder: Path, state: dict[str, torch.Tensor], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
     """Write sharded safetensors + index into ``folder`` (not atomic by itself: use a temp folder)."""
     from safetensors.torch import save_file
 
@@ -115,7 +117,11 @@ def write_weights(folder: Path, state: dict[str, torch.Tensor], *, max_shard_byt
     total = 0
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, str(folder / fname), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in shard.items()},
+            str(folder / fname),
+            metadata={"format": "pt"},
+        )
         for k, v in shard.items():
             weight_map[k] = fname
             total += v.numel() * v.element_size()
@@ -151,13 +157,18 @@ def save_pretrained(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        state = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            for k, v in model.state_dict().items()
+        }
         write_weights(tmp, state, max_shard_bytes=max_shard_bytes)
         cfg = model.config.to_hf_dict()
         first = next(iter(state.values()))
         cfg["torch_dtype"] = str(first.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config(model.config), indent=2) + "\n"
+        )
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, data in (extra_files or {}).items():
@@ -206,7 +217,9 @@ def download(repo_id: str, *, revision: str | None = None, allow_patterns: list[
             f"run `dsv model download {repo_id}` with network access, or pass a local folder"
         ) from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id}: no such repository on the Hub (or it is private: log in first)") from None
+        raise CheckpointError(
+            f"{repo_id}: no such repository on the Hub (or it is private: log in first)"
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise CheckpointError(f"{repo_id}: download failed: {exc}") from None
 
@@ -231,7 +244,9 @@ def _weight_files(folder: Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (folder / f).exists()]
         if missing:
-            raise CheckpointError(f"{folder}: the index lists shard(s) that are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{folder}: the index lists shard(s) that are missing: {', '.join(missing)}"
+            )
         return [folder / f for f in files]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -249,7 +264,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {exc}") from None
+            raise CheckpointError(
+                f"{f}: cannot read safetensors file (truncated or corrupt?): {exc}"
+            ) from None
     return state
 
 

@@ -44,7 +44,13 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+}
 
 
 def parse_dtype(name: str) -> Any:
@@ -128,7 +134,9 @@ def model_facts(cfg: Any, context: int = 131072, bytes_per_value: int = 2) -> di
 @model_app.command("info")
 @user_errors
 def info(
-    path_or_repo: str = typer.Argument(None, help="Checkpoint folder or Hub repo id (only config.json is read)."),
+    path_or_repo: str = typer.Argument(
+        None, help="Checkpoint folder or Hub repo id (only config.json is read)."
+    ),
     preset: str | None = typer.Option(None, help="Describe a preset instead (tiny | small | v32)."),
     context: int = typer.Option(131072, help="Context length for the per-step KV traffic figures."),
 ) -> None:
@@ -172,7 +180,9 @@ def generate(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int | None = typer.Option(None),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."
+    ),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
 ) -> None:
@@ -223,7 +233,9 @@ def generate(
 def convert(
     src: str = typer.Argument(..., help="deepseek_v3 checkpoint folder or Hub repo id."),
     out: Path = typer.Argument(..., help="Folder to write the deepseek_v32 checkpoint into."),
-    add_indexer: bool = typer.Option(False, "--add-indexer", help="Add a freshly initialised lightning indexer."),
+    add_indexer: bool = typer.Option(
+        False, "--add-indexer", help="Add a freshly initialised lightning indexer."
+    ),
     index_n_heads: int = typer.Option(64, help="Indexer heads (V3.2: 64)."),
     index_head_dim: int = typer.Option(128, help="Indexer head dim (V3.2: 128)."),
     index_topk: int = typer.Option(2048, help="Keys each query attends to (V3.2: 2048)."),

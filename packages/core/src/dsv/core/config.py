@@ -150,11 +150,19 @@ class ModelConfig:
             "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
         ):  # fmt: skip
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "must be a positive integer")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                name,
+                "must be a positive integer",
+            )
         for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
                      "num_nextn_predict_layers", "moe_intermediate_size"):  # fmt: skip
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "must be an integer >= 0")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                "must be an integer >= 0",
+            )
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         need(
             self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
@@ -162,19 +170,33 @@ class ModelConfig:
             "must be a positive integer or null",
         )
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
-        need(self.scoring_func == "sigmoid", "scoring_func", "only 'sigmoid' routing (DeepSeek-V3/V3.2) is supported")
-        need(self.topk_method == "noaux_tc", "topk_method", "only 'noaux_tc' (group-limited, bias-corrected) is supported")
+        need(
+            self.scoring_func == "sigmoid",
+            "scoring_func",
+            "only 'sigmoid' routing (DeepSeek-V3/V3.2) is supported",
+        )
+        need(
+            self.topk_method == "noaux_tc",
+            "topk_method",
+            "only 'noaux_tc' (group-limited, bias-corrected) is supported",
+        )
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
         need(not self.tie_word_embeddings, "tie_word_embeddings", "DeepSeek-V3.2 does not tie embeddings")
         if self.n_routed_experts > 0:
-            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0 when there are routed experts")
+            need(
+                self.moe_intermediate_size > 0,
+                "moe_intermediate_size",
+                "must be > 0 when there are routed experts",
+            )
             need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
                  f"must divide n_routed_experts ({self.n_routed_experts})")  # fmt: skip
             need(self.n_routed_experts // self.n_group >= 2, "n_group",
                  "each expert group needs at least 2 experts (group score = sum of its top-2)")  # fmt: skip
-            need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+            need(
+                1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]"
+            )
             need(
                 1 <= self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
                 "num_experts_per_tok",
@@ -206,14 +228,18 @@ class ModelConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         if "model_type" not in data:
-            raise ConfigError(f"{source}: missing field 'model_type' (expected one of {', '.join(MODEL_TYPES)})")
+            raise ConfigError(
+                f"{source}: missing field 'model_type' (expected one of {', '.join(MODEL_TYPES)})"
+            )
         rope_params = data.pop("rope_parameters", None)
         if isinstance(rope_params, dict):
             rope_params = dict(rope_params)
             data.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
             kind = rope_params.pop("rope_type", None) or rope_params.pop("type", None)
             rope_params.pop("type", None)
-            data.setdefault("rope_scaling", None if kind in (None, "default") else {"type": kind, **rope_params})
+            data.setdefault(
+                "rope_scaling", None if kind in (None, "default") else {"type": kind, **rope_params}
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in names and k not in _IGNORED_KEYS)
         if unknown:

@@ -56,7 +56,9 @@ def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     """Bool ``[B, V]``: tokens surviving top-k then top-p (nucleus) filtering of ``logits / T``."""
     B, V = logits.shape
     if params.temperature == 0:
-        return torch.zeros(B, V, dtype=torch.bool, device=logits.device).scatter_(1, logits.argmax(-1, keepdim=True), True)
+        return torch.zeros(B, V, dtype=torch.bool, device=logits.device).scatter_(
+            1, logits.argmax(-1, keepdim=True), True
+        )
     scaled = logits.float() / params.temperature
     keep = torch.ones(B, V, dtype=torch.bool, device=logits.device)
     if 0 < params.top_k < V:
@@ -73,12 +75,16 @@ def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return keep
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> SampleResult:
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> SampleResult:
     """Draw one token per row of ``logits [B, V]``."""
     keep = kept_token_mask(logits, params)
     if params.temperature == 0:
         tokens = logits.argmax(-1)
-        return SampleResult(tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), keep)
+        return SampleResult(
+            tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), keep
+        )
     logp = (logits.float() / params.temperature).masked_fill(~keep, float("-inf")).log_softmax(-1)
     tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return SampleResult(tokens, logp.gather(1, tokens[:, None]).squeeze(1), keep)

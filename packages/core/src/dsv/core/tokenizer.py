@@ -44,7 +44,9 @@ class Tokenizer:
     def _require(self, token: str) -> int:
         tid = self.backend.token_to_id(token)
         if tid is None:
-            raise CheckpointError(f"tokenizer has no {token!r} token; it is not a DeepSeek-V3-family tokenizer")
+            raise CheckpointError(
+                f"tokenizer has no {token!r} token; it is not a DeepSeek-V3-family tokenizer"
+            )
         return tid
 
     @property
@@ -96,7 +98,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE (need >= {256 + len(SPECIAL_TOKENS)})")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for byte-level BPE (need >= {256 + len(SPECIAL_TOKENS)})"
+        )
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -110,7 +114,84 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(backend)
 
 
-_WORDS = ["the", "model", "reads", "a", "token", "and", "writes", "the", "next", "one", "attention", "selects", "keys", "from", "the", "past", "while", "the", "indexer", "scores", "every", "position", "cheaply", "experts", "share", "the", "work", "of", "each", "layer", "a", "router", "picks", "them", "by", "score", "plan", "a", "trip", "book", "a", "hotel", "check", "the", "budget", "answer", "the", "question", "call", "a", "tool", "read", "the", "result", "think", "step", "by", "step", "then", "reply", "compute", "the", "sum", "sort", "the", "list", "find", "the", "shortest", "path", "in", "the", "graph", "query", "the", "table"]
+_WORDS = [
+    "the",
+    "model",
+    "reads",
+    "a",
+    "token",
+    "and",
+    "writes",
+    "the",
+    "next",
+    "one",
+    "attention",
+    "selects",
+    "keys",
+    "from",
+    "the",
+    "past",
+    "while",
+    "the",
+    "indexer",
+    "scores",
+    "every",
+    "position",
+    "cheaply",
+    "experts",
+    "share",
+    "the",
+    "work",
+    "of",
+    "each",
+    "layer",
+    "a",
+    "router",
+    "picks",
+    "them",
+    "by",
+    "score",
+    "plan",
+    "a",
+    "trip",
+    "book",
+    "a",
+    "hotel",
+    "check",
+    "the",
+    "budget",
+    "answer",
+    "the",
+    "question",
+    "call",
+    "a",
+    "tool",
+    "read",
+    "the",
+    "result",
+    "think",
+    "step",
+    "by",
+    "step",
+    "then",
+    "reply",
+    "compute",
+    "the",
+    "sum",
+    "sort",
+    "the",
+    "list",
+    "find",
+    "the",
+    "shortest",
+    "path",
+    "in",
+    "the",
+    "graph",
+    "query",
+    "the",
+    "table",
+]
 
 
 def default_corpus(n: int = 4000, seed: int = 0) -> list[str]:
@@ -126,7 +207,11 @@ def default_corpus(n: int = 4000, seed: int = 0) -> list[str]:
             out.append(f"{a} + {b} = {a + b}; {a} * {b % 100} = {a * (b % 100)}")
         elif kind == 2:
             name = rng.choice(["search", "book_hotel", "run_sql", "read_file", "calculator"])
-            out.append(json.dumps({"name": name, "arguments": {"query": rng.choice(_WORDS), "limit": rng.randint(1, 9)}}))
+            out.append(
+                json.dumps(
+                    {"name": name, "arguments": {"query": rng.choice(_WORDS), "limit": rng.randint(1, 9)}}
+                )
+            )
         elif kind == 3:
             out.append(f"def f_{i}(x):\n    return x * {rng.randint(2, 9)} + {rng.randint(0, 99)}\n")
         else:

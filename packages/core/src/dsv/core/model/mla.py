@@ -64,7 +64,9 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(config.hidden_size, H * config.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.rank + self.rope, bias=config.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.rank + self.rope, bias=config.attention_bias
+        )
         self.kv_a_layernorm = RMSNorm(self.rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, config.hidden_size, bias=config.attention_bias)
@@ -107,7 +109,11 @@ class MLA(nn.Module):
         else:
             visible = attention.causal_key_mask(q_offset, S, T, B, q.device) if mask is None else mask
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible.unsqueeze(1), scale=self.scale
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=visible.unsqueeze(1),
+                scale=self.scale,
             )
         return out.transpose(1, 2)  # (B, S, H, v)
 

@@ -53,7 +53,9 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: MLP | MoE = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp: MLP | MoE = (
+            MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+        )
 
     def forward(
         self,
@@ -111,7 +113,9 @@ class DSVModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         layers: list[nn.Module] = [Block(config, i) for i in range(config.num_hidden_layers)]
-        layers += [MTPLayer(config, config.num_hidden_layers + i) for i in range(config.num_nextn_predict_layers)]
+        layers += [
+            MTPLayer(config, config.num_hidden_layers + i) for i in range(config.num_nextn_predict_layers)
+        ]
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -207,7 +211,11 @@ class DSVForCausalLM(nn.Module):
             )
         sparse = self.config.has_indexer if use_sparse is None else (use_sparse and self.config.has_indexer)
         device = input_ids.device
-        q_offset = cache.offsets().to(device) if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        q_offset = (
+            cache.offsets().to(device)
+            if cache is not None
+            else torch.zeros(B, dtype=torch.long, device=device)
+        )
         positions = q_offset.view(B, 1) + torch.arange(S, device=device).view(1, S)
         cos, sin = rope_angles(self.config, positions, self.inv_freq)
 
@@ -263,7 +271,9 @@ class DSVForCausalLM(nn.Module):
                 x, cos[:, :n], sin[:, :n], zero,
                 cache=None, use_sparse=sparse, want_indices=False, indexer_loss=False, forced_route=None,
             )  # fmt: skip
-            outs.append(nn.functional.linear(mtp.shared_head.norm(x).float(), mtp.shared_head.head.weight.float()))
+            outs.append(
+                nn.functional.linear(mtp.shared_head.norm(x).float(), mtp.shared_head.head.weight.float())
+            )
             h = x
         return outs
 

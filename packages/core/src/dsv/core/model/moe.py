@@ -33,8 +33,12 @@ class Gate(nn.Module):
         self.scale = config.routed_scaling_factor
         self.norm = config.norm_topk_prob
         self.n_experts = config.n_routed_experts
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.weight = nn.Parameter(
+            torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32)
+        )
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
 
     def forward(
         self, x: torch.Tensor, forced_idx: torch.Tensor | None = None
@@ -74,7 +78,9 @@ class MoE(nn.Module):
         self.expert_load: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, forced_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, forced_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, d]`` -> output ``[B, S, d]`` and the routes ``[B, S, k]``."""
         B, S, d = x.shape
         flat = x.reshape(-1, d)

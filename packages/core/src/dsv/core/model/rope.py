@@ -49,7 +49,9 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     return freqs / factor * (1 - smooth) + freqs * smooth
 
 
-def rope_angles(config: ModelConfig, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    config: ModelConfig, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[B, S, d/2]`` (fp32) for absolute ``positions [B, S]``."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
     return angles.cos(), angles.sin()
