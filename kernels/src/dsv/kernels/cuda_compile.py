@@ -4,7 +4,8 @@ Triton lowers a kernel to PTX and ptxas (shipped in the triton wheel) assembles 
 machine; no driver is needed. That checks, before any GPU is at hand, that each kernel compiles with
 the launch configuration its launcher picks for V3.2 (128 MLA heads, 512 + 64 latent, 64 index heads
 x 128, k = 2048), and reports what the hardware limits care about: shared memory per program (228 KiB
-on H100/H200), registers per thread (255 max) and spilled bytes. It does not run anything: speed and
+on H100/H200), registers per thread (255 max) and spill stores (bytes per thread that did not fit in
+registers and go through local memory), as ``ptxas -v`` reports them. It does not run anything: speed and
 numerical results on the GPU remain unmeasured (see tools/bench/results/kernels.md).
 
 Block sizes come from the launchers' own ``_blocks`` helpers, so what is compiled is what would launch.
@@ -74,7 +75,7 @@ def compile_kernel(
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     seconds = time.perf_counter() - t0
-    regs, spill = _resource_usage(compiled.asm["cubin"])
+    regs, spill = _resource_usage(compiled.asm["ptx"], arch)
     shown = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPARSE", "FP8")}
     return CompileResult(
         name=name or kernel.__name__,
@@ -86,20 +87,28 @@ def compile_kernel(
     )
 
 
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers per thread, spill stores in bytes) from ``cuobjdump -res-usage``; None if unavailable."""
-    import triton
+def _resource_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers per thread, spill-store bytes) from ``ptxas -v`` on the kernel's PTX, with the ptxas
+    Triton itself uses for ``arch``; ``(None, None)`` when that tool is missing."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
+    try:
+        tool = get_ptxas(arch).path
+    except Exception:  # pragma: no cover - a triton build without the NVIDIA tools
         return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)  # per-thread local memory: where spilled registers go
-    return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
+    suffix = "a" if arch >= 90 else ""  # sm_90a: the wgmma/TMA instructions Triton emits for Hopper
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run(
+            [tool, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    log = done.stdout + done.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
 def _specs() -> list[tuple[str, Any, dict[str, Any]]]:
@@ -124,18 +133,13 @@ def _specs() -> list[tuple[str, Any, dict[str, Any]]]:
                            "off_ptr": "*i64", "out_ptr": "*fp32"},
                  constexprs=dict(FP8=fp8, PREC="tf32", UPCAST=False, BLOCK_T=bt, BLOCK_S=bs, BLOCK_H=bh, BLOCK_D=bd)),
         ))  # fmt: skip
-    bt, bs, bh, bd, warps = ix._bwd_blocks(HI, DI)
+    bt_dq, bt_dk, bs, bh, bd, warps = ix._bwd_blocks(HI, DI)
     ptrs = {"q_ptr": bf16, "k_ptr": bf16, "w_ptr": "*fp32", "g_ptr": "*fp32", "off_ptr": "*i64",
             "dq_ptr": "*fp32", "dw_ptr": "*fp32", "dk_ptr": "*fp32"}  # fmt: skip
-    meta = dict(PREC="tf32", UPCAST=False, BLOCK_T=bt, BLOCK_S=bs, BLOCK_H=bh, BLOCK_D=bd)
-    specs.append(
-        (
-            "indexer bwd dq/dw",
-            ix._indexer_bwd_dq_kernel,
-            dict(pointers=ptrs, constexprs=meta, num_warps=warps),
-        )
-    )
-    specs.append(("indexer bwd dk", ix._indexer_bwd_dk_kernel, dict(pointers=ptrs, constexprs=meta, num_warps=warps)))  # fmt: skip
+    for label, kern, bt in (("indexer bwd dq/dw", ix._indexer_bwd_dq_kernel, bt_dq),
+                            ("indexer bwd dk", ix._indexer_bwd_dk_kernel, bt_dk)):  # fmt: skip
+        meta = dict(PREC="tf32", UPCAST=False, BLOCK_T=bt, BLOCK_S=bs, BLOCK_H=bh, BLOCK_D=bd)
+        specs.append((label, kern, dict(pointers=ptrs, constexprs=meta, num_warps=warps)))
     specs.append((
         "topk radix", tk._radix_topk_kernel,
         dict(pointers={"x_ptr": "*fp32", "out_ptr": "*i32"}, constexprs=dict(BLOCK=2048), num_warps=8),

@@ -248,14 +248,16 @@ def _indexer_bwd_dk_kernel(
     )
 
 
-def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_T, BLOCK_S, BLOCK_H, BLOCK_D, num_warps) for the backward kernels."""
+def _bwd_blocks(H: int, D: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_T for dq, BLOCK_T for dk, BLOCK_S, BLOCK_H, BLOCK_D, num_warps) for the backward kernels."""
     block_h = next_pow2(H)
     block_d = next_pow2(D)
     if interpreting():
-        return 2, 16, block_h, block_d, 4
-    # 128 (query, head) rows x D = 128 fp32 accumulator: 64 registers a thread at 8 warps
-    return max(1, 128 // block_h), 64 if block_d <= 128 else 32, block_h, block_d, 8
+        return 2, 1, 16, block_h, block_d, 4
+    # dq: 128 (query, head) rows x D = 128 fp32 accumulator, 64 registers a thread at 8 warps. dk holds
+    # its [BLOCK_S, D] accumulator and the key tile besides: 64 rows (one query of 64 index heads) keep
+    # it within 255 registers at V3.2 shapes (128 rows spill ~300 B/thread; see cuda_compile)
+    return max(1, 128 // block_h), max(1, 64 // block_h), 64 if block_d <= 128 else 32, block_h, block_d, 8
 
 
 def indexer_bwd(
@@ -271,12 +273,15 @@ def indexer_bwd(
     dk = torch.empty((B, T, D), dtype=torch.float32, device=q.device)
     if B * S * H == 0 or T == 0:
         return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dw.zero_().to(w.dtype)
-    block_t, block_s, block_h, block_d, warps = _bwd_blocks(H, D)
+    bt_dq, bt_dk, block_s, block_h, block_d, warps = _bwd_blocks(H, D)
     args = (S, T, H, D, *q.stride(), *k.stride(), *w.stride(), *d_out.stride())
-    meta = dict(**dot_flags(q.dtype), BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d,
-                num_warps=warps)  # fmt: skip
-    _indexer_bwd_dq_kernel[(triton.cdiv(S, block_t), B)](q, k, w, d_out, offsets, dq, dw, *args, **meta)
-    _indexer_bwd_dk_kernel[(triton.cdiv(T, block_s), B)](q, k, w, d_out, offsets, dk, *args, **meta)
+    meta = dict(**dot_flags(q.dtype), BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+    _indexer_bwd_dq_kernel[(triton.cdiv(S, bt_dq), B)](
+        q, k, w, d_out, offsets, dq, dw, *args, BLOCK_T=bt_dq, **meta
+    )
+    _indexer_bwd_dk_kernel[(triton.cdiv(T, block_s), B)](
+        q, k, w, d_out, offsets, dk, *args, BLOCK_T=bt_dk, **meta
+    )
     return dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)
 
 
