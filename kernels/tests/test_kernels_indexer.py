@@ -1,4 +1,7 @@
-"""Lightning-indexer kernel vs. the torch reference (bf16/fp32 and FP8), prefill and decode.
+"""Lightning-indexer kernels vs. the torch reference (bf16/fp32 and FP8), prefill and decode, and the
+Triton backward (dq, dk, dw) vs. autograd through the reference: ragged per-sequence offsets, rows that
+see a single key (offset 0), keys past every query, NaN incoming gradient on the masked (future) entries.
+Backward tolerances (max error / max |reference|): fp32 1e-4, bf16 2e-2.
 
 Run: ``pytest kernels/tests/test_kernels_indexer.py`` (interpreter, CPU).
 """
