@@ -85,6 +85,53 @@ class _StopScanner:
 
 
 @dataclass
+class _Alarm:
+    """What the request watchdog found: ``timeout``, ``disconnect`` or ``failed`` (with ``exc``)."""
+
+    kind: str
+    exc: BaseException | None = None
+
+
+class _Guard:
+    """API key and declared body size, checked before routing (plain ASGI).
+
+    A pure ASGI middleware rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    pipes every streamed chunk through an extra task and memory stream, which costs a loop hop per
+    server-sent event.
+    """
+
+    def __init__(self, app: Any, settings: ServerSettings) -> None:
+        self.app, self.settings = app, settings
+        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            problem = None
+            auth = headers.get(b"authorization", b"")
+            if (
+                self.expected
+                and scope["path"].startswith("/v1/")
+                and not secrets.compare_digest(auth, self.expected)
+            ):
+                problem = APIError(
+                    401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"
+                )
+            length = headers.get(b"content-length", b"")
+            if problem is None and length.isdigit() and int(length) > self.settings.max_request_bytes:
+                problem = APIError(
+                    413,
+                    f"request body over {self.settings.max_request_bytes} bytes",
+                    code="request_too_large",
+                )
+            if problem is not None:
+                response = JSONResponse(problem.body(), status_code=problem.status, headers=problem.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
 class _ChoiceEvent:
     index: int
     deltas: list[ChatDelta]
@@ -133,25 +180,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500
         )
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Any:
-        path = request.url.path
-        if path.startswith("/v1/") and settings.api_key:
-            auth = request.headers.get("authorization", "")
-            if not secrets.compare_digest(auth.encode(), f"Bearer {settings.api_key}".encode()):
-                return err(
-                    APIError(
-                        401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"
-                    )
-                )
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return err(
-                APIError(
-                    413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large"
-                )
-            )
-        return await call_next(request)
+    app.add_middleware(_Guard, settings=settings)
 
     async def read_json(request: Request, model: type) -> Any:
         raw = await request.body()
@@ -226,14 +255,14 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             async for piece in stream:
                 text = scanner.feed(piece.text, final=piece.finish_reason is not None)
                 now = time.monotonic()
-                if piece.logprobs or piece.text:
+                if piece.tokens or piece.text:
                     if last is None:
                         metrics.ttft.observe(now - start)
                     else:
                         metrics.itl.observe(now - last)
                     last = now
-                    metrics.tokens.inc(len(piece.logprobs) or 1)
-                    tps_window.append((now, len(piece.logprobs) or 1))
+                    metrics.tokens.inc(piece.tokens or 1)
+                    tps_window.append((now, piece.tokens or 1))
                 deltas = parser.feed(text) if parser is not None else []
                 if piece.finish_reason is not None or scanner.stopped:
                     if parser is not None:
@@ -247,35 +276,52 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             await stream.aclose()  # cancels the sequence in the engine when it is still running
 
     async def fan_in(jobs: list[Any], request: Request, stream: bool) -> AsyncIterator[_ChoiceEvent]:
-        """Run the choices concurrently; yield their events; cancel all on disconnect or timeout."""
-        out: asyncio.Queue[_ChoiceEvent] = asyncio.Queue()
+        """Run the choices concurrently; yield their events; cancel all on disconnect or timeout.
+
+        Events are awaited with a plain ``Queue.get`` (no per-event timeout task); a watchdog wakes
+        every half second to enforce the deadline, notice a gone client and surface a failed job.
+        """
+        out: asyncio.Queue[_ChoiceEvent | _Alarm] = asyncio.Queue()
         tasks = [asyncio.create_task(j(out)) for j in jobs]
         remaining = len(tasks)
         deadline = time.monotonic() + settings.request_timeout_s
+
+        async def watchdog() -> None:
+            while True:
+                # The deadline holds while tokens keep coming too, not only when the engine is silent.
+                await asyncio.sleep(max(0.0, min(0.5, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    out.put_nowait(_Alarm("timeout"))
+                    return
+                if await request.is_disconnected():
+                    out.put_nowait(_Alarm("disconnect"))
+                    return
+                for t in tasks:
+                    exc = t.exception() if t.done() and not t.cancelled() else None
+                    if exc is not None:
+                        out.put_nowait(_Alarm("failed", exc))
+                        return
+
+        guard = asyncio.create_task(watchdog())
         try:
             while remaining:
-                # The deadline holds while tokens keep coming too, not only when the engine is silent.
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise APIError(408, f"request took longer than {settings.request_timeout_s} s",
-                                   type="timeout_error", code="request_timeout")  # fmt: skip
-                try:
-                    ev = await asyncio.wait_for(out.get(), timeout=min(0.5, left))
-                except TimeoutError:
-                    if await request.is_disconnected():
+                ev = await out.get()
+                if isinstance(ev, _Alarm):
+                    if ev.kind == "timeout":
+                        raise APIError(408, f"request took longer than {settings.request_timeout_s} s",
+                                       type="timeout_error", code="request_timeout")  # fmt: skip
+                    if ev.kind == "disconnect":
                         return
-                    for t in tasks:
-                        exc = t.exception() if t.done() else None
-                        if exc is not None:
-                            raise exc from None
-                    continue
+                    assert ev.exc is not None
+                    raise ev.exc from None
                 if ev.finish is not None:
                     remaining -= 1
                 yield ev
         finally:
+            guard.cancel()
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(guard, *tasks, return_exceptions=True)
 
     def sampling(req: Any, max_tokens: int, i: int, top_logprobs: int) -> GenParams:
         seed = None if req.seed is None else req.seed + i

@@ -5,7 +5,10 @@ Both take a prompt (text already encoded with dsv's chat encoding, or token ids)
 parsing, stop strings, the OpenAI shapes), so clients see the same API whichever engine runs.
 
 - :class:`LocalBackend` runs :class:`~dsv.serve.engine.Engine` in-process; closing the stream
-  early (client gone, stop string, timeout) cancels the sequence and frees its cache blocks.
+  early (client gone, stop string, timeout) cancels the sequence and frees its cache blocks. It
+  installs the engine's per-step ``deliver`` hook: each engine step wakes an event loop once (one
+  ``call_soon_threadsafe`` for all its streams), and token strings for logprobs are only decoded
+  when the request asked for logprobs.
 - :class:`ProxyBackend` forwards to an engine's ``/v1/completions`` (streaming, special tokens
   kept so ``</think>`` and DSML survive) and reads its server-sent events.
 
@@ -15,6 +18,7 @@ Run the checks: ``pytest packages/serve/tests/test_serve_proxy.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,10 +39,15 @@ class TokenLogprob:
 
 @dataclass
 class Piece:
-    """A stretch of generated text; the last piece carries ``finish_reason`` and usage."""
+    """A stretch of generated text; the last piece carries ``finish_reason`` and usage.
+
+    ``tokens`` counts the generated tokens the piece covers (``logprobs`` is only filled when the
+    request asked for logprobs).
+    """
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 0
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -95,6 +104,23 @@ class IncrementalDetokenizer:
         return text[len(done) :]
 
 
+class _Sink:
+    """A stream's engine callback: puts events on its asyncio queue, from the engine thread."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | Finish]) -> None:
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, ev: TokenEvent | Finish) -> None:  # used only when no deliver hook is installed
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[TokenEvent | Finish], TokenEvent | Finish]]) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
+
+
 class LocalBackend:
     """The native engine with the checkpoint's tokenizer."""
 
@@ -106,6 +132,21 @@ class LocalBackend:
             max_model_len,
         )
         self.eos_id: int = tokenizer.eos_id
+        engine.deliver = self._deliver
+
+    @staticmethod
+    def _deliver(batch: list[tuple[Any, TokenEvent | Finish]]) -> None:
+        """Engine thread, once per step: one loop wake-up carries every stream's events."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, TokenEvent | Finish]]] = {}
+        for callback, ev in batch:
+            if isinstance(callback, _Sink):
+                by_loop.setdefault(callback.loop, []).append((callback.queue, ev))
+            else:
+                callback(ev)
+        for loop, items in by_loop.items():
+            # A closed loop has nobody left to read these streams.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
 
     def ids(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_bos=False)
@@ -128,13 +169,15 @@ class LocalBackend:
         self.engine.stop()
 
     async def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]:
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
         ids = self.ids(prompt)
         params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
-        sid = self.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        stops = params.stop_token_ids
+        sid = self.engine.submit(ids, params, _Sink(asyncio.get_running_loop(), queue))
         done = False
         detok = IncrementalDetokenizer(self.tokenizer)
+        decode = self.tokenizer.decode
+        want_lp = params.top_logprobs > 0
         try:
             while True:
                 # Under load several tokens queue up between wake-ups: send them as one piece.
@@ -143,6 +186,7 @@ class LocalBackend:
                     events.append(queue.get_nowait())
                 text: list[str] = []
                 lps: list[TokenLogprob] = []
+                n = 0
                 for ev in events:
                     if isinstance(ev, Finish):
                         done = True
@@ -150,22 +194,23 @@ class LocalBackend:
                         yield Piece(
                             text="".join(text),
                             logprobs=lps,
+                            tokens=n,
                             finish_reason=ev.reason,
                             prompt_tokens=ev.prompt_tokens,
                             completion_tokens=ev.completion_tokens,
                             error=ev.error,
                         )
                         return
-                    lps.append(
-                        TokenLogprob(
-                            self.tokenizer.decode([ev.token]),
-                            ev.logprob,
-                            [(self.tokenizer.decode([t]), v) for t, v in ev.top],
+                    n += 1
+                    if want_lp:
+                        lps.append(
+                            TokenLogprob(
+                                decode([ev.token]), ev.logprob, [(decode([t]), v) for t, v in ev.top]
+                            )
                         )
-                    )
-                    if ev.token not in params.stop_token_ids:
+                    if ev.token not in stops:
                         text.append(detok.push(ev.token))
-                yield Piece(text="".join(text), logprobs=lps)
+                yield Piece(text="".join(text), logprobs=lps, tokens=n)
         finally:
             if not done:
                 self.engine.cancel(sid)
@@ -240,7 +285,7 @@ class ProxyBackend:
                     for choice in chunk.get("choices") or []:
                         lps = _proxy_logprobs(choice.get("logprobs"))
                         if choice.get("text") or lps:
-                            yield Piece(text=choice.get("text") or "", logprobs=lps)
+                            yield Piece(text=choice.get("text") or "", logprobs=lps, tokens=len(lps) or 1)
                         finish = choice.get("finish_reason") or finish
         finally:
             self._inflight -= 1

@@ -10,9 +10,14 @@ One background thread owns the model. Each iteration it
 4. runs one decode forward for every sequence whose prompt is cached (B=running, S=1).
 
 The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
-decode and kernels happen inside the model through the core dispatch. Sampling is
-:func:`dsv.core.generate.sample_next`, per row because each request has its own parameters and
-seeded generator. Events go back through a callback, called on the engine thread.
+decode and kernels happen inside the model through the core dispatch. Greedy rows are sampled in
+one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
+request has its own parameters and seeded generator.
+
+Events go back through each request's callback. With ``deliver`` set, the events of one iteration
+are handed over as ONE list at its end instead (``deliver([(callback, event), ...])``): a server
+then wakes its event loop once per step, not once per token, which keeps the loop thread from
+taking the GIL away from the model between every pair of torch ops.
 
 Run the checks: ``pytest packages/serve/tests/test_serve_engine.py``.
 """
@@ -130,6 +135,9 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.generated_tokens = 0
+        # Per-iteration hand-over of events (see the module docstring); None calls callbacks directly.
+        self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
+        self._outbox: list[tuple[Callable[[Event], None], Event]] = []
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: object, **kwargs: object) -> Engine:
@@ -202,6 +210,7 @@ class Engine:
                     for seq in [*self._running, *self._waiting]:
                         self._finish(seq, "error", "server shutting down")
                     self._waiting.clear()
+                    self._flush()
                     return
                 self._drop_cancelled()
                 self._admit()
@@ -211,6 +220,18 @@ class Engine:
                 with self._cv:
                     for seq in list(self._running):
                         self._finish(seq, "error", f"{type(e).__name__}: {e}")
+            self._flush()
+
+    def _emit(self, seq: _Seq, event: Event) -> None:
+        if self.deliver is None:
+            seq.on_event(event)
+        else:
+            self._outbox.append((seq.on_event, event))
+
+    def _flush(self) -> None:
+        if self._outbox and self.deliver is not None:
+            batch, self._outbox = self._outbox, []
+            self.deliver(batch)
 
     def _drop_cancelled(self) -> None:
         if not self._cancel:
@@ -275,7 +296,6 @@ class Engine:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         from dsv.core.generate import SamplingParams, sample_next
 
-        logp = torch.log_softmax(logits, dim=-1)
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
         tokens = logits.argmax(-1).tolist()
         for row, seq in enumerate(seqs):
@@ -283,31 +303,36 @@ class Engine:
             if p.temperature != 0:
                 sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
                 tokens[row] = int(sample_next(logits[row : row + 1], sp, seq.generator).tokens[0])
-        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(1).tolist()
+        # log p(token) = logit - logsumexp(logits); the full log-softmax only when alternatives are asked.
+        picked = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1)
+        chosen = (picked - torch.logsumexp(logits, dim=-1)).tolist()
+        logp = torch.log_softmax(logits, dim=-1) if any(s.params.top_logprobs for s in seqs) else None
+        with self._cv:
+            self.generated_tokens += len(seqs)
+            cancelled = set(self._cancel)
+        ended: list[tuple[_Seq, str]] = []
         for row, seq in enumerate(seqs):
             p, token = seq.params, tokens[row]
+            seq.generated.append(token)
+            if seq.id in cancelled:
+                continue
             top: list[tuple[int, float]] = []
-            if p.top_logprobs:
+            if p.top_logprobs and logp is not None:
                 v, i = logp[row].topk(min(p.top_logprobs, logp.shape[-1]))
                 top = list(zip(i.tolist(), v.tolist(), strict=True))
-            seq.generated.append(token)
-            with self._cv:
-                self.generated_tokens += 1
-                if seq.id in self._cancel:
-                    continue
-            seq.on_event(TokenEvent(token, chosen[row], top))
+            self._emit(seq, TokenEvent(token, chosen[row], top))
             if token in p.stop_token_ids:
-                self._finish_locked(seq, "stop")
+                ended.append((seq, "stop"))
             elif len(seq.generated) >= p.max_tokens:
-                self._finish_locked(seq, "length")
-
-    def _finish_locked(self, seq: _Seq, reason: str, error: str = "") -> None:
-        with self._cv:
-            self._finish(seq, reason, error)
+                ended.append((seq, "length"))
+        if ended:
+            with self._cv:
+                for seq, reason in ended:
+                    self._finish(seq, reason)
 
     def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
         if seq in self._running:
             self._running.remove(seq)
             self.pool.release(seq.blocks)
         seq.blocks = []
-        seq.on_event(Finish(reason, len(seq.prompt), len(seq.generated), error))
+        self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error))
