@@ -259,10 +259,17 @@ def indexer_kl_loss(
     sm_scale: float,
     idx: torch.Tensor | None = None,
     q_offset: torch.Tensor | int = 0,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Indexer distillation loss (dense warm-up when ``idx`` is None, sparse stage otherwise)."""
+    """Indexer distillation loss (dense warm-up when ``idx`` is None, sparse stage otherwise).
+
+    ``lse [B, S, H]``: the sparse attention's log-sum-exp over the same selection, when the caller
+    has it; the kernel then skips recomputing the target's normaliser (the reference ignores it).
+    """
     if backend_for(q) == "triton":
-        return _kernels().indexer_kl_loss(q, kv, index_scores, sm_scale=sm_scale, idx=idx, q_offset=q_offset)
+        return _kernels().indexer_kl_loss(
+            q, kv, index_scores, sm_scale=sm_scale, idx=idx, q_offset=q_offset, lse=lse
+        )
     return indexer_kl_loss_reference(q, kv, index_scores, sm_scale, idx, q_offset)
 
 

@@ -177,18 +177,25 @@ class MLA(nn.Module):
                 mask = attention.selection_mask(extras.indices, T)  # (B, S, T); implies causality
                 sparse = False
         absorbed = (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss
+        lse = None
         if sparse or absorbed:
             q_abs = self._absorbed_query(q_nope, q_pe)
             if sparse:
                 assert extras.indices is not None
-                out_lat, _ = attention.sparse_mla(q_abs, kv_all, extras.indices, self.scale, self.rank)
+                out_lat, lse = attention.sparse_mla(q_abs, kv_all, extras.indices, self.scale, self.rank)
             else:
                 out_lat = attention.dense_mla_reference(q_abs, kv_all, self.scale, self.rank, q_offset, mask)
             out = self._absorbed_output(out_lat)
             if indexer_loss and scores is not None:
                 selected = extras.indices if (sparse or mask is not None) else None
                 extras.indexer_loss = attention.indexer_kl_loss(
-                    q_abs.detach(), kv_all.detach(), scores, self.scale, selected, q_offset
+                    q_abs.detach(),
+                    kv_all.detach(),
+                    scores,
+                    self.scale,
+                    selected,
+                    q_offset,
+                    lse=lse.detach() if sparse else None,
                 )
         else:
             out = self._mha_dense(q_nope, q_pe, kv_all, q_offset, mask)
