@@ -31,16 +31,22 @@ bench_app = typer.Typer(help="dsv-core benchmarks: forward throughput vs transfo
 console = Console()
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed runs."""
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds after ``warmup`` untimed rounds.
+
+    The functions run interleaved (one of each per round), so load from other processes on a
+    shared machine falls on every contender alike and the ratios stay meaningful.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> str:
@@ -100,8 +106,8 @@ def forward(
             x = torch.randint(0, cfg.vocab_size, (batch, seq))
             with torch.inference_mode():
                 err = (ours(x).logits - theirs(x).logits).abs().max().item()
-                t_ours = median_time(partial(ours, x), repeats)
-                t_hf = median_time(partial(theirs, x), repeats)
+                t = median_times({"dsv": partial(ours, x), "hf": partial(theirs, x)}, repeats)
+                t_ours, t_hf = t["dsv"], t["hf"]
         tokens = batch * seq
         rows.append(
             {
@@ -177,10 +183,16 @@ def decode(
             )
 
         with torch.inference_mode():
-            t_dense = median_time(lambda: step(False), repeats)
-            t_dsa = median_time(lambda: step(True), repeats)
-            a_dense = median_time(lambda: attn(False), repeats)
-            a_dsa = median_time(lambda: attn(True), repeats)
+            t = median_times(
+                {
+                    "step_dense": partial(step, False),
+                    "step_dsa": partial(step, True),
+                    "attn_dense": partial(attn, False),
+                    "attn_dsa": partial(attn, True),
+                },
+                repeats,
+            )
+            t_dense, t_dsa, a_dense, a_dsa = t["step_dense"], t["step_dsa"], t["attn_dense"], t["attn_dsa"]
         rows.append(
             {
                 "context": ctx, "dense_ms": t_dense * 1e3, "dsa_ms": t_dsa * 1e3, "speedup": t_dense / t_dsa,
