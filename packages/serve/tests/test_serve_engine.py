@@ -127,6 +127,26 @@ def test_requests_joining_mid_flight_get_their_solo_tokens(make_engine: Callable
     _wait_idle(engine)
 
 
+def test_staged_decode_matches_paged_decode_as_rows_pack(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    lengths = [30, 9, 44, 17]  # requests end at different steps: rows are handed over mid-flight
+    params = [GenParams(temperature=0.0, max_tokens=n) for n in lengths]
+    paged = make_engine(staging=False)
+    want = []
+    for p, gp in zip(prompts, params, strict=True):
+        paged.submit(p, gp, run := _Run())
+        want.append(run.wait())
+    engine = make_engine(start=False)
+    runs = [_Run() for _ in prompts]
+    for p, gp, run in zip(prompts, params, runs, strict=True):
+        engine.submit(p, gp, run)
+    engine.start()
+    assert [r.wait() for r in runs] == want
+    assert max(s[0] for s in engine.model.shapes if s[1] == 1) == 4, "all four decoded together"
+    _wait_idle(engine)
+    assert engine._rows == [], "every staging row was given back"
+
+
 def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]

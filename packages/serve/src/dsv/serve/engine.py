@@ -9,6 +9,12 @@ One background thread owns the model. Each iteration it
    requests start together and long prompts never stall decoding for long, and
 4. runs one decode forward for every sequence whose prompt is cached (B=running, S=1).
 
+Prefill reads and writes the paged pool. When a prompt is done, its rows are copied once into a
+row of the :class:`~dsv.serve.paged_cache.DecodeStaging` buffer and the sequence decodes from
+there: decode batches are the packed rows ``0..n-1`` in row order, so the model sees a view of the
+past and each step copies only the new token's rows (``staging=False`` decodes from the pool with
+a gather per layer instead).
+
 The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
 decode and kernels happen inside the model through the core dispatch. Greedy rows are sampled in
 one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv.serve.paged_cache import BlockPool, PagedBatchView, prefix_keys
+from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, prefix_keys
 
 __all__ = ["Engine", "EngineStats", "Finish", "GenParams", "TokenEvent"]
 
@@ -80,6 +86,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose rows are in the cache
     generated: list[int] = field(default_factory=list)
+    row: int | None = None  # its row in the decode staging buffer, once decoding
 
     @property
     def tokens(self) -> list[int]:
@@ -114,6 +121,7 @@ class Engine:
         prefill_budget: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        staging: bool = True,
     ) -> None:
         self.model = model
         self.pool = BlockPool(
@@ -125,6 +133,14 @@ class Engine:
             device=device,
             dtype=dtype,
         )
+        self.staging = (
+            DecodeStaging(
+                num_layers=num_layers, kv_dim=kv_dim, index_dim=index_dim, device=device, dtype=dtype
+            )
+            if staging
+            else None
+        )
+        self._rows: list[_Seq] = []  # decoding sequences by staging row (packed: row i is _rows[i])
         self.max_batch, self.prefill_chunk, self.device = max_batch, prefill_chunk, torch.device(device)
         self.prefill_budget = prefill_budget or 4 * prefill_chunk  # prompt tokens per prefill forward
         self._ids = itertools.count()
@@ -201,7 +217,12 @@ class Engine:
 
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        # Inference mode, not just no-grad: no version counters or autograd metadata on any tensor,
+        # which is a visible share of a small model's per-op cost.
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stop and not self._waiting and not self._running and not self._cancel:
@@ -238,6 +259,7 @@ class Engine:
             return
         for seq in [s for s in self._running if s.id in self._cancel]:
             self._running.remove(seq)
+            self._free_row(seq)
             self.pool.release(seq.blocks)
         self._waiting = deque(s for s in self._waiting if s.id not in self._cancel)
         self._cancel.clear()
@@ -258,9 +280,32 @@ class Engine:
             self._waiting.popleft()
             self._running.append(seq)
 
-    def _forward(self, seqs: list[_Seq], inputs: list[list[int]]) -> torch.Tensor:
+    def _take_row(self, seq: _Seq) -> None:
+        assert self.staging is not None
+        seq.row = len(self._rows)
+        self._rows.append(seq)
+        self.staging.reserve(len(self._rows), len(seq.prompt) + seq.params.max_tokens)
+        self.staging.load(seq.row, self.pool, seq.blocks, seq.cached)
+
+    def _free_row(self, seq: _Seq) -> None:
+        """Give up ``seq``'s staging row; the last row moves into it so rows stay packed."""
+        if seq.row is None or self.staging is None:
+            return
+        last = self._rows.pop()
+        if last is not seq:
+            self.staging.move(last.row, seq.row, last.cached)  # type: ignore[arg-type]
+            last.row = seq.row
+            self._rows[seq.row] = last
+        seq.row = None
+
+    def _forward(self, seqs: list[_Seq], inputs: list[list[int]], staged: bool = False) -> torch.Tensor:
         S = len(inputs[0])
-        view = PagedBatchView(self.pool, [s.blocks for s in seqs], [s.cached for s in seqs], S)
+        lengths = [s.cached for s in seqs]
+        if staged:
+            assert self.staging is not None and all(s.row == b for b, s in enumerate(seqs))
+            view = self.staging.batch(lengths, S)
+        else:
+            view = PagedBatchView(self.pool, [s.blocks for s in seqs], lengths, S)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=view).logits[:, -1].float()  # (B, V)
         for s in seqs:
@@ -289,7 +334,15 @@ class Engine:
             if done:
                 self._sample([group[row] for row in done], logits[done])
         decode = [s for s in running if s.cached >= len(s.prompt) and s.id not in prefilled and s.generated]
-        if decode:
+        if decode and self.staging is not None:
+            for seq in decode:
+                if seq.row is None:
+                    self._take_row(seq)
+            # Every staged sequence decodes (one still prefilling has no row), in row order.
+            decode = list(self._rows)
+            logits = self._forward(decode, [[s.generated[-1]] for s in decode], staged=True)
+            self._sample(decode, logits)
+        elif decode:
             logits = self._forward(decode, [[s.generated[-1]] for s in decode])
             self._sample(decode, logits)
 
@@ -333,6 +386,7 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
         if seq in self._running:
             self._running.remove(seq)
+            self._free_row(seq)
             self.pool.release(seq.blocks)
         seq.blocks = []
         self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error))

@@ -7,6 +7,14 @@ sequence owns a block table (block ids in position order). :class:`PagedBatchVie
 core :class:`dsv.core.cache.KVCache` protocol for one forward over a set of sequences: it scatters
 the new rows into their slots and gathers each row's past back into a padded ``[B, T, D]`` tensor.
 
+Decoding reads a staging buffer instead (:class:`DecodeStaging`): every decoding sequence owns one
+row of a dense ``[layers, rows, length, D]`` tensor, copied from its blocks once when its prompt is
+done, and rows are kept packed (a sequence that ends hands its row to the last one). A decode step
+over ``n`` sequences then sees ``rows[:n, :T]`` as a view (:class:`StagedBatchView`): it writes one
+row per sequence and copies nothing, where gathering every block of every sequence for every layer
+would copy ``O(n * T)`` rows per layer per step. Decode rows are not written to the pool (only full
+prompt blocks are ever shared through the prefix cache).
+
 Prefix caching: a full block of prompt tokens is keyed by ``hash(parent key, its tokens)`` once
 its rows are written. A new sequence whose prompt starts with cached blocks takes them (refcount
 +1) and skips that part of the prefill. A block whose refcount drops to zero goes back to the pool
@@ -23,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BlockPool", "OutOfBlocks", "PagedBatchView", "prefix_keys"]
+__all__ = ["BlockPool", "DecodeStaging", "OutOfBlocks", "PagedBatchView", "StagedBatchView", "prefix_keys"]
 
 
 class OutOfBlocks(RuntimeError):
@@ -156,10 +164,8 @@ class PagedBatchView:
         self._offsets = torch.tensor(list(lengths), dtype=torch.long, device=device)
         T = max(lengths) + S
         # Slot of absolute position p in row b: table[b][p // bs] * bs + p % bs.
-        table = torch.zeros(B, (T + bs - 1) // bs, dtype=torch.long)
-        for b, t in enumerate(tables):
-            n = min(len(t), table.shape[1])
-            table[b, :n] = torch.tensor(list(t[:n]), dtype=torch.long)
+        nb = (T + bs - 1) // bs
+        table = torch.tensor([[*t[:nb], *([0] * (nb - min(len(t), nb)))] for t in tables], dtype=torch.long)
         pos = torch.arange(T)
         gather = table[:, pos // bs] * bs + pos % bs  # (B, T)
         valid = pos.view(1, T) < (self._offsets.cpu().view(B, 1) + S)
@@ -187,3 +193,112 @@ class PagedBatchView:
 
     def advance(self, n: int) -> None:
         self._offsets += n
+
+
+def _grow(t: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
+    if t is None or (t.shape[1] >= rows and t.shape[2] >= length):
+        return t
+    new = t.new_zeros(t.shape[0], max(rows, t.shape[1]), max(length, t.shape[2]), t.shape[3])
+    new[:, : t.shape[1], : t.shape[2]] = t
+    return new
+
+
+class DecodeStaging:
+    """Dense per-sequence rows for decoding: ``kv [layers, rows, length, D]`` (and ``index_k``).
+
+    Capacity grows by doubling (rows and length), so memory follows the real batch and context.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        kv_dim: int,
+        index_dim: int | None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.kv: torch.Tensor = torch.zeros(num_layers, 1, 16, kv_dim, device=device, dtype=dtype)
+        self.index_k = (
+            torch.zeros(num_layers, 1, 16, index_dim, device=device, dtype=dtype) if index_dim else None
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[2]
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` rows of ``length`` positions (doubling what is short)."""
+        if rows <= self.rows and length <= self.length:
+            return
+        r = self.rows if rows <= self.rows else max(rows, 2 * self.rows)
+        n = self.length if length <= self.length else max(length, 2 * self.length)
+        self.kv = _grow(self.kv, r, n)  # type: ignore[assignment]
+        self.index_k = _grow(self.index_k, r, n)
+
+    def load(self, row: int, pool: BlockPool, blocks: Sequence[int], length: int) -> None:
+        """Copy the first ``length`` cached positions of a sequence (its ``blocks``) into ``row``."""
+        self.reserve(row + 1, length)
+        bs = pool.block_size
+        table = torch.tensor(list(blocks[: (length + bs - 1) // bs]), dtype=torch.long)
+        slots = (table.view(-1, 1) * bs + torch.arange(bs).view(1, -1)).reshape(-1)[:length]
+        slots = slots.to(pool.kv.device)
+        self.kv[:, row, :length] = pool.kv[:, slots]
+        if self.index_k is not None:
+            assert pool.index_k is not None, "pool built without indexer storage"
+            self.index_k[:, row, :length] = pool.index_k[:, slots]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` positions to row ``dst`` (packing the rows)."""
+        self.kv[:, dst, :length] = self.kv[:, src, :length]
+        if self.index_k is not None:
+            self.index_k[:, dst, :length] = self.index_k[:, src, :length]
+
+    def batch(self, lengths: Sequence[int], new_tokens: int) -> StagedBatchView:
+        """The cache of rows ``0..len(lengths)-1`` (row b holds ``lengths[b]`` tokens) for one forward."""
+        self.reserve(len(lengths), max(lengths) + new_tokens)
+        return StagedBatchView(self, lengths, new_tokens)
+
+
+class StagedBatchView:
+    """The :class:`dsv.core.cache.KVCache` protocol over the first rows of a :class:`DecodeStaging`.
+
+    ``update`` writes each row's new positions in place and returns ``rows[:B, :T]``, a view: past
+    positions are never copied. Positions past a row's length hold whatever an earlier occupant
+    left there; the model never attends them (key ``s`` is visible to query ``t`` of row ``b`` only
+    when ``s <= offsets[b] + t``).
+    """
+
+    def __init__(self, staging: DecodeStaging, lengths: Sequence[int], new_tokens: int) -> None:
+        self.staging = staging
+        device = staging.kv.device
+        B, S = len(lengths), new_tokens
+        self._offsets = torch.tensor(list(lengths), dtype=torch.long, device=device)
+        self._T = max(lengths) + S
+        self._rows = torch.arange(B, device=device).view(B, 1).expand(B, S)
+        self._pos = self._offsets.view(B, 1) + torch.arange(S, device=device).view(1, S)  # (B, S)
+
+    def offsets(self) -> torch.Tensor:
+        return self._offsets
+
+    def update(
+        self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B = kv.shape[0]
+        store = self.staging.kv[layer]
+        store[self._rows, self._pos] = kv.to(store.dtype)
+        ik_all = None
+        if index_k is not None:
+            assert self.staging.index_k is not None, "staging built without indexer storage"
+            istore = self.staging.index_k[layer]
+            istore[self._rows, self._pos] = index_k.to(istore.dtype)
+            ik_all = istore[:B, : self._T]
+        return store[:B, : self._T], ik_all
+
+    def advance(self, n: int) -> None:
+        self._offsets += n
+        self._pos = self._pos + n
