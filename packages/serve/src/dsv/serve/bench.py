@@ -1,17 +1,22 @@
 """``dsv bench serve``: serving throughput and time to first token, dsv-serve versus transformers.
 
 For each preset a random checkpoint is written (``small`` cut to ``--small-layers`` layers so it
-runs on a CPU), then in ONE run:
+runs on a CPU). For each request shape ``--shape PxN`` (P prompt tokens, N output tokens; default
+a short ``32x32`` and a chat-like ``512x128``) and each client count C, in ONE run:
 
-- **dsv**: a ``dsv serve`` process on 127.0.0.1 (native engine: continuous batching, paged cache)
-  and C concurrent streaming clients on ``/v1/completions`` (httpx, asyncio). Each client sends
-  its own ``--prompt-tokens`` random token ids (distinct, so the prefix cache does not help) and
-  asks for ``--max-tokens`` greedy tokens. Output tokens/s = completion tokens (from the usage
-  chunk) / wall time of the wave; TTFT = request sent to first streamed event.
+- **dsv**: a ``dsv serve`` process on 127.0.0.1 (native engine: continuous batching, paged cache,
+  staged decode) and C concurrent streaming clients on ``/v1/completions``, driven by
+  :mod:`dsv.serve.loadgen` in its own process (raw sockets, no JSON decoding per event, so the
+  client costs the shared cores as little as possible). Each client sends its own P random token
+  ids (distinct, so the prefix cache does not help) and asks for N greedy tokens. Output tokens/s
+  = completion tokens (from the usage event) / wall time of the wave; TTFT = request sent to the
+  first streamed event.
+- **dsv engine**: the same checkpoint in an in-process :class:`~dsv.serve.engine.Engine` (no HTTP),
+  the same C requests submitted at once: what the HTTP layer costs is the difference.
 - **transformers**: ``AutoModelForCausalLM`` (``DeepseekV32ForCausalLM``) on the same folder,
   ``generate`` on one batch of the same C prompts (equal lengths, so no padding is needed; the mask
-  is passed), greedy, exactly ``--max-tokens`` new tokens. Its TTFT is the time of the same batch
-  with one new token: with static batching every client waits for the whole prefill.
+  is passed), greedy, exactly N new tokens. Its TTFT is the time of the same batch with one new
+  token: with static batching every client waits for the whole prefill.
 
 Both sides get ``--threads`` torch threads. Each cell is the median of ``--runs`` runs (after one
 warm-up). ``--write FILE`` writes the Markdown section (atomically).
@@ -21,7 +26,6 @@ Run: ``dsv bench serve --runs 3 --write tools/bench/results/serve.md``.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import os
@@ -39,14 +43,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dsv.serve.loadgen import percentile
+
 __all__ = ["bench_serve"]
 
 console = Console()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def _make_checkpoint(name: str, layers: int | None, folder: Path) -> Any:
@@ -73,7 +74,9 @@ def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(16, vocab, (n, length), generator=g).tolist()
 
 
-def _start_server(folder: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(
+    folder: Path, threads: int, max_batch: int, max_len: int
+) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
     from dsv.serve.launch import free_port
@@ -84,7 +87,7 @@ def _start_server(folder: Path, threads: int, max_batch: int) -> tuple[subproces
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(
         [*cmd, "serve", str(folder), "--port", str(port), "--model-name", "m", "--max-batch", str(max_batch),
-         "--max-model-len", "2048"], env=env, stderr=subprocess.DEVNULL,
+         "--max-model-len", str(max(2048, max_len))], env=env, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -101,38 +104,48 @@ def _start_server(folder: Path, threads: int, max_batch: int) -> tuple[subproces
             time.sleep(0.2)
 
 
-async def _one(http: Any, prompt: list[int], max_tokens: int) -> tuple[float, int]:
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+def _dsv_wave(url: str, prompts: list[list[int]], max_tokens: int, folder: Path) -> dict[str, float]:
+    """One wave from the load generator process (its own interpreter, so its own GIL)."""
+    path = folder / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    cmd = [sys.executable, "-m", "dsv.serve.loadgen", url, str(path), str(max_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def _engine_wave(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """The same wave straight into an in-process engine: tokens/s without HTTP."""
+    import threading
+
+    from dsv.serve.engine import Finish, GenParams
+
+    lock, done = threading.Lock(), threading.Event()
+    state = {"left": len(prompts), "tokens": 0}
+    first: dict[int, float] = {}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    async with http.stream("POST", "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"server error: {chunk['error']}")
-            if chunk.get("choices") and ttft is None:
-                ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    assert ttft is not None, "no token streamed"
-    return ttft, tokens
 
+    def on_event(i: int) -> Any:
+        def cb(ev: Any) -> None:
+            if i not in first:
+                first[i] = time.perf_counter() - t0
+            if isinstance(ev, Finish):
+                with lock:
+                    state["left"] -= 1
+                    state["tokens"] += ev.completion_tokens
+                    if state["left"] == 0:
+                        done.set()
 
-async def _dsv_wave(url: str, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    import httpx
+        return cb
 
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        t0 = time.perf_counter()
-        out = await asyncio.gather(*(_one(http, p, max_tokens) for p in prompts))
-        wall = time.perf_counter() - t0
-    ttfts = [t for t, _ in out]
-    return {"tok_s": sum(n for _, n in out) / wall, "ttft_p50": _percentile(ttfts, 0.5),
-            "ttft_p99": _percentile(ttfts, 0.99), "tokens": sum(n for _, n in out)}  # fmt: skip
+    for i, p in enumerate(prompts):
+        engine.submit(p, GenParams(temperature=0.0, max_tokens=max_tokens), on_event(i))
+    done.wait()
+    wall = time.perf_counter() - t0
+    ttfts = list(first.values())
+    return {"tok_s": state["tokens"] / wall, "ttft_p50": percentile(ttfts, 0.5),
+            "ttft_p99": percentile(ttfts, 0.99), "tokens": state["tokens"]}  # fmt: skip
 
 
 def _hf_wave(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, float]:
@@ -156,73 +169,93 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        p, n = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        p = n = 0
+    if p < 1 or n < 1:
+        print(f"error: --shape {text!r} is not PROMPTxOUTPUT with two positive integers (e.g. 512x128)",
+              file=sys.stderr)  # fmt: skip
+        raise typer.Exit(2)
+    return p, n
+
+
 def bench_serve(
     preset: list[str] = typer.Option(["tiny", "small"], help="Presets to measure."),
     small_layers: int = typer.Option(2, help="Layers kept for the small preset (CPU feasibility)."),
     clients: list[int] = typer.Option([1, 8, 32], help="Concurrent clients (transformers batch size)."),
-    prompt_tokens: int = typer.Option(32, help="Prompt length per client."),
-    max_tokens: int = typer.Option(32, help="Output tokens per client."),
+    shape: list[str] = typer.Option(
+        ["32x32", "512x128"], help="Request shapes PROMPTxOUTPUT tokens per client (short and chat-like)."
+    ),
     runs: int = typer.Option(3, help="Timed runs per cell (median reported)."),
     threads: int = typer.Option(1, help="Torch threads for both sides."),
     write: Path = typer.Option(None, help="Write the Markdown results section to this file."),
 ) -> None:
-    """Serving output tokens/s and TTFT at 1/8/32 clients: dsv serve versus transformers generate."""
+    """Serving output tokens/s and TTFT per shape and client count: dsv serve versus transformers generate."""
+    if runs < 1 or any(c < 1 for c in clients):
+        print("error: --runs and --clients must be positive", file=sys.stderr)
+        raise typer.Exit(2)
+    shapes = [_parse_shape(x) for x in shape]
     import torch
     import transformers
     from rich.progress import Progress
 
-    from dsv.core.checkpoint import atomic_write_bytes
+    from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
+    from dsv.serve.engine import Engine
 
-    if runs < 1 or any(c < 1 for c in clients):
-        print("error: --runs and --clients must be positive", file=sys.stderr)
-        raise typer.Exit(2)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
+    longest = max(p + n for p, n in shapes)
     with tempfile.TemporaryDirectory() as tmp, Progress(console=console) as progress:
-        task = progress.add_task("bench serve", total=len(preset) * len(clients) * runs * 2)
+        task = progress.add_task("bench serve", total=len(preset) * len(shapes) * len(clients) * runs * 3)
         for name in preset:
             folder = Path(tmp) / name
             cfg = _make_checkpoint(name, small_layers if name == "small" else None, folder)
-            proc, url = _start_server(folder, threads, max_batch=max(clients))
+            proc, url = _start_server(folder, threads, max_batch=max(clients), max_len=longest)
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             pad = int(hf.config.pad_token_id if hf.config.pad_token_id is not None else 0)
+            ours_model, _ = load_pretrained(str(folder), dtype=torch.float32)
+            blocks = max(clients) * (-(-longest // 16) + 1) + 16
+            engine = Engine.for_model(ours_model.eval(), ours_model.config, num_blocks=blocks,
+                                      max_batch=max(clients))  # fmt: skip
+            engine.start()
             try:
-                for c in clients:
-                    prompts = _prompts(c, prompt_tokens, min(cfg.vocab_size, 1000))
-                    asyncio.run(_dsv_wave(url, prompts[:1], 4))  # warm-up
-                    _hf_wave(hf, prompts[:1], 4, pad)
-                    ours, theirs = [], []
-                    for _ in range(runs):
-                        ours.append(asyncio.run(_dsv_wave(url, prompts, max_tokens)))
-                        progress.advance(task)
-                        theirs.append(_hf_wave(hf, prompts, max_tokens, pad))
-                        progress.advance(task)
-                    o, t = _median(ours), _median(theirs)
-                    rows.append({"preset": name, "layers": cfg.num_hidden_layers, "clients": c, "dsv": o, "hf": t,
-                                 "ratio": o["tok_s"] / t["tok_s"],
-                                 "dsv_runs": [r["tok_s"] for r in ours], "hf_runs": [r["tok_s"] for r in theirs]})  # fmt: skip
+                for p_len, n_out in shapes:
+                    for c in clients:
+                        prompts = _prompts(c, p_len, min(cfg.vocab_size, 1000))
+                        _dsv_wave(url, prompts[:1], 4, Path(tmp))  # warm-up
+                        _engine_wave(engine, prompts[:1], 4)
+                        _hf_wave(hf, prompts[:1], 4, pad)
+                        ours, alone, theirs = [], [], []
+                        for _ in range(runs):
+                            ours.append(_dsv_wave(url, prompts, n_out, Path(tmp)))
+                            progress.advance(task)
+                            alone.append(_engine_wave(engine, prompts, n_out))
+                            progress.advance(task)
+                            theirs.append(_hf_wave(hf, prompts, n_out, pad))
+                            progress.advance(task)
+                        o, t = _median(ours), _median(theirs)
+                        rows.append({"preset": name, "layers": cfg.num_hidden_layers, "shape": f"{p_len}+{n_out}",
+                                     "clients": c, "dsv": o, "engine": _median(alone), "hf": t,
+                                     "ratio": o["tok_s"] / t["tok_s"], "dsv_runs": [r["tok_s"] for r in ours],
+                                     "hf_runs": [r["tok_s"] for r in theirs]})  # fmt: skip
             finally:
+                engine.stop()
                 proc.terminate()
                 proc.wait(timeout=60)
     load_after = os.getloadavg()[0]
     table = Table(title="dsv serve vs transformers generate")
-    header = [
-        "preset",
-        "clients",
-        "dsv tok/s",
-        "HF tok/s",
-        "dsv / HF",
-        "dsv TTFT p50 / p99 (s)",
-        "HF TTFT (s)",
-    ]
+    header = ["preset", "prompt+output", "clients", "dsv tok/s", "dsv engine alone tok/s", "HF tok/s", "dsv / HF",
+              "dsv TTFT p50 / p99 (s)", "HF TTFT (s)"]  # fmt: skip
     for col in header:
         table.add_column(col)
     md_rows = []
     for r in rows:
-        cells = [f"{r['preset']} ({r['layers']} layers)", str(r["clients"]), f"{r['dsv']['tok_s']:.1f}",
-                 f"{r['hf']['tok_s']:.1f}", f"{r['ratio']:.2f}x",
+        cells = [f"{r['preset']} ({r['layers']} layers)", r["shape"], str(r["clients"]), f"{r['dsv']['tok_s']:.1f}",
+                 f"{r['engine']['tok_s']:.1f}", f"{r['hf']['tok_s']:.1f}", f"{r['ratio']:.2f}x",
                  f"{r['dsv']['ttft_p50']:.3f} / {r['dsv']['ttft_p99']:.3f}", f"{r['hf']['ttft_p50']:.3f}"]  # fmt: skip
         table.add_row(*cells)
         runs_cell = (
@@ -241,11 +274,13 @@ def bench_serve(
             f"date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
-            f"{prompt_tokens} prompt tokens and {max_tokens} greedy output tokens per client; {threads} torch "
-            f"thread(s) on each side; median of {runs} runs after a warm-up, both measured in the same run",
-            "- dsv: `dsv serve` process, C concurrent streaming clients on /v1/completions, tokens/s = completion "
-            "tokens / wave wall time, TTFT from request to first streamed event; transformers: one "
-            "`generate` batch of the C prompts, TTFT = the same batch with one new token",
+            f"prompt+output tokens per client as listed, greedy; {threads} torch thread(s) on each side; "
+            f"median of {runs} runs after a warm-up, all sides measured in the same run",
+            "- dsv: `dsv serve` process, C concurrent streaming clients on /v1/completions from a separate "
+            "load-generator process (raw sockets), tokens/s = completion tokens / wave wall time, TTFT from "
+            "request to first streamed event; dsv engine alone: the same requests into an in-process "
+            "`Engine` (no HTTP); transformers: one `generate` batch of the C prompts, TTFT = the same "
+            "batch with one new token",
             "",
             "| " + " | ".join([*header, "runs tok/s (dsv / HF)"]) + " |",
             "|" + "---|" * (len(header) + 1),
