@@ -13,12 +13,13 @@ from dsv.serve.app import ServerSettings, create_app
 from dsv.serve.backend import LocalBackend, Piece, ProxyBackend
 from dsv.serve.engine import Engine, GenParams
 from dsv.serve.launch import engine_command, load_native_app, load_proxy_app
-from dsv.serve.paged_cache import BlockPool, PagedBatchView
+from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, StagedBatchView
 from dsv.serve.schemas import APIError
 
 __all__ = [
     "APIError",
     "BlockPool",
+    "DecodeStaging",
     "Engine",
     "GenParams",
     "LocalBackend",
@@ -26,6 +27,7 @@ __all__ = [
     "Piece",
     "ProxyBackend",
     "ServerSettings",
+    "StagedBatchView",
     "create_app",
     "engine_command",
     "load_native_app",
