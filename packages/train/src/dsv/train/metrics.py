@@ -3,18 +3,20 @@
 - :func:`indexer_recall`: the share of the dense attention mass (summed over heads, L1-normalised,
   as in the warm-up target) that the lightning indexer's top-k set captures, averaged over layers
   and over the queries that see more than ``index_topk`` keys (for the others the selection is
-  every key and recall is 1 by construction, so they are left out).
+  every key and recall is 1 by construction, so they are left out). :func:`recall_stats` also
+  gives the oracle recall, that of the ideal top-k set (the ceiling of any indexer), per layer too.
 - :func:`validation_loss`: mean next-token cross-entropy over target tokens, dense or sparse.
-- :func:`passkey_accuracy`: greedy retrieval of a 5-digit pass key hidden in filler text whose
-  length is a chosen multiple of ``index_topk`` (needle in a haystack).
+- :func:`passkey_accuracy`: greedy retrieval of a 5-digit pass key hidden at a random depth in
+  filler text that, with the answer, fills ``context_tokens`` (needle in a haystack).
 
-Run the checks: ``pytest packages/train/tests/test_train_stages.py``.
+Run the checks: ``pytest packages/train/tests/test_train_metrics.py``.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,9 +41,33 @@ def _absorbed_q_and_latent(
     return mla._absorbed_query(q_nope, q_pe), latent
 
 
+@dataclass(frozen=True)
+class RecallStats:
+    """Top-k recall of one model on some rows (see :func:`recall_stats`).
+
+    ``indexer``: mean dense-attention mass inside the lightning indexer's top-k set. ``oracle``: the
+    same for the ideal set, the top-k keys of the true head-summed attention of each query: the most
+    any top-k selection can capture, so ``indexer / oracle`` is how close the indexer gets to the best
+    possible. ``per_layer``: ``(indexer, oracle)`` of each layer.
+    """
+
+    indexer: float
+    oracle: float
+    per_layer: tuple[tuple[float, float], ...]
+
+    @property
+    def ratio(self) -> float:
+        """The indexer's recall as a fraction of the oracle's."""
+        return self.indexer / self.oracle if self.oracle > 0 else float("nan")
+
+
 @torch.no_grad()
-def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean dense-attention mass inside the indexer's top-k set (see the module docstring)."""
+def recall_stats(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> RecallStats:
+    """Indexer and oracle top-k recall over every layer, from one dense forward pass per batch.
+
+    Only queries that see more than ``index_topk`` keys count (see the module docstring); layers are
+    weighted equally.
+    """
     if not model.config.has_indexer:
         raise ValueError("indexer recall needs a deepseek_v32 model (it has no indexer)")
     topk = model.config.index_topk
@@ -58,7 +84,9 @@ def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> 
             captured[i] = args[:3]
 
         hooks.append(block.self_attn.register_forward_pre_hook(grab))
-    total, count = 0.0, 0
+    n_layers = len(model.blocks)
+    sums = torch.zeros(n_layers, 2, dtype=torch.float64)  # per layer: indexer mass, oracle mass
+    count = 0
     try:
         for b0 in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[b0 : b0 + batch_size].to(model.lm_head.weight.device)
@@ -69,13 +97,26 @@ def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> 
                 p = attention_probs_summed_reference(q_abs, latent, block.self_attn.scale)  # (B, S, T)
                 idx = out.indices[i].long()
                 mass = torch.gather(p, -1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, S)
-                rows = mass[:, topk:]  # queries that see more than top-k keys
-                total += float(rows.sum())
-                count += rows.numel()
+                best = p.topk(topk, dim=-1).values.sum(-1)  # (B, S): the ideal selection
+                # queries that see more than top-k keys
+                sums[i, 0] += float(mass[:, topk:].sum())
+                sums[i, 1] += float(best[:, topk:].sum())
+            count += ids.shape[0] * (S - topk)
     finally:
         for h in hooks:
             h.remove()
-    return total / max(1, count)
+    per = sums / max(1, count)
+    mean = per.mean(0)
+    return RecallStats(
+        indexer=float(mean[0]),
+        oracle=float(mean[1]),
+        per_layer=tuple((float(a), float(b)) for a, b in per.tolist()),
+    )
+
+
+def indexer_recall(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean dense-attention mass inside the indexer's top-k set (see the module docstring)."""
+    return recall_stats(model, input_ids, batch_size).indexer
 
 
 @torch.no_grad()
@@ -95,6 +136,23 @@ def validation_loss(
     return total / max(1, n)
 
 
+def passkey_filler_for(tokenizer: Any, context_tokens: int, *, seed: int = 1234) -> int:
+    """The most filler sentences a :func:`~dsv.train.data.passkey_document` can have while BOS,
+    prompt and answer stay within ``context_tokens`` (measured on the document drawn with ``seed``;
+    sentences vary little in token count)."""
+
+    def length(n_filler: int) -> int:
+        prompt, answer, _ = passkey_document(random.Random(seed), n_filler)
+        return 1 + len(tokenizer.encode(prompt)) + len(tokenizer.encode(answer))
+
+    if length(0) > context_tokens:
+        raise ValueError(f"a pass-key prompt without filler is longer than {context_tokens} tokens")
+    filler = 0
+    while length(filler + 1) <= context_tokens:
+        filler += 1
+    return filler
+
+
 @torch.no_grad()
 def passkey_accuracy(
     model: Any,
@@ -106,14 +164,14 @@ def passkey_accuracy(
     use_sparse: bool,
     max_new_tokens: int = 4,
 ) -> float:
-    """Share of ``n`` needle documents (about ``context_tokens`` long) whose pass key the model
-    reproduces exactly with greedy decoding after ``"The pass key is"``."""
+    """Share of ``n`` needle documents whose pass key the model reproduces exactly with greedy
+    decoding after ``"The pass key is"``.
+
+    Each prompt (BOS, filler sentences with the needle at a random depth, the question) plus its
+    answer fits in ``context_tokens``: it has the most filler sentences that still fit."""
     rng = random.Random(seed)
     device = model.lm_head.weight.device
-    # Grow the filler until the prompt reaches the requested length (token counts vary per sentence).
-    filler = 4
-    while len(tokenizer.encode(passkey_document(random.Random(seed), filler)[0])) < context_tokens - 8:
-        filler += 2
+    filler = passkey_filler_for(tokenizer, context_tokens, seed=seed)
     hits = 0
     for _ in range(n):
         prompt, answer, _ = passkey_document(rng, filler)
