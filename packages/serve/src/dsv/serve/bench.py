@@ -148,25 +148,31 @@ def _engine_wave(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict
             "ttft_p99": percentile(ttfts, 0.99), "tokens": state["tokens"]}  # fmt: skip
 
 
-def _hf_wave(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> dict[str, float]:
+def _hf_wave(
+    model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int, ttft: bool
+) -> dict[str, float]:
     import torch
 
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
     kw = {"attention_mask": mask, "do_sample": False, "pad_token_id": pad_id}
+    out: dict[str, float] = {}
     with torch.inference_mode():
+        if ttft:
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            out["ttft_p50"] = out["ttft_p99"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
+        gen = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
         wall = time.perf_counter() - t0
-    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"tok_s": tokens / wall, "ttft_p50": ttft, "ttft_p99": ttft, "tokens": tokens}
+    tokens = (gen.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"tok_s": tokens / wall, "tokens": tokens, **out}
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    if not runs:
+        return {}
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -189,6 +195,7 @@ def bench_serve(
         ["32x32", "512x128"], help="Request shapes PROMPTxOUTPUT tokens per client (short and chat-like)."
     ),
     runs: int = typer.Option(3, help="Timed runs per cell (median reported)."),
+    engine_alone: bool = typer.Option(True, help="Also time the in-process engine without HTTP."),
     threads: int = typer.Option(1, help="Torch threads for both sides."),
     write: Path = typer.Option(None, help="Write the Markdown results section to this file."),
 ) -> None:
@@ -228,14 +235,16 @@ def bench_serve(
                         prompts = _prompts(c, p_len, min(cfg.vocab_size, 1000))
                         _dsv_wave(url, prompts[:1], 4, Path(tmp))  # warm-up
                         _engine_wave(engine, prompts[:1], 4)
-                        _hf_wave(hf, prompts[:1], 4, pad)
+                        _hf_wave(hf, prompts[:1], 4, pad, ttft=False)
                         ours, alone, theirs = [], [], []
-                        for _ in range(runs):
+                        for run in range(runs):
                             ours.append(_dsv_wave(url, prompts, n_out, Path(tmp)))
                             progress.advance(task)
-                            alone.append(_engine_wave(engine, prompts, n_out))
+                            if engine_alone:
+                                alone.append(_engine_wave(engine, prompts, n_out))
                             progress.advance(task)
-                            theirs.append(_hf_wave(hf, prompts, n_out, pad))
+                            # One static batch's prefill time varies little: measured in the first run.
+                            theirs.append(_hf_wave(hf, prompts, n_out, pad, ttft=run == 0))
                             progress.advance(task)
                         o, t = _median(ours), _median(theirs)
                         rows.append({"preset": name, "layers": cfg.num_hidden_layers, "shape": f"{p_len}+{n_out}",
@@ -255,7 +264,7 @@ def bench_serve(
     md_rows = []
     for r in rows:
         cells = [f"{r['preset']} ({r['layers']} layers)", r["shape"], str(r["clients"]), f"{r['dsv']['tok_s']:.1f}",
-                 f"{r['engine']['tok_s']:.1f}", f"{r['hf']['tok_s']:.1f}", f"{r['ratio']:.2f}x",
+                 f"{r['engine']['tok_s']:.1f}" if r["engine"] else "-", f"{r['hf']['tok_s']:.1f}", f"{r['ratio']:.2f}x",
                  f"{r['dsv']['ttft_p50']:.3f} / {r['dsv']['ttft_p99']:.3f}", f"{r['hf']['ttft_p50']:.3f}"]  # fmt: skip
         table.add_row(*cells)
         runs_cell = (
@@ -280,7 +289,7 @@ def bench_serve(
             "load-generator process (raw sockets), tokens/s = completion tokens / wave wall time, TTFT from "
             "request to first streamed event; dsv engine alone: the same requests into an in-process "
             "`Engine` (no HTTP); transformers: one `generate` batch of the C prompts, TTFT = the same "
-            "batch with one new token",
+            "batch with one new token (measured in the first run)",
             "",
             "| " + " | ".join([*header, "runs tok/s (dsv / HF)"]) + " |",
             "|" + "---|" * (len(header) + 1),
