@@ -16,7 +16,8 @@ a short ``32x32`` and a chat-like ``512x128``) and each client count C, in ONE r
 - **transformers**: ``AutoModelForCausalLM`` (``DeepseekV32ForCausalLM``) on the same folder,
   ``generate`` on one batch of the same C prompts (equal lengths, so no padding is needed; the mask
   is passed), greedy, exactly N new tokens. Its TTFT is the time of the same batch with one new
-  token: with static batching every client waits for the whole prefill.
+  token (measured in the first run of a cell): with static batching every client waits for the
+  whole prefill.
 
 Both sides get ``--threads`` torch threads. Each cell is the median of ``--runs`` runs (after one
 warm-up). ``--write FILE`` writes the Markdown section (atomically).
