@@ -1,4 +1,4 @@
-"""Quality evidence for the two-stage DSA recipe on the tiny preset (CPU, about 15 minutes on 2 cores).
+"""Quality evidence for the two-stage DSA recipe on the tiny preset (CPU, about 20 minutes on 2 cores).
 
 dense pretrain -> dsa-warmup (indexer only, KL to the dense attention) -> dsa-sparse (top-k on);
 a dense control continues the dense model for as many steps as the sparse stage, so the DSA model
@@ -36,6 +36,7 @@ import torch
 
 from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
 from dsv.train import TrainConfig, load_documents, pack, passkey_accuracy, train, validation_loss
+from dsv.train.data import default_documents
 from dsv.train.metrics import recall_stats
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -95,28 +96,39 @@ def _plot(curve: list[dict[str, float]], kl_steps: list[tuple[int, float]], path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--dense-steps", type=int, default=3000)
-    ap.add_argument("--dense-lr", type=float, default=2e-3)
-    ap.add_argument("--warmup-steps", type=int, default=600)
-    ap.add_argument("--warmup-lr", type=float, default=3e-3)
-    ap.add_argument("--recall-every", type=int, default=50, help="Warm-up steps between recall points.")
-    ap.add_argument("--sparse-steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--docs", type=int, default=16000, help="Documents of the default corpus.")
+    ap.add_argument("--dense-steps", type=int, default=2500)
+    ap.add_argument("--dense-lr", type=float, default=3e-3)
+    ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--warmup-lr", type=float, default=1e-3)
+    ap.add_argument("--recall-every", type=int, default=25, help="Warm-up steps between recall points.")
+    ap.add_argument("--sparse-steps", type=int, default=250)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--docs", type=int, default=24000, help="Documents of the default corpus.")
+    ap.add_argument("--passkey-share", type=float, default=0.9, help="Share of pass-key documents.")
     ap.add_argument("--passkey-n", type=int, default=100)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny preset)."
     )
     ap.add_argument("--no-write", action="store_true", help="Do not write the results file and plot.")
+    ap.add_argument("--report-only", action="store_true", help="Rewrite results from OUT/quality.json.")
     args = ap.parse_args()
+    if args.report_only:
+        write_report(args.out)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     topk = 32  # tiny preset
     seq = 4 * topk
-    common = {"seq_len": seq, "micro_batch_size": args.batch, "default_data_size": args.docs, "progress": False,
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    # The default corpus with a larger pass-key share: retrieval across the row is what sparse
+    # attention must keep, and the dense model only learns it when most documents ask for it.
+    data = out / "data.jsonl"
+    mix = default_documents(args.docs, 0, passkey_share=args.passkey_share)
+    atomic_write_bytes(data, "".join(json.dumps({"text": d.text}) + "\n" for d in mix).encode())
+    common = {"seq_len": seq, "micro_batch_size": args.batch, "data": [str(data)], "progress": False,
               "tensorboard": False, "save_every": 0, "eval_rows": 32, "val_fraction": 0.05}  # fmt: skip
     t0 = time.perf_counter()
-    out = args.out
     for stage in ("dense", "warmup", "sparse", "control"):
         shutil.rmtree(out / stage, ignore_errors=True)
     runs = {}
@@ -135,13 +147,12 @@ def main() -> None:
 
     # Same validation rows as the trainer holds out.
     _, tok = load_pretrained(dense_dir)
-    docs, _ = load_documents(["default"], default_size=args.docs, seed=0)
+    docs, _ = load_documents([str(data)])
     _, val = pack(tok, docs, seq, seed=0).split(0.05, 0)
     ids, labels = val.input_ids[:64], val.labels[:64]
     rec_ids = ids[:16]
 
     curve = _warmup_curve(out / "warmup", dense_dir, rec_ids)
-    kl_steps = [(m["step"], m["indexer_loss"]) for m in map(json.loads, (out / "warmup" / "metrics.jsonl").read_text().splitlines())]  # fmt: skip
 
     def evaluate(path: Path, sparse: bool) -> dict[str, Any]:
         model, _ = load_pretrained(path)
@@ -169,55 +180,84 @@ def main() -> None:
     report = {
         "table": table, "warmup_curve": curve, "recall_last_quarter_gain": late_gain,
         "dsa_vs_dense_val_loss_rel": (dsa - ctl) / ctl, "train_seconds": train_seconds, "total_seconds": total,
-        "stage_seconds": {k: v.seconds for k, v in runs.items()}, "args": {k: str(v) for k, v in vars(args).items()},
+        "stage_seconds": {k: v.seconds for k, v in runs.items()}, "date": datetime.date.today().isoformat(),
+        "args": {k: str(v) for k, v in vars(args).items()},
     }  # fmt: skip
     atomic_write_bytes(out / "quality.json", json.dumps(report, indent=2).encode())
     print(json.dumps(report, indent=2))
-    if args.no_write:
-        return
+    if not args.no_write:
+        write_report(out)
+
+
+def write_report(out: Path) -> None:
+    """Plot the warm-up curve and replace the results section from ``OUT/quality.json``."""
+    report = json.loads((out / "quality.json").read_text())
+    a = report["args"]
+    topk = 32
+    seq = 4 * topk
+    table, curve = report["table"], report["warmup_curve"]
+    kl_steps = [(m["step"], m["indexer_loss"]) for m in map(json.loads, (out / "warmup" / "metrics.jsonl").read_text().splitlines())]  # fmt: skip
     _plot(curve, kl_steps, PLOT, topk)
+    dense_row = table["dense (pretrain, dense attention)"]
     after = table["after dsa-warmup, sparse attention"]
+    dsa_row = table["after dsa-sparse (DSA model), sparse attention"]
+    ctl_row = table["dense control (+ same steps, dense attention)"]
+    rel = report["dsa_vs_dense_val_loss_rel"]
+    total, train_s = report["total_seconds"], report["train_seconds"]
+    date = report.get("date", datetime.date.today().isoformat())
     lines = [
         f"{MARKER} (tiny preset, dense -> dsa-warmup -> dsa-sparse)",
         "",
         f"Command: `OMP_NUM_THREADS=1 python tools/bench/train_quality.py --out /tmp/dsa-quality` (dense "
-        f"{args.dense_steps} steps at lr {args.dense_lr:g}, dsa-warmup {args.warmup_steps} steps at lr "
-        f"{args.warmup_lr:g}, dsa-sparse {args.sparse_steps} steps and a dense control of as many steps at lr 3e-4; "
-        f"batch {args.batch} x {seq} tokens, index_topk {topk}; default corpus of {args.docs} documents, "
-        "half of them pass-key documents).",
-        f"Machine: 2-core CPU, no GPU (shared with other jobs), torch threads {args.threads}; "
-        f"{datetime.date.today().isoformat()}; one seeded run, {total / 60:.1f} min in total "
-        f"(training {train_seconds / 60:.1f} min).",
+        f"{a['dense_steps']} steps at lr {float(a['dense_lr']):g}, dsa-warmup {a['warmup_steps']} steps at lr "
+        f"{float(a['warmup_lr']):g}, dsa-sparse {a['sparse_steps']} steps and a dense control of as many steps "
+        f"at lr 3e-4; batch {a['batch']} x {seq} tokens, index_topk {topk}; the default corpus generator, "
+        f"{a['docs']} documents, {float(a['passkey_share']):.0%} of them pass-key documents).",
+        f"Machine: 2-core CPU, no GPU (shared with other jobs), torch threads {a['threads']}; {date}; "
+        f"one seeded run, {total / 60:.1f} min in total (training {train_s / 60:.1f} min).",
         "",
         "Recall = share of the dense (head-summed, L1-normalised) attention mass inside a top-"
         f"{topk} set, averaged over both layers and the queries past position {topk}. *Oracle* = the "
         "same for the ideal set (the top-k keys of the true attention): the ceiling of any indexer. "
-        "The tiny model's attention is diffuse, so the ceiling is well below 1 and the 0.9 target is "
-        "read as a fraction of it.",
+        "A small model's attention is diffuse, so the ceiling can lie below the 0.9 target; the "
+        "indexer / oracle column says how close the indexer gets to what any top-k selection can do.",
         "",
         f"Warm-up: indexer recall **{curve[0]['indexer']:.3f} -> {after['recall']:.3f}** of an oracle "
-        f"**{after['oracle']:.3f}** = **{after['ratio']:.2f} of the ceiling** (target >= 0.9); "
-        f"gain over the last quarter of the warm-up: {late_gain:+.3f}.",
+        f"**{after['oracle']:.3f}** = **{after['ratio']:.2f} of the ceiling**; gain over the last quarter "
+        f"of the warm-up: {report['recall_last_quarter_gain']:+.3f}. Absolute recall target >= 0.9: "
+        + ("met." if after["recall"] >= 0.9 else "not met (above the ceiling)." if after["oracle"] < 0.9 else "not met."),
         "",
         "| model | val loss | indexer recall | oracle recall | indexer / oracle | pass-key acc @ 4x top-k |",
         "|---|---|---|---|---|---|",
-    ]
+    ]  # fmt: skip
     for name, r in table.items():
         lines.append(
             f"| {name} | {r['val_loss']:.4f} | {r['recall']:.3f} | {r['oracle']:.3f} | {r['ratio']:.2f} | "
             f"{r['passkey']:.2f} |"
         )
+    if dense_row["passkey"] > 0 or ctl_row["passkey"] > 0:
+        passkey = (
+            f"dense control {ctl_row['passkey']:.2f} vs DSA {dsa_row['passkey']:.2f} "
+            f"({100 * (dsa_row['passkey'] - ctl_row['passkey']):+.0f} points)."
+        )
+    else:
+        passkey = (
+            "the dense models did not learn the task within this budget, so the comparison says nothing "
+            "about sparse attention."
+        )
     lines += [
         "",
-        f"DSA vs dense control validation loss: {100 * (dsa - ctl) / ctl:+.2f}% (target: within 2%). "
-        f"Pass-key: {args.passkey_n} prompts of at most {seq} tokens (needle at a random depth), greedy; "
-        f"dense control {ctl_row['passkey']:.2f} vs DSA {dsa_row['passkey']:.2f}.",
+        f"DSA vs dense control validation loss: {100 * rel:+.2f}% (target: within 2%). The validation rows "
+        "come from the same mix, so they are mostly pass-key documents.",
+        "",
+        f"Pass-key: {a['passkey_n']} prompts (BOS, filler with the needle at a random depth, question) "
+        f"that with the answer fit in {seq} tokens, greedy decoding; {passkey}",
         "",
         "Per layer (indexer / oracle) after dsa-sparse: "
-        + ", ".join(f"layer {i}: {a:.3f} / {b:.3f}" for i, (a, b) in enumerate(dsa_row["per_layer"]))
+        + ", ".join(f"layer {i}: {x:.3f} / {y:.3f}" for i, (x, y) in enumerate(dsa_row["per_layer"]))
         + ".",
         "",
-        f"Warm-up curve (recall on 16 validation rows from the run's checkpoints; KL = mean of the steps "
+        "Warm-up curve (recall on 16 validation rows from the run's checkpoints; KL = mean of the steps "
         f"since the previous point), plotted in `results/{PLOT.name}`:",
         "",
         "| warm-up step | indexer recall | oracle | indexer / oracle | mean KL |",
