@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 VENV="${DSV_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# Tests run the `dsv` console script the way a user with the environment active would.
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
 "$VENV/bin/ruff" check .
