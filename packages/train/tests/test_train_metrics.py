@@ -68,3 +68,19 @@ def test_default_passkey_documents_match_the_measure(pretrained: Path) -> None:
     assert 1 + len(tok.encode(longer)) + len(tok.encode(ans2)) > 128
     with pytest.raises(ValueError, match="without filler"):
         passkey_filler_for(tok, 8)
+
+
+def test_passkey_scores_share_the_prompts_of_the_accuracy(pretrained: Path) -> None:
+    from dsv.train.metrics import _passkey_prompts, passkey_accuracy, passkey_scores
+
+    model, tok = load_pretrained(pretrained / "final")
+    assert tok is not None
+    prompts = _passkey_prompts(tok, 96, 6, 1234)
+    for ids, key_ids, key in prompts:
+        assert ids[0] == tok.bos_id and tok.decode(key_ids).strip() == key and len(key) == 5
+        assert len(ids) + len(key_ids) + 1 <= 96  # "." after the key
+    assert len({key for _, _, key in prompts}) == 6
+    model.eval()
+    scores = passkey_scores(model, tok, context_tokens=96, n=6, use_sparse=False)
+    assert scores.exact == passkey_accuracy(model, tok, context_tokens=96, n=6, use_sparse=False)
+    assert all(0.0 <= v <= 1.0 for v in (scores.exact, scores.first_token, scores.token))

@@ -7,7 +7,8 @@
   gives the oracle recall, that of the ideal top-k set (the ceiling of any indexer), per layer too.
 - :func:`validation_loss`: mean next-token cross-entropy over target tokens, dense or sparse.
 - :func:`passkey_accuracy`: greedy retrieval of a 5-digit pass key hidden at a random depth in
-  filler text that, with the answer, fills ``context_tokens`` (needle in a haystack).
+  filler text that, with the answer, fills ``context_tokens`` (needle in a haystack);
+  :func:`passkey_scores` adds first-token and per-token accuracy, which show partial retrieval.
 
 Run the checks: ``pytest packages/train/tests/test_train_metrics.py``.
 """
@@ -153,6 +154,76 @@ def passkey_filler_for(tokenizer: Any, context_tokens: int, *, seed: int = 1234)
     return filler
 
 
+@dataclass(frozen=True)
+class PasskeyScores:
+    """Pass-key retrieval measured three ways over the same prompts (see :func:`passkey_scores`).
+
+    ``exact``: greedy decoding reproduces the whole key. ``first_token``: the key's first token is the
+    top prediction after the prompt (the model found the needle). ``token``: share of the key's tokens
+    that are the top prediction given the key's earlier tokens (teacher forcing).
+    """
+
+    exact: float
+    first_token: float
+    token: float
+
+
+def _passkey_prompts(
+    tokenizer: Any, context_tokens: int, n: int, seed: int
+) -> list[tuple[list[int], list[int], str]]:
+    """``n`` prompts as ``(BOS + prompt ids, key token ids, key)``, each fitting ``context_tokens``
+    together with its answer."""
+    rng = random.Random(seed)
+    filler = passkey_filler_for(tokenizer, context_tokens, seed=seed)
+    prompts = []
+    for _ in range(n):
+        prompt, answer, _ = passkey_document(rng, filler)
+        key = answer.strip(" .")
+        ans_ids = tokenizer.encode(answer)
+        key_ids = tokenizer.encode(" " + key)
+        if ans_ids[: len(key_ids)] != key_ids:  # the "." merged into the key's last token
+            key_ids = ans_ids[:-1] if len(ans_ids) > 1 else ans_ids
+        prompts.append(([tokenizer.bos_id, *tokenizer.encode(prompt)], key_ids, key))
+    return prompts
+
+
+@torch.no_grad()
+def passkey_scores(
+    model: Any,
+    tokenizer: Any,
+    *,
+    context_tokens: int,
+    n: int = 32,
+    seed: int = 1234,
+    use_sparse: bool,
+    max_new_tokens: int = 4,
+) -> PasskeyScores:
+    """Exact-match, first-token and per-token pass-key accuracy over the prompts of
+    :func:`passkey_accuracy` (same ``seed``, same prompts)."""
+    device = model.lm_head.weight.device
+    exact = first = tok_hits = tok_total = 0
+    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed):
+        logits = model(torch.tensor([ids + key_ids], device=device), use_sparse=use_sparse).logits[0]
+        pred = logits[len(ids) - 1 : len(ids) - 1 + len(key_ids)].argmax(-1).tolist()
+        first += int(pred[0] == key_ids[0])
+        tok_hits += sum(int(a == b) for a, b in zip(pred, key_ids, strict=True))
+        tok_total += len(key_ids)
+        exact += int(
+            _greedy_key(model, tokenizer, ids, max(max_new_tokens, len(key_ids) + 1), use_sparse) == key
+        )
+    return PasskeyScores(exact=exact / n, first_token=first / n, token=tok_hits / max(1, tok_total))
+
+
+def _greedy_key(model: Any, tokenizer: Any, ids: list[int], steps: int, use_sparse: bool) -> str | None:
+    device = model.lm_head.weight.device
+    out: list[int] = []
+    for _ in range(steps):
+        logits = model(torch.tensor([ids + out], device=device), use_sparse=use_sparse).logits
+        out.append(int(logits[0, -1].argmax()))
+    got = re.match(r"\s*(\d+)", tokenizer.decode(out))
+    return got.group(1) if got is not None else None
+
+
 @torch.no_grad()
 def passkey_accuracy(
     model: Any,
@@ -169,18 +240,9 @@ def passkey_accuracy(
 
     Each prompt (BOS, filler sentences with the needle at a random depth, the question) plus its
     answer fits in ``context_tokens``: it has the most filler sentences that still fit."""
-    rng = random.Random(seed)
-    device = model.lm_head.weight.device
-    filler = passkey_filler_for(tokenizer, context_tokens, seed=seed)
     hits = 0
-    for _ in range(n):
-        prompt, answer, _ = passkey_document(rng, filler)
-        key = answer.strip(" .")
-        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-        out: list[int] = []
-        for _ in range(max(max_new_tokens, len(tokenizer.encode(answer)))):
-            logits = model(torch.tensor([ids + out], device=device), use_sparse=use_sparse).logits
-            out.append(int(logits[0, -1].argmax()))
-        got = re.match(r"\s*(\d+)", tokenizer.decode(out))
-        hits += int(got is not None and got.group(1) == key)
+    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed):
+        hits += int(
+            _greedy_key(model, tokenizer, ids, max(max_new_tokens, len(key_ids) + 1), use_sparse) == key
+        )
     return hits / n
