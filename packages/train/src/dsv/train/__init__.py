@@ -29,6 +29,8 @@ __all__ = [
     "lr_at",
     "pack",
     "passkey_accuracy",
+    "passkey_scores",
+    "recall_stats",
     "train",
     "validation_loss",
 ]
@@ -49,6 +51,8 @@ _LAZY = {
     "pack": "dsv.train.data",
     "indexer_recall": "dsv.train.metrics",
     "passkey_accuracy": "dsv.train.metrics",
+    "passkey_scores": "dsv.train.metrics",
+    "recall_stats": "dsv.train.metrics",
     "validation_loss": "dsv.train.metrics",
     "lr_at": "dsv.train.schedule",
 }
