@@ -8,6 +8,7 @@ numbers have a single source. Run after any benchmark: ``python tools/bench/asse
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def main() -> None:
     names += sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER)
     for name in names:
         text = (RESULTS / f"{name}.md").read_text().strip()
+        # images sit beside the result files: make their links relative to the repository root
+        text = re.sub(r"\]\((?!https?://|/|tools/)([^)]+\.png)\)", r"](tools/bench/results/\1)", text)
         parts.append(text + "\n\n")
     out = ROOT / "BENCHMARKS.md"
     fd, tmp = tempfile.mkstemp(dir=ROOT, prefix=".BENCHMARKS.", suffix=".tmp")
