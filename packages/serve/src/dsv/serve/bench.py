@@ -4,6 +4,9 @@ For each preset a random checkpoint is written (``small`` cut to ``--small-layer
 runs on a CPU). For each request shape ``--shape PxN`` (P prompt tokens, N output tokens; default
 a short ``32x32`` and a chat-like ``512x128``) and each client count C, in ONE run:
 
+Every run sends fresh random prompts (the same ones to every side), so no run is helped by the
+prefix cache holding an earlier run's prompts.
+
 - **dsv**: a ``dsv serve`` process on 127.0.0.1 (native engine: continuous batching, paged cache,
   staged decode) and C concurrent streaming clients on ``/v1/completions``, driven by
   :mod:`dsv.serve.loadgen` in its own process (raw sockets, no JSON decoding per event, so the
@@ -28,6 +31,7 @@ Run: ``dsv bench serve --runs 3 --write tools/bench/results/serve.md``.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -67,10 +71,10 @@ def _make_checkpoint(name: str, layers: int | None, folder: Path) -> Any:
     return cfg
 
 
-def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import torch
 
-    g = torch.Generator().manual_seed(n)
+    g = torch.Generator().manual_seed(seed)
     # Above the special tokens; distinct rows so no two clients share a cached prefix.
     return torch.randint(16, vocab, (n, length), generator=g).tolist()
 
@@ -217,6 +221,7 @@ def bench_serve(
     load_before = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     longest = max(p + n for p, n in shapes)
+    seeds = itertools.count(1)
     with tempfile.TemporaryDirectory() as tmp, Progress(console=console) as progress:
         task = progress.add_task("bench serve", total=len(preset) * len(shapes) * len(clients) * runs * 3)
         for name in preset:
@@ -233,12 +238,16 @@ def bench_serve(
             try:
                 for p_len, n_out in shapes:
                     for c in clients:
-                        prompts = _prompts(c, p_len, min(cfg.vocab_size, 1000))
-                        _dsv_wave(url, prompts[:1], 4, Path(tmp))  # warm-up
-                        _engine_wave(engine, prompts[:1], 4)
-                        _hf_wave(hf, prompts[:1], 4, pad, ttft=False)
+                        vocab = min(cfg.vocab_size, 1000)
+                        warm = _prompts(1, p_len, vocab, next(seeds))
+                        _dsv_wave(url, warm, 4, Path(tmp))  # warm-up
+                        _engine_wave(engine, warm, 4)
+                        _hf_wave(hf, warm, 4, pad, ttft=False)
                         ours, alone, theirs = [], [], []
                         for run in range(runs):
+                            # Fresh prompts every run: a repeated prompt would be served from the
+                            # prefix cache and skip its prefill.
+                            prompts = _prompts(c, p_len, vocab, next(seeds))
                             ours.append(_dsv_wave(url, prompts, n_out, Path(tmp)))
                             progress.advance(task)
                             if engine_alone:
