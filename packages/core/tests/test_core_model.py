@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsv.core.cache import DenseKVCache
@@ -106,3 +107,16 @@ def test_masked_dense_simulation_equals_gathered_sparse(monkeypatch) -> None:
     for a, b in zip(outs[0], outs[1000], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0][0], outs[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_keep_is_the_tail_of_the_full_logits() -> None:
+    torch.manual_seed(0)
+    model = DSVForCausalLM(tiny()).eval()
+    ids = torch.randint(0, 1024, (2, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        tail = model(ids, logits_to_keep=3).logits
+    assert tail.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(tail, full[:, -3:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)

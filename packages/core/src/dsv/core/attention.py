@@ -144,10 +144,10 @@ def sparse_mla_reference(
 def _gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``kv [B, T, D]`` rows at ``idx [B, S, K]`` (``-1`` read as row 0; mask separately) -> ``[B, S, K, D]``."""
     B, S, K = idx.shape
-    D = kv.shape[-1]
-    return torch.gather(
-        kv.unsqueeze(1).expand(B, S, -1, D), 2, idx.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, D)
-    )
+    T, D = kv.shape[1:]
+    # Whole-row copies from the flattened cache: about 2x faster than an element-wise gather on CPU.
+    rows = idx.long().clamp_min(0) + torch.arange(B, device=idx.device).view(B, 1, 1) * T
+    return kv.reshape(B * T, D).index_select(0, rows.flatten()).view(B, S, K, D)
 
 
 def attention_probs_summed_reference(
@@ -225,9 +225,11 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 # On the torch path, attending densely with everything outside the selection masked out is the same
 # maths as gathering the selected rows, and cheaper until the context is several times the selection
-# (gathers are memory-bound on CPU). V3.2-Exp likewise simulates DSA with a masked dense attention
-# for short prefill.
-MASKED_DENSE_MAX_RATIO = 4
+# (gathers are memory-bound on CPU, the fused SDPA kernel is not). V3.2-Exp likewise simulates DSA
+# with a masked dense attention for short prefill. 16: on the tiny preset (top-k 32, 32 rows, one
+# CPU thread) a 256-token prefill chunk runs about 1.6x faster masked at 256 keys and still faster
+# at 512; decode over longer contexts keeps the gather.
+MASKED_DENSE_MAX_RATIO = 16
 
 
 def selection_mask(idx: torch.Tensor, s_k: int) -> torch.Tensor:

@@ -134,7 +134,7 @@ def generate(
     x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     stops = set(params.stop_token_ids)
     for _ in range(params.max_new_tokens):
-        res = model(x, cache=cache, return_routes=return_routes, use_sparse=use_sparse)
+        res = model(x, cache=cache, return_routes=return_routes, use_sparse=use_sparse, logits_to_keep=1)
         if out.routes is not None:
             out.routes.append(res.routes)
         s = sample_next(res.logits[:, -1], params, gen)

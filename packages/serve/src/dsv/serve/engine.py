@@ -307,7 +307,7 @@ class Engine:
         else:
             view = PagedBatchView(self.pool, [s.blocks for s in seqs], lengths, S)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=view).logits[:, -1].float()  # (B, V)
+        logits = self.model(ids, cache=view, logits_to_keep=1).logits[:, -1].float()  # (B, V)
         for s in seqs:
             s.cached += S
         return logits

@@ -192,6 +192,7 @@ class DSVForCausalLM(nn.Module):
         use_sparse: bool | None = None,
         indexer_loss: bool = False,
         return_mtp: bool = False,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Run the model on ``input_ids [B, S]`` (appended after the cache's contents, if any).
 
@@ -201,9 +202,14 @@ class DSVForCausalLM(nn.Module):
           dense baseline); default True when the config has an indexer.
         - ``indexer_loss``: also compute the indexer KL loss (dense target when ``use_sparse`` is
           False, selected-set target otherwise).
+        - ``logits_to_keep``: compute the LM head on the last N positions only (0: all, the
+          default); ``logits`` is then ``[B, N, V]``. Prefill for generation needs one: the head over
+          every prompt position can cost more than the layers of a small model.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
         B, S = input_ids.shape
         if forced_routes is not None and len(forced_routes) != self.config.num_hidden_layers:
             raise ValueError(
@@ -243,7 +249,8 @@ class DSVForCausalLM(nn.Module):
         mtp_logits = self._mtp(h, input_ids, cos, sin, sparse) if return_mtp and self.mtp_layers else None
         if cache is not None:
             cache.advance(S)
-        logits = nn.functional.linear(self.model.norm(h).float(), self.lm_head.weight.float())
+        last = h[:, -logits_to_keep:] if logits_to_keep else h
+        logits = nn.functional.linear(self.model.norm(last).float(), self.lm_head.weight.float())
         aux = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
         return ModelOutput(
             logits=logits,
