@@ -350,6 +350,6 @@ def test_graceful_shutdown_finishes_streams(tiny_ckpt: Path, live_server: Any) -
     assert sum(1 for c in chunks if c["choices"][0]["text"] or c["choices"][0]["finish_reason"]) >= 2
     server.thread.join(timeout=30)
     assert not server.thread.is_alive()
-    assert app.state.backend.engine._thread is not None and not app.state.backend.engine._thread.is_alive()
+    assert not app.state.backend.engine.alive  # the engine process ended with the server
     with pytest.raises(httpx.ConnectError):
         httpx.post(url, json=_body(4, False), timeout=5)

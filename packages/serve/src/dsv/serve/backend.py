@@ -4,7 +4,8 @@ Both take a prompt (text already encoded with dsv's chat encoding, or token ids)
 :class:`Piece` objects of decoded text. The HTTP layer owns everything above that (chat encoding,
 parsing, stop strings, the OpenAI shapes), so clients see the same API whichever engine runs.
 
-- :class:`LocalBackend` runs :class:`~dsv.serve.engine.Engine` in-process; closing the stream
+- :class:`LocalBackend` runs :class:`~dsv.serve.engine.Engine` (in its own process through
+  :class:`~dsv.serve.worker.EngineProcess`, or in a thread of this one); closing the stream
   early (client gone, stop string, timeout) cancels the sequence and frees its cache blocks. It
   installs the engine's per-step ``deliver`` hook: each engine step wakes an event loop once (one
   ``call_soon_threadsafe`` for all its streams), and token strings for logprobs are only decoded
@@ -22,10 +23,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dsv.core.chat import Templates
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+
+if TYPE_CHECKING:
+    from dsv.serve.worker import EngineProcess
 
 __all__ = ["Backend", "IncrementalDetokenizer", "LocalBackend", "Piece", "ProxyBackend", "TokenLogprob"]
 
@@ -124,7 +128,9 @@ def _put_all(items: list[tuple[asyncio.Queue[TokenEvent | Finish], TokenEvent | 
 class LocalBackend:
     """The native engine with the checkpoint's tokenizer."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, *, templates: Templates, max_model_len: int) -> None:
+    def __init__(
+        self, engine: Engine | EngineProcess, tokenizer: Any, *, templates: Templates, max_model_len: int
+    ) -> None:
         self.engine, self.tokenizer, self.templates, self.max_model_len = (
             engine,
             tokenizer,

@@ -215,6 +215,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ----------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         # Inference mode, not just no-grad: no version counters or autograd metadata on any tensor,

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["engine_command", "free_port", "load_native_app", "load_proxy_app", "start_engine", "wait_ready"]
 
@@ -99,25 +100,51 @@ def load_native_app(
     max_batch: int = 64,
     prefill_chunk: int = 256,
     device: str = "cpu",
+    engine_process: bool = True,
     **settings: object,
 ) -> object:
-    """The FastAPI app serving a checkpoint with the native engine (engine thread started)."""
-    import torch
+    """The FastAPI app serving a checkpoint with the native engine (engine started).
 
+    ``engine_process`` (the default) runs the engine in its own process
+    (:class:`~dsv.serve.worker.EngineProcess`) so model work and HTTP do not share one GIL; False
+    keeps it in a thread of this process.
+    """
     from dsv.core.chat import Templates
-    from dsv.core.checkpoint import load_pretrained, resolve
+    from dsv.core.checkpoint import load_config, resolve
+    from dsv.core.errors import CheckpointError, ConfigError
+    from dsv.core.tokenizer import Tokenizer
     from dsv.serve.app import ServerSettings, create_app
     from dsv.serve.backend import LocalBackend
-    from dsv.serve.engine import Engine
 
     folder = resolve(path_or_repo)
-    model, tokenizer = load_pretrained(str(folder), device=device, dtype=torch.float32)
-    model.eval()
-    config = model.config
+    try:
+        config = load_config(folder)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json")
+    tokenizer = Tokenizer.load(folder)
     max_len = max_model_len or int(config.max_position_embeddings)
     blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
-    engine = Engine.for_model(model, config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
-                              prefill_chunk=prefill_chunk, device=device)  # fmt: skip
+    kwargs = {
+        "num_blocks": blocks,
+        "block_size": block_size,
+        "max_batch": max_batch,
+        "prefill_chunk": prefill_chunk,
+    }
+    engine: Any
+    if engine_process:
+        from dsv.serve.worker import EngineProcess
+
+        engine = EngineProcess(folder, device=device, **kwargs)
+    else:
+        import torch
+
+        from dsv.core.checkpoint import load_pretrained
+        from dsv.serve.engine import Engine
+
+        model, _ = load_pretrained(str(folder), device=device, dtype=torch.float32, with_tokenizer=False)
+        engine = Engine.for_model(model.eval(), config, device=device, **kwargs)
     engine.start()
     backend = LocalBackend(
         engine, tokenizer, templates=Templates.from_checkpoint(folder), max_model_len=max_len

@@ -1,0 +1,173 @@
+"""The engine in its own process: same tokens as in-process, cancellation frees blocks, start-up
+errors are reported, stop ends running requests, and the child does not outlive a killed server.
+
+Run: ``pytest packages/serve/tests/test_serve_worker.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+from dsv.serve.worker import EngineProcess
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: Finish | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: TokenEvent | Finish) -> None:
+        if isinstance(ev, Finish):
+            self.finish = ev
+            self.done.set()
+        else:
+            self.tokens.append(ev.token)
+
+
+@pytest.fixture(scope="module")
+def engine_process(tiny_ckpt: Path) -> EngineProcess:
+    proc = EngineProcess(tiny_ckpt, num_blocks=64, max_batch=8)
+    proc.start()
+    yield proc
+    proc.stop()
+    assert not proc.alive
+
+
+def _wait_idle(engine: EngineProcess) -> None:
+    deadline = time.monotonic() + 10
+    while engine.stats().used_blocks:
+        assert time.monotonic() < deadline, "cache blocks were not given back"
+        time.sleep(0.02)
+
+
+def test_same_tokens_as_the_in_process_engine(tiny_ckpt: Path, engine_process: EngineProcess) -> None:
+    from dsv.core.checkpoint import load_pretrained
+
+    prompts = [[5, 17, 99, 300, 42], list(range(40, 90)), [7] * 20]
+    params = GenParams(temperature=0.0, max_tokens=12)
+    runs = [_Collect() for _ in prompts]
+    for p, r in zip(prompts, runs, strict=True):
+        engine_process.submit(p, params, r)
+    model, _ = load_pretrained(tiny_ckpt)
+    local = Engine.for_model(model.eval(), model.config, num_blocks=64, max_batch=8)
+    local.start()
+    try:
+        for p, r in zip(prompts, runs, strict=True):
+            want = _Collect()
+            local.submit(p, params, want)
+            assert want.done.wait(60) and r.done.wait(60)
+            assert r.tokens == want.tokens and len(r.tokens) == 12
+            assert r.finish is not None and r.finish.reason == "length" and r.finish.prompt_tokens == len(p)
+    finally:
+        local.stop()
+    _wait_idle(engine_process)
+
+
+def test_deliver_hook_gets_one_batch_per_step(engine_process: EngineProcess) -> None:
+    batches: list[int] = []
+    engine_process.deliver = lambda batch: (batches.append(len(batch)), [cb(ev) for cb, ev in batch])
+    try:
+        runs = [_Collect() for _ in range(4)]
+        for i, r in enumerate(runs):
+            engine_process.submit([11 + i, 12, 13], GenParams(temperature=0.0, max_tokens=6), r)
+        assert all(r.done.wait(60) for r in runs)
+    finally:
+        engine_process.deliver = None
+    assert all(len(r.tokens) == 6 for r in runs)
+    assert max(batches) > 1  # several streams' events arrive together
+
+
+def test_cancel_frees_blocks_and_silences_the_request(engine_process: EngineProcess) -> None:
+    r = _Collect()
+    sid = engine_process.submit([3, 4, 5, 6], GenParams(temperature=0.0, max_tokens=400), r)
+    deadline = time.monotonic() + 30
+    while len(r.tokens) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine_process.stats().used_blocks > 0
+    engine_process.cancel(sid)
+    _wait_idle(engine_process)
+    seen = len(r.tokens)
+    time.sleep(0.2)
+    assert len(r.tokens) == seen and r.finish is None
+
+
+def test_requests_that_cannot_fit_are_refused_in_the_server(engine_process: EngineProcess) -> None:
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine_process.submit([], GenParams(), _Collect())
+    with pytest.raises(ValueError, match="more cache blocks"):
+        engine_process.submit([1] * 10, GenParams(max_tokens=64 * 16), _Collect())
+
+
+def test_a_broken_checkpoint_is_reported_at_start(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v32"}')
+    engine = EngineProcess(tmp_path, num_blocks=8)
+    with pytest.raises(RuntimeError, match="could not start"):
+        engine.start()
+    assert not engine.alive
+
+
+def test_stop_ends_running_requests(tiny_ckpt: Path) -> None:
+    engine = EngineProcess(tiny_ckpt, num_blocks=64)
+    engine.start()
+    r = _Collect()
+    engine.submit([9, 8, 7], GenParams(temperature=0.0, max_tokens=500), r)
+    while not r.tokens:
+        time.sleep(0.01)
+    engine.stop()
+    assert r.done.is_set() and r.finish is not None and r.finish.reason == "error"
+    assert not engine.alive
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit([1, 2], GenParams(), _Collect())
+
+
+_ORPHAN = """
+import sys, time
+from dsv.serve.worker import EngineProcess
+if __name__ == "__main__":
+    e = EngineProcess(sys.argv[1], num_blocks=16)
+    e.start()
+    print(e._proc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_engine_process_exits_when_the_server_is_killed(tiny_ckpt: Path, tmp_path: Path) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(_ORPHAN)
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_ckpt)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(server.stdout.readline())  # type: ignore[union-attr]
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _running(child):
+            assert time.monotonic() < deadline, "the engine process outlived its server"
+            time.sleep(0.1)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init in a container) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
