@@ -145,9 +145,12 @@ def _gather_rows(kv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``kv [B, T, D]`` rows at ``idx [B, S, K]`` (``-1`` read as row 0; mask separately) -> ``[B, S, K, D]``."""
     B, S, K = idx.shape
     T, D = kv.shape[1:]
+    ids = idx.long().clamp_min(0)
+    batch = torch.arange(B, device=idx.device).view(B, 1, 1)
+    if not kv.is_contiguous():  # e.g. a view into a larger cache buffer: flattening would copy it all
+        return kv[batch, ids]
     # Whole-row copies from the flattened cache: about 2x faster than an element-wise gather on CPU.
-    rows = idx.long().clamp_min(0) + torch.arange(B, device=idx.device).view(B, 1, 1) * T
-    return kv.reshape(B * T, D).index_select(0, rows.flatten()).view(B, S, K, D)
+    return kv.reshape(B * T, D).index_select(0, (ids + batch * T).flatten()).view(B, S, K, D)
 
 
 def attention_probs_summed_reference(

@@ -87,13 +87,20 @@ class MoE(nn.Module):
         forced = None if forced_idx is None else forced_idx.reshape(B * S, -1)
         weights, idx, scores = self.gate(flat, forced)
         out = torch.zeros_like(flat, dtype=torch.float32)
+        k = idx.shape[-1]
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts))
         self.expert_load = counts.detach()
-        for e in torch.nonzero(counts).flatten().tolist():
-            tok, slot = torch.nonzero(idx == e, as_tuple=True)
+        # One sort groups the (token, slot) pairs by expert; each expert then reads a contiguous slice.
+        order = torch.argsort(idx.flatten(), stable=True)
+        tok_sorted = order // k
+        w_sorted = weights.flatten()[order, None]
+        ends = counts.cumsum(0).tolist()
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            tok = tok_sorted[ends[e] - n : ends[e]]
             y = self.experts[e](flat[tok])
-            # an expert is chosen at most once per token, so `tok` has no repeats: plain indexed add
-            out[tok] += y.float() * weights[tok, slot, None]
+            out.index_add_(0, tok, y.float() * w_sorted[ends[e] - n : ends[e]])
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).float()
         if self.training:
