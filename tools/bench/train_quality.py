@@ -129,6 +129,14 @@ def main() -> None:
     ap.add_argument("--passkey-share", type=float, default=0.9, help="Share of pass-key documents.")
     ap.add_argument("--passkey-n", type=int, default=100)
     ap.add_argument(
+        "--passkey-distinct", type=int, default=3,
+        help="Haystacks cycle this many random sentences (0: every filler sentence is fresh).",
+    )  # fmt: skip
+    ap.add_argument(
+        "--weight-decay", type=float, default=0.0,
+        help="AdamW weight decay of every stage (decay keeps a small model's attention diffuse).",
+    )  # fmt: skip
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny preset)."
     )
     ap.add_argument("--no-write", action="store_true", help="Do not write the results file and plot.")
@@ -148,12 +156,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     # The default corpus with a larger pass-key share: retrieval across the row is what sparse
     # attention must keep, and the dense model only learns it when most documents ask for it.
+    distinct = args.passkey_distinct or None
     data = out / "data.jsonl"
     if not args.eval_only:
-        mix = default_documents(args.docs, 0, passkey_share=args.passkey_share)
+        mix = default_documents(args.docs, 0, passkey_share=args.passkey_share, passkey_distinct=distinct)
         atomic_write_bytes(data, "".join(json.dumps({"text": d.text}) + "\n" for d in mix).encode())
     common = {"seq_len": seq, "micro_batch_size": args.batch, "data": [str(data)], "progress": False,
-              "tensorboard": False, "save_every": 0, "eval_rows": 32, "val_fraction": 0.05}  # fmt: skip
+              "tensorboard": False, "save_every": 0, "eval_rows": 32, "val_fraction": 0.05,
+              "weight_decay": args.weight_decay}  # fmt: skip
     t0 = time.perf_counter()
     if args.eval_only:  # the runs' own wall time: from the previous report, else the stage loops
         stage_seconds = {k: json.loads((out / k / "summary.json").read_text())["seconds"] for k in STAGE_DIRS}
@@ -183,7 +193,8 @@ def main() -> None:
             "val_loss": validation_loss(model, ids, labels, use_sparse=sparse),
             "recall": st.indexer, "oracle": st.oracle, "ratio": st.ratio, "per_layer": st.per_layer,
             **{f"passkey_{k}" if k != "exact" else "passkey": v for k, v in dataclasses.asdict(
-                passkey_scores(model, tok, context_tokens=seq, n=args.passkey_n, use_sparse=sparse)).items()},
+                passkey_scores(model, tok, context_tokens=seq, n=args.passkey_n, use_sparse=sparse,
+                           distinct=distinct)).items()},
         }  # fmt: skip
 
     table = {
@@ -234,7 +245,9 @@ def write_report(out: Path) -> None:
         f"{a['dense_steps']} steps at lr {float(a['dense_lr']):g}, dsa-warmup {a['warmup_steps']} steps at lr "
         f"{float(a['warmup_lr']):g}, dsa-sparse {a['sparse_steps']} steps and a dense control of as many steps "
         f"at lr 3e-4; batch {a['batch']} x {seq} tokens, index_topk {topk}; the default corpus generator, "
-        f"{a['docs']} documents, {float(a['passkey_share']):.0%} of them pass-key documents).",
+        f"{a['docs']} documents, {float(a['passkey_share']):.0%} of them pass-key documents"
+        + (f" whose haystacks cycle {a['passkey_distinct']} random sentences" if int(a.get("passkey_distinct", 0)) else "")
+        + f"; AdamW weight decay {float(a.get('weight_decay', 0.1)):g} in every stage).",
         f"Machine: 2-core CPU, no GPU (shared with other jobs), torch threads {a['threads']}; {date}; "
         f"one seeded run, {total / 60:.1f} min in total (training {train_s / 60:.1f} min).",
         "",

@@ -142,6 +142,24 @@ def test_default_documents_are_deterministic() -> None:
     assert any("pass key" in (d.text or "") for d in a)
 
 
+def test_passkey_haystack_can_cycle_a_few_random_sentences() -> None:
+    import random
+
+    from dsv.train.data import passkey_document
+
+    prompt, answer, full = passkey_document(random.Random(7), 10, distinct=3)
+    key = answer.strip(" .")
+    sentences = [x for x in prompt.split(". ") if not x.startswith(("The pass key", "Remember", "What"))]
+    assert len(sentences) >= 9 and len(set(sentences)) == 3  # 10 fillers drawn from 3 sentences
+    assert full.count(key) == 2  # stated once, answered once
+    other, _, _ = passkey_document(random.Random(8), 10, distinct=3)
+    assert set(other.split(". ")) != set(prompt.split(". "))  # the sentences are drawn per document
+    with pytest.raises(ValueError, match="distinct"):
+        passkey_document(random.Random(7), 10, distinct=0)
+    docs = default_documents(40, seed=1, passkey_share=1.0, passkey_distinct=2)
+    assert all(d.text and "pass key" in d.text for d in docs)
+
+
 def test_batch_plan_same_global_batch_for_any_world_size() -> None:
     one = BatchPlan(n_rows=37, micro_batch=4, grad_accum=1, world=1, seed=5)
     two = BatchPlan(n_rows=37, micro_batch=2, grad_accum=1, world=2, seed=5)

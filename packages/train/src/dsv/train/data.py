@@ -76,14 +76,24 @@ def _sentence(rng: random.Random) -> str:
     )
 
 
-def passkey_document(rng: random.Random, n_filler: int, depth: float | None = None) -> tuple[str, str, str]:
+def passkey_document(
+    rng: random.Random, n_filler: int, depth: float | None = None, *, distinct: int | None = None
+) -> tuple[str, str, str]:
     """A needle-in-a-haystack document: ``(prompt, answer, full_text)``.
 
     The pass key (5 digits) is stated once at a random depth inside ``n_filler`` filler sentences;
-    the prompt ends with ``"The pass key is"`` and the answer is ``" NNNNN."``.
+    the prompt ends with ``"The pass key is"`` and the answer is ``" NNNNN."``. With ``distinct``,
+    the haystack cycles through that many random sentences, as the classic pass-key haystack
+    repeats its filler (drawn per document, so repeats are predictable only by copying them).
     """
+    if distinct is not None and distinct < 1:
+        raise ValueError(f"distinct must be at least 1, got {distinct}")
     key = f"{rng.randint(10000, 99999)}"
-    filler = [_sentence(rng) for _ in range(n_filler)]
+    if distinct is None:
+        filler = [_sentence(rng) for _ in range(n_filler)]
+    else:
+        pool = [_sentence(rng) for _ in range(distinct)]
+        filler = [pool[i % distinct] for i in range(n_filler)]
     at = round((rng.random() if depth is None else depth) * n_filler)
     filler.insert(at, f"The pass key is {key}. Remember it.")
     prompt = " ".join(filler) + " What is the pass key? The pass key is"
@@ -154,6 +164,7 @@ def default_documents(
     chat: bool = False,
     passkey_filler: int = 12,
     passkey_share: float = 0.5,
+    passkey_distinct: int | None = None,
 ) -> list[Document]:
     """The embedded deterministic corpus (no download).
 
@@ -169,7 +180,8 @@ def default_documents(
     row rarely does; the uniform length keeps whole examples of every retrieval distance. With the
     tiny preset's tokenizer (8 tokens per filler sentence) the default, 12, makes the longest
     documents 125 tokens, the length :func:`~dsv.train.metrics.passkey_accuracy` tests at
-    ``4 x index_topk`` = 128.
+    ``4 x index_topk`` = 128. ``passkey_distinct`` makes the haystacks repeat that many sentences
+    (see :func:`passkey_document`).
     """
     if not 0.0 <= passkey_share <= 1.0:
         raise ValueError(f"passkey_share must be in [0, 1], got {passkey_share}")
@@ -182,7 +194,11 @@ def default_documents(
             continue
         # Deterministic interleaving with the requested share (no clustering of one kind in the order).
         if int((i + 1) * passkey_share) > int(i * passkey_share):
-            docs.append(Document(text=passkey_document(rng, rng.randint(0, passkey_filler))[2]))
+            docs.append(
+                Document(
+                    text=passkey_document(rng, rng.randint(0, passkey_filler), distinct=passkey_distinct)[2]
+                )
+            )
             continue
         kind = others % 3
         others += 1

@@ -137,13 +137,15 @@ def validation_loss(
     return total / max(1, n)
 
 
-def passkey_filler_for(tokenizer: Any, context_tokens: int, *, seed: int = 1234) -> int:
+def passkey_filler_for(
+    tokenizer: Any, context_tokens: int, *, seed: int = 1234, distinct: int | None = None
+) -> int:
     """The most filler sentences a :func:`~dsv.train.data.passkey_document` can have while BOS,
     prompt and answer stay within ``context_tokens`` (measured on the document drawn with ``seed``;
     sentences vary little in token count)."""
 
     def length(n_filler: int) -> int:
-        prompt, answer, _ = passkey_document(random.Random(seed), n_filler)
+        prompt, answer, _ = passkey_document(random.Random(seed), n_filler, distinct=distinct)
         return 1 + len(tokenizer.encode(prompt)) + len(tokenizer.encode(answer))
 
     if length(0) > context_tokens:
@@ -169,15 +171,15 @@ class PasskeyScores:
 
 
 def _passkey_prompts(
-    tokenizer: Any, context_tokens: int, n: int, seed: int
+    tokenizer: Any, context_tokens: int, n: int, seed: int, distinct: int | None = None
 ) -> list[tuple[list[int], list[int], str]]:
     """``n`` prompts as ``(BOS + prompt ids, key token ids, key)``, each fitting ``context_tokens``
     together with its answer."""
     rng = random.Random(seed)
-    filler = passkey_filler_for(tokenizer, context_tokens, seed=seed)
+    filler = passkey_filler_for(tokenizer, context_tokens, seed=seed, distinct=distinct)
     prompts = []
     for _ in range(n):
-        prompt, answer, _ = passkey_document(rng, filler)
+        prompt, answer, _ = passkey_document(rng, filler, distinct=distinct)
         key = answer.strip(" .")
         ans_ids = tokenizer.encode(answer)
         key_ids = tokenizer.encode(" " + key)
@@ -197,12 +199,13 @@ def passkey_scores(
     seed: int = 1234,
     use_sparse: bool,
     max_new_tokens: int = 4,
+    distinct: int | None = None,
 ) -> PasskeyScores:
     """Exact-match, first-token and per-token pass-key accuracy over the prompts of
-    :func:`passkey_accuracy` (same ``seed``, same prompts)."""
+    :func:`passkey_accuracy` (same ``seed`` and ``distinct``, same prompts)."""
     device = model.lm_head.weight.device
     exact = first = tok_hits = tok_total = 0
-    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed):
+    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed, distinct):
         logits = model(torch.tensor([ids + key_ids], device=device), use_sparse=use_sparse).logits[0]
         pred = logits[len(ids) - 1 : len(ids) - 1 + len(key_ids)].argmax(-1).tolist()
         first += int(pred[0] == key_ids[0])
@@ -234,6 +237,7 @@ def passkey_accuracy(
     seed: int = 1234,
     use_sparse: bool,
     max_new_tokens: int = 4,
+    distinct: int | None = None,
 ) -> float:
     """Share of ``n`` needle documents whose pass key the model reproduces exactly with greedy
     decoding after ``"The pass key is"``.
@@ -241,7 +245,7 @@ def passkey_accuracy(
     Each prompt (BOS, filler sentences with the needle at a random depth, the question) plus its
     answer fits in ``context_tokens``: it has the most filler sentences that still fit."""
     hits = 0
-    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed):
+    for ids, key_ids, key in _passkey_prompts(tokenizer, context_tokens, n, seed, distinct):
         hits += int(
             _greedy_key(model, tokenizer, ids, max(max_new_tokens, len(key_ids) + 1), use_sparse) == key
         )
