@@ -15,12 +15,14 @@ from dsv.serve.engine import Engine, GenParams
 from dsv.serve.launch import engine_command, load_native_app, load_proxy_app
 from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, StagedBatchView
 from dsv.serve.schemas import APIError
+from dsv.serve.worker import EngineProcess
 
 __all__ = [
     "APIError",
     "BlockPool",
     "DecodeStaging",
     "Engine",
+    "EngineProcess",
     "GenParams",
     "LocalBackend",
     "PagedBatchView",
