@@ -128,3 +128,21 @@ def test_forced_backend_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
         A.backend_for(torch.zeros(1))
     monkeypatch.setenv("DSV_KERNELS", "torch")
     assert A.backend_for(torch.zeros(1)) == "torch"
+
+
+def test_indexer_scores_in_query_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    B, S, T, H, D = 2, 13, 20, 3, 8
+    q = torch.randn(B, S, H, D, requires_grad=True)
+    k = torch.randn(B, T, D, requires_grad=True)
+    w = torch.randn(B, S, H, requires_grad=True)
+    off = torch.tensor([7, 4])
+    one = A.indexer_scores_reference(q, k, w, off)
+    g_one = torch.autograd.grad(one.nan_to_num(neginf=0.0).square().sum(), (q, k, w))
+    monkeypatch.setattr(A, "_INDEXER_CHUNK_ELEMS", B * H * T * 4)  # chunks of 4 queries, the last of 1
+    chunked = A.indexer_scores_reference(q, k, w, off)
+    g_chunked = torch.autograd.grad(chunked.nan_to_num(neginf=0.0).square().sum(), (q, k, w))
+    assert torch.equal(chunked.isinf(), one.isinf())
+    torch.testing.assert_close(chunked, one, rtol=1e-6, atol=1e-5)  # matmul blocking may round differently
+    for a, b in zip(g_chunked, g_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
