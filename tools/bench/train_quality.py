@@ -98,21 +98,44 @@ STAGE_DIRS = ("dense", "warmup", "sparse", "control")
 
 
 def _train_all(args: argparse.Namespace, out: Path, common: dict[str, Any]) -> dict[str, float]:
-    """The four stage runs (fresh folders); returns each run's training seconds."""
+    """The four stage runs (fresh folders); returns each run's training seconds.
+
+    With ``--reuse-dense`` a finished dense run in OUT with the same settings is kept (its own
+    training time is reported), so later stages can be re-run without the longest one.
+    """
+    dense_cfg = TrainConfig(stage="pretrain", model="tiny", out=out / "dense", steps=args.dense_steps,
+                            attention="dense", lr=args.dense_lr, warmup_steps=50, **common)  # fmt: skip
+    reuse = args.reuse_dense and _same_dense_run(out / "dense", dense_cfg)
     for stage in STAGE_DIRS:
-        shutil.rmtree(out / stage, ignore_errors=True)
-    runs = {}
-    runs["dense"] = train(TrainConfig(stage="pretrain", model="tiny", out=out / "dense", steps=args.dense_steps,
-                                      attention="dense", lr=args.dense_lr, warmup_steps=50, **common))  # fmt: skip
+        if not (reuse and stage == "dense"):
+            shutil.rmtree(out / stage, ignore_errors=True)
+    runs: dict[str, float] = {}
+    if reuse:
+        runs["dense"] = json.loads((out / "dense" / "summary.json").read_text())["seconds"]
+    else:
+        runs["dense"] = train(dense_cfg).seconds
     runs["warmup"] = train(TrainConfig(stage="dsa-warmup", model=str(out / "dense" / "final"), out=out / "warmup",
                                        steps=args.warmup_steps, lr=args.warmup_lr,
-                                       **{**common, "save_every": args.recall_every}, keep_last=0))  # fmt: skip
+                                       **{**common, "save_every": args.recall_every}, keep_last=0)).seconds  # fmt: skip
     runs["sparse"] = train(TrainConfig(stage="dsa-sparse", model=str(out / "warmup" / "final"), out=out / "sparse",
-                                       steps=args.sparse_steps, lr=3e-4, **common))  # fmt: skip
+                                       steps=args.sparse_steps, lr=3e-4, **common)).seconds  # fmt: skip
     runs["control"] = train(TrainConfig(stage="pretrain", model=str(out / "dense" / "final"), out=out / "control",
                                         steps=args.sparse_steps, attention="dense", lr=3e-4, schedule="constant",
-                                        **common))  # fmt: skip
-    return {k: v.seconds for k, v in runs.items()}
+                                        **common)).seconds  # fmt: skip
+    return runs
+
+
+def _same_dense_run(folder: Path, cfg: TrainConfig) -> bool:
+    """Whether ``folder`` holds a finished dense run trained with ``cfg``'s settings."""
+    try:
+        done = json.loads((folder / "train_config.json").read_text())
+        json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    keys = ("model", "data", "steps", "micro_batch_size", "seq_len", "lr", "warmup_steps", "weight_decay",
+            "attention", "seed")  # fmt: skip
+    want = {k: str(getattr(cfg, k)) for k in keys}
+    return (folder / "final").is_dir() and all(str(done.get(k)) == v for k, v in want.items())
 
 
 def main() -> None:
@@ -120,9 +143,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--dense-steps", type=int, default=2500)
     ap.add_argument("--dense-lr", type=float, default=3e-3)
-    ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--warmup-steps", type=int, default=1000, help="1000 as in the V3.2 report's warm-up.")
     ap.add_argument("--warmup-lr", type=float, default=1e-3)
-    ap.add_argument("--recall-every", type=int, default=25, help="Warm-up steps between recall points.")
+    ap.add_argument("--recall-every", type=int, default=50, help="Warm-up steps between recall points.")
+    ap.add_argument(
+        "--reuse-dense",
+        action="store_true",
+        help="Keep OUT/dense when it was trained with the same settings.",
+    )
     ap.add_argument("--sparse-steps", type=int, default=250)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--docs", type=int, default=24000, help="Documents of the default corpus.")
@@ -164,7 +192,6 @@ def main() -> None:
     common = {"seq_len": seq, "micro_batch_size": args.batch, "data": [str(data)], "progress": False,
               "tensorboard": False, "save_every": 0, "eval_rows": 32, "val_fraction": 0.05,
               "weight_decay": args.weight_decay}  # fmt: skip
-    t0 = time.perf_counter()
     if args.eval_only:  # the runs' own wall time: from the previous report, else the stage loops
         stage_seconds = {k: json.loads((out / k / "summary.json").read_text())["seconds"] for k in STAGE_DIRS}
         prev = out / "quality.json"
@@ -173,7 +200,7 @@ def main() -> None:
         )
     else:
         stage_seconds = _train_all(args, out, common)
-        train_seconds = time.perf_counter() - t0
+        train_seconds = sum(stage_seconds.values())
     dense_dir = out / "dense" / "final"
     t_eval = time.perf_counter()
     # Same validation rows as the trainer holds out.
@@ -249,7 +276,10 @@ def write_report(out: Path) -> None:
         + (f" whose haystacks cycle {a['passkey_distinct']} random sentences" if int(a.get("passkey_distinct", 0)) else "")
         + f"; AdamW weight decay {float(a.get('weight_decay', 0.1)):g} in every stage).",
         f"Machine: 2-core CPU, no GPU (shared with other jobs), torch threads {a['threads']}; {date}; "
-        f"one seeded run, {total / 60:.1f} min in total (training {train_s / 60:.1f} min).",
+        f"one seeded run, {total / 60:.1f} min in total (training {train_s / 60:.1f} min"
+        + ("; the dense stage came from an earlier invocation with the same settings, `--reuse-dense`"
+           if a.get("reuse_dense") == "True" else "")
+        + ").",
         "",
         "Recall = share of the dense (head-summed, L1-normalised) attention mass inside a top-"
         f"{topk} set, averaged over both layers and the queries past position {topk}. *Oracle* = the "
