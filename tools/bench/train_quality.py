@@ -141,10 +141,10 @@ def _same_dense_run(folder: Path, cfg: TrainConfig) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--dense-steps", type=int, default=2500)
+    ap.add_argument("--dense-steps", type=int, default=3000)
     ap.add_argument("--dense-lr", type=float, default=3e-3)
     ap.add_argument("--warmup-steps", type=int, default=1000, help="1000 as in the V3.2 report's warm-up.")
-    ap.add_argument("--warmup-lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-lr", type=float, default=3e-3)
     ap.add_argument("--recall-every", type=int, default=50, help="Warm-up steps between recall points.")
     ap.add_argument(
         "--reuse-dense",

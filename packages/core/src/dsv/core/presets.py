@@ -16,7 +16,7 @@ from dsv.core.errors import ConfigError
 
 
 def tiny(**overrides: object) -> ModelConfig:
-    """A two-layer toy: 1 dense + 1 MoE layer, 4 heads, 8 experts, indexer top-k 32."""
+    """A two-layer toy: 1 dense + 1 MoE layer, 4 heads, 8 experts, indexer 8 heads and top-k 32."""
     cfg = ModelConfig(
         vocab_size=1024,
         hidden_size=64,
@@ -46,7 +46,10 @@ def tiny(**overrides: object) -> ModelConfig:
             "mscale": 1.0,
             "mscale_all_dim": 1.0,
         },
-        index_n_heads=4,
+        # 8 index heads, not 4: with 4 the warm-up fit the head-summed attention of layer 0 worse
+        # (top-32 recall 0.884 vs 0.899 after 1000 warm-up steps on the same dense model) and ReLU
+        # left more keys at an exact-zero score, where top-k ties break arbitrarily.
+        index_n_heads=8,
         index_head_dim=16,
         index_topk=32,
         num_nextn_predict_layers=1,
