@@ -284,8 +284,15 @@ def write_report(out: Path) -> None:
         "Recall = share of the dense (head-summed, L1-normalised) attention mass inside a top-"
         f"{topk} set, averaged over both layers and the queries past position {topk}. *Oracle* = the "
         "same for the ideal set (the top-k keys of the true attention): the ceiling of any indexer. "
-        "A small model's attention is diffuse, so the ceiling can lie below the 0.9 target; the "
-        "indexer / oracle column says how close the indexer gets to what any top-k selection can do.",
+        "The indexer / oracle column says how close the indexer gets to what any top-k selection can do.",
+        "",
+        "Settings that decide whether 0.9 is reachable at this scale (probes on the tiny preset, same "
+        "corpus generator): with AdamW weight decay 0.1 the dense model's attention stays diffuse and "
+        "even the oracle top-32 set holds only 0.83 of the mass (the indexer reached 0.81, 0.97 of it); "
+        "without decay, and with haystacks that repeat a few sentences (copying pressure, as in the "
+        "classic pass-key haystack), the oracle rises above 0.9; with 4 index heads the warm-up then "
+        "plateaued at 0.884 (0.96 of its oracle), with the preset's 8 heads at 0.899 (lr 1e-3) and 0.902 "
+        "(lr 3e-3) on the same dense model.",
         "",
         f"Warm-up: indexer recall **{curve[0]['indexer']:.3f} -> {after['recall']:.3f}** of an oracle "
         f"**{after['oracle']:.3f}** = **{after['ratio']:.2f} of the ceiling**; gain over the last quarter "
@@ -314,9 +321,9 @@ def write_report(out: Path) -> None:
         )
     elif dense_row.get("passkey_first_token", 0.0) > 0.2:
         passkey = (
-            "exact match is 0 for every model: the dense model finds the needle (first key token "
-            f"{dense_row['passkey_first_token']:.2f}) but has not learned to copy the rest of the key within "
-            f"this budget (per key token {dense_row['passkey_token']:.2f}, teacher-forced). On the first key "
+            "exact match is 0 for every model: the dense model puts the needle's first key token on top in "
+            f"{dense_row['passkey_first_token']:.2f} of the prompts but has not learned to copy the rest of the "
+            f"key within this budget (per key token {dense_row['passkey_token']:.2f}, teacher-forced). On the first key "
             f"token, dense control {ctl_row['passkey_first_token']:.2f} vs DSA "
             f"{dsa_row['passkey_first_token']:.2f}; the dense weights with an untrained indexer under sparse "
             f"attention reach {rnd_row['passkey_first_token']:.2f}."
