@@ -239,9 +239,12 @@ def bench_serve(
                 for p_len, n_out in shapes:
                     for c in clients:
                         vocab = min(cfg.vocab_size, 1000)
-                        warm = _prompts(1, p_len, vocab, next(seeds))
-                        _dsv_wave(url, warm, 4, Path(tmp))  # warm-up
-                        _engine_wave(engine, warm, 4)
+                        # Warm-up at the cell's shape (C prompts, a few tokens): allocator, caches and
+                        # batch-C buffers get sized before the first timed run, on every side.
+                        warm = _prompts(c, p_len, vocab, next(seeds))
+                        _dsv_wave(url, warm, 4, Path(tmp))
+                        if engine_alone:
+                            _engine_wave(engine, warm, 4)
                         _hf_wave(hf, warm, 4, pad, ttft=False)
                         ours, alone, theirs = [], [], []
                         for run in range(runs):
@@ -294,7 +297,8 @@ def bench_serve(
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
             f"prompt+output tokens per client as listed, greedy; {threads} torch thread(s) on each side; "
-            f"median of {runs} runs after a warm-up, all sides measured in the same run",
+            f"median of {runs} runs after a warm-up wave of the same shape (4 output tokens), all sides "
+            "measured in the same run",
             "- dsv: `dsv serve` process, C concurrent streaming clients on /v1/completions from a separate "
             "load-generator process (raw sockets), tokens/s = completion tokens / wave wall time, TTFT from "
             "request to first streamed event; dsv engine alone: the same requests into an in-process "
