@@ -6,16 +6,14 @@ or vLLM/SGLang behind the same HTTP layer. Start it with ``dsv serve PATH``; bui
     from dsv.serve import load_native_app
     app = load_native_app("./ckpt", max_model_len=2048)
 
-Run the checks: ``pytest packages/serve/tests``.
+Names are imported on first access, so light tools (``python -m dsv.serve.loadgen``) do not pull
+in torch. Run the checks: ``pytest packages/serve/tests``.
 """
 
-from dsv.serve.app import ServerSettings, create_app
-from dsv.serve.backend import LocalBackend, Piece, ProxyBackend
-from dsv.serve.engine import Engine, GenParams
-from dsv.serve.launch import engine_command, load_native_app, load_proxy_app
-from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, StagedBatchView
-from dsv.serve.schemas import APIError
-from dsv.serve.worker import EngineProcess
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "APIError",
@@ -35,3 +33,32 @@ __all__ = [
     "load_native_app",
     "load_proxy_app",
 ]
+
+_LAZY = {
+    "APIError": "dsv.serve.schemas",
+    "BlockPool": "dsv.serve.paged_cache",
+    "DecodeStaging": "dsv.serve.paged_cache",
+    "Engine": "dsv.serve.engine",
+    "EngineProcess": "dsv.serve.worker",
+    "GenParams": "dsv.serve.engine",
+    "LocalBackend": "dsv.serve.backend",
+    "PagedBatchView": "dsv.serve.paged_cache",
+    "Piece": "dsv.serve.backend",
+    "ProxyBackend": "dsv.serve.backend",
+    "ServerSettings": "dsv.serve.app",
+    "StagedBatchView": "dsv.serve.paged_cache",
+    "create_app": "dsv.serve.app",
+    "engine_command": "dsv.serve.launch",
+    "load_native_app": "dsv.serve.launch",
+    "load_proxy_app": "dsv.serve.launch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dsv.serve' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
