@@ -10,8 +10,7 @@ benchmark: ``dsv bench kernels --help``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dsv.core.lazy import lazy_exports
 
 # Public names -> defining module. Imported on first use so that loading the ``dsv bench kernels``
 # entry point (or ``dsv --help``) does not import torch and triton, and so a caller can still set
@@ -32,29 +31,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dsv.kernels' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = [
-    "attention_probs_summed",
-    "availability",
-    "dequantize_fp8_rows",
-    "flat_indices_cu_seqlens",
-    "flat_indices_paged",
-    "indexer_kl_loss",
-    "indexer_scores",
-    "indexer_scores_fp8",
-    "quantize_fp8_rows",
-    "sparse_mla",
-    "sparse_mla_varlen",
-    "topk",
-]
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS, cache=True)

@@ -6,8 +6,7 @@ CLI stay fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dsv.core.lazy import lazy_exports
 
 __all__ = [
     "DSVError",
@@ -38,8 +37,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        return module if name == "presets" else getattr(module, name)
-    raise AttributeError(f"module 'dsv.core' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

@@ -12,8 +12,7 @@ in torch. Run the checks: ``pytest packages/serve/tests``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dsv.core.lazy import lazy_exports
 
 __all__ = [
     "APIError",
@@ -54,11 +53,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dsv.serve' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

@@ -10,8 +10,7 @@ pass-key retrieval) in :mod:`dsv.train.metrics`. torch is imported on first attr
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dsv.core.lazy import lazy_exports
 
 __all__ = [
     "STAGES",
@@ -58,7 +57,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dsv.train' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
