@@ -171,3 +171,22 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("config", [None, '{"model_type": "deepseek_v32", "bogus": 1}'])
+def test_dsv_serve_names_a_bad_checkpoint_without_a_traceback(tmp_path: Path, config: str | None) -> None:
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    dsv = shutil.which("dsv")
+    assert dsv is not None, "the dsv command is installed (apps/cli)"
+    for target, want in (
+        (tmp_path / "missing", "no such folder"),
+        (folder, "bogus" if config else "no config.json"),
+    ):
+        done = subprocess.run([dsv, "serve", str(target)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert want in done.stderr and "Traceback" not in done.stderr

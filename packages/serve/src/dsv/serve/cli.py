@@ -40,6 +40,7 @@ def serve(
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
     import uvicorn
 
+    from dsv.core.errors import DSVError
     from dsv.serve.launch import (
         engine_command,
         free_port,
@@ -71,7 +72,7 @@ def serve(
                                  max_model_len=max_model_len, **settings)  # fmt: skip
     except FileNotFoundError as e:
         _fail(f"{e}; check the checkpoint path or install the engine")
-    except (RuntimeError, TimeoutError, ValueError, OSError) as e:
+    except (DSVError, RuntimeError, TimeoutError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({engine})")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found:

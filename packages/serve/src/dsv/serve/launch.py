@@ -109,22 +109,13 @@ def load_native_app(
     (:class:`~dsv.serve.worker.EngineProcess`) so model work and HTTP do not share one GIL; False
     keeps it in a thread of this process.
     """
-    from dsv.core.chat import Templates
-    from dsv.core.checkpoint import load_config, resolve
-    from dsv.core.errors import CheckpointError, ConfigError
-    from dsv.core.tokenizer import Tokenizer
+    from dsv.core.checkpoint import resolve
     from dsv.serve.app import ServerSettings, create_app
     from dsv.serve.backend import LocalBackend
 
     folder = resolve(path_or_repo)
-    try:
-        config = load_config(folder)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not (folder / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{folder} has no tokenizer.json")
-    tokenizer = Tokenizer.load(folder)
-    max_len = max_model_len or int(config.max_position_embeddings)
+    tokenizer, templates, max_positions = _tokenizer_and_templates(folder)
+    max_len = max_model_len or max_positions
     blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
     kwargs = {
         "num_blocks": blocks,
@@ -144,11 +135,9 @@ def load_native_app(
         from dsv.serve.engine import Engine
 
         model, _ = load_pretrained(str(folder), device=device, dtype=torch.float32, with_tokenizer=False)
-        engine = Engine.for_model(model.eval(), config, device=device, **kwargs)
+        engine = Engine.for_model(model.eval(), model.config, device=device, **kwargs)
     engine.start()
-    backend = LocalBackend(
-        engine, tokenizer, templates=Templates.from_checkpoint(folder), max_model_len=max_len
-    )
+    backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len)
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
 
