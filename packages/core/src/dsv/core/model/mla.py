@@ -177,12 +177,14 @@ class MLA(nn.Module):
 
         T = kv_all.shape[1]
         mask = None
-        if sparse:
+        absorbed = (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss
+        # Masked dense pays off against the expanded (MHA) form's fused attention; a few absorbed
+        # queries (decode) gather their selected rows instead.
+        if sparse and not absorbed:
             assert extras.indices is not None
             if attention.prefers_masked_dense(q, T, extras.indices.shape[-1]):
                 mask = attention.selection_mask(extras.indices, T)  # (B, S, T); implies causality
                 sparse = False
-        absorbed = (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss
         lse = None
         if sparse or absorbed:
             q_abs = self._absorbed_query(q_nope, q_pe)
@@ -190,7 +192,7 @@ class MLA(nn.Module):
                 assert extras.indices is not None
                 out_lat, lse = attention.sparse_mla(q_abs, kv_all, extras.indices, self.scale, self.rank)
             else:
-                out_lat = attention.dense_mla_reference(q_abs, kv_all, self.scale, self.rank, q_offset, mask)
+                out_lat = attention.dense_mla(q_abs, kv_all, self.scale, self.rank, q_offset, mask)
             out = self._absorbed_output(out_lat)
             if indexer_loss and scores is not None:
                 selected = extras.indices if (sparse or mask is not None) else None
