@@ -62,8 +62,11 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()
+    # One complex product per pair (the reference's own formulation): three ops instead of ten.
+    pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     return out.to(x.dtype)
 
 
