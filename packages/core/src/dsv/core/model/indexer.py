@@ -51,5 +51,4 @@ class Indexer(nn.Module):
         B, S, _ = x.shape
         q = self._rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
         w = nn.functional.linear(x.float(), self.weights_proj.weight.float())
-        w = w * (self.n_heads**-0.5) * (self.head_dim**-0.5)
-        return q, w
+        return q, w * (self.n_heads**-0.5 * self.head_dim**-0.5)

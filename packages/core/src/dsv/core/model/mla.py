@@ -78,14 +78,20 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope :]  # W_UK (H, nope, r), W_UV (H, v, r)
 
+    # Per-head products as one bmm over heads ([H, B*S, .] @ [H, ., .]): the same as an einsum
+    # without its per-call planning, about half the cost at decode sizes.
     def _absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        B, S, H, n = q_nope.shape
         w_uk, _ = self._w_kvb()
-        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # (B, S, H, r)
+        q_lat = torch.bmm(q_nope.reshape(B * S, H, n).transpose(0, 1), w_uk)  # (H, B*S, r)
+        q_lat = q_lat.transpose(0, 1).reshape(B, S, H, self.rank)
         return torch.cat((q_lat, q_pe), dim=-1)  # (B, S, H, r + rope)
 
     def _absorbed_output(self, out_lat: torch.Tensor) -> torch.Tensor:
+        B, S, H, r = out_lat.shape
         _, w_uv = self._w_kvb()
-        return torch.einsum("bshr,hvr->bshv", out_lat.to(w_uv.dtype), w_uv)  # (B, S, H, v)
+        out = torch.bmm(out_lat.to(w_uv.dtype).reshape(B * S, H, r).transpose(0, 1), w_uv.transpose(1, 2))
+        return out.transpose(0, 1).reshape(B, S, H, self.v_dim)  # (B, S, H, v)
 
     def _mha_dense(
         self,
