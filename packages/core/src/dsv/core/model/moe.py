@@ -88,19 +88,18 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat, forced)
         out = torch.zeros_like(flat, dtype=torch.float32)
         k = idx.shape[-1]
-        counts = torch.bincount(idx.flatten(), minlength=len(self.experts))
+        ids = idx.flatten()
+        counts = torch.bincount(ids, minlength=len(self.experts))
         self.expert_load = counts.detach()
-        # One sort groups the (token, slot) pairs by expert; each expert then reads a contiguous slice.
-        order = torch.argsort(idx.flatten(), stable=True)
-        tok_sorted = order // k
-        w_sorted = weights.flatten()[order, None]
-        ends = counts.cumsum(0).tolist()
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            tok = tok_sorted[ends[e] - n : ends[e]]
-            y = self.experts[e](flat[tok])
-            out.index_add_(0, tok, y.float() * w_sorted[ends[e] - n : ends[e]])
+        # One sort groups the (token, slot) pairs by expert; one split hands each expert its
+        # contiguous run of tokens and combine weights.
+        order = torch.argsort(ids, stable=True)
+        sizes = counts.tolist()
+        tokens = (order // k).split(sizes)
+        combine = weights.flatten()[order, None].split(sizes)
+        for expert, n, tok, w in zip(self.experts, sizes, tokens, combine, strict=True):
+            if n:
+                out.index_add_(0, tok, expert(flat.index_select(0, tok)).float() * w)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).float()
         if self.training:
