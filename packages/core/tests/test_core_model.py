@@ -97,16 +97,19 @@ def test_masked_dense_simulation_equals_gathered_sparse(monkeypatch) -> None:
     outs = {}
     for ratio in (0, 1000):  # 0: always gather the selected rows; 1000: always masked dense
         monkeypatch.setattr(attention, "MASKED_DENSE_MAX_RATIO", ratio)
-        with torch.no_grad():
+        monkeypatch.setattr(attention, "MASKED_DENSE_MAX_RATIO_FUSED", ratio)
+        with torch.no_grad():  # inference: the fused CPU attention
             full = model(x).logits
             cache = DenseKVCache(model.config, 2, 30)
             steps = [model(x[:, :20], cache=cache).logits] + [
                 model(x[:, t : t + 1], cache=cache).logits for t in range(20, 30)
             ]
-        outs[ratio] = (full, torch.cat(steps, 1))
+        graded = model(x).logits.detach()  # autograd recording: the reference ops
+        outs[ratio] = (full, torch.cat(steps, 1), graded)
     for a, b in zip(outs[0], outs[1000], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0][0], outs[0][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], outs[0][2], atol=1e-5, rtol=1e-5)
 
 
 def test_logits_to_keep_is_the_tail_of_the_full_logits() -> None:

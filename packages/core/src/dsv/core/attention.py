@@ -260,11 +260,16 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 # On the torch path, attending densely with everything outside the selection masked out is the same
 # maths as gathering the selected rows, and cheaper until the context is several times the selection
 # (gathers are memory-bound on CPU, the fused SDPA kernel is not). V3.2-Exp likewise simulates DSA
-# with a masked dense attention for short prefill. 16: on the tiny preset (top-k 32, 32 rows, one
-# CPU thread) a 256-token prefill chunk runs about 1.6x faster masked at 256 keys and still faster
-# at 512. Decode (the absorbed form, a few queries per row) always gathers: with the fused CPU
-# attention the gather is 5x cheaper than masking 512 keys (106 vs 578 us, 32 rows, top-k 32).
+# with a masked dense attention for short prefill. Measured on the tiny preset (top-k 32, one CPU
+# thread):
+# - with autograd (training), against the gather-einsum reference: a 256-token chunk runs about
+#   1.6x faster masked at 256 keys and still faster at 512, hence 16;
+# - at inference on CPU, where sparse attention is one fused call (see ``_fused_cpu_ok``): masked
+#   and gathered tie at 8x top-k (5.7 vs 6.0 ms, 4 x 256 queries over 256 keys) and gathering wins
+#   beyond (3.2 vs 7.2 ms at 512 keys), hence 8; the absorbed form (decode, a few queries per row)
+#   always gathers (106 vs 578 us, 32 rows over 512 keys).
 MASKED_DENSE_MAX_RATIO = 16
+MASKED_DENSE_MAX_RATIO_FUSED = 8
 
 
 def selection_mask(idx: torch.Tensor, s_k: int) -> torch.Tensor:
@@ -275,9 +280,16 @@ def selection_mask(idx: torch.Tensor, s_k: int) -> torch.Tensor:
     return allowed.scatter_(2, ids, True)[..., :s_k]
 
 
-def prefers_masked_dense(t: torch.Tensor, s_k: int, k: int) -> bool:
-    """Whether a selection of ``k`` of ``s_k`` keys is better computed as masked dense attention."""
-    return backend_for(t) == "torch" and s_k <= MASKED_DENSE_MAX_RATIO * k
+def prefers_masked_dense(t: torch.Tensor, s_k: int, k: int, *, absorbed: bool = False) -> bool:
+    """Whether a selection of ``k`` of ``s_k`` keys is better computed as masked dense attention.
+
+    ``t`` is the query; ``absorbed``: the layer attends in the absorbed (MQA) form.
+    """
+    if backend_for(t) != "torch":
+        return False
+    if _fused_cpu_ok(t, t):
+        return not absorbed and s_k <= MASKED_DENSE_MAX_RATIO_FUSED * k
+    return s_k <= MASKED_DENSE_MAX_RATIO * k
 
 
 def sparse_mla(

@@ -184,11 +184,9 @@ class MLA(nn.Module):
         T = kv_all.shape[1]
         mask = None
         absorbed = (cache is not None and S <= _ABSORBED_MAX_QUERIES) or indexer_loss
-        # Masked dense pays off against the expanded (MHA) form's fused attention; a few absorbed
-        # queries (decode) gather their selected rows instead.
-        if sparse and not absorbed:
+        if sparse:
             assert extras.indices is not None
-            if attention.prefers_masked_dense(q, T, extras.indices.shape[-1]):
+            if attention.prefers_masked_dense(q, T, extras.indices.shape[-1], absorbed=absorbed):
                 mask = attention.selection_mask(extras.indices, T)  # (B, S, T); implies causality
                 sparse = False
         lse = None
