@@ -22,8 +22,10 @@ prefix cache holding an earlier run's prompts.
   token (measured in the first run of a cell): with static batching every client waits for the
   whole prefill.
 
-Both sides get ``--threads`` torch threads. Each cell is the median of ``--runs`` runs (after one
-warm-up). ``--write FILE`` writes the Markdown section (atomically).
+Both sides get ``--threads`` torch threads and the same glibc allocator settings
+(:func:`dsv.core.allocator.tune_cpu_allocator`, which ``dsv serve`` applies to its engine). Each
+cell is the median of ``--runs`` runs (after one warm-up). ``--write FILE`` writes the Markdown
+section (atomically).
 
 Run: ``dsv bench serve --runs 3 --write tools/bench/results/serve.md``.
 """
@@ -213,11 +215,15 @@ def bench_serve(
     import transformers
     from rich.progress import Progress
 
+    from dsv.core.allocator import tune_cpu_allocator
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
     from dsv.serve.engine import Engine
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
+    # The served engine runs with these allocator settings; transformers (and the in-process engine)
+    # get the same ones in this process, so no side is measured with a different allocator.
+    tuned = tune_cpu_allocator()
     load_before = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     longest = max(p + n for p, n in shapes)
@@ -297,6 +303,7 @@ def bench_serve(
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
             f"prompt+output tokens per client as listed, greedy; {threads} torch thread(s) on each side; "
+            f"glibc allocator thresholds {'raised on every side (dsv.core.allocator)' if tuned else 'left as they are'}; "
             f"median of {runs} runs after a warm-up wave of the same shape (4 output tokens), all sides "
             "measured in the same run",
             "- dsv: `dsv serve` process, C concurrent streaming clients on /v1/completions from a separate "

@@ -40,6 +40,7 @@ def serve(
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
     import uvicorn
 
+    from dsv.core.allocator import tune_cpu_allocator
     from dsv.core.errors import DSVError
     from dsv.serve.launch import (
         engine_command,
@@ -55,6 +56,7 @@ def serve(
     settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
                 "max_in_flight": max_in_flight, "request_timeout_s": request_timeout}  # fmt: skip
     proc = None
+    tune_cpu_allocator()  # for the thread engine; the engine process sets its own
     try:
         if engine == "native":
             app = load_native_app(path_or_repo, model_name=model_name, max_model_len=max_model_len,

@@ -44,6 +44,9 @@ class _Tag:
 
 
 def _child_main(folder: str, engine_kwargs: dict[str, Any], device: str, cmd: Any, evt: Any) -> None:
+    from dsv.core.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before the model's tensors exist; this process is the engine's alone
     import torch
 
     from dsv.core.checkpoint import load_pretrained
