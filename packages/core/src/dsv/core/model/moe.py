@@ -95,11 +95,14 @@ class MoE(nn.Module):
         # contiguous run of tokens and combine weights.
         order = torch.argsort(ids, stable=True)
         sizes = counts.tolist()
-        tokens = (order // k).split(sizes)
-        combine = weights.flatten()[order, None].split(sizes)
-        for expert, n, tok, w in zip(self.experts, sizes, tokens, combine, strict=True):
-            if n:
-                out.index_add_(0, tok, expert(flat.index_select(0, tok)).float() * w)
+        if self._grouped_pays_off(len(ids)):
+            self._grouped_experts(flat, ids, order, counts, max(sizes), k, weights, out)
+        else:
+            tokens = (order // k).split(sizes)
+            combine = weights.flatten()[order, None].split(sizes)
+            for expert, n, tok, w in zip(self.experts, sizes, tokens, combine, strict=True):
+                if n:
+                    out.index_add_(0, tok, expert(flat.index_select(0, tok)).float() * w)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).float()
         if self.training:
@@ -107,6 +110,46 @@ class MoE(nn.Module):
         else:
             self.aux_loss = None
         return out.to(x.dtype).view(B, S, d), idx.view(B, S, -1)
+
+    # A bank of small experts with a few tokens each runs faster as three padded batched matmuls
+    # than as one small MLP call per expert: on the tiny preset (8 experts of 64 x 32) a decode
+    # step's MoE takes 0.41 instead of 0.90 ms. Large experts or many tokens per expert keep the
+    # loop (the padding and the per-call weight stacking would cost more than the calls save:
+    # 4.0 vs 9.3 ms for 2048 tiny tokens, 9.4 vs 33.7 ms for 32 tokens on the small preset).
+    GROUPED_MAX_BANK_BYTES = 1 << 20
+    GROUPED_MAX_PAIRS_PER_EXPERT = 16
+
+    def _grouped_pays_off(self, pairs: int) -> bool:
+        e = self.experts[0]
+        bank = len(self.experts) * 3 * e.gate_proj.weight.numel() * e.gate_proj.weight.element_size()
+        return bank <= self.GROUPED_MAX_BANK_BYTES and pairs <= self.GROUPED_MAX_PAIRS_PER_EXPERT * len(
+            self.experts
+        )
+
+    def _grouped_experts(
+        self,
+        flat: torch.Tensor,
+        ids: torch.Tensor,
+        order: torch.Tensor,
+        counts: torch.Tensor,
+        cap: int,
+        k: int,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """Every expert's SwiGLU (see :class:`MLP`) over its tokens padded to ``cap`` rows, added to
+        ``out`` with the combine weights: the same sums as the per-expert loop."""
+        E, d = len(self.experts), flat.shape[-1]
+        expert_of = ids[order]  # pairs sorted by expert
+        first = counts.cumsum(0) - counts
+        slot = expert_of * cap + torch.arange(len(ids), device=ids.device) - first[expert_of]
+        tok = order // k
+        x = flat.new_zeros(E * cap, d).index_copy_(0, slot, flat.index_select(0, tok)).view(E, cap, d)
+        gate = torch.stack([e.gate_proj.weight for e in self.experts]).transpose(1, 2)  # (E, d, f)
+        up = torch.stack([e.up_proj.weight for e in self.experts]).transpose(1, 2)
+        down = torch.stack([e.down_proj.weight for e in self.experts]).transpose(1, 2)  # (E, f, d)
+        y = torch.bmm(torch.nn.functional.silu(torch.bmm(x, gate)) * torch.bmm(x, up), down).view(E * cap, d)
+        out.index_add_(0, tok, y.index_select(0, slot).float() * weights.flatten()[order, None])
 
     def _sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         E = scores.shape[-1]
