@@ -146,6 +146,12 @@ def test_n_stop_logprobs_usage(script: SimpleNamespace, client: openai.OpenAI) -
     after = client.chat.completions.create(model="dsv-tiny", messages=[*script.ASK, {"role": "assistant", "content": "",
         "tool_calls": [script.CALL]}, {"role": "tool", "content": "sunny, 21 C"}], tools=[script.WEATHER_TOOL], temperature=0, max_tokens=40, stop=["sunny"])  # fmt: skip
     assert after.choices[0].message.content == "It is " and after.choices[0].finish_reason == "stop"
+    # usage counts the tokens generated up to the stop string (the stream ended before the engine did)
+    unstopped = client.chat.completions.create(model="dsv-tiny", messages=[*script.ASK, {"role": "assistant",
+        "content": "", "tool_calls": [script.CALL]}, {"role": "tool", "content": "sunny, 21 C"}],
+        tools=[script.WEATHER_TOOL], temperature=0, max_tokens=40)  # fmt: skip
+    assert after.usage is not None and unstopped.usage is not None
+    assert 0 < after.usage.completion_tokens < unstopped.usage.completion_tokens
 
 
 def test_logprobs_refused_in_thinking_mode(script: SimpleNamespace, client: openai.OpenAI) -> None:

@@ -249,6 +249,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         start, last = time.monotonic(), None
         stream = backend.stream(prompt, params)
         finish = None
+        generated = 0  # the engine's count arrives with its last piece; a stop string ends earlier
         try:
             if forced and parser is not None:
                 await out.put(_ChoiceEvent(index, parser.feed(forced), "", []))
@@ -263,13 +264,15 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     last = now
                     metrics.tokens.inc(piece.tokens or 1)
                     tps_window.append((now, piece.tokens or 1))
+                generated += piece.tokens
                 deltas = parser.feed(text) if parser is not None else []
                 if piece.finish_reason is not None or scanner.stopped:
                     if parser is not None:
                         deltas += parser.finish()
                     finish = "stop" if scanner.stopped else piece.finish_reason
+                    used = piece.completion_tokens if piece.finish_reason is not None else generated
                     await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs, finish, piece.prompt_tokens,
-                                               piece.completion_tokens, piece.error))  # fmt: skip
+                                               used, piece.error))  # fmt: skip
                     return
                 await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs))
         finally:
