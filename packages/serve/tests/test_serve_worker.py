@@ -36,7 +36,7 @@ class _Collect:
 
 @pytest.fixture(scope="module")
 def engine_process(tiny_ckpt: Path) -> EngineProcess:
-    proc = EngineProcess(tiny_ckpt, num_blocks=64, max_batch=8)
+    proc = EngineProcess(tiny_ckpt, num_blocks=64, max_batch=8, threads=1)
     proc.start()
     yield proc
     proc.stop()
@@ -71,6 +71,12 @@ def test_same_tokens_as_the_in_process_engine(tiny_ckpt: Path, engine_process: E
     finally:
         local.stop()
     _wait_idle(engine_process)
+
+
+def test_the_child_runs_with_the_asked_threads(engine_process: EngineProcess) -> None:
+    assert engine_process.threads == 1  # reported by the child once its model is loaded
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        EngineProcess(".", threads=0)
 
 
 def test_deliver_hook_gets_one_batch_per_step(engine_process: EngineProcess) -> None:

@@ -35,6 +35,9 @@ def serve(
     max_tokens_limit: int = typer.Option(4096, help="largest max_tokens a request may ask for"),
     max_in_flight: int = typer.Option(256, help="requests in flight before 429"),
     max_batch: int = typer.Option(64, help="sequences decoded together (native engine)"),
+    threads: int = typer.Option(
+        None, min=1, help="torch threads of the native engine (default: torch's, or OMP_NUM_THREADS)"
+    ),
     request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
@@ -60,7 +63,7 @@ def serve(
     try:
         if engine == "native":
             app = load_native_app(path_or_repo, model_name=model_name, max_model_len=max_model_len,
-                                  max_batch=max_batch, **settings)  # fmt: skip
+                                  max_batch=max_batch, threads=threads, **settings)  # fmt: skip
         else:
             if not Path(path_or_repo).is_dir():
                 _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")

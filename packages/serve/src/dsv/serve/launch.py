@@ -101,13 +101,15 @@ def load_native_app(
     prefill_chunk: int = 256,
     device: str = "cpu",
     engine_process: bool = True,
+    threads: int | None = None,
     **settings: object,
 ) -> object:
     """The FastAPI app serving a checkpoint with the native engine (engine started).
 
     ``engine_process`` (the default) runs the engine in its own process
     (:class:`~dsv.serve.worker.EngineProcess`) so model work and HTTP do not share one GIL; False
-    keeps it in a thread of this process.
+    keeps it in a thread of this process. ``threads`` sets the engine's torch threads (default:
+    torch's own choice, which follows ``OMP_NUM_THREADS``).
     """
     from dsv.core.checkpoint import resolve
     from dsv.serve.app import ServerSettings, create_app
@@ -127,13 +129,15 @@ def load_native_app(
     if engine_process:
         from dsv.serve.worker import EngineProcess
 
-        engine = EngineProcess(folder, device=device, **kwargs)
+        engine = EngineProcess(folder, device=device, threads=threads, **kwargs)
     else:
         import torch
 
         from dsv.core.checkpoint import load_pretrained
         from dsv.serve.engine import Engine
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         model, _ = load_pretrained(str(folder), device=device, dtype=torch.float32, with_tokenizer=False)
         engine = Engine.for_model(model.eval(), model.config, device=device, **kwargs)
     engine.start()

@@ -43,12 +43,16 @@ class _Tag:
         raise RuntimeError("events are delivered in batches")
 
 
-def _child_main(folder: str, engine_kwargs: dict[str, Any], device: str, cmd: Any, evt: Any) -> None:
+def _child_main(
+    folder: str, engine_kwargs: dict[str, Any], device: str, threads: int | None, cmd: Any, evt: Any
+) -> None:
     from dsv.core.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # before the model's tensors exist; this process is the engine's alone
     import torch
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     from dsv.core.checkpoint import load_pretrained
     from dsv.serve.engine import Engine
 
@@ -75,7 +79,9 @@ def _child_main(folder: str, engine_kwargs: dict[str, Any], device: str, cmd: An
 
     engine.deliver = deliver
     engine.start()
-    send(("ready", {"num_blocks": engine.pool.num_blocks, "block_size": engine.pool.block_size}))
+    info = {"num_blocks": engine.pool.num_blocks, "block_size": engine.pool.block_size,
+            "threads": torch.get_num_threads()}  # fmt: skip
+    send(("ready", info))
     while True:
         try:
             msg = cmd.recv()
@@ -103,7 +109,9 @@ def _child_main(folder: str, engine_kwargs: dict[str, Any], device: str, cmd: An
 class EngineProcess:
     """An :class:`~dsv.serve.engine.Engine` running in a spawned child process.
 
-    ``engine_kwargs`` go to ``Engine.for_model`` in the child (``num_blocks``, ``max_batch``...).
+    ``engine_kwargs`` go to ``Engine.for_model`` in the child (``num_blocks``, ``max_batch``...);
+    ``threads`` sets the child's torch threads (default: torch's own choice, which follows
+    ``OMP_NUM_THREADS``); :attr:`threads` reports what the child runs with once started.
     Events reach each request's callback through ``deliver`` (one call per engine step, from a
     reader thread) or, without it, one callback call per event.
     """
@@ -113,10 +121,14 @@ class EngineProcess:
         folder: str | Path,
         *,
         device: str = "cpu",
+        threads: int | None = None,
         start_timeout: float = 300.0,
         **engine_kwargs: Any,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.folder, self.device, self.start_timeout = str(folder), device, start_timeout
+        self.threads = threads
         self.engine_kwargs = engine_kwargs
         self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
         self.num_blocks = 0
@@ -140,7 +152,7 @@ class EngineProcess:
         self._evt = evt_parent
         self._proc = ctx.Process(
             target=_child_main,
-            args=(self.folder, self.engine_kwargs, self.device, cmd_child, evt_child),
+            args=(self.folder, self.engine_kwargs, self.device, self.threads, cmd_child, evt_child),
             name="dsv-engine",
             daemon=True,
         )
@@ -159,6 +171,7 @@ class EngineProcess:
             self._proc.join(timeout=5)
             raise RuntimeError(f"the engine process could not start: {msg[1]}")
         self.num_blocks, self.block_size = msg[1]["num_blocks"], msg[1]["block_size"]
+        self.threads = msg[1]["threads"]
         self._reader = threading.Thread(target=self._read, name="dsv-engine-reader", daemon=True)
         self._reader.start()
 
