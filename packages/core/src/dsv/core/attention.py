@@ -81,24 +81,27 @@ def _kernels() -> ModuleType:
 # ----------------------------------------------------------------------------- masks
 
 
+def _query_positions(
+    q_offset: torch.Tensor | int, s_q: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Absolute position of every query, ``[B, S, 1]``: ``q_offset[b] + t``."""
+    if isinstance(q_offset, int):
+        q_offset = torch.full((batch,), q_offset, dtype=torch.long, device=device)
+    return q_offset.to(device).view(-1, 1, 1) + torch.arange(s_q, device=device).view(1, -1, 1)
+
+
 def causal_key_mask(
     q_offset: torch.Tensor | int, s_q: int, s_k: int, batch: int, device: torch.device
 ) -> torch.Tensor:
     """Bool ``[B, S, T]``: True where key ``s`` is visible to query ``t`` (``s <= q_offset[b] + t``)."""
-    if isinstance(q_offset, int):
-        q_offset = torch.full((batch,), q_offset, dtype=torch.long, device=device)
-    pos = q_offset.to(device).view(-1, 1) + torch.arange(s_q, device=device).view(1, -1)  # (B, S)
-    return torch.arange(s_k, device=device).view(1, 1, -1) <= pos.unsqueeze(-1)
+    return torch.arange(s_k, device=device).view(1, 1, -1) <= _query_positions(q_offset, s_q, batch, device)
 
 
 def _future_keys(
     q_offset: torch.Tensor | int, s_q: int, s_k: int, batch: int, device: torch.device
 ) -> torch.Tensor:
     """Bool ``[B, S, T]``: the complement of :func:`causal_key_mask`, built without the negation."""
-    if isinstance(q_offset, int):
-        q_offset = torch.full((batch,), q_offset, dtype=torch.long, device=device)
-    pos = q_offset.to(device).view(-1, 1, 1) + torch.arange(s_q, device=device).view(1, -1, 1)  # (B, S, 1)
-    return torch.arange(s_k, device=device).view(1, 1, -1) > pos
+    return torch.arange(s_k, device=device).view(1, 1, -1) > _query_positions(q_offset, s_q, batch, device)
 
 
 # ----------------------------------------------------------------------------- references
