@@ -78,7 +78,17 @@ def test_huge_output_is_cut_off() -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="process limits per sandbox need a private uid (root host)")
-def test_fork_bomb_is_contained_and_cleaned_up() -> None:
+def test_fork_bomb_is_contained_and_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Note the uid this run is given, so the leftover check sees this bomb only (sandboxes of
+    # tests running beside this one have their own uids).
+    uids: list[int] = []
+    fresh = sandbox._fresh_uid
+
+    def noting_fresh_uid() -> int:
+        uids.append(fresh())
+        return uids[-1]
+
+    monkeypatch.setattr(sandbox, "_fresh_uid", noting_fresh_uid)
     code = (
         "import os, time\n"
         "n = 0\n"
@@ -92,16 +102,17 @@ def test_fork_bomb_is_contained_and_cleaned_up() -> None:
     r = run_python(code, limits=Limits(cpu_s=2, wall_s=3, memory_mb=256, max_processes=16))
     assert r.status in ("timeout", "killed")
     assert r.user_isolated
-    # Nothing of the bomb survives: no process still runs the sandbox script.
+    assert len(uids) == 1
+    # Nothing of the bomb survives: no live process runs under its uid. (Killed ones may linger a
+    # moment as zombies, state Z, until init reaps them: they no longer run anything.)
     leftovers = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"_sandbox_main.py" in f.read():
-                        leftovers.append(pid)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}").st_uid == uids[0]:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        leftovers.append((pid, state))
     assert leftovers == []
 
 
