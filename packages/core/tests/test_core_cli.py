@@ -46,6 +46,8 @@ def test_init_info_generate(tmp_path: Path) -> None:
         (("model", "info"), "either"),
         (("generate", "/nonexistent/x", "--prompt", "hi"), "no such folder"),
         (("generate", ".", "--prompt", "hi", "--dtype", "fp7"), "unknown dtype"),
+        # sampling settings are checked before the checkpoint is looked at
+        (("generate", "/nonexistent/x", "--prompt", "hi", "--presence-penalty", "3"), "presence_penalty"),
     ],
 )
 def test_user_errors_are_one_line(args: tuple[str, ...], needle: str) -> None:

@@ -147,6 +147,40 @@ def test_staged_decode_matches_paged_decode_as_rows_pack(make_engine: Callable[.
     assert engine._rows == [], "every staging row was given back"
 
 
+def test_penalties_follow_core_generate_per_request_and_leave_logprobs_raw(
+    make_engine: Callable[..., Engine], tiny: tuple[torch.nn.Module, Any]
+) -> None:
+    from dsv.core.generate import SamplingParams, generate
+
+    model, _ = tiny
+    prompts = _prompts()
+    pen = {"presence_penalty": 0.4, "frequency_penalty": 0.3}
+    want = generate(model, prompts[0], SamplingParams(temperature=0, max_new_tokens=24, **pen)).tokens
+    plain = generate(model, prompts[0], SamplingParams(temperature=0, max_new_tokens=24)).tokens
+    assert want != plain, "the penalties change this greedy continuation"
+    neighbour = _alone(make_engine, prompts[1])
+    engine = make_engine(start=False)
+    events: list[TokenEvent] = []
+    penalised, other = _Run(), _Run()
+
+    def record(ev: TokenEvent | Finish) -> None:
+        if isinstance(ev, TokenEvent):
+            events.append(ev)
+        penalised(ev)
+
+    engine.submit(prompts[0], GenParams(temperature=0.0, max_tokens=24, **pen), record)
+    engine.submit(prompts[1], GREEDY, other)
+    engine.start()
+    assert penalised.wait() == want
+    assert other.wait() == neighbour, "a request without penalties beside it is unaffected"
+    # Reported logprobs are the model's own (before the penalties), as the module documents.
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0] + want])).logits[0, len(prompts[0]) - 1 : -1]
+    raw = logits.log_softmax(-1).gather(1, torch.tensor(want)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor([e.logprob for e in events]), raw, atol=1e-4, rtol=0)
+    _wait_idle(engine)
+
+
 def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]
@@ -353,3 +387,31 @@ def test_graceful_shutdown_finishes_streams(tiny_ckpt: Path, live_server: Any) -
     assert not app.state.backend.engine.alive  # the engine process ended with the server
     with pytest.raises(httpx.ConnectError):
         httpx.post(url, json=_body(4, False), timeout=5)
+
+
+def test_penalties_through_the_openai_client(serve_tiny: Callable[..., Any], tiny_ckpt: Path) -> None:
+    import openai
+
+    from dsv.core.checkpoint import load_pretrained
+    from dsv.core.generate import SamplingParams, generate
+
+    model, tok = load_pretrained(tiny_ckpt)
+    prompt = torch.randint(2, 1000, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    pen = {"presence_penalty": 0.4, "frequency_penalty": 0.3}
+
+    def reference(**kw: float) -> str:
+        p = SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=(tok.eos_id,), **kw)
+        return tok.decode([t for t in generate(model.eval(), prompt, p).tokens if t != tok.eos_id])
+
+    want, plain = reference(**pen), reference()
+    assert want != plain, "the penalties change this greedy continuation"
+    client = openai.OpenAI(base_url=serve_tiny().url + "/v1", api_key="none", max_retries=0)
+    out = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, **pen)
+    assert out.choices[0].text == want
+    assert (
+        client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+        == plain
+    )
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt=prompt, max_tokens=4, presence_penalty=2.5)
+    assert "presence_penalty" in str(e.value)

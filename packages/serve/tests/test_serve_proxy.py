@@ -152,6 +152,7 @@ def _check_prompts(
     for b in sent:
         assert b["model"] == model and b["stream"] is True
         assert b["skip_special_tokens"] is False and b["spaces_between_special_tokens"] is False
+        assert "presence_penalty" not in b and "frequency_penalty" not in b, "no penalties asked for"
 
 
 def test_proxy_forwards_encoded_prompts_and_parses_output(
@@ -163,11 +164,15 @@ def test_proxy_forwards_encoded_prompts_and_parses_output(
     with live_server(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
         _check_round_trip(client, script, "dsv")
-        raw = client.completions.create(model="dsv", prompt="hi there", max_tokens=20)
+        raw = client.completions.create(
+            model="dsv", prompt="hi there", max_tokens=20, presence_penalty=0.5, frequency_penalty=0.25
+        )
         assert raw.choices[0].text.startswith("say hello</think>"), "completions pass the engine text as is"
     records = _records(Path(engine_env["DSV_TEST_ENGINE_RECORD"]))
     _check_prompts(records[:-1], script, Templates.from_checkpoint(tiny_ckpt), "inner")
     assert records[-1]["request"]["prompt"] == "hi there"
+    penalties = {k: records[-1]["request"].get(k) for k in ("presence_penalty", "frequency_penalty")}
+    assert penalties == {"presence_penalty": 0.5, "frequency_penalty": 0.25}
 
 
 def test_proxy_reports_engine_errors(engine_url: str, tiny_ckpt: Path, live_server: Any) -> None:

@@ -7,6 +7,7 @@ and exit 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -180,6 +181,10 @@ def generate(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int | None = typer.Option(None),
+    presence_penalty: float = typer.Option(
+        0.0, help="Lower the logit of every token already generated (-2..2)."
+    ),
+    frequency_penalty: float = typer.Option(0.0, help="Lower it per occurrence so far (-2..2)."),
     chat: bool = typer.Option(
         False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."
     ),
@@ -194,6 +199,11 @@ def generate(
     from dsv.core.generate import SamplingParams
     from dsv.core.generate import generate as run
 
+    # Settings are checked before the (possibly long) checkpoint load.
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+    )  # fmt: skip
     model, tok = load_pretrained(path, device=device, dtype=parse_dtype(dtype))
     if tok is None:
         raise DSVError(f"{path}: the checkpoint has no tokenizer.json")
@@ -205,10 +215,7 @@ def generate(
         ids = tok.encode(text)
     else:
         ids = tok.encode(text, add_bos=True)
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        stop_token_ids=(tok.eos_id,), seed=seed,
-    )  # fmt: skip
+    params = dataclasses.replace(params, stop_token_ids=(tok.eos_id,))
     emitted: list[int] = []
     printed = ""
 

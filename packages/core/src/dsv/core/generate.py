@@ -1,4 +1,5 @@
-"""KV-cached sampling: temperature, top-k, top-p, stop tokens, and the kept-token masks.
+"""KV-cached sampling: temperature, top-k, top-p, presence/frequency penalties, stop tokens, and
+the kept-token masks.
 
 :func:`sample_next` is the one home of the sampling rule (the serve engine and RL rollouts call it
 too). It returns, per row, the set of tokens the sampler could have drawn after top-k/top-p
@@ -8,6 +9,11 @@ under that same sampling distribution (temperature applied, renormalised over th
 
 ``temperature == 0`` is greedy: the kept set is the argmax alone and its logprob is 0.
 
+Presence and frequency penalties are OpenAI's: before sampling, the logit of every token already
+generated (the prompt does not count) is lowered by ``frequency_penalty * count + presence_penalty``
+(:func:`apply_penalties`); negative values favour repetition instead. :func:`generate` samples
+from the penalised logits, so its logprobs are those of the distribution it drew from.
+
 Run::
 
     out = generate(model, tokenizer.encode("hello", add_bos=True), SamplingParams(max_new_tokens=16))
@@ -15,7 +21,8 @@ Run::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +40,8 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's range, -2..2
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -43,6 +52,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any repetition penalty is in force."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -73,6 +90,21 @@ def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         keep_sorted = before < params.top_p
         keep = torch.zeros_like(keep).scatter_(1, order, keep_sorted) & keep
     return keep
+
+
+def apply_penalties(
+    logits: torch.Tensor, counts: Mapping[int, int], presence: float, frequency: float
+) -> torch.Tensor:
+    """``logits [..., V]`` with ``frequency * counts[j] + presence`` taken off every token ``j`` in
+    ``counts`` (how often each was generated so far); a new tensor, or ``logits`` itself when
+    nothing applies."""
+    if not counts or (presence == 0 and frequency == 0):
+        return logits
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out[..., ids] -= frequency * times + presence
+    return out
 
 
 def sample_next(
@@ -133,12 +165,15 @@ def generate(
     out = GenerateOutput([], [], [] if return_sampling_masks else None, routes=[] if return_routes else None)
     x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     stops = set(params.stop_token_ids)
+    counts: Counter[int] = Counter()
     for _ in range(params.max_new_tokens):
         res = model(x, cache=cache, return_routes=return_routes, use_sparse=use_sparse, logits_to_keep=1)
         if out.routes is not None:
             out.routes.append(res.routes)
-        s = sample_next(res.logits[:, -1], params, gen)
+        logits = apply_penalties(res.logits[:, -1], counts, params.presence_penalty, params.frequency_penalty)
+        s = sample_next(logits, params, gen)
         tok = int(s.tokens[0])
+        counts[tok] += 1
         out.tokens.append(tok)
         out.logprobs.append(float(s.logprobs[0]))
         if out.sampling_masks is not None:

@@ -329,7 +329,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     def sampling(req: Any, max_tokens: int, i: int, top_logprobs: int) -> GenParams:
         seed = None if req.seed is None else req.seed + i
         return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
-                         seed=seed, top_logprobs=top_logprobs)  # fmt: skip
+                         seed=seed, top_logprobs=top_logprobs, presence_penalty=req.presence_penalty,
+                         frequency_penalty=req.frequency_penalty)  # fmt: skip
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")

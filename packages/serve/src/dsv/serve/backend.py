@@ -271,6 +271,9 @@ class ProxyBackend:
             body["seed"] = params.seed
         if params.top_logprobs:
             body["logprobs"] = params.top_logprobs
+        if params.penalised:
+            body["presence_penalty"] = params.presence_penalty
+            body["frequency_penalty"] = params.frequency_penalty
         finish: str | None = None
         usage: dict[str, int] = {}
         self._inflight += 1

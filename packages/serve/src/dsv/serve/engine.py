@@ -18,7 +18,10 @@ a gather per layer instead).
 The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
 decode and kernels happen inside the model through the core dispatch. Greedy rows are sampled in
 one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
-request has its own parameters and seeded generator.
+request has its own parameters and seeded generator. Presence/frequency penalties
+(:func:`dsv.core.generate.apply_penalties`, over the tokens generated so far) change what is
+sampled, not the reported logprobs: those are the model's own log-softmax, before temperature,
+filtering and penalties.
 
 Events go back through each request's callback. With ``deliver`` set, the events of one iteration
 are handed over as ONE list at its end instead (``deliver([(callback, event), ...])``): a server
@@ -33,7 +36,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,6 +58,12 @@ class GenParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0  # alternatives reported per token (0: only the chosen token's logprob)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class _Seq:
     cached: int = 0  # tokens whose rows are in the cache
     generated: list[int] = field(default_factory=list)
     row: int | None = None  # its row in the decode staging buffer, once decoding
+    counts: Counter[int] = field(default_factory=Counter)  # generated tokens, when penalised
 
     @property
     def tokens(self) -> list[int]:
@@ -352,15 +362,24 @@ class Engine:
             self._sample(decode, logits)
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        from dsv.core.generate import SamplingParams, sample_next
+        from dsv.core.generate import SamplingParams, apply_penalties, sample_next
 
+        # Penalties on a copy: the logprobs below stay the model's own.
+        chosen_from = logits
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.penalised and seq.counts:
+                if chosen_from is logits:
+                    chosen_from = logits.clone()
+                chosen_from[row] = apply_penalties(chosen_from[row], seq.counts, p.presence_penalty,
+                                                   p.frequency_penalty)  # fmt: skip
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
-        tokens = logits.argmax(-1).tolist()
+        tokens = chosen_from.argmax(-1).tolist()
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.temperature != 0:
                 sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
-                tokens[row] = int(sample_next(logits[row : row + 1], sp, seq.generator).tokens[0])
+                tokens[row] = int(sample_next(chosen_from[row : row + 1], sp, seq.generator).tokens[0])
         # One log-softmax serves the chosen tokens' logprobs and any alternatives asked for (on CPU it
         # costs about half of a separate logsumexp).
         logp = torch.log_softmax(logits, dim=-1)
@@ -372,6 +391,8 @@ class Engine:
         for row, seq in enumerate(seqs):
             p, token = seq.params, tokens[row]
             seq.generated.append(token)
+            if p.penalised:
+                seq.counts[token] += 1
             if seq.id in cancelled:
                 continue
             top: list[tuple[int, float]] = []
