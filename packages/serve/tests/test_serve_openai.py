@@ -125,6 +125,23 @@ def test_named_tool_choice_forces_the_call(script: SimpleNamespace, client: open
     assert out.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
 
 
+def test_required_tool_choice_forces_the_opening_of_a_call(
+    script: SimpleNamespace, client: openai.OpenAI
+) -> None:
+    kw: dict[str, Any] = {"model": "dsv-tiny", "messages": script.ASK, "tools": [script.WEATHER_TOOL],
+                          "temperature": 0, "max_tokens": 200}  # fmt: skip
+    auto = client.chat.completions.create(**kw)
+    required = client.chat.completions.create(tool_choice="required", **kw)
+    calls = [[(c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls or []]
+             for r in (auto, required)]  # fmt: skip
+    assert calls[0] == calls[1] == [("get_weather", {"city": "Paris"})]
+    assert required.choices[0].finish_reason == "tool_calls"
+    # The call's opening (with the one tool's name) was part of the prompt, not generated.
+    assert auto.usage is not None and required.usage is not None
+    assert required.usage.prompt_tokens > auto.usage.prompt_tokens
+    assert required.usage.completion_tokens < auto.usage.completion_tokens
+
+
 def test_n_stop_logprobs_usage(script: SimpleNamespace, client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
         model="dsv-tiny", messages=[{"role": "user", "content": "count"}], n=3, temperature=1.0, seed=7,

@@ -66,7 +66,11 @@ def _replies(script: SimpleNamespace, templates: Templates) -> list[list[str]]:
     def out(answer: dict[str, Any], thinking: bool) -> str:
         return encode_assistant_completion(answer, thinking=thinking, templates=templates).removesuffix(EOS)
 
+    # With two tools and tool_choice="required" the prompt ends in a forced `invoke name="`: the
+    # engine writes the rest of the call (the name first).
+    full_call = out({"content": "", "tool_calls": [script.CALL]}, False)
     return [
+        ['"get_time"', full_call[full_call.index('invoke name="') + len('invoke name="') :]],
         ["sunny, 21 C", out({"content": "It is sunny in Paris."}, False)],
         ["Weather in Paris?", out({"content": "", "tool_calls": [script.CALL]}, False)],
         ["hi", out({"reasoning_content": "say hello", "content": "Hello there!"}, True)],
@@ -173,6 +177,32 @@ def test_proxy_forwards_encoded_prompts_and_parses_output(
     assert records[-1]["request"]["prompt"] == "hi there"
     penalties = {k: records[-1]["request"].get(k) for k in ("presence_penalty", "frequency_penalty")}
     assert penalties == {"presence_penalty": 0.5, "frequency_penalty": 0.25}
+
+
+def test_required_tool_choice_with_several_tools_forces_the_opening(
+    engine_url: str, engine_env: dict[str, str], tiny_ckpt: Path, script: SimpleNamespace, live_server: Any
+) -> None:
+    from dsv.serve import load_proxy_app
+
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    app = load_proxy_app(str(tiny_ckpt), engine_url, model_name="dsv", engine_model="inner")
+    with live_server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        out = client.chat.completions.create(
+            model="dsv", messages=script.ASK, tools=[script.WEATHER_TOOL, clock], tool_choice="required"
+        )
+    calls = out.choices[0].message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert out.choices[0].finish_reason == "tool_calls"
+    (sent,) = [r["request"] for r in _records(Path(engine_env["DSV_TEST_ENGINE_RECORD"])) if "request" in r]
+    templates = Templates.from_checkpoint(tiny_ckpt)
+    prompt = encode_messages(
+        script.ASK, thinking=False, tools=[script.WEATHER_TOOL, clock], templates=templates
+    )
+    opening = f'{templates.tool_calls_start}>\n<{templates.dsml_token}invoke name="'
+    assert sent["prompt"] == prompt + opening
 
 
 def test_proxy_reports_engine_errors(engine_url: str, tiny_ckpt: Path, live_server: Any) -> None:

@@ -10,7 +10,10 @@ Chat requests are encoded with :mod:`dsv.core.chat` (the checkpoint's templates)
 ``tool_choice`` with a named function is forced decoding the server really does (chat mode only):
 the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>\\n<｜DSML｜invoke
 name="NAME">\\n``), which is appended to the prompt and fed to the parser first; the model writes the
-parameters and closes the call. ``"none"`` leaves the tools out of the prompt.
+parameters and closes the call. ``"required"`` forces the same opening, up to ``name="`` when there
+are several tools (the model writes the name; it is not constrained to the listed ones). In thinking
+mode both are left to the model, which reasons before it calls. ``"none"`` leaves the tools out of
+the prompt.
 
 Safety: API key (``Authorization: Bearer``), request size and ``max_tokens`` limits, a bounded
 number of requests in flight (429 + Retry-After), per-request timeouts, cancellation when the client
@@ -373,9 +376,16 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             if not thinking:
                 t = backend.templates
                 forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="{name}">\n'
-        elif req.tool_choice in ("required",) and not tools:
-            raise APIError(400, "tool_choice is `required` but no tools were given", param="tool_choice",
-                           code="invalid_value")  # fmt: skip
+        elif req.tool_choice == "required":
+            if not tools:
+                raise APIError(400, "tool_choice is `required` but no tools were given", param="tool_choice",
+                               code="invalid_value")  # fmt: skip
+            if not thinking:
+                # The call's opening is forced; with one tool that includes its name, otherwise the
+                # model writes the name.
+                t = backend.templates
+                only = f'{tools[0]["function"]["name"]}">\n' if len(tools) == 1 else ""
+                forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="{only}'
         render_tools = tools if req.tool_choice != "none" else None
         rf = req.response_format
         schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
@@ -442,7 +452,6 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         if any(a["finish"] == "error" for a in acc.values()):
             msg = next(a["error"] for a in acc.values() if a["finish"] == "error")
             raise APIError(503, f"generation failed: {msg}", type="server_error", code="engine_error")
-        thinking = jobs and req.thinking  # noqa: F841 - reasoning presence decided by the parser
         choices = []
         for i, a in acc.items():
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(a["content"])}
