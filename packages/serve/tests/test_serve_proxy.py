@@ -69,7 +69,9 @@ def _replies(script: SimpleNamespace, templates: Templates) -> list[list[str]]:
     # With two tools and tool_choice="required" the prompt ends in a forced `invoke name="`: the
     # engine writes the rest of the call (the name first).
     full_call = out({"content": "", "tool_calls": [script.CALL]}, False)
+    rome = {**script.CALL, "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
     return [
+        ["Paris and Rome?", out({"content": "", "tool_calls": [script.CALL, rome]}, False)],
         ['"get_time"', full_call[full_call.index('invoke name="') + len('invoke name="') :]],
         ["sunny, 21 C", out({"content": "It is sunny in Paris."}, False)],
         ["Weather in Paris?", out({"content": "", "tool_calls": [script.CALL]}, False)],
@@ -203,6 +205,33 @@ def test_required_tool_choice_with_several_tools_forces_the_opening(
     )
     opening = f'{templates.tool_calls_start}>\n<{templates.dsml_token}invoke name="'
     assert sent["prompt"] == prompt + opening
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(
+    engine_url: str, tiny_ckpt: Path, script: SimpleNamespace, live_server: Any
+) -> None:
+    from dsv.serve import load_proxy_app
+
+    app = load_proxy_app(str(tiny_ckpt), engine_url, model_name="dsv", engine_model="inner")
+    kw: dict[str, Any] = {"model": "dsv", "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+                          "tools": [script.WEATHER_TOOL]}  # fmt: skip
+
+    def cities(calls: list[Any]) -> list[str]:
+        return [json.loads(c.function.arguments)["city"] for c in calls]
+
+    with live_server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        both = client.chat.completions.create(**kw)
+        assert cities(both.choices[0].message.tool_calls or []) == ["Paris", "Rome"]
+        one = client.chat.completions.create(parallel_tool_calls=False, **kw)
+        assert cities(one.choices[0].message.tool_calls or []) == ["Paris"]
+        assert one.choices[0].finish_reason == "tool_calls"
+        assert one.usage is not None and both.usage is not None
+        assert one.usage.completion_tokens < both.usage.completion_tokens, "generation ended after the call"
+        chunks = list(client.chat.completions.create(parallel_tool_calls=False, stream=True, **kw))
+        streamed = [tc for ch in chunks for c in ch.choices for tc in c.delta.tool_calls or []]
+        assert cities(streamed) == ["Paris"] and [tc.index for tc in streamed] == [0]
+        assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == ["tool_calls"]
 
 
 def test_proxy_reports_engine_errors(engine_url: str, tiny_ckpt: Path, live_server: Any) -> None:

@@ -246,8 +246,10 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     async def run_choice(
         index: int, prompt: str | list[int], params: GenParams, stops: list[str],
-        parser: StreamParser | None, forced: str, out: asyncio.Queue[_ChoiceEvent],
+        parser: StreamParser | None, forced: str, out: asyncio.Queue[_ChoiceEvent], one_call: bool = False,
     ) -> None:  # fmt: skip
+        """Generate one choice into ``out``; ``one_call`` ends it after its first complete tool call
+        (``parallel_tool_calls: false``): later text is dropped and the engine stops at once."""
         scanner = _StopScanner(stops)
         start, last = time.monotonic(), None
         stream = backend.stream(prompt, params)
@@ -269,6 +271,11 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     tps_window.append((now, piece.tokens or 1))
                 generated += piece.tokens
                 deltas = parser.feed(text) if parser is not None else []
+                called = next((k for k, d in enumerate(deltas) if d.kind == "tool_call"), None)
+                if one_call and called is not None:
+                    await out.put(_ChoiceEvent(index, deltas[: called + 1], text, piece.logprobs, "stop",
+                                               piece.prompt_tokens, generated))  # fmt: skip
+                    return
                 if piece.finish_reason is not None or scanner.stopped:
                     if parser is not None:
                         deltas += parser.finish()
@@ -405,8 +412,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         def job(i: int) -> Any:
             parser = StreamParser(thinking, templates=backend.templates, id_prefix=f"{prefix}{i}")
             return lambda out: run_choice(
-                i, prompt, sampling(req, max_tokens, i, top), req.stops(), parser, forced, out
-            )
+                i, prompt, sampling(req, max_tokens, i, top), req.stops(), parser, forced, out,
+                one_call=not req.parallel_tool_calls,
+            )  # fmt: skip
 
         jobs = [job(i) for i in range(req.n)]
         state["in_flight"] += 1
