@@ -37,6 +37,7 @@ _bad_field = st.sampled_from([
     ("tool_choice", {"type": "function", "function": {"name": "missing"}}), ("tool_choice", "sometimes"),
     ("thinking", {"type": "maybe"}), ("logprobs", "yes"), ("top_logprobs", 50), ("stream", "x"),
     ("prompt", []), ("prompt", ["a", "b"]), ("prompt", {"a": 1}), ("response_format", {"type": "xml"}),
+    ("prompt", [5, 10**6]), ("prompt", [-1]), ("presence_penalty", 3), ("frequency_penalty", -2.5),
 ])  # fmt: skip
 
 

@@ -206,6 +206,10 @@ def test_errors_in_openai_shape(script: SimpleNamespace, client: openai.OpenAI, 
             tools=[{"type": "function", "function": {"name": "bad name!"}}],
         )
     assert e.value.body["code"] == "invalid_tool_schema"
+    # Token ids the model does not have are the client's mistake, caught before the engine sees them.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dsv-tiny", prompt=[5, 10**6], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "1000000" in e.value.body["message"]
     r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": "Bearer sk-test"})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"

@@ -528,6 +528,11 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         prompt: str | list[int] = (
             req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
         )  # type: ignore[assignment]
+        if isinstance(prompt, list):
+            bad = next((t for t in prompt if not 0 <= t < backend.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token id {bad} is out of range: this model takes ids 0 to "
+                               f"{backend.vocab_size - 1}", param="prompt", code="invalid_value")  # fmt: skip
         prompt_tokens = backend.count(prompt)
         max_tokens = budget(prompt_tokens, req.max_tokens)
         top = req.logprobs if req.logprobs is not None else 0

@@ -61,6 +61,7 @@ class Piece:
 class Backend(Protocol):
     templates: Templates
     max_model_len: int
+    vocab_size: int  # token ids the model takes: 0 .. vocab_size - 1
 
     def count(self, prompt: str | list[int]) -> int: ...
 
@@ -129,14 +130,16 @@ class LocalBackend:
     """The native engine with the checkpoint's tokenizer."""
 
     def __init__(
-        self, engine: Engine | EngineProcess, tokenizer: Any, *, templates: Templates, max_model_len: int
+        self,
+        engine: Engine | EngineProcess,
+        tokenizer: Any,
+        *,
+        templates: Templates,
+        max_model_len: int,
+        vocab_size: int,
     ) -> None:
-        self.engine, self.tokenizer, self.templates, self.max_model_len = (
-            engine,
-            tokenizer,
-            templates,
-            max_model_len,
-        )
+        self.engine, self.tokenizer, self.templates = engine, tokenizer, templates
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.eos_id: int = tokenizer.eos_id
         engine.deliver = self._deliver
 
@@ -233,12 +236,13 @@ class ProxyBackend:
         *,
         templates: Templates,
         max_model_len: int,
+        vocab_size: int,
         api_key: str | None = None,
     ) -> None:
         import httpx
 
         self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
-        self.templates, self.max_model_len = templates, max_model_len
+        self.templates, self.max_model_len, self.vocab_size = templates, max_model_len, vocab_size
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=None)
         self._inflight = 0

@@ -81,13 +81,15 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s:
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def _tokenizer_and_templates(folder: Path) -> tuple[object, object, int]:
+def _tokenizer_and_templates(folder: Path) -> tuple[object, object, int, int]:
+    """Tokenizer, chat templates, max positions and vocabulary size of a checkpoint folder."""
     from dsv.core.chat import Templates
     from dsv.core.checkpoint import load_config
     from dsv.core.tokenizer import Tokenizer
 
     config = load_config(folder)
-    return Tokenizer.load(folder), Templates.from_checkpoint(folder), int(config.max_position_embeddings)
+    return (Tokenizer.load(folder), Templates.from_checkpoint(folder), int(config.max_position_embeddings),
+            int(config.vocab_size))  # fmt: skip
 
 
 def load_native_app(
@@ -116,7 +118,7 @@ def load_native_app(
     from dsv.serve.backend import LocalBackend
 
     folder = resolve(path_or_repo)
-    tokenizer, templates, max_positions = _tokenizer_and_templates(folder)
+    tokenizer, templates, max_positions, vocab = _tokenizer_and_templates(folder)
     max_len = max_model_len or max_positions
     blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
     kwargs = {
@@ -141,7 +143,7 @@ def load_native_app(
         model, _ = load_pretrained(str(folder), device=device, dtype=torch.float32, with_tokenizer=False)
         engine = Engine.for_model(model.eval(), model.config, device=device, **kwargs)
     engine.start()
-    backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len)
+    backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len, vocab_size=vocab)
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
 
@@ -155,8 +157,8 @@ def load_proxy_app(
     from dsv.serve.backend import ProxyBackend
 
     folder = Path(path)
-    tokenizer, templates, max_len = _tokenizer_and_templates(folder)
+    tokenizer, templates, max_len, vocab = _tokenizer_and_templates(folder)
     name = model_name or folder.name
     backend = ProxyBackend(base_url, engine_model or name, tokenizer, templates=templates,  # type: ignore[arg-type]
-                           max_model_len=max_model_len or max_len)  # fmt: skip
+                           max_model_len=max_model_len or max_len, vocab_size=vocab)  # fmt: skip
     return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
