@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv.core.generate import SamplingParams, apply_penalties, generate, kept_token_mask, sample_next
+from dsv.core.generate import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    generate,
+    kept_token_mask,
+    sample_next,
+)
 from dsv.core.model import DSVForCausalLM
 from dsv.core.presets import tiny
 
@@ -101,3 +108,10 @@ def test_greedy_generate_with_penalties_equals_the_penalised_argmax() -> None:
             seq.append(int(logits.argmax()))
     assert out.tokens == seq[len(prompt) :]
     assert out.tokens != plain.tokens
+
+
+def test_logit_bias_adds_to_the_named_tokens() -> None:
+    logits = torch.zeros(2, 5)
+    out = apply_logit_bias(logits, {0: -100.0, 3: 2.5})
+    assert out.tolist() == [[-100.0, 0.0, 0.0, 2.5, 0.0]] * 2
+    assert logits.abs().sum() == 0 and apply_logit_bias(logits, {}) is logits

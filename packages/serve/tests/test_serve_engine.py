@@ -181,6 +181,25 @@ def test_penalties_follow_core_generate_per_request_and_leave_logprobs_raw(
     _wait_idle(engine)
 
 
+def test_logit_bias_bans_and_forces_tokens_per_request(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    plain = _alone(make_engine, prompts[0])
+    engine = make_engine(start=False)
+    banned, forced, neighbour = _Run(), _Run(), _Run()
+    engine.submit(
+        prompts[0], GenParams(temperature=0.0, max_tokens=24, logit_bias=((plain[0], -100.0),)), banned
+    )
+    engine.submit(
+        prompts[0], GenParams(temperature=0.8, seed=1, max_tokens=24, logit_bias=((7, 100.0),)), forced
+    )
+    engine.submit(prompts[0], GREEDY, neighbour)
+    engine.start()
+    assert plain[0] not in banned.wait() and banned.tokens != plain
+    assert forced.wait() == [7] * 24, "+100 outweighs every other logit, sampled or not"
+    assert neighbour.wait() == plain
+    _wait_idle(engine)
+
+
 def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]
@@ -389,7 +408,9 @@ def test_graceful_shutdown_finishes_streams(tiny_ckpt: Path, live_server: Any) -
         httpx.post(url, json=_body(4, False), timeout=5)
 
 
-def test_penalties_through_the_openai_client(serve_tiny: Callable[..., Any], tiny_ckpt: Path) -> None:
+def test_penalties_and_logit_bias_through_the_openai_client(
+    serve_tiny: Callable[..., Any], tiny_ckpt: Path
+) -> None:
     import openai
 
     from dsv.core.checkpoint import load_pretrained
@@ -408,6 +429,13 @@ def test_penalties_through_the_openai_client(serve_tiny: Callable[..., Any], tin
     client = openai.OpenAI(base_url=serve_tiny().url + "/v1", api_key="none", max_retries=0)
     out = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, **pen)
     assert out.choices[0].text == want
+    forced = client.completions.create(
+        model="m", prompt=prompt, max_tokens=6, temperature=0, logit_bias={"300": 100}
+    )
+    assert forced.choices[0].text == tok.decode([300] * 6)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt=prompt, max_tokens=4, logit_bias={"5000": 1})
+    assert e.value.body["param"] == "logit_bias" and "5000" in e.value.body["message"]
     assert (
         client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
         == plain

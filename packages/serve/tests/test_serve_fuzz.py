@@ -38,6 +38,8 @@ _bad_field = st.sampled_from([
     ("thinking", {"type": "maybe"}), ("logprobs", "yes"), ("top_logprobs", 50), ("stream", "x"),
     ("prompt", []), ("prompt", ["a", "b"]), ("prompt", {"a": 1}), ("response_format", {"type": "xml"}),
     ("prompt", [5, 10**6]), ("prompt", [-1]), ("presence_penalty", 3), ("frequency_penalty", -2.5),
+    ("logit_bias", {"a": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"-1": 1}), ("logit_bias", {"99999": 1}),
+    ("logit_bias", {str(i): 1 for i in range(301)}), ("logit_bias", [1]),
 ])  # fmt: skip
 
 

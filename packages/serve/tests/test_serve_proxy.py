@@ -158,7 +158,7 @@ def _check_prompts(
     for b in sent:
         assert b["model"] == model and b["stream"] is True
         assert b["skip_special_tokens"] is False and b["spaces_between_special_tokens"] is False
-        assert "presence_penalty" not in b and "frequency_penalty" not in b, "no penalties asked for"
+        assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & set(b), "none asked for"
 
 
 def test_proxy_forwards_encoded_prompts_and_parses_output(
@@ -171,14 +171,16 @@ def test_proxy_forwards_encoded_prompts_and_parses_output(
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
         _check_round_trip(client, script, "dsv")
         raw = client.completions.create(
-            model="dsv", prompt="hi there", max_tokens=20, presence_penalty=0.5, frequency_penalty=0.25
-        )
+            model="dsv", prompt="hi there", max_tokens=20, presence_penalty=0.5, frequency_penalty=0.25,
+            logit_bias={"42": -100},
+        )  # fmt: skip
         assert raw.choices[0].text.startswith("say hello</think>"), "completions pass the engine text as is"
     records = _records(Path(engine_env["DSV_TEST_ENGINE_RECORD"]))
     _check_prompts(records[:-1], script, Templates.from_checkpoint(tiny_ckpt), "inner")
     assert records[-1]["request"]["prompt"] == "hi there"
     penalties = {k: records[-1]["request"].get(k) for k in ("presence_penalty", "frequency_penalty")}
     assert penalties == {"presence_penalty": 0.5, "frequency_penalty": 0.25}
+    assert records[-1]["request"]["logit_bias"] == {"42": -100.0}
 
 
 def test_required_tool_choice_with_several_tools_forces_the_opening(

@@ -107,6 +107,17 @@ def apply_penalties(
     return out
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.Tensor:
+    """``logits [..., V]`` with ``bias[j]`` added to token ``j`` (OpenAI's ``logit_bias``: -100 bans
+    a token in practice, +100 forces it); a new tensor, or ``logits`` itself when ``bias`` is empty."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    out = logits.clone()
+    out[..., ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return out
+
+
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> SampleResult:

@@ -336,11 +336,19 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 t.cancel()
             await asyncio.gather(guard, *tasks, return_exceptions=True)
 
+    def check_token_ids(req: Any) -> None:
+        """400 for token ids the model does not have (``logit_bias`` keys)."""
+        out_of_range = [t for t, _ in req.bias() if t >= backend.vocab_size]
+        if out_of_range:
+            raise APIError(400, f"logit_bias names token id {out_of_range[0]}, which is out of range: this model "
+                           f"takes ids 0 to {backend.vocab_size - 1}", param="logit_bias", code="invalid_value")  # fmt: skip
+
     def sampling(req: Any, max_tokens: int, i: int, top_logprobs: int) -> GenParams:
         seed = None if req.seed is None else req.seed + i
+        bias = req.bias()
         return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                          seed=seed, top_logprobs=top_logprobs, presence_penalty=req.presence_penalty,
-                         frequency_penalty=req.frequency_penalty)  # fmt: skip
+                         frequency_penalty=req.frequency_penalty, logit_bias=bias)  # fmt: skip
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -367,6 +375,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def chat(request: Request) -> Any:
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         alias = resolve_model(req.model)
+        check_token_ids(req)
         thinking = req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
         if thinking and (req.logprobs or req.top_logprobs):
             raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode", param="logprobs",
@@ -525,6 +534,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await read_json(request, CompletionRequest)
         resolve_model(req.model)
+        check_token_ids(req)
         prompt: str | list[int] = (
             req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
         )  # type: ignore[assignment]

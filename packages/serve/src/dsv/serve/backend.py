@@ -278,6 +278,8 @@ class ProxyBackend:
         if params.penalised:
             body["presence_penalty"] = params.presence_penalty
             body["frequency_penalty"] = params.frequency_penalty
+        if params.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
         finish: str | None = None
         usage: dict[str, int] = {}
         self._inflight += 1

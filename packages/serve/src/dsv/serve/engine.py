@@ -21,7 +21,7 @@ one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one
 request has its own parameters and seeded generator. Presence/frequency penalties
 (:func:`dsv.core.generate.apply_penalties`, over the tokens generated so far) change what is
 sampled, not the reported logprobs: those are the model's own log-softmax, before temperature,
-filtering and penalties.
+filtering and penalties. So does a request's ``logit_bias`` (:func:`dsv.core.generate.apply_logit_bias`).
 
 Events go back through each request's callback. With ``deliver`` set, the events of one iteration
 are handed over as ONE list at its end instead (``deliver([(callback, event), ...])``): a server
@@ -60,6 +60,7 @@ class GenParams:
     top_logprobs: int = 0  # alternatives reported per token (0: only the chosen token's logprob)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     @property
     def penalised(self) -> bool:
@@ -362,17 +363,19 @@ class Engine:
             self._sample(decode, logits)
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        from dsv.core.generate import SamplingParams, apply_penalties, sample_next
+        from dsv.core.generate import SamplingParams, apply_logit_bias, apply_penalties, sample_next
 
-        # Penalties on a copy: the logprobs below stay the model's own.
+        # Logit bias and penalties on a copy: the logprobs below stay the model's own.
         chosen_from = logits
         for row, seq in enumerate(seqs):
             p = seq.params
-            if p.penalised and seq.counts:
+            if p.logit_bias or (p.penalised and seq.counts):
                 if chosen_from is logits:
                     chosen_from = logits.clone()
-                chosen_from[row] = apply_penalties(chosen_from[row], seq.counts, p.presence_penalty,
-                                                   p.frequency_penalty)  # fmt: skip
+                adjusted = apply_logit_bias(chosen_from[row], dict(p.logit_bias))
+                chosen_from[row] = apply_penalties(
+                    adjusted, seq.counts, p.presence_penalty, p.frequency_penalty
+                )
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
         tokens = chosen_from.argmax(-1).tolist()
         for row, seq in enumerate(seqs):
