@@ -201,6 +201,16 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        # Said plainly rather than as the union's "should be a valid string" for each member.
+        if isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+            raise ValueError(
+                "batched prompts (a list of token-id lists) are not supported: send one request per prompt"
+            )
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
