@@ -28,6 +28,11 @@ def client(trained_server: Any) -> openai.OpenAI:
 def test_models_and_auth(client: openai.OpenAI, trained_server: Any) -> None:
     ids = [m.id for m in client.models.list().data]
     assert ids == ["dsv-tiny", "dsv-tiny-reasoner"]
+    card = client.models.retrieve("dsv-tiny-reasoner")
+    assert card.id == "dsv-tiny-reasoner" and card.model_extra == {"max_model_len": 1024}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
     bad = openai.OpenAI(base_url=trained_server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         bad.models.list()
