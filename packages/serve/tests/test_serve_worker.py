@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dsv.serve.app import ServerSettings
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+from dsv.serve.launch import free_port
 from dsv.serve.worker import EngineProcess
 
 
@@ -193,6 +196,39 @@ def test_dsv_serve_names_a_bad_checkpoint_without_a_traceback(tmp_path: Path, co
         (tmp_path / "missing", "no such folder"),
         (folder, "bogus" if config else "no config.json"),
     ):
-        done = subprocess.run([dsv, "serve", str(target)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([dsv, "serve", str(target), "--port", str(free_port())], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
         assert done.returncode == 1
         assert want in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dsv_serve_refuses_bad_settings_before_loading(tmp_path: Path) -> None:
+    import shutil
+    import socket
+
+    dsv = shutil.which("dsv")
+    assert dsv is not None, "the dsv command is installed (apps/cli)"
+    missing = str(tmp_path / "missing")  # never reached: each case fails on its setting first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, want in (
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+            (["--request-timeout", "0"], "--request-timeout must be positive"),
+            (["--max-batch", "0"], "--max-batch"),
+            (["--max-in-flight", "0"], "--max-in-flight"),
+        ):
+            done = subprocess.run([dsv, "serve", missing, *args], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, (args, done.stderr)
+            assert want in done.stderr and "Traceback" not in done.stderr
+
+
+def test_engine_and_settings_reject_sizes_below_one() -> None:
+    model = torch.nn.Linear(1, 1)
+    for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "prefill_budget"):
+        with pytest.raises(ValueError, match=name):
+            Engine(model, num_layers=1, kv_dim=4, index_dim=None, **{name: 0})
+    for bad in ({"max_in_flight": 0}, {"max_tokens_limit": -1}, {"request_timeout_s": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServerSettings(model_name="m", **bad)

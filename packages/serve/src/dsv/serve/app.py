@@ -62,6 +62,14 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     shutdown_grace_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "shutdown_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
 
 class _StopScanner:
     """Cut generated text at the first stop string, holding back a possible stop prefix."""

@@ -31,10 +31,10 @@ def serve(
     engine: str = typer.Option("native", help="native, vllm or sglang"),
     model_name: str = typer.Option(None, help="served model name (default: the folder name)"),
     api_key: str = typer.Option(None, envvar="DSV_API_KEY", help="require this bearer key (or DSV_API_KEY)"),
-    max_model_len: int = typer.Option(None, help="context length limit (default: the config's)"),
-    max_tokens_limit: int = typer.Option(4096, help="largest max_tokens a request may ask for"),
-    max_in_flight: int = typer.Option(256, help="requests in flight before 429"),
-    max_batch: int = typer.Option(64, help="sequences decoded together (native engine)"),
+    max_model_len: int = typer.Option(None, min=1, help="context length limit (default: the config's)"),
+    max_tokens_limit: int = typer.Option(4096, min=1, help="largest max_tokens a request may ask for"),
+    max_in_flight: int = typer.Option(256, min=1, help="requests in flight before 429"),
+    max_batch: int = typer.Option(64, min=1, help="sequences decoded together (native engine)"),
     threads: int = typer.Option(
         None, min=1, help="torch threads of the native engine (default: torch's, or OMP_NUM_THREADS)"
     ),
@@ -56,6 +56,13 @@ def serve(
 
     if engine not in ("native", "vllm", "sglang"):
         _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
+    if not request_timeout > 0:
+        _fail(f"--request-timeout must be positive, got {request_timeout}", 2)
+    # Before the checkpoint loads (which can take minutes): the address must be free to listen on.
+    try:
+        _check_listen(host, port)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host", 2)
     settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
                 "max_in_flight": max_in_flight, "request_timeout_s": request_timeout}  # fmt: skip
     proc = None
@@ -92,6 +99,16 @@ def serve(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` the way uvicorn will (address reuse on), then let it go."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

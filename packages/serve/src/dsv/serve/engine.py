@@ -134,6 +134,11 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         staging: bool = True,
     ) -> None:
+        sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_batch": max_batch,
+                 "prefill_chunk": prefill_chunk, "prefill_budget": 1 if prefill_budget is None else prefill_budget}  # fmt: skip
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         self.model = model
         self.pool = BlockPool(
             num_layers=num_layers,
@@ -153,7 +158,8 @@ class Engine:
         )
         self._rows: list[_Seq] = []  # decoding sequences by staging row (packed: row i is _rows[i])
         self.max_batch, self.prefill_chunk, self.device = max_batch, prefill_chunk, torch.device(device)
-        self.prefill_budget = prefill_budget or 4 * prefill_chunk  # prompt tokens per prefill forward
+        # prompt tokens per prefill forward
+        self.prefill_budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
         self._ids = itertools.count()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
