@@ -232,3 +232,10 @@ def test_engine_and_settings_reject_sizes_below_one() -> None:
     for bad in ({"max_in_flight": 0}, {"max_tokens_limit": -1}, {"request_timeout_s": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServerSettings(model_name="m", **bad)
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused(tiny_ckpt: Path) -> None:
+    from dsv.serve import load_native_app
+
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        load_native_app(str(tiny_ckpt), max_model_len=10**6)

@@ -92,6 +92,16 @@ def _tokenizer_and_templates(folder: Path) -> tuple[object, object, int, int]:
             int(config.vocab_size))  # fmt: skip
 
 
+def _max_len(asked: int | None, max_positions: int) -> int:
+    """The served context length: ``asked`` if the model's positions reach it, else theirs."""
+    if asked is not None and asked > max_positions:
+        raise ValueError(
+            f"max_model_len {asked} is longer than the model's max_position_embeddings ({max_positions}); "
+            f"ask for at most {max_positions}"
+        )
+    return asked or max_positions
+
+
 def load_native_app(
     path_or_repo: str,
     *,
@@ -119,7 +129,7 @@ def load_native_app(
 
     folder = resolve(path_or_repo)
     tokenizer, templates, max_positions, vocab = _tokenizer_and_templates(folder)
-    max_len = max_model_len or max_positions
+    max_len = _max_len(max_model_len, max_positions)
     blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
     kwargs = {
         "num_blocks": blocks,
@@ -157,8 +167,8 @@ def load_proxy_app(
     from dsv.serve.backend import ProxyBackend
 
     folder = Path(path)
-    tokenizer, templates, max_len, vocab = _tokenizer_and_templates(folder)
+    tokenizer, templates, max_positions, vocab = _tokenizer_and_templates(folder)
     name = model_name or folder.name
     backend = ProxyBackend(base_url, engine_model or name, tokenizer, templates=templates,  # type: ignore[arg-type]
-                           max_model_len=max_model_len or max_len, vocab_size=vocab)  # fmt: skip
+                           max_model_len=_max_len(max_model_len, max_positions), vocab_size=vocab)  # fmt: skip
     return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
