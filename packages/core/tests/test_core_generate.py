@@ -115,3 +115,14 @@ def test_logit_bias_adds_to_the_named_tokens() -> None:
     out = apply_logit_bias(logits, {0: -100.0, 3: 2.5})
     assert out.tolist() == [[-100.0, 0.0, 0.0, 2.5, 0.0]] * 2
     assert logits.abs().sum() == 0 and apply_logit_bias(logits, {}) is logits
+
+
+@pytest.mark.parametrize("temperature", [1e-9, 1e-30, 1e-45, 1e-300])
+def test_tiny_temperatures_sample_the_argmax_instead_of_failing(temperature: float) -> None:
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: either top token may be drawn
+    res = sample_next(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(1))
+    assert res.tokens[:2].tolist() == logits[:2].argmax(-1).tolist()
+    assert int(res.tokens[2]) in (7, 9)
+    assert torch.isfinite(res.logprobs).all() and (res.logprobs <= 0).all()
+    assert res.logprobs[:2].tolist() == [0.0, 0.0]

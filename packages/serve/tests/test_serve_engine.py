@@ -200,6 +200,20 @@ def test_logit_bias_bans_and_forces_tokens_per_request(make_engine: Callable[...
     _wait_idle(engine)
 
 
+def test_a_tiny_temperature_neither_fails_nor_harms_its_batch(make_engine: Callable[..., Engine]) -> None:
+    # 1e-300 is 0 in fp32: dividing the logits by it used to give nan and fail the whole step.
+    prompts = _prompts()
+    want = [_alone(make_engine, p) for p in prompts[:2]]
+    engine = make_engine(start=False)
+    cold, neighbour = _Run(), _Run()
+    engine.submit(prompts[0], GenParams(temperature=1e-300, seed=3, max_tokens=24), cold)
+    engine.submit(prompts[1], GREEDY, neighbour)
+    engine.start()
+    assert [cold.wait(), neighbour.wait()] == want, "the greedy limit, and the neighbour untouched"
+    assert cold.finish is not None and cold.finish.reason == "length"
+    _wait_idle(engine)
+
+
 def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]

@@ -69,6 +69,17 @@ class SampleResult:
     kept_mask: torch.Tensor  # (B, V) bool, tokens the sampler could draw
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in fp32, shifted so each row's top logit is 0.
+
+    The shift changes no probability, and it keeps tiny temperatures finite: the top logit stays 0
+    and the others go to large negatives or ``-inf`` (the greedy limit) instead of overflowing to
+    ``inf - inf = nan``. Temperatures below fp32's smallest normal number divide by that number.
+    """
+    x = logits.float()
+    return (x - x.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+
+
 def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Bool ``[B, V]``: tokens surviving top-k then top-p (nucleus) filtering of ``logits / T``."""
     B, V = logits.shape
@@ -76,7 +87,7 @@ def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         return torch.zeros(B, V, dtype=torch.bool, device=logits.device).scatter_(
             1, logits.argmax(-1, keepdim=True), True
         )
-    scaled = logits.float() / params.temperature
+    scaled = _scaled(logits, params.temperature)
     keep = torch.ones(B, V, dtype=torch.bool, device=logits.device)
     if 0 < params.top_k < V:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
@@ -128,7 +139,7 @@ def sample_next(
         return SampleResult(
             tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), keep
         )
-    logp = (logits.float() / params.temperature).masked_fill(~keep, float("-inf")).log_softmax(-1)
+    logp = _scaled(logits, params.temperature).masked_fill(~keep, float("-inf")).log_softmax(-1)
     tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return SampleResult(tokens, logp.gather(1, tokens[:, None]).squeeze(1), keep)
 
