@@ -214,6 +214,41 @@ def test_a_tiny_temperature_neither_fails_nor_harms_its_batch(make_engine: Calla
     _wait_idle(engine)
 
 
+def test_a_request_whose_sampling_fails_ends_alone(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dsv.core.generate as gen
+
+    prompts = _prompts()
+    sampled = GenParams(temperature=0.9, seed=5, max_tokens=24)
+    want = [_alone(make_engine, prompts[1], sampled), _alone(make_engine, prompts[2])]
+    real = gen.sample_next
+
+    def failing_at_half(logits: torch.Tensor, params: Any, generator: Any = None) -> Any:
+        if params.temperature == 0.5:  # stands in for a failure no valid request can cause
+            raise RuntimeError("boom")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(gen, "sample_next", failing_at_half)
+    engine = make_engine(start=False)
+    bad, others = _Run(), [_Run(), _Run()]
+    engine.submit(prompts[0], GenParams(temperature=0.5, max_tokens=24), bad)
+    engine.submit(prompts[1], sampled, others[0])
+    engine.submit(prompts[2], GREEDY, others[1])
+    engine.start()
+    bad.wait()
+    assert bad.finish is not None and bad.finish.reason == "error" and "boom" in bad.finish.error
+    assert [r.wait() for r in others] == want
+    _wait_idle(engine)
+
+
+def test_invalid_sampling_settings_are_refused_when_built() -> None:
+    for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"max_tokens": 0}, {"presence_penalty": 3.0},
+                {"logit_bias": ((5, 500.0),)}, {"top_logprobs": -1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            GenParams(**bad)
+
+
 def test_same_length_prompts_prefill_in_one_forward(make_engine: Callable[..., Engine]) -> None:
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 1000, (20,), generator=g).tolist() for _ in range(3)]

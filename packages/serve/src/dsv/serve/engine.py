@@ -22,6 +22,9 @@ request has its own parameters and seeded generator. Presence/frequency penaltie
 (:func:`dsv.core.generate.apply_penalties`, over the tokens generated so far) change what is
 sampled, not the reported logprobs: those are the model's own log-softmax, before temperature,
 filtering and penalties. So does a request's ``logit_bias`` (:func:`dsv.core.generate.apply_logit_bias`).
+``GenParams`` are checked when built (the sampling rules' own checks); a request whose sampling
+still fails ends with an error by itself, while an exception in a forward ends every request of
+that step (the server stays up).
 
 Events go back through each request's callback. With ``deliver`` set, the events of one iteration
 are handed over as ONE list at its end instead (``deliver([(callback, event), ...])``): a server
@@ -61,6 +64,22 @@ class GenParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+
+    def __post_init__(self) -> None:
+        from dsv.core.generate import SamplingParams
+
+        # The sampling rules' own checks (temperature, top_p, top_k, penalties), then the rest.
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)  # fmt: skip
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise ValueError(
+                    f"logit_bias takes token ids >= 0 and biases in [-100, 100], got {token}: {bias}"
+                )
 
     @property
     def penalised(self) -> bool:
@@ -383,12 +402,17 @@ class Engine:
                     adjusted, seq.counts, p.presence_penalty, p.frequency_penalty
                 )
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
+        # A row whose sampling fails ends with an error; the other rows go on.
         tokens = chosen_from.argmax(-1).tolist()
+        failed: dict[int, str] = {}
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.temperature != 0:
                 sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
-                tokens[row] = int(sample_next(chosen_from[row : row + 1], sp, seq.generator).tokens[0])
+                try:
+                    tokens[row] = int(sample_next(chosen_from[row : row + 1], sp, seq.generator).tokens[0])
+                except Exception as e:  # reported to that request alone
+                    failed[row] = f"sampling failed: {type(e).__name__}: {e}"
         # One log-softmax serves the chosen tokens' logprobs and any alternatives asked for (on CPU it
         # costs about half of a separate logsumexp).
         logp = torch.log_softmax(logits, dim=-1)
@@ -396,8 +420,11 @@ class Engine:
         with self._cv:
             self.generated_tokens += len(seqs)
             cancelled = set(self._cancel)
-        ended: list[tuple[_Seq, str]] = []
+        ended: list[tuple[_Seq, str, str]] = []
         for row, seq in enumerate(seqs):
+            if row in failed:
+                ended.append((seq, "error", failed[row]))
+                continue
             p, token = seq.params, tokens[row]
             seq.generated.append(token)
             if p.penalised:
@@ -410,13 +437,13 @@ class Engine:
                 top = list(zip(i.tolist(), v.tolist(), strict=True))
             self._emit(seq, TokenEvent(token, chosen[row], top))
             if token in p.stop_token_ids:
-                ended.append((seq, "stop"))
+                ended.append((seq, "stop", ""))
             elif len(seq.generated) >= p.max_tokens:
-                ended.append((seq, "length"))
+                ended.append((seq, "length", ""))
         if ended:
             with self._cv:
-                for seq, reason in ended:
-                    self._finish(seq, reason)
+                for seq, reason, error in ended:
+                    self._finish(seq, reason, error)
 
     def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
         if seq in self._running:
