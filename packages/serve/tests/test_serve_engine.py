@@ -242,6 +242,13 @@ def test_a_request_whose_sampling_fails_ends_alone(
     _wait_idle(engine)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(start=False)
+    for prompt in ([5, engine.vocab_size], [-1, 5]):
+        with pytest.raises(ValueError, match="out of range"):
+            engine.submit(prompt, GREEDY, _Run())
+
+
 def test_invalid_sampling_settings_are_refused_when_built() -> None:
     for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"max_tokens": 0}, {"presence_penalty": 3.0},
                 {"logit_bias": ((5, 500.0),)}, {"top_logprobs": -1}):  # fmt: skip

@@ -152,6 +152,7 @@ class Engine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         staging: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
         sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_batch": max_batch,
                  "prefill_chunk": prefill_chunk, "prefill_budget": 1 if prefill_budget is None else prefill_budget}  # fmt: skip
@@ -187,6 +188,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.generated_tokens = 0
+        self.vocab_size = vocab_size  # when known, submit() refuses ids the model does not have
         # Per-iteration hand-over of events (see the module docstring); None calls callbacks directly.
         self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
         self._outbox: list[tuple[Callable[[Event], None], Event]] = []
@@ -199,7 +201,7 @@ class Engine:
             num_layers=config.num_hidden_layers + config.num_nextn_predict_layers,  # type: ignore[attr-defined]
             kv_dim=config.kv_latent_dim,  # type: ignore[attr-defined]
             index_dim=config.index_head_dim if config.has_indexer else None,  # type: ignore[attr-defined]
-            **kwargs,  # type: ignore[arg-type]
+            **{"vocab_size": config.vocab_size, **kwargs},  # type: ignore[attr-defined, arg-type]
         )
 
     # ----------------------------------------------------------------- client API (any thread)
@@ -210,6 +212,11 @@ class Engine:
         """Queue a request; events arrive through ``on_event`` on the engine thread. Returns its id."""
         if not prompt:
             raise ValueError("empty prompt")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
+            raise ValueError(
+                f"prompt token id {bad} is out of range: the model takes ids 0 to {self.vocab_size - 1}"
+            )
         if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
             raise ValueError("request needs more cache blocks than the pool holds")
         g = torch.Generator(device="cpu")
