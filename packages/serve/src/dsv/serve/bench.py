@@ -52,7 +52,7 @@ from rich.table import Table
 
 from dsv.serve.loadgen import percentile
 
-__all__ = ["bench_serve"]
+__all__ = ["bench_serve", "plot_serve"]
 
 console = Console()
 
@@ -301,7 +301,7 @@ def bench_serve(
             "## dsv serve: output tokens/s and TTFT versus transformers generate",
             "",
             f"- command: `dsv {argv}`",
-            f"- machine: 2-core CPU, no GPU, shared with other jobs ({platform.machine()}, Python "
+            f"- machine: {os.cpu_count()}-core CPU{_gpu_note(torch)} ({platform.machine()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}); "
             f"date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
             f"{load_after:.1f} after",
@@ -321,6 +321,62 @@ def bench_serve(
             "|" + "---|" * (len(header) + 1),
             *md_rows,
             "",
+            f"![tokens/s and TTFT vs clients]({write.with_suffix('.png').name})",
+            "",
         ])  # fmt: skip
         atomic_write_bytes(write, md.encode())
         console.print(f"wrote {write}")
+        if plot_serve(rows, write.with_suffix(".png")):
+            console.print(f"wrote {write.with_suffix('.png')}")
+
+
+def _gpu_note(torch: Any) -> str:
+    """ ", GPU: NAME (unused: both sides run on the CPU)" or ", no GPU"."""
+    if torch.cuda.is_available():
+        return f", GPU: {torch.cuda.get_device_name(0)} (unused: both sides run on the CPU)"
+    return ", no GPU"
+
+
+def plot_serve(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Tokens/s and TTFT p50 against clients, one column per (preset, shape), as a PNG at ``path``.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("[yellow]matplotlib not installed: no plot written[/]")
+        return False
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((f"{r['preset']} ({r['layers']} layers)", r["shape"]), []).append(r)
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False)
+    for col, ((preset, shape), cell) in enumerate(groups.items()):
+        cell = sorted(cell, key=lambda r: r["clients"])
+        xs = [r["clients"] for r in cell]
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(xs, [r["dsv"]["tok_s"] for r in cell], "o-", label="dsv serve (HTTP)")
+        if all(r["engine"] for r in cell):
+            top.plot(xs, [r["engine"]["tok_s"] for r in cell], "^--", label="dsv engine alone")
+        top.plot(xs, [r["hf"]["tok_s"] for r in cell], "s-", label="transformers generate")
+        top.set_title(f"{preset}, {shape} tokens")
+        top.set_ylabel("output tokens/s")
+        bottom.plot(xs, [r["dsv"]["ttft_p50"] for r in cell], "o-", label="dsv serve p50")
+        bottom.plot(xs, [r["dsv"]["ttft_p99"] for r in cell], "o:", label="dsv serve p99")
+        bottom.plot(xs, [r["hf"]["ttft_p50"] for r in cell], "s-", label="transformers")
+        bottom.set_ylabel("time to first token (s)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel("concurrent clients")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
