@@ -358,15 +358,15 @@ def plot_serve(rows: list[dict[str, Any]], path: Path) -> bool:
         cell = sorted(cell, key=lambda r: r["clients"])
         xs = [r["clients"] for r in cell]
         top, bottom = axes[0][col], axes[1][col]
-        top.plot(xs, [r["dsv"]["tok_s"] for r in cell], "o-", label="dsv serve (HTTP)")
+        top.plot(xs, [r["dsv"]["tok_s"] for r in cell], "o-", color="C0", label="dsv serve (HTTP)")
         if all(r["engine"] for r in cell):
-            top.plot(xs, [r["engine"]["tok_s"] for r in cell], "^--", label="dsv engine alone")
-        top.plot(xs, [r["hf"]["tok_s"] for r in cell], "s-", label="transformers generate")
+            top.plot(xs, [r["engine"]["tok_s"] for r in cell], "^--", color="C1", label="dsv engine alone")
+        top.plot(xs, [r["hf"]["tok_s"] for r in cell], "s-", color="C2", label="transformers generate")
         top.set_title(f"{preset}, {shape} tokens")
         top.set_ylabel("output tokens/s")
-        bottom.plot(xs, [r["dsv"]["ttft_p50"] for r in cell], "o-", label="dsv serve p50")
-        bottom.plot(xs, [r["dsv"]["ttft_p99"] for r in cell], "o:", label="dsv serve p99")
-        bottom.plot(xs, [r["hf"]["ttft_p50"] for r in cell], "s-", label="transformers")
+        bottom.plot(xs, [r["dsv"]["ttft_p50"] for r in cell], "o-", color="C0", label="dsv serve p50")
+        bottom.plot(xs, [r["dsv"]["ttft_p99"] for r in cell], "o:", color="C0", label="dsv serve p99")
+        bottom.plot(xs, [r["hf"]["ttft_p50"] for r in cell], "s-", color="C2", label="transformers")
         bottom.set_ylabel("time to first token (s)")
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
