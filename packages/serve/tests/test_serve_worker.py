@@ -239,3 +239,15 @@ def test_max_model_len_beyond_the_models_positions_is_refused(tiny_ckpt: Path) -
 
     with pytest.raises(ValueError, match="max_position_embeddings"):
         load_native_app(str(tiny_ckpt), max_model_len=10**6)
+
+
+def test_bad_server_settings_are_refused_before_the_engine_starts(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsv.serve import load_native_app
+
+    started: list[object] = []
+    monkeypatch.setattr(EngineProcess, "start", lambda self: started.append(self))
+    with pytest.raises(ValueError, match="max_in_flight"):
+        load_native_app(str(tiny_ckpt), max_in_flight=0)
+    assert started == [], "no engine process was started for a server that cannot exist"

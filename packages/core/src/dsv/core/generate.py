@@ -56,11 +56,6 @@ class SamplingParams:
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
-    @property
-    def penalised(self) -> bool:
-        """Whether any repetition penalty is in force."""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
-
 
 @dataclass
 class SampleResult:

@@ -279,8 +279,12 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     tps_window.append((now, piece.tokens or 1))
                 generated += piece.tokens
                 deltas = parser.feed(text) if parser is not None else []
-                called = next((k for k, d in enumerate(deltas) if d.kind == "tool_call"), None)
-                if one_call and called is not None:
+                called = (
+                    next((k for k, d in enumerate(deltas) if d.kind == "tool_call"), None)
+                    if one_call
+                    else None
+                )
+                if called is not None:
                     await out.put(_ChoiceEvent(index, deltas[: called + 1], text, piece.logprobs, "stop",
                                                piece.prompt_tokens, generated))  # fmt: skip
                     return

@@ -18,10 +18,10 @@ a gather per layer instead).
 The model sees a :class:`~dsv.serve.paged_cache.PagedBatchView` as its ``KVCache``; DSA sparse
 decode and kernels happen inside the model through the core dispatch. Greedy rows are sampled in
 one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
-request has its own parameters and seeded generator. Presence/frequency penalties
-(:func:`dsv.core.generate.apply_penalties`, over the tokens generated so far) change what is
-sampled, not the reported logprobs: those are the model's own log-softmax, before temperature,
-filtering and penalties. So does a request's ``logit_bias`` (:func:`dsv.core.generate.apply_logit_bias`).
+request has its own parameters and seeded generator. A request's ``logit_bias`` and its
+presence/frequency penalties (over the tokens generated so far; :mod:`dsv.core.generate`'s
+``apply_logit_bias`` and ``apply_penalties``) change what is sampled, not the reported logprobs:
+those are the model's own log-softmax, before bias, penalties, temperature and filtering.
 ``GenParams`` are checked when built (the sampling rules' own checks); a request whose sampling
 still fails ends with an error by itself, while an exception in a forward ends every request of
 that step (the server stays up).

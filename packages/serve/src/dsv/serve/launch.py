@@ -130,6 +130,9 @@ def load_native_app(
     folder = resolve(path_or_repo)
     tokenizer, templates, max_positions, vocab = _tokenizer_and_templates(folder)
     max_len = _max_len(max_model_len, max_positions)
+    # Settings are checked before the engine (a process holding the model) starts.
+    name = model_name or Path(str(path_or_repo).rstrip("/")).name
+    server_settings = ServerSettings(model_name=name, **settings)  # type: ignore[arg-type]
     blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
     kwargs = {
         "num_blocks": blocks,
@@ -154,8 +157,7 @@ def load_native_app(
         engine = Engine.for_model(model.eval(), model.config, device=device, **kwargs)
     engine.start()
     backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len, vocab_size=vocab)
-    name = model_name or Path(str(path_or_repo).rstrip("/")).name
-    return create_app(backend, ServerSettings(model_name=name, **settings))  # type: ignore[arg-type]
+    return create_app(backend, server_settings)
 
 
 def load_proxy_app(
