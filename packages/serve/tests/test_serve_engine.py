@@ -499,3 +499,19 @@ def test_penalties_and_logit_bias_through_the_openai_client(
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt=prompt, max_tokens=4, presence_penalty=2.5)
     assert "presence_penalty" in str(e.value)
+
+
+def test_echo_puts_the_prompt_before_the_completion(serve_tiny: Callable[..., Any], tiny_ckpt: Path) -> None:
+    import openai
+
+    from dsv.core.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_ckpt)
+    client = openai.OpenAI(base_url=serve_tiny().url + "/v1", api_key="none", max_retries=0)
+    ids = tok.encode("the weather in Paris", add_bos=False)
+    for prompt, text in ((ids, tok.decode(ids)), ("a plain text prompt", "a plain text prompt")):
+        kw: dict[str, Any] = {"model": "m", "prompt": prompt, "max_tokens": 5, "temperature": 0}
+        plain = client.completions.create(**kw).choices[0].text
+        echoed = client.completions.create(echo=True, **kw).choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw))
+        assert echoed == streamed == text + plain

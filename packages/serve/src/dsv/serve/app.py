@@ -578,7 +578,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             return lambda out: run_choice(i, prompt, params, req.stops(), None, "", out)
 
         jobs = [job(i) for i in range(req.n)]
-        echo = prompt if (req.echo and isinstance(prompt, str)) else ""
+        echo = "" if not req.echo else prompt if isinstance(prompt, str) else backend.decode(prompt)
         state["in_flight"] += 1
 
         def lp_obj(entries: list[TokenLogprob]) -> dict[str, Any] | None:

@@ -65,6 +65,8 @@ class Backend(Protocol):
 
     def count(self, prompt: str | list[int]) -> int: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
     def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]: ...
 
     def stats(self) -> dict[str, float]: ...
@@ -163,6 +165,9 @@ class LocalBackend:
     def count(self, prompt: str | list[int]) -> int:
         return len(self.ids(prompt))
 
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
+
     def stats(self) -> dict[str, float]:
         s = self.engine.stats()
         return {
@@ -249,6 +254,9 @@ class ProxyBackend:
 
     def count(self, prompt: str | list[int]) -> int:
         return len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt, add_bos=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
 
     def stats(self) -> dict[str, float]:
         return {"waiting": 0, "running": self._inflight}
