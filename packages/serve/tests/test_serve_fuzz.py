@@ -39,7 +39,7 @@ _bad_field = st.sampled_from([
     ("prompt", []), ("prompt", ["a", "b"]), ("prompt", {"a": 1}), ("response_format", {"type": "xml"}),
     ("prompt", [5, 10**6]), ("prompt", [-1]), ("presence_penalty", 3), ("frequency_penalty", -2.5),
     ("logit_bias", {"a": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"-1": 1}), ("logit_bias", {"99999": 1}),
-    ("logit_bias", {str(i): 1 for i in range(301)}), ("logit_bias", [1]), ("prompt", [[1, 2], [3]]),
+    ("logit_bias", {str(i): 1 for i in range(301)}), ("logit_bias", [1]), ("prompt", [[1, 2], [3]]), ("top_logprobs", 3),
 ])  # fmt: skip
 
 

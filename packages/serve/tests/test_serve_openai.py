@@ -218,6 +218,9 @@ def test_errors_in_openai_shape(script: SimpleNamespace, client: openai.OpenAI, 
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="dsv-tiny", prompt=[[5, 6], [7]], max_tokens=2)
     assert e.value.body["param"] == "prompt" and "one request per prompt" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="dsv-tiny", messages=script.GREET, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs" and "logprobs: true" in e.value.body["message"]
     r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": "Bearer sk-test"})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
