@@ -130,6 +130,16 @@ def test_64_streaming_clients_two_waves(server: tuple[subprocess.Popen[bytes], s
         _wait_idle(url, idle)
         assert proc.poll() is None
         rss.append(_rss_kib(proc.pid))
+    # Every choice is counted once, by how it ended. A hung-up client's choice is cancelled unless
+    # it finished before the server noticed the closed connection.
+    metrics = httpx.get(url + "/metrics", timeout=5).text
+    ended = {
+        x.split('"')[1]: float(x.split()[-1])
+        for x in metrics.splitlines()
+        if x.startswith("dsv_finished_choices_total{")
+    }
+    assert sum(ended.values()) == 2 * CLIENTS and "error" not in ended, ended
+    assert 0 < ended.get("cancelled", 0) <= 2 * (CLIENTS - CLIENTS * 3 // 4), ended
     growth = rss[1] - rss[0]
     print("rss KiB after waves", rss)
     assert growth < max(32 * 1024, rss[0] // 10), f"RSS grew {growth} KiB between waves ({rss})"

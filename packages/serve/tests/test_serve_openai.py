@@ -224,7 +224,19 @@ def test_errors_in_openai_shape(script: SimpleNamespace, client: openai.OpenAI, 
     r = httpx.post(trained_server.url + "/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": "Bearer sk-test"})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    done = client.completions.create(model="dsv-tiny", prompt="hi", max_tokens=2, temperature=0)
+    assert done.usage is not None
     metrics = httpx.get(trained_server.url + "/metrics").text
     for name in ("dsv_queue_depth", "dsv_running_requests", "dsv_tokens_per_second", "dsv_cache_usage_ratio",
-                 "dsv_time_to_first_token_seconds_bucket", "dsv_inter_token_latency_seconds_bucket"):  # fmt: skip
+                 "dsv_time_to_first_token_seconds_bucket", "dsv_inter_token_latency_seconds_bucket",
+                 "dsv_choice_duration_seconds_bucket", "dsv_prefix_cache_hit_blocks"):  # fmt: skip
         assert name in metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(metrics) for s in family.samples}  # fmt: skip
+    # Counted over the whole session's server, so at least what this test itself caused.
+    assert values[("dsv_error_responses_total", (("status", "400"),))] >= 6
+    assert values[("dsv_error_responses_total", (("status", "404"),))] >= 1
+    assert values[("dsv_finished_choices_total", (("reason", "length"),))] >= 1
+    assert values[("dsv_prompt_tokens_total", ())] >= done.usage.prompt_tokens

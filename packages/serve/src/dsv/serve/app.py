@@ -111,8 +111,8 @@ class _Guard:
     server-sent event.
     """
 
-    def __init__(self, app: Any, settings: ServerSettings) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app: Any, settings: ServerSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
         self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -136,6 +136,7 @@ class _Guard:
                     code="request_too_large",
                 )
             if problem is not None:
+                self.metrics.errors.labels(str(problem.status)).inc()
                 response = JSONResponse(problem.body(), status_code=problem.status, headers=problem.headers)
                 await response(scope, receive, send)
                 return
@@ -174,6 +175,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     app.state.backend, app.state.settings, app.state.metrics = backend, settings, metrics
 
     def err(e: APIError) -> JSONResponse:
+        metrics.errors.labels(str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
@@ -183,15 +185,17 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        metrics.errors.labels(str(e.status_code)).inc()
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
+        metrics.errors.labels("500").inc()
         return JSONResponse(
             error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500
         )
 
-    app.add_middleware(_Guard, settings=settings)
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
     async def read_json(request: Request, model: type) -> Any:
         raw = await request.body()
@@ -285,7 +289,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     else None
                 )
                 if called is not None:
-                    await out.put(_ChoiceEvent(index, deltas[: called + 1], text, piece.logprobs, "stop",
+                    finish = "stop"
+                    await out.put(_ChoiceEvent(index, deltas[: called + 1], text, piece.logprobs, finish,
                                                piece.prompt_tokens, generated))  # fmt: skip
                     return
                 if piece.finish_reason is not None or scanner.stopped:
@@ -298,6 +303,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     return
                 await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs))
         finally:
+            metrics.finished.labels(finish or "cancelled").inc()
+            metrics.duration.observe(time.monotonic() - start)
             await stream.aclose()  # cancels the sequence in the engine when it is still running
 
     async def fan_in(jobs: list[Any], request: Request, stream: bool) -> AsyncIterator[_ChoiceEvent]:
@@ -438,6 +445,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         max_tokens = budget(prompt_tokens, req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 1) if req.logprobs else 0
         admit()
+        metrics.prompt_tokens.inc(prompt_tokens)
         created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
         prefix = f"call_{secrets.token_hex(6)}"
 
@@ -571,6 +579,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         top = req.logprobs if req.logprobs is not None else 0
         want_lp = req.logprobs is not None
         admit()
+        metrics.prompt_tokens.inc(prompt_tokens)
         created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
 
         def job(i: int) -> Any:

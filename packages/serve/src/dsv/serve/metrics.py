@@ -1,8 +1,10 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
-Gauges read the backend when scraped: queue depth, running requests, cache blocks in use and the
-usage ratio. Histograms: time to first token and inter-token latency. ``dsv_tokens_per_second``
-is the output rate over the last 10 s.
+Gauges read the backend when scraped: queue depth, running requests, cache blocks in use, the
+usage ratio and prefix-cache hits. Histograms: time to first token, inter-token latency and each
+choice's duration. Counters: prompt and output tokens, finished choices by finish reason
+(``stop``, ``length``, ``error``, ``cancelled`` for a client gone or a timeout), and error
+responses by HTTP status. ``dsv_tokens_per_second`` is the output rate over the last 10 s.
 """
 
 from __future__ import annotations
@@ -29,7 +31,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.duration = Histogram(
+            "dsv_choice_duration_seconds",
+            "Time from a choice's start to its end",
+            buckets=(*_LATENCY_BUCKETS, 60.0, 120.0, 300.0),
+            registry=r,
+        )
         self.tokens = Counter("dsv_generated_tokens", "Output tokens generated", registry=r)
+        self.prompt_tokens = Counter("dsv_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.finished = Counter(
+            "dsv_finished_choices", "Choices finished, by finish reason", ["reason"], registry=r
+        )
+        self.errors = Counter(
+            "dsv_error_responses", "Error responses, by HTTP status", ["status"], registry=r
+        )
         self.tokens_per_s = Gauge(
             "dsv_tokens_per_second", "Output tokens per second over the last 10 s", registry=r
         )
@@ -38,6 +53,11 @@ class Metrics:
         self.running = Gauge("dsv_running_requests", "Sequences being generated", registry=r)
         self.used = Gauge("dsv_cache_used_blocks", "KV cache blocks in use", registry=r)
         self.usage = Gauge("dsv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
+        self.prefix_hits = Gauge(
+            "dsv_prefix_cache_hit_blocks",
+            "Prompt blocks served from the prefix cache since start",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         s = self.backend.stats()
@@ -46,4 +66,5 @@ class Metrics:
         self.used.set(s.get("used_blocks", 0))
         total = s.get("num_blocks", 0)
         self.usage.set(s.get("used_blocks", 0) / total if total else 0.0)
+        self.prefix_hits.set(s.get("prefix_hit_blocks", 0))
         return generate_latest(self.registry)
