@@ -11,7 +11,8 @@
 Every number is the median of ``--repeats`` timed runs after a warm-up. Results: a rich table, a
 JSON file, a Markdown table and (decode) a PNG plot in ``--out``.
 
-Run: ``dsv bench core forward --preset tiny`` / ``dsv bench core decode --layers 2``.
+Run: ``dsv bench core forward --preset tiny`` / ``dsv bench core decode --layers 2`` (on a GPU:
+``dsv bench core decode --device cuda --dtype bfloat16 --batch 32``).
 """
 
 from __future__ import annotations
@@ -31,20 +32,29 @@ bench_app = typer.Typer(help="dsv-core benchmarks: forward throughput vs transfo
 console = Console()
 
 
-def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def median_times(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Median wall time of each function over ``repeats`` rounds after ``warmup`` untimed rounds.
 
     The functions run interleaved (one of each per round), so load from other processes on a
-    shared machine falls on every contender alike and the ratios stay meaningful.
+    shared machine falls on every contender alike and the ratios stay meaningful. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock read, so queued GPU work is counted.
     """
+    wait = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            wait()
             t0 = time.perf_counter()
             fn()
+            wait()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -145,28 +155,43 @@ def decode(
     layers: int = typer.Option(2, help="num_hidden_layers (the per-layer cost is what scales with context)."),
     contexts: list[int] = typer.Option([1024, 2048, 4096, 8192, 16384, 32768], help="Cached tokens."),
     repeats: int = typer.Option(5, help="Timed runs (median reported)."),
+    batch: int = typer.Option(1, min=1, help="Sequences decoded together (tokens/s counts all of them)."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16 (weights and cache)."),
     out: Path = typer.Option(Path("bench-out"), help="Folder for JSON/Markdown/PNG results."),
 ) -> None:
-    """Decode-step time vs context, DSA vs dense attention on the same weights and cache."""
+    """Decode-step time and tokens/s vs context, DSA vs dense attention on the same weights and cache."""
     import torch
 
     from dsv.core.cache import DenseKVCache
+    from dsv.core.cli import parse_dtype
     from dsv.core.model import DSVForCausalLM
     from dsv.core.model.rope import rope_angles
     from dsv.core.presets import preset as get_preset
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        console.print(
+            f"[red]error:[/] --device {device}, but torch sees no CUDA device here; use --device cpu"
+        )
+        raise typer.Exit(2)
+    try:
+        dt = parse_dtype(dtype)
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     cfg = get_preset(preset).replace(num_hidden_layers=layers, num_nextn_predict_layers=0)
     cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, max(contexts) + 8))
     torch.manual_seed(0)
-    model = DSVForCausalLM(cfg).eval()
-    hidden = torch.randn(1, 1, cfg.hidden_size)
+    model = DSVForCausalLM(cfg).to(device=device, dtype=dt).eval()
+    hidden = torch.randn(batch, 1, cfg.hidden_size, device=device, dtype=dt)
     rows = []
     for ctx in contexts:
-        cache = DenseKVCache(cfg, 1, ctx + 1)
+        cache = DenseKVCache(cfg, batch, ctx + 1, device=device, dtype=dt)
         cache.kv.normal_()
         if cache.index_k is not None:
             cache.index_k.normal_()
-        token = torch.randint(0, cfg.vocab_size, (1, 1))
+        token = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
 
         def step(
             sparse: bool, cache: DenseKVCache = cache, ctx: int = ctx, token: torch.Tensor = token
@@ -177,7 +202,7 @@ def decode(
         def attn(sparse: bool, cache: DenseKVCache = cache, ctx: int = ctx) -> None:
             # one attention layer alone (indexer + selection + attention): the part that scales with context
             cache._offsets.fill_(ctx)
-            cos, sin = rope_angles(cfg, cache._offsets.view(1, 1), model.inv_freq)
+            cos, sin = rope_angles(cfg, cache._offsets.view(batch, 1), model.inv_freq)
             model.blocks[0].self_attn(
                 hidden, cos, sin, cache._offsets, layer=0, cache=cache, use_sparse=sparse
             )
@@ -191,12 +216,14 @@ def decode(
                     "attn_dsa": partial(attn, True),
                 },
                 repeats,
+                sync=sync,
             )
             t_dense, t_dsa, a_dense, a_dsa = t["step_dense"], t["step_dsa"], t["attn_dense"], t["attn_dsa"]
         rows.append(
             {
                 "context": ctx, "dense_ms": t_dense * 1e3, "dsa_ms": t_dsa * 1e3, "speedup": t_dense / t_dsa,
                 "attn_dense_ms": a_dense * 1e3, "attn_dsa_ms": a_dsa * 1e3, "attn_speedup": a_dense / a_dsa,
+                "dense_tok_s": batch / t_dense, "dsa_tok_s": batch / t_dsa,
             }
         )  # fmt: skip
         console.print(
@@ -204,15 +231,18 @@ def decode(
             f"attention layer dense {a_dense * 1e3:8.2f} ms  DSA {a_dsa * 1e3:8.2f} ms ({a_dense / a_dsa:.2f}x)"
         )
     md = [
-        f"Decode step, preset `{preset}` dims with {layers} layers, index_topk={cfg.index_topk}, fp32, batch 1. "
-        "`step` is the whole model forward for one token; `attention layer` is one MLA layer alone "
-        "(for DSA: indexer scores over the whole context + top-k + attention over the selection).",
+        f"Decode step, preset `{preset}` dims with {layers} layers, index_topk={cfg.index_topk}, {dtype}, "
+        f"batch {batch}, on {device} ({machine()}). `step` is the whole model forward for one new token "
+        "per sequence (tokens/s = batch / step time); `attention layer` is one MLA layer alone (for DSA: "
+        "indexer scores over the whole context + top-k + attention over the selection).",
         "",
-        "| context | step dense (ms) | step DSA (ms) | dense / DSA | attention layer dense (ms) | attention layer DSA (ms) | dense / DSA |",
-        "|---|---|---|---|---|---|---|",
+        "| context | step dense (ms) | step DSA (ms) | dense / DSA | decode tok/s dense | decode tok/s DSA "
+        "| attention layer dense (ms) | attention layer DSA (ms) | dense / DSA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     md += [
         f"| {r['context']:,} | {r['dense_ms']:.2f} | {r['dsa_ms']:.2f} | {r['speedup']:.2f}x "
+        f"| {r['dense_tok_s']:,.1f} | {r['dsa_tok_s']:,.1f} "
         f"| {r['attn_dense_ms']:.2f} | {r['attn_dsa_ms']:.2f} | {r['attn_speedup']:.2f}x |"
         for r in rows
     ]
