@@ -104,13 +104,9 @@ def apply_penalties(
     """``logits [..., V]`` with ``frequency * counts[j] + presence`` taken off every token ``j`` in
     ``counts`` (how often each was generated so far); a new tensor, or ``logits`` itself when
     nothing applies."""
-    if not counts or (presence == 0 and frequency == 0):
+    if presence == 0 and frequency == 0:
         return logits
-    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
-    times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
-    out = logits.clone()
-    out[..., ids] -= frequency * times + presence
-    return out
+    return apply_logit_bias(logits, {j: -(frequency * n + presence) for j, n in counts.items()})
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.Tensor:
