@@ -31,7 +31,7 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,12 +355,12 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 t.cancel()
             await asyncio.gather(guard, *tasks, return_exceptions=True)
 
-    def check_token_ids(req: Any) -> None:
-        """400 for token ids the model does not have (``logit_bias`` keys)."""
-        out_of_range = [t for t, _ in req.bias() if t >= backend.vocab_size]
-        if out_of_range:
-            raise APIError(400, f"logit_bias names token id {out_of_range[0]}, which is out of range: this model "
-                           f"takes ids 0 to {backend.vocab_size - 1}", param="logit_bias", code="invalid_value")  # fmt: skip
+    def check_token_ids(param: str, ids: Iterable[int]) -> None:
+        """400 naming ``param`` for the first of ``ids`` the model does not have."""
+        bad = next((t for t in ids if not 0 <= t < backend.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{param} token id {bad} is out of range: this model takes ids 0 to "
+                           f"{backend.vocab_size - 1}", param=param, code="invalid_value")  # fmt: skip
 
     def sampling(req: Any, max_tokens: int, i: int, top_logprobs: int) -> GenParams:
         seed = None if req.seed is None else req.seed + i
@@ -405,33 +405,32 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def chat(request: Request) -> Any:
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         alias = resolve_model(req.model)
-        check_token_ids(req)
+        check_token_ids("logit_bias", (t for t, _ in req.bias()))
         thinking = req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
         if thinking and (req.logprobs or req.top_logprobs):
             raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode", param="logprobs",
                            code="invalid_value")  # fmt: skip
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        forced = ""
+        # The function whose call opens the generation: a name, "" for a call whose name the model
+        # writes (``required`` with several tools), None for no forced call.
+        forced_call: str | None = None
         if isinstance(req.tool_choice, dict) or (
             req.tool_choice is not None and not isinstance(req.tool_choice, str)
         ):
-            name = req.tool_choice.function.get("name", "")  # type: ignore[union-attr]
-            if name not in {t["function"]["name"] for t in tools}:
-                raise APIError(400, f"tool_choice names `{name}`, which is not in tools", param="tool_choice",
-                               code="invalid_value")  # fmt: skip
-            if not thinking:
-                t = backend.templates
-                forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="{name}">\n'
+            forced_call = req.tool_choice.function.get("name", "")  # type: ignore[union-attr]
+            if forced_call not in {t["function"]["name"] for t in tools}:
+                raise APIError(400, f"tool_choice names `{forced_call}`, which is not in tools",
+                               param="tool_choice", code="invalid_value")  # fmt: skip
         elif req.tool_choice == "required":
             if not tools:
                 raise APIError(400, "tool_choice is `required` but no tools were given", param="tool_choice",
                                code="invalid_value")  # fmt: skip
-            if not thinking:
-                # The call's opening is forced; with one tool that includes its name, otherwise the
-                # model writes the name.
-                t = backend.templates
-                only = f'{tools[0]["function"]["name"]}">\n' if len(tools) == 1 else ""
-                forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="{only}'
+            forced_call = tools[0]["function"]["name"] if len(tools) == 1 else ""
+        forced = ""
+        if forced_call is not None and not thinking:  # thinking mode reasons before it calls
+            t = backend.templates
+            forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
+            forced += f'{forced_call}">\n' if forced_call else ""
         render_tools = tools if req.tool_choice != "none" else None
         rf = req.response_format
         schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
@@ -565,15 +564,12 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await read_json(request, CompletionRequest)
         resolve_model(req.model)
-        check_token_ids(req)
+        check_token_ids("logit_bias", (t for t, _ in req.bias()))
         prompt: str | list[int] = (
             req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
         )  # type: ignore[assignment]
         if isinstance(prompt, list):
-            bad = next((t for t in prompt if not 0 <= t < backend.vocab_size), None)
-            if bad is not None:
-                raise APIError(400, f"prompt token id {bad} is out of range: this model takes ids 0 to "
-                               f"{backend.vocab_size - 1}", param="prompt", code="invalid_value")  # fmt: skip
+            check_token_ids("prompt", prompt)
         prompt_tokens = backend.count(prompt)
         max_tokens = budget(prompt_tokens, req.max_tokens)
         top = req.logprobs if req.logprobs is not None else 0

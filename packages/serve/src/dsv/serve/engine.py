@@ -212,11 +212,12 @@ class Engine:
         """Queue a request; events arrive through ``on_event`` on the engine thread. Returns its id."""
         if not prompt:
             raise ValueError("empty prompt")
-        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < self.vocab_size)
-            raise ValueError(
-                f"prompt token id {bad} is out of range: the model takes ids 0 to {self.vocab_size - 1}"
-            )
+        if self.vocab_size is not None:
+            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"prompt token id {bad} is out of range: the model takes ids 0 to {self.vocab_size - 1}"
+                )
         if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
             raise ValueError("request needs more cache blocks than the pool holds")
         g = torch.Generator(device="cpu")
