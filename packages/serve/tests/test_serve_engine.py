@@ -200,6 +200,55 @@ def test_logit_bias_bans_and_forces_tokens_per_request(make_engine: Callable[...
     _wait_idle(engine)
 
 
+def test_prefix_choices_constrain_the_start_of_the_output(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    plain = _alone(make_engine, prompts[0])
+    a, b, c = [t for t in range(10, 20) if t not in plain[:3]][:3]
+    off_path = ((a, b, c), (a, c), (b,))  # none starts the way the model would
+    engine = make_engine(start=False)
+    runs = {
+        name: _Run() for name in ("on_path", "greedy", "biased", *(f"seed{i}" for i in range(4)), "neighbour")
+    }
+    on_path = ((plain[0], plain[1]), (a,))
+    engine.submit(
+        prompts[0], GenParams(temperature=0.0, max_tokens=24, prefix_choices=on_path), runs["on_path"]
+    )
+    engine.submit(
+        prompts[0], GenParams(temperature=0.0, max_tokens=24, prefix_choices=off_path), runs["greedy"]
+    )
+    # +100 on token 7 forces it everywhere else; the constraint still holds first.
+    biased = GenParams(
+        temperature=0.8, seed=1, max_tokens=8, logit_bias=((7, 100.0),), prefix_choices=((a, b),)
+    )
+    engine.submit(prompts[0], biased, runs["biased"])
+    for i in range(4):
+        params = GenParams(temperature=1.5, seed=i, max_tokens=6, prefix_choices=off_path)
+        engine.submit(prompts[0], params, runs[f"seed{i}"])
+    engine.submit(prompts[0], GREEDY, runs["neighbour"])
+    engine.start()
+    assert runs["on_path"].wait() == plain, "a constraint the model already follows changes nothing"
+    for name in ("greedy", *(f"seed{i}" for i in range(4))):
+        out = runs[name].wait()
+        assert any(tuple(out[: len(ch)]) == ch for ch in off_path), (name, out)
+    assert runs["biased"].wait() == [a, b, 7, 7, 7, 7, 7, 7]
+    assert runs["neighbour"].wait() == plain
+    _wait_idle(engine)
+
+
+def test_prefix_choices_allowed_next() -> None:
+    p = GenParams(prefix_choices=((1, 2, 3), (1, 4), (5,)))
+    assert [p.allowed_next(g) for g in ([], [1], [1, 2], [1, 2, 3], [5], [5, 9], [1, 4, 0])] == [
+        {1, 5},
+        {2, 4},
+        {3},
+        None,
+        None,
+        None,
+        None,
+    ]
+    assert GenParams().allowed_next([]) is None
+
+
 def test_a_tiny_temperature_neither_fails_nor_harms_its_batch(make_engine: Callable[..., Engine]) -> None:
     # 1e-300 is 0 in fp32: dividing the logits by it used to give nan and fail the whole step.
     prompts = _prompts()
@@ -247,11 +296,14 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(make_engine: Callable[...
     for prompt in ([5, engine.vocab_size], [-1, 5]):
         with pytest.raises(ValueError, match="out of range"):
             engine.submit(prompt, GREEDY, _Run())
+    with pytest.raises(ValueError, match="prefix_choices token id"):
+        engine.submit([5], GenParams(prefix_choices=((3, engine.vocab_size),)), _Run())
 
 
 def test_invalid_sampling_settings_are_refused_when_built() -> None:
     for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"max_tokens": 0}, {"presence_penalty": 3.0},
-                {"logit_bias": ((5, 500.0),)}, {"top_logprobs": -1}):  # fmt: skip
+                {"logit_bias": ((5, 500.0),)}, {"top_logprobs": -1}, {"prefix_choices": ((),)},
+                {"prefix_choices": ((3, -1),)}):  # fmt: skip
         with pytest.raises(ValueError):
             GenParams(**bad)
 

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from dsv.core.chat import Templates, encode_messages
+from dsv.serve.engine import GenParams
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,47 @@ def test_required_tool_choice_forces_the_opening_of_a_call(
     assert auto.usage is not None and required.usage is not None
     assert required.usage.prompt_tokens > auto.usage.prompt_tokens
     assert required.usage.completion_tokens < auto.usage.completion_tokens
+
+
+def test_required_tool_choice_with_several_tools_names_a_listed_tool(
+    script: SimpleNamespace, trained_ckpt: Path, live_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model was trained on one tool (get_weather); shown two others it writes a name of neither
+    # after the forced `invoke name="` (it writes `true"`). The engine must keep the name to the
+    # listed tools. The generated tokens are recorded at the engine (in this process).
+    from dsv.core.tokenizer import Tokenizer
+    from dsv.serve import load_native_app
+    from dsv.serve.engine import Engine, TokenEvent
+
+    seen: list[tuple[GenParams, list[int]]] = []
+    real_submit = Engine.submit
+
+    def submit(self: Engine, prompt: list[int], params: GenParams, on_event: Any) -> int:
+        tokens: list[int] = []
+        seen.append((params, tokens))
+
+        def record(ev: Any) -> None:
+            if isinstance(ev, TokenEvent):
+                tokens.append(ev.token)
+            on_event(ev)
+
+        return real_submit(self, prompt, params, record)
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    listed = ["get_news", "get_time"]
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in listed]
+    app = load_native_app(str(trained_ckpt), model_name="dsv-tiny", max_model_len=1024, engine_process=False)
+    with live_server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        kw: dict[str, Any] = {"model": "dsv-tiny", "messages": script.ASK, "tools": tools,
+                              "temperature": 0, "max_tokens": 12}  # fmt: skip
+        client.chat.completions.create(tool_choice="required", **kw)
+        client.chat.completions.create(tool_choice="auto", **kw)
+    decode = Tokenizer.load(trained_ckpt).decode
+    (required, out), (auto, _) = seen
+    assert sorted(decode(list(c)) for c in required.prefix_choices) == ['get_news"', 'get_time"']
+    assert any(decode(out).startswith(f'{n}"') for n in listed), decode(out)
+    assert auto.prefix_choices == (), "only a forced call with several tools is constrained"
 
 
 def test_n_stop_logprobs_usage(script: SimpleNamespace, client: openai.OpenAI) -> None:

@@ -11,9 +11,11 @@ Chat requests are encoded with :mod:`dsv.core.chat` (the checkpoint's templates)
 the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>\\n<｜DSML｜invoke
 name="NAME">\\n``), which is appended to the prompt and fed to the parser first; the model writes the
 parameters and closes the call. ``"required"`` forces the same opening, up to ``name="`` when there
-are several tools (the model writes the name; it is not constrained to the listed ones). In thinking
-mode both are left to the model, which reasons before it calls. ``"none"`` leaves the tools out of
-the prompt.
+are several tools: the model then writes the name, constrained by the native engine to the listed
+ones (``GenParams.prefix_choices``: each step only tokens that continue some tool's ``NAME"`` are
+allowed until one is complete; with ``--engine vllm|sglang`` the name is left to the model). In
+thinking mode both are left to the model, which reasons before it calls. ``"none"`` leaves the
+tools out of the prompt.
 
 Safety: API key (``Authorization: Bearer``), request size and ``max_tokens`` limits, a bounded
 number of requests in flight (429 + Retry-After), per-request timeouts, cancellation when the client
@@ -362,12 +364,15 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"{param} token id {bad} is out of range: this model takes ids 0 to "
                            f"{backend.vocab_size - 1}", param=param, code="invalid_value")  # fmt: skip
 
-    def sampling(req: Any, max_tokens: int, i: int, top_logprobs: int) -> GenParams:
+    def sampling(
+        req: Any, max_tokens: int, i: int, top_logprobs: int, prefix_choices: tuple[tuple[int, ...], ...] = ()
+    ) -> GenParams:
         seed = None if req.seed is None else req.seed + i
         bias = req.bias()
         return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                          seed=seed, top_logprobs=top_logprobs, presence_penalty=req.presence_penalty,
-                         frequency_penalty=req.frequency_penalty, logit_bias=bias)  # fmt: skip
+                         frequency_penalty=req.frequency_penalty, logit_bias=bias,
+                         prefix_choices=prefix_choices)  # fmt: skip
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -427,10 +432,13 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                                code="invalid_value")  # fmt: skip
             forced_call = tools[0]["function"]["name"] if len(tools) == 1 else ""
         forced = ""
+        names: tuple[tuple[int, ...], ...] = ()  # token ids of each tool's `NAME"`, when the model writes it
         if forced_call is not None and not thinking:  # thinking mode reasons before it calls
             t = backend.templates
             forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
             forced += f'{forced_call}">\n' if forced_call else ""
+            if not forced_call:
+                names = tuple(tuple(backend.encode(f'{tool["function"]["name"]}"')) for tool in tools)
         render_tools = tools if req.tool_choice != "none" else None
         rf = req.response_format
         schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
@@ -451,7 +459,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         def job(i: int) -> Any:
             parser = StreamParser(thinking, templates=backend.templates, id_prefix=f"{prefix}{i}")
             return lambda out: run_choice(
-                i, prompt, sampling(req, max_tokens, i, top), req.stops(), parser, forced, out,
+                i, prompt, sampling(req, max_tokens, i, top, names), req.stops(), parser, forced, out,
                 one_call=not req.parallel_tool_calls,
             )  # fmt: skip
 

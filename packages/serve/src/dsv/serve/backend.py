@@ -11,7 +11,9 @@ parsing, stop strings, the OpenAI shapes), so clients see the same API whichever
   ``call_soon_threadsafe`` for all its streams), and token strings for logprobs are only decoded
   when the request asked for logprobs.
 - :class:`ProxyBackend` forwards to an engine's ``/v1/completions`` (streaming, special tokens
-  kept so ``</think>`` and DSML survive) and reads its server-sent events.
+  kept so ``</think>`` and DSML survive) and reads its server-sent events. Sampling settings are
+  forwarded; ``prefix_choices`` is not (the engines' constrained-decoding options differ by
+  version), so there the model's own tokens stand.
 
 Run the checks: ``pytest packages/serve/tests/test_serve_proxy.py``.
 """
@@ -62,6 +64,8 @@ class Backend(Protocol):
     templates: Templates
     max_model_len: int
     vocab_size: int  # token ids the model takes: 0 .. vocab_size - 1
+
+    def encode(self, text: str) -> list[int]: ...
 
     def count(self, prompt: str | list[int]) -> int: ...
 
@@ -159,8 +163,11 @@ class LocalBackend:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_bos=False))
+
     def ids(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_bos=False)
+        return list(prompt) if isinstance(prompt, list) else self.encode(prompt)
 
     def count(self, prompt: str | list[int]) -> int:
         return len(self.ids(prompt))
@@ -252,8 +259,11 @@ class ProxyBackend:
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=None)
         self._inflight = 0
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_bos=False))
+
     def count(self, prompt: str | list[int]) -> int:
-        return len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt, add_bos=False))
+        return len(prompt) if isinstance(prompt, list) else len(self.encode(prompt))
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids))

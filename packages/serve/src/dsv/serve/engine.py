@@ -20,8 +20,10 @@ decode and kernels happen inside the model through the core dispatch. Greedy row
 one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
 request has its own parameters and seeded generator. A request's ``logit_bias`` and its
 presence/frequency penalties (over the tokens generated so far; :mod:`dsv.core.generate`'s
-``apply_logit_bias`` and ``apply_penalties``) change what is sampled, not the reported logprobs:
-those are the model's own log-softmax, before bias, penalties, temperature and filtering.
+``apply_logit_bias`` and ``apply_penalties``) and its ``prefix_choices`` (the output must begin
+with one of these token sequences: a constraint, the other tokens are masked until one is complete)
+change what is sampled, not the reported logprobs: those are the model's own log-softmax, before
+bias, penalties, constraints, temperature and filtering.
 ``GenParams`` are checked when built (the sampling rules' own checks); a request whose sampling
 still fails ends with an error by itself, while an exception in a forward ends every request of
 that step (the server stays up).
@@ -64,6 +66,9 @@ class GenParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    # The output begins with one of these token sequences (e.g. the names a forced tool call may
+    # take); each step only the tokens that continue one of them are allowed until one is complete.
+    prefix_choices: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         from dsv.core.generate import SamplingParams
@@ -80,10 +85,28 @@ class GenParams:
                 raise ValueError(
                     f"logit_bias takes token ids >= 0 and biases in [-100, 100], got {token}: {bias}"
                 )
+        for choice in self.prefix_choices:
+            if not choice or min(choice) < 0:
+                raise ValueError(
+                    f"prefix_choices must be non-empty sequences of token ids >= 0, got {choice}"
+                )
 
     @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def allowed_next(self, generated: list[int]) -> set[int] | None:
+        """Tokens that may follow ``generated`` under ``prefix_choices``; None when unconstrained
+        (no choices, or one of them is already complete)."""
+        n = len(generated)
+        allowed: set[int] = set()
+        for choice in self.prefix_choices:
+            if len(choice) <= n:
+                if tuple(generated[: len(choice)]) == choice:
+                    return None
+            elif tuple(generated) == choice[:n]:
+                allowed.add(choice[n])
+        return allowed or None
 
 
 @dataclass(frozen=True)
@@ -213,11 +236,15 @@ class Engine:
         if not prompt:
             raise ValueError("empty prompt")
         if self.vocab_size is not None:
-            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(
-                    f"prompt token id {bad} is out of range: the model takes ids 0 to {self.vocab_size - 1}"
-                )
+            for what, ids in (
+                ("prompt", prompt),
+                ("prefix_choices", (t for c in params.prefix_choices for t in c)),
+            ):
+                bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise ValueError(
+                        f"{what} token id {bad} is out of range: the model takes ids 0 to {self.vocab_size - 1}"
+                    )
         if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
             raise ValueError("request needs more cache blocks than the pool holds")
         g = torch.Generator(device="cpu")
@@ -398,17 +425,20 @@ class Engine:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         from dsv.core.generate import SamplingParams, apply_logit_bias, apply_penalties, sample_next
 
-        # Logit bias and penalties on a copy: the logprobs below stay the model's own.
+        # Logit bias, penalties and prefix choices on a copy: the logprobs below stay the model's own.
         chosen_from = logits
         for row, seq in enumerate(seqs):
             p = seq.params
-            if p.logit_bias or (p.penalised and seq.counts):
+            allowed = p.allowed_next(seq.generated) if p.prefix_choices else None
+            if p.logit_bias or (p.penalised and seq.counts) or allowed is not None:
                 if chosen_from is logits:
                     chosen_from = logits.clone()
                 adjusted = apply_logit_bias(chosen_from[row], dict(p.logit_bias))
-                chosen_from[row] = apply_penalties(
-                    adjusted, seq.counts, p.presence_penalty, p.frequency_penalty
-                )
+                adjusted = apply_penalties(adjusted, seq.counts, p.presence_penalty, p.frequency_penalty)
+                if allowed is not None:
+                    keep = torch.tensor(sorted(allowed), device=adjusted.device)
+                    adjusted = torch.full_like(adjusted, float("-inf")).index_copy_(0, keep, adjusted[keep])
+                chosen_from[row] = adjusted
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
         # A row whose sampling fails ends with an error; the other rows go on.
         tokens = chosen_from.argmax(-1).tolist()
