@@ -235,6 +235,23 @@ def test_prefix_choices_constrain_the_start_of_the_output(make_engine: Callable[
     _wait_idle(engine)
 
 
+def test_prefix_choices_after_a_trigger(make_engine: Callable[..., Engine]) -> None:
+    prompts = _prompts()
+    # +100 makes token 7 the output everywhere the constraint allows it: before the trigger (7, 7)
+    # and after the choice is complete.
+    forced_sevens = {"temperature": 0.0, "max_tokens": 8, "logit_bias": ((7, 100.0),)}
+    engine = make_engine(start=False)
+    once, twice = _Run(), _Run()
+    engine.submit(prompts[0], GenParams(**forced_sevens, prefix_choices=((11, 12),), prefix_after=(7,)), once)
+    engine.submit(
+        prompts[0], GenParams(**forced_sevens, prefix_choices=((11, 12),), prefix_after=(7, 7)), twice
+    )
+    engine.start()
+    assert once.wait() == [7, 11, 12, 7, 7, 7, 7, 7]
+    assert twice.wait() == [7, 7, 11, 12, 7, 7, 7, 7]
+    _wait_idle(engine)
+
+
 def test_prefix_choices_allowed_next() -> None:
     p = GenParams(prefix_choices=((1, 2, 3), (1, 4), (5,)))
     assert [p.allowed_next(g) for g in ([], [1], [1, 2], [1, 2, 3], [5], [5, 9], [1, 4, 0])] == [
@@ -303,7 +320,7 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(make_engine: Callable[...
 def test_invalid_sampling_settings_are_refused_when_built() -> None:
     for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"max_tokens": 0}, {"presence_penalty": 3.0},
                 {"logit_bias": ((5, 500.0),)}, {"top_logprobs": -1}, {"prefix_choices": ((),)},
-                {"prefix_choices": ((3, -1),)}):  # fmt: skip
+                {"prefix_choices": ((3, -1),)}, {"prefix_after": (5,)}):  # fmt: skip
         with pytest.raises(ValueError):
             GenParams(**bad)
 

@@ -148,14 +148,9 @@ def test_required_tool_choice_forces_the_opening_of_a_call(
     assert required.usage.completion_tokens < auto.usage.completion_tokens
 
 
-def test_required_tool_choice_with_several_tools_names_a_listed_tool(
-    script: SimpleNamespace, trained_ckpt: Path, live_server: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The model was trained on one tool (get_weather); shown two others it writes a name of neither
-    # after the forced `invoke name="` (it writes `true"`). The engine must keep the name to the
-    # listed tools. The generated tokens are recorded at the engine (in this process).
-    from dsv.core.tokenizer import Tokenizer
-    from dsv.serve import load_native_app
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[GenParams, list[int]]]:
+    """(params, generated tokens) of every request an in-process engine gets, in order."""
     from dsv.serve.engine import Engine, TokenEvent
 
     seen: list[tuple[GenParams, list[int]]] = []
@@ -173,20 +168,64 @@ def test_required_tool_choice_with_several_tools_names_a_listed_tool(
         return real_submit(self, prompt, params, record)
 
     monkeypatch.setattr(Engine, "submit", submit)
-    listed = ["get_news", "get_time"]
-    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in listed]
+    return seen
+
+
+def _tools(*names: str) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in names]
+
+
+def test_required_tool_choice_with_several_tools_names_a_listed_tool(
+    script: SimpleNamespace, trained_ckpt: Path, live_server: Any, recorded: list[tuple[GenParams, list[int]]]
+) -> None:
+    # The model was trained on one tool (get_weather); shown two others it writes a name of neither
+    # after the forced `invoke name="` (it writes `true"`). The engine must keep the name to the
+    # listed tools. The generated tokens are recorded at the engine (in this process).
+    from dsv.core.tokenizer import Tokenizer
+    from dsv.serve import load_native_app
+
     app = load_native_app(str(trained_ckpt), model_name="dsv-tiny", max_model_len=1024, engine_process=False)
     with live_server(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        kw: dict[str, Any] = {"model": "dsv-tiny", "messages": script.ASK, "tools": tools,
+        kw: dict[str, Any] = {"model": "dsv-tiny", "messages": script.ASK, "tools": _tools("get_news", "get_time"),
                               "temperature": 0, "max_tokens": 12}  # fmt: skip
         client.chat.completions.create(tool_choice="required", **kw)
         client.chat.completions.create(tool_choice="auto", **kw)
     decode = Tokenizer.load(trained_ckpt).decode
-    (required, out), (auto, _) = seen
+    (required, out), (auto, _) = recorded
     assert sorted(decode(list(c)) for c in required.prefix_choices) == ['get_news"', 'get_time"']
-    assert any(decode(out).startswith(f'{n}"') for n in listed), decode(out)
+    assert any(decode(out).startswith(f'{n}"') for n in ("get_news", "get_time")), decode(out)
     assert auto.prefix_choices == (), "only a forced call with several tools is constrained"
+
+
+def test_forced_tool_choice_in_thinking_mode_calls_after_the_reasoning(
+    script: SimpleNamespace, trained_ckpt: Path, live_server: Any, recorded: list[tuple[GenParams, list[int]]]
+) -> None:
+    # Shown tools, the fixture model does not reason its way to `</think>`; a +100 bias on that
+    # token makes every free token `</think>`, so the reasoning ends at once and what the engine
+    # does after it is plain to see.
+    from dsv.core.tokenizer import Tokenizer
+    from dsv.serve import load_native_app
+
+    tok = Tokenizer.load(trained_ckpt)
+    (end,) = tok.encode("</think>", add_bos=False)
+    t = Templates.from_checkpoint(trained_ckpt)
+    opening = f'</think>{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
+    app = load_native_app(str(trained_ckpt), model_name="dsv-tiny", max_model_len=1024, engine_process=False)
+    with live_server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        kw: dict[str, Any] = {"model": "dsv-tiny-reasoner", "messages": script.GREET, "max_tokens": 40,
+                              "logit_bias": {str(end): 100}}  # fmt: skip
+        client.chat.completions.create(tools=_tools("get_time"), **kw)
+        named = {"type": "function", "function": {"name": "get_time"}}
+        client.chat.completions.create(tools=_tools("get_time"), tool_choice=named, **kw)
+        client.chat.completions.create(tools=_tools("get_news", "get_time"), tool_choice="required", **kw)
+    free, named_out, required_out = (tok.decode(out) for _, out in recorded)
+    assert free == "</think>" * 40
+    assert named_out.startswith(f'{opening}get_time"</think>'), named_out
+    assert any(required_out.startswith(f'{opening}{n}"</think>') for n in ("get_news", "get_time")), (
+        required_out
+    )
 
 
 def test_n_stop_logprobs_usage(script: SimpleNamespace, client: openai.OpenAI) -> None:

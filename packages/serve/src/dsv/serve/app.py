@@ -7,15 +7,16 @@ Chat requests are encoded with :mod:`dsv.core.chat` (the checkpoint's templates)
 ``"thinking": {"type": "enabled"|"disabled"}`` or the model alias ``<name>-reasoner``; as there,
 ``logprobs`` is refused in thinking mode.
 
-``tool_choice`` with a named function is forced decoding the server really does (chat mode only):
+``tool_choice`` with a named function is forced decoding the server really does. In chat mode
 the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>\\n<｜DSML｜invoke
 name="NAME">\\n``), which is appended to the prompt and fed to the parser first; the model writes the
 parameters and closes the call. ``"required"`` forces the same opening, up to ``name="`` when there
 are several tools: the model then writes the name, constrained by the native engine to the listed
 ones (``GenParams.prefix_choices``: each step only tokens that continue some tool's ``NAME"`` are
 allowed until one is complete; with ``--engine vllm|sglang`` the name is left to the model). In
-thinking mode both are left to the model, which reasons before it calls. ``"none"`` leaves the
-tools out of the prompt.
+thinking mode the model reasons first, and the native engine constrains what follows its
+``</think>`` to that opening with the named (or one of the listed) tools (``prefix_after``); with a
+proxy engine it is left to the model. ``"none"`` leaves the tools out of the prompt.
 
 Safety: API key (``Authorization: Bearer``), request size and ``max_tokens`` limits, a bounded
 number of requests in flight (429 + Retry-After), per-request timeouts, cancellation when the client
@@ -365,14 +366,15 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                            f"{backend.vocab_size - 1}", param=param, code="invalid_value")  # fmt: skip
 
     def sampling(
-        req: Any, max_tokens: int, i: int, top_logprobs: int, prefix_choices: tuple[tuple[int, ...], ...] = ()
-    ) -> GenParams:
+        req: Any, max_tokens: int, i: int, top_logprobs: int,
+        prefix_choices: tuple[tuple[int, ...], ...] = (), prefix_after: tuple[int, ...] = (),
+    ) -> GenParams:  # fmt: skip
         seed = None if req.seed is None else req.seed + i
         bias = req.bias()
         return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                          seed=seed, top_logprobs=top_logprobs, presence_penalty=req.presence_penalty,
                          frequency_penalty=req.frequency_penalty, logit_bias=bias,
-                         prefix_choices=prefix_choices)  # fmt: skip
+                         prefix_choices=prefix_choices, prefix_after=prefix_after)  # fmt: skip
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -431,14 +433,22 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, "tool_choice is `required` but no tools were given", param="tool_choice",
                                code="invalid_value")  # fmt: skip
             forced_call = tools[0]["function"]["name"] if len(tools) == 1 else ""
+        # Chat mode: the call's opening ends the prompt; the model writes the name (constrained to
+        # the tools) when there are several. Thinking mode reasons first: the engine constrains what
+        # follows `</think>` to the opening with one of the allowed names.
         forced = ""
-        names: tuple[tuple[int, ...], ...] = ()  # token ids of each tool's `NAME"`, when the model writes it
-        if forced_call is not None and not thinking:  # thinking mode reasons before it calls
+        choices: tuple[tuple[int, ...], ...] = ()
+        after: tuple[int, ...] = ()
+        if forced_call is not None:
             t = backend.templates
-            forced = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
-            forced += f'{forced_call}">\n' if forced_call else ""
-            if not forced_call:
-                names = tuple(tuple(backend.encode(f'{tool["function"]["name"]}"')) for tool in tools)
+            opening = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
+            names = [forced_call] if forced_call else [tool["function"]["name"] for tool in tools]
+            if not thinking:
+                forced = opening + (f'{forced_call}">\n' if forced_call else "")
+                choices = () if forced_call else tuple(tuple(backend.encode(f'{n}"')) for n in names)
+            else:
+                choices = tuple(tuple(backend.encode(f'{opening}{n}"')) for n in names)
+                after = tuple(backend.encode(t.thinking_end_token))
         render_tools = tools if req.tool_choice != "none" else None
         rf = req.response_format
         schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
@@ -459,7 +469,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         def job(i: int) -> Any:
             parser = StreamParser(thinking, templates=backend.templates, id_prefix=f"{prefix}{i}")
             return lambda out: run_choice(
-                i, prompt, sampling(req, max_tokens, i, top, names), req.stops(), parser, forced, out,
+                i, prompt, sampling(req, max_tokens, i, top, choices, after), req.stops(), parser, forced, out,
                 one_call=not req.parallel_tool_calls,
             )  # fmt: skip
 

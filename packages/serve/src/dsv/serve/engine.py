@@ -20,10 +20,10 @@ decode and kernels happen inside the model through the core dispatch. Greedy row
 one argmax; other rows through :func:`dsv.core.generate.sample_next`, one by one because each
 request has its own parameters and seeded generator. A request's ``logit_bias`` and its
 presence/frequency penalties (over the tokens generated so far; :mod:`dsv.core.generate`'s
-``apply_logit_bias`` and ``apply_penalties``) and its ``prefix_choices`` (the output must begin
-with one of these token sequences: a constraint, the other tokens are masked until one is complete)
-change what is sampled, not the reported logprobs: those are the model's own log-softmax, before
-bias, penalties, constraints, temperature and filtering.
+``apply_logit_bias`` and ``apply_penalties``) and its ``prefix_choices`` (the output must begin,
+or continue after ``prefix_after``, with one of these token sequences: the other tokens are masked
+until one is complete) change what is sampled, not the reported logprobs: those are the model's
+own log-softmax, before bias, penalties, constraints, temperature and filtering.
 ``GenParams`` are checked when built (the sampling rules' own checks); a request whose sampling
 still fails ends with an error by itself, while an exception in a forward ends every request of
 that step (the server stays up).
@@ -69,6 +69,9 @@ class GenParams:
     # The output begins with one of these token sequences (e.g. the names a forced tool call may
     # take); each step only the tokens that continue one of them are allowed until one is complete.
     prefix_choices: tuple[tuple[int, ...], ...] = ()
+    # When set, the choices apply from just after the first time the output ends with this sequence
+    # (e.g. ``</think>``: a forced tool call after the reasoning) instead of from its start.
+    prefix_after: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         from dsv.core.generate import SamplingParams
@@ -90,6 +93,8 @@ class GenParams:
                 raise ValueError(
                     f"prefix_choices must be non-empty sequences of token ids >= 0, got {choice}"
                 )
+        if self.prefix_after and (not self.prefix_choices or min(self.prefix_after) < 0):
+            raise ValueError("prefix_after takes token ids >= 0 and needs prefix_choices")
 
     @property
     def penalised(self) -> bool:
@@ -140,6 +145,8 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     row: int | None = None  # its row in the decode staging buffer, once decoding
     counts: Counter[int] = field(default_factory=Counter)  # generated tokens, when penalised
+    choice_from: int | None = None  # where the prefix_choices constraint starts, once it has
+    choice_done: bool = False  # a choice is complete (or there are none): no more masking
 
     @property
     def tokens(self) -> list[int]:
@@ -239,6 +246,7 @@ class Engine:
             for what, ids in (
                 ("prompt", prompt),
                 ("prefix_choices", (t for c in params.prefix_choices for t in c)),
+                ("prefix_after", params.prefix_after),
             ):
                 bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
                 if bad is not None:
@@ -429,7 +437,7 @@ class Engine:
         chosen_from = logits
         for row, seq in enumerate(seqs):
             p = seq.params
-            allowed = p.allowed_next(seq.generated) if p.prefix_choices else None
+            allowed = self._allowed(seq) if p.prefix_choices and not seq.choice_done else None
             if p.logit_bias or (p.penalised and seq.counts) or allowed is not None:
                 if chosen_from is logits:
                     chosen_from = logits.clone()
@@ -482,6 +490,19 @@ class Engine:
             with self._cv:
                 for seq, reason, error in ended:
                     self._finish(seq, reason, error)
+
+    @staticmethod
+    def _allowed(seq: _Seq) -> set[int] | None:
+        """The tokens ``seq``'s ``prefix_choices`` allow next, None when nothing is masked now."""
+        p = seq.params
+        if seq.choice_from is None:
+            after = p.prefix_after
+            if after and tuple(seq.generated[-len(after) :]) != after:
+                return None  # the constraint has not started
+            seq.choice_from = len(seq.generated)
+        allowed = p.allowed_next(seq.generated[seq.choice_from :])
+        seq.choice_done = allowed is None
+        return allowed
 
     def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
         if seq in self._running:
