@@ -76,6 +76,30 @@ def test_same_tokens_as_the_in_process_engine(tiny_ckpt: Path, engine_process: E
     _wait_idle(engine_process)
 
 
+def test_the_child_serves_in_the_asked_dtype(tiny_ckpt: Path) -> None:
+    # bfloat16 weights and cache in the child: the same tokens as an in-process bfloat16 engine.
+    from dsv.core.checkpoint import load_pretrained
+
+    prompt, params = list(range(40, 90)), GenParams(temperature=0.0, max_tokens=12)
+    proc = EngineProcess(tiny_ckpt, dtype=torch.bfloat16, num_blocks=16, max_batch=2, threads=1)
+    proc.start()
+    try:
+        assert proc.dtype == "bfloat16"
+        got = _Collect()
+        proc.submit(prompt, params, got)
+        model, _ = load_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+        local = Engine.for_model(model.eval(), model.config, num_blocks=16, max_batch=2, dtype=torch.bfloat16)
+        assert local.pool.kv.dtype == torch.bfloat16
+        local.start()
+        want = _Collect()
+        local.submit(prompt, params, want)
+        assert want.done.wait(60) and got.done.wait(60)
+        local.stop()
+        assert got.tokens == want.tokens and len(got.tokens) == 12
+    finally:
+        proc.stop()
+
+
 def test_the_child_runs_with_the_asked_threads(engine_process: EngineProcess) -> None:
     assert engine_process.threads == 1  # reported by the child once its model is loaded
     with pytest.raises(ValueError, match="threads must be at least 1"):
@@ -218,6 +242,9 @@ def test_dsv_serve_refuses_bad_settings_before_loading(tmp_path: Path) -> None:
             (["--request-timeout", "0"], "--request-timeout must be positive"),
             (["--max-batch", "0"], "--max-batch"),
             (["--max-in-flight", "0"], "--max-in-flight"),
+            (["--dtype", "fp7"], "unknown dtype"),
+            (["--device", "tpu"], "unknown device"),
+            *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
         ):
             done = subprocess.run([dsv, "serve", missing, *args], capture_output=True, text=True, timeout=60)
             assert done.returncode == 2, (args, done.stderr)

@@ -156,26 +156,22 @@ def decode(
     contexts: list[int] = typer.Option([1024, 2048, 4096, 8192, 16384, 32768], help="Cached tokens."),
     repeats: int = typer.Option(5, help="Timed runs (median reported)."),
     batch: int = typer.Option(1, min=1, help="Sequences decoded together (tokens/s counts all of them)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16 (weights and cache)."),
+    device: str = typer.Option("cpu", help="cpu, cuda[:N] or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or auto (weights and cache)."),
     out: Path = typer.Option(Path("bench-out"), help="Folder for JSON/Markdown/PNG results."),
 ) -> None:
     """Decode-step time and tokens/s vs context, DSA vs dense attention on the same weights and cache."""
     import torch
 
     from dsv.core.cache import DenseKVCache
-    from dsv.core.cli import parse_dtype
+    from dsv.core.cli import resolve_device, resolve_dtype
     from dsv.core.model import DSVForCausalLM
     from dsv.core.model.rope import rope_angles
     from dsv.core.presets import preset as get_preset
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        console.print(
-            f"[red]error:[/] --device {device}, but torch sees no CUDA device here; use --device cpu"
-        )
-        raise typer.Exit(2)
     try:
-        dt = parse_dtype(dtype)
+        device = resolve_device(device)
+        dt = resolve_dtype(dtype, device)
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None

@@ -62,6 +62,39 @@ def parse_dtype(name: str) -> Any:
     return getattr(torch, _DTYPES[name])
 
 
+def resolve_device(name: str) -> str:
+    """A ``--device`` value checked against this machine: ``auto`` is ``cuda`` when torch sees a GPU,
+    else ``cpu``; ``cuda[:N]`` must exist. Raises ``ValueError`` naming the fix otherwise."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}, but torch sees no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}, but torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name} is not supported; use cpu or cuda[:N]")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    """A ``--dtype`` value: ``auto`` is bfloat16 on a GPU and float32 on the CPU; else :func:`parse_dtype`."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return parse_dtype(name)
+
+
 @model_app.command("init")
 @user_errors
 def init(
@@ -188,8 +221,8 @@ def generate(
     chat: bool = typer.Option(
         False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."
     ),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu", help="cpu, cuda[:N] or auto (cuda when there is one)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU)."),
 ) -> None:
     """Generate text from a checkpoint, streaming tokens as they are sampled."""
     import torch
@@ -204,7 +237,8 @@ def generate(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )  # fmt: skip
-    model, tok = load_pretrained(path, device=device, dtype=parse_dtype(dtype))
+    device = resolve_device(device)
+    model, tok = load_pretrained(path, device=device, dtype=resolve_dtype(dtype, device))
     if tok is None:
         raise DSVError(f"{path}: the checkpoint has no tokenizer.json")
     text = prompt

@@ -1,6 +1,6 @@
 """``dsv serve PATH_OR_REPO``: the OpenAI-compatible server (thin Typer command).
 
-Run: ``dsv serve ./ckpt --port 8000 [--engine vllm|sglang] [--api-key KEY]``.
+Run: ``dsv serve ./ckpt --port 8000 [--engine vllm|sglang] [--api-key KEY] [--device cuda --dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def serve(
     threads: int = typer.Option(
         None, min=1, help="torch threads of the native engine (default: torch's, or OMP_NUM_THREADS)"
     ),
+    device: str = typer.Option("auto", help="native engine: cpu, cuda[:N] or auto (cuda when there is one)"),
+    dtype: str = typer.Option(
+        "auto", help="native engine weights and cache: float32, bfloat16, float16 or auto (bfloat16 on a GPU)"
+    ),
+    num_blocks: int = typer.Option(
+        None, min=1, help="native engine cache blocks (default: max-batch sequences of up to 1024 tokens)"
+    ),
+    block_size: int = typer.Option(16, min=1, help="tokens per cache block (native engine)"),
+    prefill_chunk: int = typer.Option(
+        256, min=1, help="prompt tokens per sequence per prefill step (native engine)"
+    ),
     request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
@@ -58,6 +69,13 @@ def serve(
         _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
     if not request_timeout > 0:
         _fail(f"--request-timeout must be positive, got {request_timeout}", 2)
+    from dsv.core.cli import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+    except ValueError as e:
+        _fail(str(e), 2)
     # Before the checkpoint loads (which can take minutes): the address must be free to listen on.
     try:
         _check_listen(host, port)
@@ -70,7 +88,9 @@ def serve(
     try:
         if engine == "native":
             app = load_native_app(path_or_repo, model_name=model_name, max_model_len=max_model_len,
-                                  max_batch=max_batch, threads=threads, **settings)  # fmt: skip
+                                  max_batch=max_batch, threads=threads, device=device, dtype=torch_dtype,
+                                  num_blocks=num_blocks, block_size=block_size, prefill_chunk=prefill_chunk,
+                                  **settings)  # fmt: skip
         else:
             if not Path(path_or_repo).is_dir():
                 _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
@@ -86,7 +106,8 @@ def serve(
         _fail(f"{e}; check the checkpoint path or install the engine")
     except (DSVError, RuntimeError, TimeoutError, ValueError, OSError) as e:
         _fail(str(e))
-    console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({engine})")
+    where = f"native, {device}, {str(torch_dtype).removeprefix('torch.')}" if engine == "native" else engine
+    console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found:
     # with the default one the process would die there and leave the engine process running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

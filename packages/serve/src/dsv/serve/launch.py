@@ -112,6 +112,7 @@ def load_native_app(
     max_batch: int = 64,
     prefill_chunk: int = 256,
     device: str = "cpu",
+    dtype: Any = None,
     engine_process: bool = True,
     threads: int | None = None,
     **settings: object,
@@ -121,12 +122,17 @@ def load_native_app(
     ``engine_process`` (the default) runs the engine in its own process
     (:class:`~dsv.serve.worker.EngineProcess`) so model work and HTTP do not share one GIL; False
     keeps it in a thread of this process. ``threads`` sets the engine's torch threads (default:
-    torch's own choice, which follows ``OMP_NUM_THREADS``).
+    torch's own choice, which follows ``OMP_NUM_THREADS``). ``dtype`` (a ``torch.dtype`` or a name
+    such as ``"bfloat16"``; default: bfloat16 on a GPU, float32 on the CPU) is the weights' and the
+    cache's.
     """
     from dsv.core.checkpoint import resolve
+    from dsv.core.cli import resolve_dtype
     from dsv.serve.app import ServerSettings, create_app
     from dsv.serve.backend import LocalBackend
 
+    if dtype is None or isinstance(dtype, str):
+        dtype = resolve_dtype(dtype or "auto", device)
     folder = resolve(path_or_repo)
     tokenizer, templates, max_positions, vocab = _tokenizer_and_templates(folder)
     max_len = _max_len(max_model_len, max_positions)
@@ -144,7 +150,7 @@ def load_native_app(
     if engine_process:
         from dsv.serve.worker import EngineProcess
 
-        engine = EngineProcess(folder, device=device, threads=threads, **kwargs)
+        engine = EngineProcess(folder, device=device, dtype=dtype, threads=threads, **kwargs)
     else:
         import torch
 
@@ -153,8 +159,8 @@ def load_native_app(
 
         if threads is not None:
             torch.set_num_threads(threads)
-        model, _ = load_pretrained(str(folder), device=device, dtype=torch.float32, with_tokenizer=False)
-        engine = Engine.for_model(model.eval(), model.config, device=device, **kwargs)
+        model, _ = load_pretrained(str(folder), device=device, dtype=dtype, with_tokenizer=False)
+        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, **kwargs)
     engine.start()
     backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len, vocab_size=vocab)
     return create_app(backend, server_settings)

@@ -44,7 +44,13 @@ class _Tag:
 
 
 def _child_main(
-    folder: str, engine_kwargs: dict[str, Any], device: str, threads: int | None, cmd: Any, evt: Any
+    folder: str,
+    engine_kwargs: dict[str, Any],
+    device: str,
+    dtype: Any,
+    threads: int | None,
+    cmd: Any,
+    evt: Any,
 ) -> None:
     from dsv.core.allocator import tune_cpu_allocator
 
@@ -63,8 +69,9 @@ def _child_main(
             evt.send(msg)
 
     try:
-        model, _ = load_pretrained(folder, device=device, dtype=torch.float32, with_tokenizer=False)
-        engine = Engine.for_model(model.eval(), model.config, device=device, **engine_kwargs)
+        dtype = dtype or torch.float32
+        model, _ = load_pretrained(folder, device=device, dtype=dtype, with_tokenizer=False)
+        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, **engine_kwargs)
     except Exception as e:  # reported to the server, which raises it to the user
         send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -80,7 +87,7 @@ def _child_main(
     engine.deliver = deliver
     engine.start()
     info = {"num_blocks": engine.pool.num_blocks, "block_size": engine.pool.block_size,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     send(("ready", info))
     while True:
         try:
@@ -111,7 +118,9 @@ class EngineProcess:
 
     ``engine_kwargs`` go to ``Engine.for_model`` in the child (``num_blocks``, ``max_batch``...);
     ``threads`` sets the child's torch threads (default: torch's own choice, which follows
-    ``OMP_NUM_THREADS``); :attr:`threads` reports what the child runs with once started.
+    ``OMP_NUM_THREADS``); :attr:`threads` reports what the child runs with once started. ``dtype``
+    (a ``torch.dtype``; default float32) is the weights' and the cache's; :attr:`dtype` names it
+    once started.
     Events reach each request's callback through ``deliver`` (one call per engine step, from a
     reader thread) or, without it, one callback call per event.
     """
@@ -121,6 +130,7 @@ class EngineProcess:
         folder: str | Path,
         *,
         device: str = "cpu",
+        dtype: Any = None,
         threads: int | None = None,
         start_timeout: float = 300.0,
         **engine_kwargs: Any,
@@ -128,6 +138,8 @@ class EngineProcess:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.folder, self.device, self.start_timeout = str(folder), device, start_timeout
+        self._dtype = dtype
+        self.dtype = ""  # the child's dtype name, once started
         self.threads = threads
         self.engine_kwargs = engine_kwargs
         self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
@@ -152,7 +164,15 @@ class EngineProcess:
         self._evt = evt_parent
         self._proc = ctx.Process(
             target=_child_main,
-            args=(self.folder, self.engine_kwargs, self.device, self.threads, cmd_child, evt_child),
+            args=(
+                self.folder,
+                self.engine_kwargs,
+                self.device,
+                self._dtype,
+                self.threads,
+                cmd_child,
+                evt_child,
+            ),
             name="dsv-engine",
             daemon=True,
         )
@@ -171,7 +191,7 @@ class EngineProcess:
             self._proc.join(timeout=5)
             raise RuntimeError(f"the engine process could not start: {msg[1]}")
         self.num_blocks, self.block_size = msg[1]["num_blocks"], msg[1]["block_size"]
-        self.threads = msg[1]["threads"]
+        self.threads, self.dtype = msg[1]["threads"], msg[1]["dtype"]
         self._reader = threading.Thread(target=self._read, name="dsv-engine-reader", daemon=True)
         self._reader.start()
 
