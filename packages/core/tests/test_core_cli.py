@@ -46,6 +46,7 @@ def test_init_info_generate(tmp_path: Path) -> None:
         (("model", "info"), "either"),
         (("generate", "/nonexistent/x", "--prompt", "hi"), "no such folder"),
         (("generate", ".", "--prompt", "hi", "--dtype", "fp7"), "unknown dtype"),
+        (("generate", "/nonexistent/x", "--prompt", "hi", "--device", "tpu"), "unknown device"),
         # sampling settings are checked before the checkpoint is looked at
         (("generate", "/nonexistent/x", "--prompt", "hi", "--presence-penalty", "3"), "presence_penalty"),
     ],
