@@ -252,6 +252,15 @@ def test_prefix_choices_after_a_trigger(make_engine: Callable[..., Engine]) -> N
     _wait_idle(engine)
 
 
+def test_each_request_samples_with_a_generator_on_the_engine_device(
+    make_engine: Callable[..., Engine],
+) -> None:
+    # A CPU generator cannot draw from CUDA logits: every sampled request would fail on a GPU.
+    engine = make_engine(start=False)
+    engine.submit([5, 6, 7], GenParams(temperature=0.7, seed=3), _Run())
+    assert engine._waiting[0].generator.device == engine.device
+
+
 def test_prefix_choices_allowed_next() -> None:
     p = GenParams(prefix_choices=((1, 2, 3), (1, 4), (5,)))
     assert [p.allowed_next(g) for g in ([], [1], [1, 2], [1, 2, 3], [5], [5, 9], [1, 4, 0])] == [

@@ -255,7 +255,8 @@ class Engine:
                     )
         if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
             raise ValueError("request needs more cache blocks than the pool holds")
-        g = torch.Generator(device="cpu")
+        # On the model's device: multinomial draws with a generator on the logits' own device.
+        g = torch.Generator(device=self.device)
         g.manual_seed(params.seed if params.seed is not None else int(time.time_ns()) & 0x7FFFFFFF)
         seq = _Seq(
             next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size)
