@@ -1,0 +1,88 @@
+"""The engine's cached decode through the Triton kernels (interpreter on CPU): the same tokens as
+the torch path.
+
+A GPU engine sends every layer's indexer scores, top-k and sparse attention through dsv-kernels,
+with inputs the model-level parity test never builds: the decode staging rows (strided views into a
+larger buffer), a different cached length per row, one query per row. Forcing ``DSV_KERNELS=triton``
+here runs those kernels on exactly such inputs. The tiny preset's ``index_topk`` is cut to 8 so
+short prompts take the sparse path. Skipped when dsv-kernels is not installed or not usable.
+
+Run: ``pytest packages/serve/tests/test_serve_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+import threading
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("dsv.kernels", reason="dsv-kernels is not installed")
+
+from dsv.core import attention  # noqa: E402
+from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+
+def _run(model: torch.nn.Module, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    engine = Engine.for_model(model, model.config, num_blocks=32, block_size=8, max_batch=4)  # type: ignore[attr-defined]
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def collect(i: int):  # type: ignore[no-untyped-def]
+        def cb(ev: TokenEvent | Finish) -> None:
+            if isinstance(ev, Finish):
+                done[i].set()
+            else:
+                out[i][0].append(ev.token)
+                out[i][1].append(ev.logprob)
+
+        return cb
+
+    engine.start()
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(p, GenParams(temperature=0.0, max_tokens=3), collect(i))
+        assert all(d.wait(600) for d in done)
+    finally:
+        engine.stop()
+    return out
+
+
+def test_staged_decode_through_the_kernels_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok, why = kernels.availability()
+    if not ok:
+        pytest.skip(f"dsv-kernels not usable here: {why}")
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import tiny
+
+    torch.manual_seed(0)
+    model = DSVForCausalLM(tiny(index_topk=8, num_nextn_predict_layers=0)).eval()
+    g = torch.Generator().manual_seed(2)
+    # Different lengths: the rows of each decode step sit at different offsets of the staging buffer.
+    prompts = [torch.randint(16, 1000, (n,), generator=g).tolist() for n in (13, 21)]
+    calls: dict[str, int] = {}
+    for name in ("indexer_scores", "topk", "sparse_mla"):
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kw):  # type: ignore[no-untyped-def]
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, counted)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DSV_KERNELS", backend)
+        attention._kernels_module.cache_clear()
+        results[backend] = _run(model, prompts)
+    attention._kernels_module.cache_clear()
+    # prefill and the two decode steps of each layer, on the triton run only
+    assert set(calls) == {"indexer_scores", "topk", "sparse_mla"} and min(calls.values()) >= 4, calls
+    for (want_tokens, want_lp), (got_tokens, got_lp) in zip(results["torch"], results["triton"], strict=True):
+        assert got_tokens == want_tokens
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)
