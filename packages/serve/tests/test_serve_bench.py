@@ -1,6 +1,7 @@
-"""``dsv bench serve``'s plot: one PNG with tokens/s and TTFT against clients per preset and shape.
+"""``dsv bench serve``: its plot (one PNG with tokens/s and TTFT against clients per preset and
+shape) and the smallest end-to-end run of the command.
 
-The benchmark itself takes minutes (it runs transformers beside dsv); its pieces are tested where
+A full benchmark takes minutes (it runs transformers beside dsv); its pieces are also tested where
 they live (the load generator in test_serve_loadgen.py). Run: ``pytest packages/serve/tests/test_serve_bench.py``.
 """
 
@@ -36,3 +37,23 @@ def test_plot_has_a_column_per_preset_and_shape(tmp_path: Path) -> None:
     w2, h2 = Image.open(two).size
     assert h1 == h2 and w2 > 1.8 * w1, "a second (preset, shape) adds a column"
     assert {p.name for p in tmp_path.iterdir()} == {"one.png", "two.png"}, "no temporary file left behind"
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    # The smallest real run (about 25 s): a served tiny checkpoint, the load generator, the
+    # in-process engine and transformers, one cell; the Markdown section and its plot are written.
+    import shutil
+    import subprocess
+
+    dsv = shutil.which("dsv")
+    assert dsv is not None, "the dsv command is installed (apps/cli)"
+    out = tmp_path / "serve.md"
+    cmd = [dsv, "bench", "serve", "--preset", "tiny", "--clients", "2", "--shape", "16x4", "--runs", "1"]
+    done = subprocess.run([*cmd, "--write", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    md = out.read_text()
+    assert "| tiny (2 layers) | 16+4 | 2 |" in md and "float32 on cpu" in md
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([*cmd, "--device", "tpu"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown device" in bad.stderr and "Traceback" not in bad.stderr

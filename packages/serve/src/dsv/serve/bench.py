@@ -82,7 +82,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _start_server(
-    folder: Path, threads: int, max_batch: int, max_len: int
+    folder: Path, threads: int, max_batch: int, max_len: int, device: str, dtype: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
@@ -94,7 +94,8 @@ def _start_server(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(
         [*cmd, "serve", str(folder), "--port", str(port), "--model-name", "m", "--max-batch", str(max_batch),
-         "--max-model-len", str(max(2048, max_len))], env=env, stderr=subprocess.DEVNULL,
+         "--max-model-len", str(max(2048, max_len)), "--device", device, "--dtype", dtype],
+        env=env, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -160,17 +161,20 @@ def _hf_wave(
 ) -> dict[str, float]:
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     kw = {"attention_mask": mask, "do_sample": False, "pad_token_id": pad_id}
     out: dict[str, float] = {}
     with torch.inference_mode():
         if ttft:
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            sync()
             out["ttft_p50"] = out["ttft_p99"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         gen = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
+        sync()
         wall = time.perf_counter() - t0
     tokens = (gen.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"tok_s": tokens / wall, "tokens": tokens, **out}
@@ -204,6 +208,8 @@ def bench_serve(
     runs: int = typer.Option(3, help="Timed runs per cell (median reported)."),
     engine_alone: bool = typer.Option(True, help="Also time the in-process engine without HTTP."),
     threads: int = typer.Option(1, help="Torch threads for both sides."),
+    device: str = typer.Option("cpu", help="Where every side runs: cpu, cuda[:N] or auto."),
+    dtype: str = typer.Option("auto", help="Weights and cache of every side: float32, bfloat16 or auto."),
     write: Path = typer.Option(None, help="Write the Markdown results section to this file."),
 ) -> None:
     """Serving output tokens/s and TTFT per shape and client count: dsv serve versus transformers generate."""
@@ -217,7 +223,16 @@ def bench_serve(
 
     from dsv.core.allocator import tune_cpu_allocator
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
+    from dsv.core.cli import resolve_device, resolve_dtype
     from dsv.serve.engine import Engine
+
+    try:
+        device = resolve_device(device)
+        dt = resolve_dtype(dtype, device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    dtype_name = str(dt).removeprefix("torch.")
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
@@ -233,13 +248,13 @@ def bench_serve(
         for name in preset:
             folder = Path(tmp) / name
             cfg = _make_checkpoint(name, small_layers if name == "small" else None, folder)
-            proc, url = _start_server(folder, threads, max_batch=max(clients), max_len=longest)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            proc, url = _start_server(folder, threads, max(clients), longest, device, dtype_name)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(device).eval()
             pad = int(hf.config.pad_token_id if hf.config.pad_token_id is not None else 0)
-            ours_model, _ = load_pretrained(str(folder), dtype=torch.float32)
+            ours_model, _ = load_pretrained(str(folder), device=device, dtype=dt)
             blocks = max(clients) * (-(-longest // 16) + 1) + 16
             engine = Engine.for_model(ours_model.eval(), ours_model.config, num_blocks=blocks,
-                                      max_batch=max(clients))  # fmt: skip
+                                      max_batch=max(clients), device=device, dtype=dt)  # fmt: skip
             engine.start()
             try:
                 for p_len, n_out in shapes:
@@ -301,12 +316,13 @@ def bench_serve(
             "## dsv serve: output tokens/s and TTFT versus transformers generate",
             "",
             f"- command: `dsv {argv}`",
-            f"- machine: {os.cpu_count()}-core CPU{_gpu_note(torch)} ({platform.machine()}, Python "
+            f"- machine: {os.cpu_count()}-core CPU{_gpu_note(torch, device)} ({platform.machine()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}); "
             f"date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
-            f"prompt+output tokens per client as listed, greedy; {threads} torch thread(s) on each side; "
+            f"prompt+output tokens per client as listed, greedy; {dtype_name} on {device}; "
+            f"{threads} torch thread(s) on each side; "
             f"glibc allocator thresholds {'raised on every side (dsv.core.allocator)' if tuned else 'left as they are'}; "
             f"median of {runs} runs after a warm-up wave of the same shape (4 output tokens), all sides "
             "measured in the same run; dsv / HF is the ratio of the medians, dsv / HF paired the median "
@@ -330,10 +346,12 @@ def bench_serve(
             console.print(f"wrote {write.with_suffix('.png')}")
 
 
-def _gpu_note(torch: Any) -> str:
-    """ ", GPU: NAME (unused: both sides run on the CPU)" or ", no GPU"."""
+def _gpu_note(torch: Any, device: str) -> str:
+    """ ", GPU: NAME (every side runs on it)", ", GPU: NAME (unused: ...)" or ", no GPU"."""
+    if device.startswith("cuda"):
+        return f", GPU: {torch.cuda.get_device_name(torch.device(device))} (every side runs on it)"
     if torch.cuda.is_available():
-        return f", GPU: {torch.cuda.get_device_name(0)} (unused: both sides run on the CPU)"
+        return f", GPU: {torch.cuda.get_device_name(0)} (unused: every side runs on the CPU)"
     return ", no GPU"
 
 
