@@ -388,6 +388,25 @@ def test_prefix_cache_reuses_blocks(make_engine: Callable[..., Engine]) -> None:
     _wait_idle(engine)
 
 
+def test_identical_prompts_arriving_together_prefill_once(make_engine: Callable[..., Engine]) -> None:
+    # n > 1 choices of one request, or one system prompt many clients send at once: the followers
+    # wait for the first one's prefill and take its blocks from the prefix cache.
+    base, other = _prompts()[2], _prompts()[1]  # 52 tokens (6 reusable blocks of 8), and 11
+    want = _alone(make_engine, base)
+    engine = make_engine(start=False)
+    runs = [_Run() for _ in range(4)]
+    for run in runs[:3]:
+        engine.submit(base, GREEDY, run)
+    engine.submit(other, GREEDY, runs[3])  # queued behind the followers, not held up by them
+    engine.start()
+    assert [r.wait() for r in runs[:3]] == [want] * 3
+    runs[3].wait()
+    assert engine.stats().prefix_hit_blocks == 2 * 6
+    prefilled = sum(s[0] * s[1] for s in engine.model.shapes if s[1] > 1)
+    assert prefilled == len(base) + 2 * (len(base) - 48) + len(other), engine.model.shapes
+    _wait_idle(engine)
+
+
 def test_cancel_frees_blocks_at_once(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine(max_batch=1)
     running, queued = _Run(), _Run()

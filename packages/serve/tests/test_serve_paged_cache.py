@@ -44,6 +44,8 @@ def test_pool_refcounts_and_prefix_cache() -> None:
     assert pool.used_blocks == 3
     pool.release(a)
     assert (pool.used_blocks, pool.cached_blocks, pool.available) == (0, 2, 4)
+    assert pool.cached_prefix(keys) == 2 and pool.cached_prefix(prefix_keys([9, 2, 3, 4], 2)) == 0
+    assert pool.used_blocks == 0 and pool.prefix_hits == 0, "a look takes nothing"
     hit = pool.match_prefix(keys)
     assert hit == a[:2] and pool.used_blocks == 2
     pool.release(hit)

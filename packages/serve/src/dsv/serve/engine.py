@@ -3,7 +3,9 @@
 One background thread owns the model. Each iteration it
 
 1. drops cancelled sequences (their blocks go back to the pool at once),
-2. admits waiting requests while blocks and batch slots allow (prefix-cache hits skip prefill),
+2. admits waiting requests while blocks and batch slots allow (prefix-cache hits skip prefill; a
+   prompt whose next blocks another prompt is prefilling right now waits for them, so n > 1
+   choices or one system prompt sent by many clients at once are prefilled once),
 3. runs one prefill forward: the next chunk (at most ``prefill_chunk`` tokens) of the waiting
    prompts whose chunk has the same length, batched up to ``prefill_budget`` tokens, so many new
    requests start together and long prompts never stall decoding for long, and
@@ -350,20 +352,31 @@ class Engine:
         self._cancel.clear()
 
     def _admit(self) -> None:
+        # Prompts being prefilled now. A waiting prompt whose next uncached block one of them is
+        # computing waits for it (n > 1 choices, a shared system prompt arriving at once): it is then
+        # admitted with those blocks from the prefix cache instead of prefilling them again.
+        leaders = [s for s in self._running if s.cached < len(s.prompt)]
+        deferred: list[_Seq] = []
         while self._waiting and len(self._running) < self.max_batch:
-            seq = self._waiting[0]
+            seq = self._waiting.popleft()
             # Keep at least one prompt token to compute, so the first logits exist.
             usable = (len(seq.prompt) - 1) // self.pool.block_size
+            have = self.pool.cached_prefix(seq.keys[:usable])
+            if have < usable and any(have < len(s.keys) and s.keys[have] == seq.keys[have] for s in leaders):
+                deferred.append(seq)
+                continue
             reused = self.pool.match_prefix(seq.keys[:usable])
             need = self.blocks_needed(len(seq.prompt), seq.params.max_tokens) - len(reused)
             if need > self.pool.available:
                 self.pool.release(reused)
                 self.pool.prefix_hits -= len(reused)
-                return
+                self._waiting.appendleft(seq)
+                break
             seq.blocks = reused + self.pool.allocate(need)
             seq.cached = len(reused) * self.pool.block_size
-            self._waiting.popleft()
             self._running.append(seq)
+            leaders.append(seq)
+        self._waiting.extendleft(reversed(deferred))  # they keep their place in the queue
 
     def _take_row(self, seq: _Seq) -> None:
         assert self.staging is not None

@@ -96,6 +96,13 @@ class BlockPool:
         return len(self._free) + len(self._cached)
 
     # -------------------------------------------------------------- allocation
+    def cached_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, :meth:`match_prefix` would find now (nothing is taken)."""
+        n = 0
+        while n < len(keys) and keys[n] in self._by_key:
+            n += 1
+        return n
+
     def match_prefix(self, keys: Sequence[bytes]) -> list[int]:
         """Longest run of cached blocks for ``keys``; each returned block gets refcount +1."""
         out = []
