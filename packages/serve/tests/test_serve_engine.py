@@ -405,6 +405,15 @@ def test_identical_prompts_arriving_together_prefill_once(make_engine: Callable[
     prefilled = sum(s[0] * s[1] for s in engine.model.shapes if s[1] > 1)
     assert prefilled == len(base) + 2 * (len(base) - 48) + len(other), engine.model.shapes
     _wait_idle(engine)
+    # Without sharing every copy is prefilled in full, with the same tokens.
+    alone = make_engine(start=False, share_prefill=False)
+    copies = [_Run() for _ in range(3)]
+    for run in copies:
+        alone.submit(base, GREEDY, run)
+    alone.start()
+    assert [r.wait() for r in copies] == [want] * 3
+    assert alone.stats().prefix_hit_blocks == 0
+    assert sum(s[0] * s[1] for s in alone.model.shapes if s[1] > 1) == 3 * len(base)
 
 
 def test_cancel_frees_blocks_at_once(make_engine: Callable[..., Engine]) -> None:

@@ -185,6 +185,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         staging: bool = True,
         vocab_size: int | None = None,
+        share_prefill: bool = True,
     ) -> None:
         sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_batch": max_batch,
                  "prefill_chunk": prefill_chunk, "prefill_budget": 1 if prefill_budget is None else prefill_budget}  # fmt: skip
@@ -221,6 +222,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.generated_tokens = 0
         self.vocab_size = vocab_size  # when known, submit() refuses ids the model does not have
+        # A prompt whose next blocks another prompt is prefilling waits for them (see _admit); False
+        # prefills every prompt's uncached blocks at once (no wait, more work).
+        self.share_prefill = share_prefill
         # Per-iteration hand-over of events (see the module docstring); None calls callbacks directly.
         self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
         self._outbox: list[tuple[Callable[[Event], None], Event]] = []
@@ -355,7 +359,7 @@ class Engine:
         # Prompts being prefilled now. A waiting prompt whose next uncached block one of them is
         # computing waits for it (n > 1 choices, a shared system prompt arriving at once): it is then
         # admitted with those blocks from the prefix cache instead of prefilling them again.
-        leaders = [s for s in self._running if s.cached < len(s.prompt)]
+        leaders = [s for s in self._running if s.cached < len(s.prompt)] if self.share_prefill else []
         deferred: list[_Seq] = []
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting.popleft()
@@ -375,7 +379,8 @@ class Engine:
             seq.blocks = reused + self.pool.allocate(need)
             seq.cached = len(reused) * self.pool.block_size
             self._running.append(seq)
-            leaders.append(seq)
+            if self.share_prefill:
+                leaders.append(seq)
         self._waiting.extendleft(reversed(deferred))  # they keep their place in the queue
 
     def _take_row(self, seq: _Seq) -> None:
