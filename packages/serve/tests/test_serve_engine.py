@@ -514,6 +514,25 @@ def _read_stream(resp: httpx.Response) -> tuple[list[dict[str, Any]], bool]:
     return chunks, done
 
 
+def test_a_request_the_engine_refuses_ends_cleanly(
+    serve_tiny: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The HTTP layer refuses what it can first; anything the engine still refuses at submit ends the
+    # choice with an error (a 503 body, or an error event and [DONE]), never a 500 or a cut stream.
+    def refuse(self: Engine, *args: Any) -> int:
+        raise ValueError("request needs more cache blocks than the pool holds")
+
+    monkeypatch.setattr(Engine, "submit", refuse)
+    server = serve_tiny(engine_process=False)
+    url = server.url + "/v1/completions"
+    with httpx.Client(timeout=60) as c:
+        r = c.post(url, json=_body(4, stream=False))
+        assert r.status_code == 503 and "cache blocks" in r.json()["error"]["message"]
+        with c.stream("POST", url, json=_body(4, stream=True)) as resp:
+            chunks, done = _read_stream(resp)
+    assert done and any("cache blocks" in json.dumps(ch.get("error", "")) for ch in chunks), chunks
+
+
 def test_queue_full_is_429_with_retry_after(serve_tiny: Callable[..., Any]) -> None:
     server = serve_tiny(max_in_flight=2)
     url = server.url + "/v1/completions"

@@ -277,4 +277,8 @@ def test_bad_server_settings_are_refused_before_the_engine_starts(
     monkeypatch.setattr(EngineProcess, "start", lambda self: started.append(self))
     with pytest.raises(ValueError, match="max_in_flight"):
         load_native_app(str(tiny_ckpt), max_in_flight=0)
+    # A cache too small for one request of the full context: the API would accept requests the
+    # engine must refuse (they used to end in a 500 or a cut stream).
+    with pytest.raises(ValueError, match="raise --num-blocks"):
+        load_native_app(str(tiny_ckpt), max_model_len=1024, num_blocks=4, block_size=16)
     assert started == [], "no engine process was started for a server that cannot exist"

@@ -194,7 +194,13 @@ class LocalBackend:
         ids = self.ids(prompt)
         params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
         stops = params.stop_token_ids
-        sid = self.engine.submit(ids, params, _Sink(asyncio.get_running_loop(), queue))
+        try:
+            sid = self.engine.submit(ids, params, _Sink(asyncio.get_running_loop(), queue))
+        except (
+            ValueError
+        ) as e:  # the HTTP layer checks first; an engine refusal still ends the choice cleanly
+            yield Piece(finish_reason="error", prompt_tokens=len(ids), error=str(e))
+            return
         done = False
         detok = IncrementalDetokenizer(self.tokenizer)
         decode = self.tokenizer.decode

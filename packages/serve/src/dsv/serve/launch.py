@@ -139,7 +139,16 @@ def load_native_app(
     # Settings are checked before the engine (a process holding the model) starts.
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     server_settings = ServerSettings(model_name=name, **settings)  # type: ignore[arg-type]
-    blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size)
+    # One request of the full context length must fit in the cache: the HTTP layer admits any request
+    # up to max_model_len, so a smaller pool would refuse requests the API has accepted.
+    full = -(-max_len // block_size)
+    if num_blocks is not None and num_blocks < full:
+        raise ValueError(
+            f"the cache holds {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens), less "
+            f"than one request of the full context length ({max_len} tokens, {full} blocks); raise --num-blocks "
+            "to at least that or lower --max-model-len"
+        )
+    blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size, full)
     kwargs = {
         "num_blocks": blocks,
         "block_size": block_size,
