@@ -93,3 +93,26 @@ def test_schema_violations(
         assert "choices" in r.json() or r.text.startswith("data:")
         return
     _check(r)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
+        ({"prompt": "hi", "suffix": "!"}, "suffix"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(
+    client: TestClient, body: dict[str, Any], param: str
+) -> None:
+    r = client.post("/v1/completions", json={"model": "m", "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_best_of_equal_to_n_and_an_empty_suffix_are_accepted(client: TestClient) -> None:
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2, "n": 2, "best_of": 2, "suffix": ""}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2

@@ -207,6 +207,24 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)
+    # Known OpenAI fields this server does not implement: refused when they would change the answer,
+    # rather than ignored.
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (insertion) is not supported: put the whole text in prompt")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of is not supported (only best_of equal to n): ask for n choices instead")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -225,4 +243,6 @@ class CompletionRequest(_Sampling):
             raise ValueError(
                 "prompt must be a string, one string in a list, or a non-empty list of token ids"
             )
+        if v == "" or v == [""]:
+            raise ValueError("prompt is empty: give at least one character or token id")
         return v
