@@ -112,6 +112,14 @@ def test_fields_that_would_change_the_answer_are_refused_not_ignored(
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.parametrize("field", ["functions", "function_call"])
+def test_the_deprecated_function_fields_point_to_tools(client: TestClient, field: str) -> None:
+    value = [{"name": "f", "parameters": {"type": "object"}}] if field == "functions" else "auto"
+    body = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: value}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field and "tools" in r.text, r.text
+
+
 def test_best_of_equal_to_n_and_an_empty_suffix_are_accepted(client: TestClient) -> None:
     body = {"model": "m", "prompt": "hi", "max_tokens": 2, "n": 2, "best_of": 2, "suffix": ""}
     r = client.post("/v1/completions", json=body)

@@ -194,6 +194,21 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
+    # The deprecated forms of tools / tool_choice: refused with the way forward, not ignored (a client
+    # sending them would otherwise get a model that never sees its functions).
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_functions(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            raise ValueError(
+                f"{info.field_name} is the deprecated form of {'tools' if info.field_name == 'functions' else 'tool_choice'}; "
+                "send tools (and tool_choice) instead"
+            )
+        return v
+
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
