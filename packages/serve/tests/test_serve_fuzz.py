@@ -67,7 +67,7 @@ def _check(r: Any) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     body=st.binary(max_size=64) | _json.map(lambda v: json.dumps(v).encode()),
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]),
 )
 def test_garbage_bodies(client: TestClient, body: bytes, path: str) -> None:
     _check(client.post(path, content=body))

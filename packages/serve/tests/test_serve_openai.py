@@ -41,6 +41,34 @@ def test_models_and_auth(client: openai.OpenAI, trained_server: Any) -> None:
     assert httpx.get(trained_server.url + "/health").json()["status"] == "ok"
 
 
+def test_tokenize_and_detokenize(script: SimpleNamespace, client: openai.OpenAI, trained_server: Any) -> None:
+    url, key = trained_server.url, {"Authorization": "Bearer sk-test"}
+    assert httpx.post(url + "/tokenize", json={"model": "dsv-tiny", "prompt": "hi"}).status_code == 401
+    assert httpx.get(url + "/metrics").status_code == 200, "monitoring needs no key"
+    # Chat messages count as the chat endpoint counts them, thinking and tools included.
+    for model in ("dsv-tiny", "dsv-tiny-reasoner"):
+        body = {"model": model, "messages": script.ASK, "tools": [script.WEATHER_TOOL]}
+        counted = httpx.post(url + "/tokenize", json=body, headers=key).json()
+        chat = client.chat.completions.create(max_tokens=1, **body)
+        assert chat.usage is not None and counted["count"] == chat.usage.prompt_tokens == len(
+            counted["tokens"]
+        )
+        assert counted["max_model_len"] == 1024
+    text = "Weather in Paris?"
+    ids = httpx.post(url + "/tokenize", json={"model": "dsv-tiny", "prompt": text}, headers=key).json()[
+        "tokens"
+    ]
+    back = httpx.post(url + "/detokenize", json={"model": "dsv-tiny", "tokens": ids}, headers=key)
+    assert back.json() == {"prompt": text}
+    for path, body, param in (
+        ("/detokenize", {"model": "dsv-tiny", "tokens": [10**6]}, "tokens"),
+        ("/tokenize", {"model": "dsv-tiny", "prompt": "a", "messages": script.ASK}, None),
+        ("/tokenize", {"model": "gpt-4", "prompt": "a"}, "model"),
+    ):
+        r = httpx.post(url + path, json=body, headers=key)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, r.text
+
+
 def test_thinking_on_and_off(script: SimpleNamespace, client: openai.OpenAI) -> None:
     on = client.chat.completions.create(
         model="dsv-tiny-reasoner", messages=script.GREET, temperature=0, max_tokens=40

@@ -261,3 +261,25 @@ class CompletionRequest(_Sampling):
         if v == "" or v == [""]:
             raise ValueError("prompt is empty: give at least one character or token id")
         return v
+
+
+class TokenizeRequest(_Base):
+    """``/tokenize``: a completion ``prompt`` or chat ``messages`` (with ``tools`` and ``thinking``, encoded
+    exactly as ``/v1/chat/completions`` encodes them)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
+    thinking: Thinking | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Base):
+    model: str
+    tokens: list[int]
