@@ -55,6 +55,11 @@ def test_engine_command_argv() -> None:
         "--served-model-name", "dsv",
         "--tp", "8",
     ]  # fmt: skip
+    # Each engine's own spelling of the context length; the dtype is --dtype for both.
+    for engine, flag in (("vllm", "--max-model-len"), ("sglang", "--context-length")):
+        cmd = engine_command(engine, "/c", host="h", port=1, model_name="m", max_model_len=4096, dtype="bfloat16",
+                             extra=["--tp", "8"])  # fmt: skip
+        assert cmd[-6:] == [flag, "4096", "--dtype", "bfloat16", "--tp", "8"]
     with pytest.raises(ValueError, match="unknown engine"):
         engine_command("tgi", "/ckpt", host="127.0.0.1", port=1, model_name="m")
 
@@ -248,7 +253,7 @@ def test_proxy_reports_engine_errors(engine_url: str, tiny_ckpt: Path, live_serv
 
 
 def _dsv_serve(
-    engine: str, ckpt: Path, env: dict[str, str], tmp: Path
+    engine: str, ckpt: Path, env: dict[str, str], tmp: Path, *args: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``dsv serve CKPT --engine ENGINE`` with the scripted engine installed under the engine's name."""
     fake = tmp / "fake"
@@ -266,7 +271,9 @@ def _dsv_serve(
     port = free_port()
     dsv = shutil.which("dsv")
     assert dsv is not None, "the dsv command is installed (apps/cli)"
-    proc = subprocess.Popen([dsv, "serve", str(ckpt), "--engine", engine, "--port", str(port)], env=env)
+    proc = subprocess.Popen(
+        [dsv, "serve", str(ckpt), "--engine", engine, "--port", str(port), *args], env=env
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -284,7 +291,9 @@ def _dsv_serve(
 def test_dsv_serve_with_engine(
     engine: str, engine_env: dict[str, str], tiny_ckpt: Path, script: SimpleNamespace, tmp_path: Path
 ) -> None:
-    proc, url = _dsv_serve(engine, tiny_ckpt, engine_env, tmp_path)
+    # The context length and dtype become the engine's own flags; --engine-args go through as given.
+    options = ("--max-model-len", "2048", "--dtype", "bf16", "--engine-args", "--tp 2 --trust-remote-code")
+    proc, url = _dsv_serve(engine, tiny_ckpt, engine_env, tmp_path, *options)
     try:
         name = tiny_ckpt.name
         _check_round_trip(openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), script, name)
@@ -295,7 +304,8 @@ def test_dsv_serve_with_engine(
     (start,) = [r for r in records if "argv" in r]
     argv = start["argv"]
     port = int(argv[argv.index("--port") + 1])
-    expected = engine_command(engine, str(tiny_ckpt), host="127.0.0.1", port=port, model_name=name)
+    expected = engine_command(engine, str(tiny_ckpt), host="127.0.0.1", port=port, model_name=name,
+                              extra=["--tp", "2", "--trust-remote-code"], max_model_len=2048, dtype="bfloat16")  # fmt: skip
     if engine == "vllm":
         assert start["executable"] == "vllm" and argv == expected[1:]
     else:

@@ -243,6 +243,8 @@ def test_dsv_serve_refuses_bad_settings_before_loading(tmp_path: Path) -> None:
             (["--max-batch", "0"], "--max-batch"),
             (["--max-in-flight", "0"], "--max-in-flight"),
             (["--dtype", "fp7"], "unknown dtype"),
+            (["--engine-args", "--tp 8"], "--engine-args only applies"),
+            (["--engine", "vllm", "--engine-args", "--x 'unclosed"], "quotation"),
             (["--device", "tpu"], "unknown device"),
             *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
         ):

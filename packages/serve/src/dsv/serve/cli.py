@@ -1,11 +1,13 @@
 """``dsv serve PATH_OR_REPO``: the OpenAI-compatible server (thin Typer command).
 
-Run: ``dsv serve ./ckpt --port 8000 [--engine vllm|sglang] [--api-key KEY] [--device cuda --dtype bfloat16]``.
+Run: ``dsv serve ./ckpt --port 8000 [--api-key KEY] [--device cuda --dtype bfloat16]``, or with another
+engine: ``dsv serve ./ckpt --engine vllm --engine-args "--tensor-parallel-size 8"``.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +52,9 @@ def serve(
         256, min=1, help="prompt tokens per sequence per prefill step (native engine)"
     ),
     request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
+    engine_args: str = typer.Option(
+        "", help='more arguments for --engine vllm|sglang, as one string (e.g. "--tensor-parallel-size 8")'
+    ),
 ) -> None:
     """Serve a checkpoint over the OpenAI API (chat with thinking and tool calls, completions)."""
     import uvicorn
@@ -69,11 +74,17 @@ def serve(
         _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
     if not request_timeout > 0:
         _fail(f"--request-timeout must be positive, got {request_timeout}", 2)
-    from dsv.core.cli import resolve_device, resolve_dtype
+    from dsv.core.cli import parse_dtype, resolve_device, resolve_dtype
 
+    if engine == "native" and engine_args:
+        _fail("--engine-args only applies to --engine vllm or sglang", 2)
     try:
-        device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, device)
+        extra = shlex.split(engine_args)
+        if engine == "native":
+            device = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, device)
+        else:  # the engine places the model itself; a dtype asked for is passed on
+            torch_dtype = None if dtype == "auto" else parse_dtype(dtype)
     except ValueError as e:
         _fail(str(e), 2)
     # Before the checkpoint loads (which can take minutes): the address must be free to listen on.
@@ -96,9 +107,9 @@ def serve(
                 _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
             inner = free_port()
             name = model_name or Path(path_or_repo.rstrip("/")).name
-            proc = start_engine(
-                engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name)
-            )
+            dtype_name = None if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
+            proc = start_engine(engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name,
+                                               extra=extra, max_model_len=max_model_len, dtype=dtype_name))  # fmt: skip
             wait_ready(f"http://127.0.0.1:{inner}/v1/models", proc)
             app = load_proxy_app(path_or_repo, f"http://127.0.0.1:{inner}", model_name=name,
                                  max_model_len=max_model_len, **settings)  # fmt: skip

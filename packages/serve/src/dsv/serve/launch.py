@@ -32,9 +32,26 @@ def free_port() -> int:
 
 
 def engine_command(
-    engine: str, path: str, *, host: str, port: int, model_name: str, extra: list[str] | None = None
+    engine: str,
+    path: str,
+    *,
+    host: str,
+    port: int,
+    model_name: str,
+    extra: list[str] | None = None,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
 ) -> list[str]:
-    """The command line that starts ``engine`` for the checkpoint at ``path``."""
+    """The command line that starts ``engine`` for the checkpoint at ``path``.
+
+    ``max_model_len`` and ``dtype`` (``bfloat16``, ``float16``, ``float32``) become the engine's own
+    flags; ``extra`` (e.g. ``["--tensor-parallel-size", "8"]``) is appended as given.
+    """
+    own: list[str] = []
+    if max_model_len is not None:
+        own += ["--max-model-len" if engine == "vllm" else "--context-length", str(max_model_len)]
+    if dtype is not None:
+        own += ["--dtype", dtype]
     if engine == "vllm":
         cmd = [
             "vllm", "serve", path,
@@ -56,7 +73,7 @@ def engine_command(
         ]  # fmt: skip
     else:
         raise ValueError(f"unknown engine {engine!r}; choose native, vllm or sglang")
-    return cmd + list(extra or [])
+    return cmd + own + list(extra or [])
 
 
 def start_engine(cmd: list[str]) -> subprocess.Popen[bytes]:
