@@ -533,6 +533,23 @@ def test_a_request_the_engine_refuses_ends_cleanly(
     assert done and any("cache blocks" in json.dumps(ch.get("error", "")) for ch in chunks), chunks
 
 
+def test_status_lines_while_busy(serve_tiny: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dsv.serve")
+    server = serve_tiny(stats_interval_s=0.1)
+    with httpx.Client(timeout=60) as c:
+        assert c.post(server.url + "/v1/completions", json=_body(48, stream=False)).status_code == 200
+    time.sleep(0.5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dsv.serve"]
+    assert any("output" in m and "tok/s" in m and "cache" in m for m in lines), lines
+    rates = [float(m.split("output ")[1].split(" tok/s")[0].replace(",", "")) for m in lines]
+    assert max(rates) > 0, lines
+    quiet = len(lines)
+    time.sleep(0.4)
+    assert len([r for r in caplog.records if r.name == "dsv.serve"]) == quiet, "no status line while idle"
+
+
 def test_queue_full_is_429_with_retry_after(serve_tiny: Callable[..., Any]) -> None:
     server = serve_tiny(max_in_flight=2)
     url = server.url + "/v1/completions"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections import deque
@@ -58,6 +59,8 @@ from dsv.serve.schemas import (
 
 __all__ = ["ServerSettings", "create_app"]
 
+_log = logging.getLogger("dsv.serve")
+
 
 @dataclass(kw_only=True)
 class ServerSettings:
@@ -71,6 +74,9 @@ class ServerSettings:
     max_in_flight: int = 256
     request_timeout_s: float = 600.0
     shutdown_grace_s: float = 10.0
+    # Log a status line (token rates, running and waiting sequences, cache use) this often while
+    # there is work, to the ``dsv.serve`` logger; 0 turns it off.
+    stats_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_in_flight"):
@@ -79,6 +85,8 @@ class ServerSettings:
         for name in ("request_timeout_s", "shutdown_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.stats_interval_s < 0:
+            raise ValueError(f"stats_interval_s must be >= 0 (0 turns it off), got {self.stats_interval_s}")
 
 
 class _StopScanner:
@@ -175,9 +183,23 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     state = {"in_flight": 0, "draining": False}
     tps_window: deque[tuple[float, int]] = deque(maxlen=512)
 
+    async def report_stats() -> None:
+        """Every ``stats_interval_s``: a status line while tokens flow or sequences run or wait."""
+        before, then = metrics.totals(), time.monotonic()
+        while True:
+            await asyncio.sleep(settings.stats_interval_s)
+            after, now = metrics.totals(), time.monotonic()
+            if after != before or state["in_flight"]:
+                # The engine's counters may be a round trip to its process: not on the loop thread.
+                _log.info(await asyncio.to_thread(metrics.status_line, before, after, now - then))
+            before, then = after, now
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reporter = asyncio.create_task(report_stats()) if settings.stats_interval_s > 0 else None
         yield
+        if reporter is not None:
+            reporter.cancel()
         # Graceful shutdown: refuse new work, let running requests finish for a while, then stop.
         state["draining"] = True
         deadline = time.monotonic() + settings.shutdown_grace_s

@@ -6,6 +6,7 @@ engine: ``dsv serve ./ckpt --engine vllm --engine-args "--tensor-parallel-size 8
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -52,6 +53,9 @@ def serve(
         256, min=1, help="prompt tokens per sequence per prefill step (native engine)"
     ),
     request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
+    stats_interval: float = typer.Option(
+        10.0, min=0.0, help="seconds between status lines (token rates, queue, cache) while busy; 0: none"
+    ),
     engine_args: str = typer.Option(
         "", help='more arguments for --engine vllm|sglang, as one string (e.g. "--tensor-parallel-size 8")'
     ),
@@ -93,7 +97,8 @@ def serve(
     except OSError as e:
         _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host", 2)
     settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
-                "max_in_flight": max_in_flight, "request_timeout_s": request_timeout}  # fmt: skip
+                "max_in_flight": max_in_flight, "request_timeout_s": request_timeout,
+                "stats_interval_s": stats_interval}  # fmt: skip
     proc = None
     tune_cpu_allocator()  # for the thread engine; the engine process sets its own
     try:
@@ -119,6 +124,12 @@ def serve(
         _fail(str(e))
     where = f"native, {device}, {str(torch_dtype).removeprefix('torch.')}" if engine == "native" else engine
     console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
+    if stats_interval > 0:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s dsv serve: %(message)s", "%H:%M:%S"))
+        log = logging.getLogger("dsv.serve")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found:
     # with the default one the process would die there and leave the engine process running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

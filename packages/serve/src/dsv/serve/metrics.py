@@ -59,6 +59,25 @@ class Metrics:
             registry=r,
         )
 
+    def totals(self) -> dict[str, float]:
+        """Prompt and output tokens counted since start."""
+        get = self.registry.get_sample_value
+        return {
+            "prompt_tokens": get("dsv_prompt_tokens_total") or 0.0,
+            "generated_tokens": get("dsv_generated_tokens_total") or 0.0,
+        }
+
+    def status_line(self, before: dict[str, float], after: dict[str, float], seconds: float) -> str:
+        """One line for the console: token rates between two :meth:`totals` and the engine's state."""
+        s = self.backend.stats()
+        total = s.get("num_blocks", 0)
+        used = s.get("used_blocks", 0) / total if total else 0.0
+        prompt = (after["prompt_tokens"] - before["prompt_tokens"]) / seconds
+        out = (after["generated_tokens"] - before["generated_tokens"]) / seconds
+        return (f"prompt {prompt:,.1f} tok/s · output {out:,.1f} tok/s · running {s.get('running', 0):.0f} · "
+                f"waiting {s.get('waiting', 0):.0f} · cache {used:.1%} used · "
+                f"prefix hits {s.get('prefix_hit_blocks', 0):.0f} blocks")  # fmt: skip
+
     def render(self) -> bytes:
         s = self.backend.stats()
         self.queue.set(s.get("waiting", 0))
