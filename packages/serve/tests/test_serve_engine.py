@@ -11,6 +11,7 @@ Run: ``pytest packages/serve/tests/test_serve_engine.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -548,6 +549,43 @@ def test_status_lines_while_busy(serve_tiny: Callable[..., Any], caplog: pytest.
     quiet = len(lines)
     time.sleep(0.4)
     assert len([r for r in caplog.records if r.name == "dsv.serve"]) == quiet, "no status line while idle"
+
+
+def test_a_slow_stats_call_does_not_stall_streams(
+    serve_tiny: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine process answers stats() over a pipe; /health and /metrics must wait for it off the
+    # event loop that writes every stream's tokens.
+    from dsv.serve.backend import LocalBackend
+
+    real = LocalBackend.stats
+
+    def slow(self: LocalBackend) -> dict[str, float]:
+        time.sleep(1.0)
+        return real(self)
+
+    monkeypatch.setattr(LocalBackend, "stats", slow)
+    server = serve_tiny(engine_process=False)
+    arrivals: list[float] = []
+    probes: list[threading.Thread] = []
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream("POST", server.url + "/v1/completions", json=_body(400, True)) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 20:  # the stream is flowing: now ask for the stats, twice
+                    for path in ("/health", "/metrics"):
+                        t = threading.Thread(
+                            target=httpx.get, args=(server.url + path,), kwargs={"timeout": 30}
+                        )
+                        t.start()
+                        probes.append(t)
+    for t in probes:
+        t.join()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[20:])]
+    assert len(arrivals) > 100 and max(gaps) < 0.5, max(gaps)
 
 
 def test_queue_full_is_429_with_retry_after(serve_tiny: Callable[..., Any]) -> None:

@@ -412,7 +412,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "draining" if state["draining"] else "ok", **backend.stats()}
+        # backend.stats() may be a round trip to the engine process: off the loop that streams tokens.
+        return {"status": "draining" if state["draining"] else "ok", **await asyncio.to_thread(backend.stats)}
 
     @app.get("/metrics")
     async def prom() -> PlainTextResponse:
@@ -420,7 +421,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         recent = [n for t, n in tps_window if now - t <= 10.0]
         metrics.tokens_per_s.set(sum(recent) / 10.0)
         metrics.in_flight.set(state["in_flight"])
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            await asyncio.to_thread(metrics.render), media_type="text/plain; version=0.0.4"
+        )
 
     def model_card(name: str) -> dict[str, Any]:
         return {
