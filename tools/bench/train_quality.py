@@ -67,10 +67,11 @@ def _warmup_curve(run: Path, dense_dir: Path, ids: torch.Tensor) -> list[dict[st
 
 
 def _plot(curve: list[dict[str, float]], kl_steps: list[tuple[int, float]], path: Path, topk: int) -> None:
-    import matplotlib
+    from dsv.core.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        raise SystemExit("train_quality.py writes a plot: pip install matplotlib")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     steps = [c["step"] for c in curve]

@@ -45,3 +45,15 @@ def test_decode_bench_refuses_cuda_without_a_gpu_and_unknown_dtypes(tmp_path: Pa
     for args, needle in ((["--device", "cuda"], "no CUDA device"), (["--dtype", "fp7"], "unknown dtype")):
         r = _bench(*args, "--out", str(tmp_path))
         assert r.returncode == 2 and needle in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_pyplot_is_agg_or_none_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from dsv.core.plot import pyplot
+
+    pytest.importorskip("matplotlib")
+    plt = pyplot()
+    assert plt is not None and plt.get_backend().lower() == "agg"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it now fails
+    assert pyplot() is None

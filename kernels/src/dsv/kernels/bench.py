@@ -292,22 +292,15 @@ def query_chunk(batch: int, context: int) -> int:
     return max(1, min(context, SCORE_BYTES // (4 * batch * context)))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _plot(records: list[dict[str, Any]], path: Path) -> None:
     import io
 
-    import matplotlib
+    from dsv.core.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib not installed: no plot written")
+        return
 
     presets = sorted({r["preset"] for r in records})
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4), squeeze=False)
@@ -328,7 +321,9 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    from dsv.core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -423,10 +418,12 @@ def bench_app(
             fmt(r["gbps"], ".1f"), fmt(r["peak_mib"], ".0f"), fmt(r["speedup_vs_dense"], ".2f") + ("x" if r["speedup_vs_dense"] else ""),
         )  # fmt: skip
     console.print(table)
+    from dsv.core.checkpoint import atomic_write_bytes
+
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "backend": backend, "dtype": dtype, "batch": batch, "repeats": repeats,
             "shapes": [asdict(s) for s in shapes], "torch": torch.__version__}  # fmt: skip
-    _atomic_write(
+    atomic_write_bytes(
         out / "kernels_bench.json", json.dumps({"meta": meta, "records": records}, indent=2).encode()
     )
     _plot(records, out / "kernels_bench.png")

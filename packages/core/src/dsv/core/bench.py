@@ -247,12 +247,10 @@ def decode(
 
 
 def _plot_decode(rows: list[dict], path: Path, topk: int) -> None:
-    try:
-        import matplotlib
+    from dsv.core.plot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         console.print("[yellow]matplotlib not installed: no plot written[/]")
         return
     fig, ax = plt.subplots(figsize=(6, 4))

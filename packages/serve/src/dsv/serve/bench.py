@@ -360,12 +360,10 @@ def plot_serve(rows: list[dict[str, Any]], path: Path) -> bool:
 
     Returns False (and writes nothing) when matplotlib is not installed.
     """
-    try:
-        import matplotlib
+    from dsv.core.plot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         console.print("[yellow]matplotlib not installed: no plot written[/]")
         return False
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

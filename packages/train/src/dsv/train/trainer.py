@@ -640,14 +640,10 @@ class _Progress:
 
 def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
     """Loss curve PNG (matplotlib Agg); skipped quietly when matplotlib is missing."""
-    try:
-        import matplotlib
+    from dsv.core.plot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not history:
+    plt = pyplot()
+    if plt is None or not history:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "indexer_loss", "val_loss"):
