@@ -62,6 +62,11 @@ def parse_dtype(name: str) -> Any:
     return getattr(torch, _DTYPES[name])
 
 
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the spelling :func:`parse_dtype` and other engines take."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve_device(name: str) -> str:
     """A ``--device`` value checked against this machine: ``auto`` is ``cuda`` when torch sees a GPU,
     else ``cpu``; ``cuda[:N]`` must exist. Raises ``ValueError`` naming the fix otherwise."""

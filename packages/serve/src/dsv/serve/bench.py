@@ -223,7 +223,7 @@ def bench_serve(
 
     from dsv.core.allocator import tune_cpu_allocator
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
-    from dsv.core.cli import resolve_device, resolve_dtype
+    from dsv.core.cli import dtype_name, resolve_device, resolve_dtype
     from dsv.serve.engine import Engine
 
     try:
@@ -232,7 +232,6 @@ def bench_serve(
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
-    dtype_name = str(dt).removeprefix("torch.")
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
@@ -248,7 +247,7 @@ def bench_serve(
         for name in preset:
             folder = Path(tmp) / name
             cfg = _make_checkpoint(name, small_layers if name == "small" else None, folder)
-            proc, url = _start_server(folder, threads, max(clients), longest, device, dtype_name)
+            proc, url = _start_server(folder, threads, max(clients), longest, device, dtype_name(dt))
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(device).eval()
             pad = int(hf.config.pad_token_id if hf.config.pad_token_id is not None else 0)
             ours_model, _ = load_pretrained(str(folder), device=device, dtype=dt)
@@ -321,7 +320,7 @@ def bench_serve(
             f"date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
-            f"prompt+output tokens per client as listed, greedy; {dtype_name} on {device}; "
+            f"prompt+output tokens per client as listed, greedy; {dtype_name(dt)} on {device}; "
             f"{threads} torch thread(s) on each side; "
             f"glibc allocator thresholds {'raised on every side (dsv.core.allocator)' if tuned else 'left as they are'}; "
             f"median of {runs} runs after a warm-up wave of the same shape (4 output tokens), all sides "

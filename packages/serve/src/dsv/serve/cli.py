@@ -78,7 +78,7 @@ def serve(
         _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
     if not request_timeout > 0:
         _fail(f"--request-timeout must be positive, got {request_timeout}", 2)
-    from dsv.core.cli import parse_dtype, resolve_device, resolve_dtype
+    from dsv.core.cli import dtype_name, parse_dtype, resolve_device, resolve_dtype
 
     if engine == "native" and engine_args:
         _fail("--engine-args only applies to --engine vllm or sglang", 2)
@@ -112,9 +112,9 @@ def serve(
                 _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
             inner = free_port()
             name = model_name or Path(path_or_repo.rstrip("/")).name
-            dtype_name = None if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
+            asked = None if torch_dtype is None else dtype_name(torch_dtype)
             proc = start_engine(engine_command(engine, path_or_repo, host="127.0.0.1", port=inner, model_name=name,
-                                               extra=extra, max_model_len=max_model_len, dtype=dtype_name))  # fmt: skip
+                                               extra=extra, max_model_len=max_model_len, dtype=asked))  # fmt: skip
             wait_ready(f"http://127.0.0.1:{inner}/v1/models", proc)
             app = load_proxy_app(path_or_repo, f"http://127.0.0.1:{inner}", model_name=name,
                                  max_model_len=max_model_len, **settings)  # fmt: skip
@@ -122,7 +122,7 @@ def serve(
         _fail(f"{e}; check the checkpoint path or install the engine")
     except (DSVError, RuntimeError, TimeoutError, ValueError, OSError) as e:
         _fail(str(e))
-    where = f"native, {device}, {str(torch_dtype).removeprefix('torch.')}" if engine == "native" else engine
+    where = f"native, {device}, {dtype_name(torch_dtype)}" if engine == "native" else engine
     console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
     if stats_interval > 0:
         handler = logging.StreamHandler()

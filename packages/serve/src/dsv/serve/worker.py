@@ -60,6 +60,7 @@ def _child_main(
     if threads is not None:
         torch.set_num_threads(threads)
     from dsv.core.checkpoint import load_pretrained
+    from dsv.core.cli import dtype_name
     from dsv.serve.engine import Engine
 
     lock = threading.Lock()
@@ -87,7 +88,7 @@ def _child_main(
     engine.deliver = deliver
     engine.start()
     info = {"num_blocks": engine.pool.num_blocks, "block_size": engine.pool.block_size,
-            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+            "threads": torch.get_num_threads(), "dtype": dtype_name(dtype)}  # fmt: skip
     send(("ready", info))
     while True:
         try:
