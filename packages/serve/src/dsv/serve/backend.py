@@ -132,7 +132,25 @@ def _put_all(items: list[tuple[asyncio.Queue[TokenEvent | Finish], TokenEvent | 
         queue.put_nowait(ev)
 
 
-class LocalBackend:
+class _Tokens:
+    """Text <-> ids with the checkpoint's tokenizer (no BOS: prompts are already encoded)."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_bos=False))
+
+    def ids(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.encode(prompt)
+
+    def count(self, prompt: str | list[int]) -> int:
+        return len(prompt) if isinstance(prompt, list) else len(self.encode(prompt))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids))
+
+
+class LocalBackend(_Tokens):
     """The native engine with the checkpoint's tokenizer."""
 
     def __init__(
@@ -163,18 +181,6 @@ class LocalBackend:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=False))
-
-    def ids(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, list) else self.encode(prompt)
-
-    def count(self, prompt: str | list[int]) -> int:
-        return len(self.ids(prompt))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
-
     def stats(self) -> dict[str, float]:
         s = self.engine.stats()
         return {
@@ -194,11 +200,10 @@ class LocalBackend:
         ids = self.ids(prompt)
         params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
         stops = params.stop_token_ids
+        # The HTTP layer checks requests first; an engine refusal still ends the choice cleanly.
         try:
             sid = self.engine.submit(ids, params, _Sink(asyncio.get_running_loop(), queue))
-        except (
-            ValueError
-        ) as e:  # the HTTP layer checks first; an engine refusal still ends the choice cleanly
+        except ValueError as e:
             yield Piece(finish_reason="error", prompt_tokens=len(ids), error=str(e))
             return
         done = False
@@ -243,7 +248,7 @@ class LocalBackend:
                 self.engine.cancel(sid)
 
 
-class ProxyBackend:
+class ProxyBackend(_Tokens):
     """Forward encoded prompts to a vLLM/SGLang ``/v1/completions`` endpoint."""
 
     def __init__(
@@ -264,15 +269,6 @@ class ProxyBackend:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=None)
         self._inflight = 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=False))
-
-    def count(self, prompt: str | list[int]) -> int:
-        return len(prompt) if isinstance(prompt, list) else len(self.encode(prompt))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
 
     def stats(self) -> dict[str, float]:
         return {"waiting": 0, "running": self._inflight}
