@@ -20,8 +20,9 @@ proxy engine it is left to the model. ``"none"`` leaves the tools out of the pro
 
 Safety: API key (``Authorization: Bearer``, on every path but /health and /metrics), request size
 and ``max_tokens`` limits, a bounded number of requests in flight (429 + Retry-After), per-request
-timeouts, cancellation when the client disconnects, and every error in the OpenAI shape. Bodies are parsed by hand (not by FastAPI
-parameters) so that malformed JSON and schema errors get the OpenAI shape with status 400.
+timeouts, cancellation when the client disconnects, and every error in the OpenAI shape. Bodies are
+parsed by hand (not by FastAPI parameters) so that malformed JSON and schema errors get the OpenAI
+shape with status 400.
 
 Run: ``dsv serve PATH``; checks: ``pytest packages/serve/tests/``.
 """
@@ -398,6 +399,19 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"{param} token id {bad} is out of range: this model takes ids 0 to "
                            f"{backend.vocab_size - 1}", param=param, code="invalid_value")  # fmt: skip
 
+    def thinking_mode(req: Any, alias: bool | None) -> bool:
+        """Thinking as the DeepSeek API switches it: ``thinking.type``, else the ``-reasoner`` alias."""
+        return req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
+
+    def chat_text(req: Any, thinking: bool, tools: list[dict[str, Any]] | None, schema: Any = None) -> str:
+        """``req.messages`` in the V3.2 prompt format (a 400 for a conversation the encoding refuses)."""
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            return encode_messages(messages, thinking=thinking, tools=tools, response_format=schema,
+                                   templates=backend.templates)  # fmt: skip
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+
     def sampling(
         req: Any, max_tokens: int, i: int, top_logprobs: int,
         prefix_choices: tuple[tuple[int, ...], ...] = (), prefix_after: tuple[int, ...] = (),
@@ -452,13 +466,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         alias = resolve_model(req.model)
         text = req.prompt
         if req.messages is not None:
-            thinking = req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
-            try:
-                text = encode_messages([m.model_dump(exclude_none=True) for m in req.messages], thinking=thinking,
-                                       tools=tools, templates=backend.templates)  # fmt: skip
-            except ChatFormatError as e:
-                raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+            text = chat_text(req, thinking_mode(req, alias), tools)
         ids = backend.encode(text or "")
         return {"tokens": ids, "count": len(ids), "max_model_len": backend.max_model_len}
 
@@ -474,7 +483,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         alias = resolve_model(req.model)
         check_token_ids("logit_bias", (t for t, _ in req.bias()))
-        thinking = req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
+        thinking = thinking_mode(req, alias)
         if thinking and (req.logprobs or req.top_logprobs):
             raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode", param="logprobs",
                            code="invalid_value")  # fmt: skip
@@ -513,12 +522,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         render_tools = tools if req.tool_choice != "none" else None
         rf = req.response_format
         schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        try:
-            prompt = encode_messages(messages, thinking=thinking, tools=render_tools, response_format=schema,
-                                     templates=backend.templates) + forced  # fmt: skip
-        except ChatFormatError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+        prompt = chat_text(req, thinking, render_tools, schema) + forced
         prompt_tokens = backend.count(prompt)
         max_tokens = budget(prompt_tokens, req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 1) if req.logprobs else 0
