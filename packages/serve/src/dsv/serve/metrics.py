@@ -70,8 +70,7 @@ class Metrics:
     def status_line(self, before: dict[str, float], after: dict[str, float], seconds: float) -> str:
         """One line for the console: token rates between two :meth:`totals` and the engine's state."""
         s = self.backend.stats()
-        total = s.get("num_blocks", 0)
-        used = s.get("used_blocks", 0) / total if total else 0.0
+        used = _cache_usage(s)
         prompt = (after["prompt_tokens"] - before["prompt_tokens"]) / seconds
         out = (after["generated_tokens"] - before["generated_tokens"]) / seconds
         return (f"prompt {prompt:,.1f} tok/s · output {out:,.1f} tok/s · running {s.get('running', 0):.0f} · "
@@ -83,7 +82,12 @@ class Metrics:
         self.queue.set(s.get("waiting", 0))
         self.running.set(s.get("running", 0))
         self.used.set(s.get("used_blocks", 0))
-        total = s.get("num_blocks", 0)
-        self.usage.set(s.get("used_blocks", 0) / total if total else 0.0)
+        self.usage.set(_cache_usage(s))
         self.prefix_hits.set(s.get("prefix_hit_blocks", 0))
         return generate_latest(self.registry)
+
+
+def _cache_usage(stats: dict[str, float]) -> float:
+    """Fraction of the cache's blocks in use, from a backend's ``stats()`` (0 when it has none)."""
+    total = stats.get("num_blocks", 0)
+    return stats.get("used_blocks", 0) / total if total else 0.0
