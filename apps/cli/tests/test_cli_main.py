@@ -48,7 +48,7 @@ def test_doctor_reports_versions_and_kernels() -> None:
     from dsv.cli.doctor import collect
 
     facts = collect()
-    for key in ("python", "torch", "triton", "device", "kernels", "dsv-cli"):
+    for key in ("python", "torch", "triton", "device", "kernels", "CPU DSA kernel", "dsv-cli"):
         assert key in facts
     r = subprocess.run(
         [sys.executable, "-m", "dsv.cli.main", "doctor"], capture_output=True, text=True, timeout=120

@@ -40,15 +40,17 @@ def collect() -> dict[str, str]:
         facts["torch threads"] = str(torch.get_num_threads())
     facts["device"] = device
     facts["kernels"] = _kernels_status()
+    facts["CPU DSA kernel"] = _kernels_status("dsv.kernels.cpu")
     facts["DSV_KERNELS"] = os.environ.get("DSV_KERNELS", "(unset: auto)")
     return facts
 
 
-def _kernels_status() -> str:
+def _kernels_status(module: str = "dsv.kernels") -> str:
+    """Whether ``module`` (dsv.kernels, or its CPU part dsv.kernels.cpu) can run here, and why."""
     if _version("dsv-kernels") is None:
         return "not installed (pip install dsv-kernels)"
     try:
-        kernels = importlib.import_module("dsv.kernels")
+        kernels = importlib.import_module(module)
     except ImportError as exc:
         return f"installed but not importable: {exc}"
     usable, why = kernels.availability()

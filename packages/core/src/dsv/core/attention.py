@@ -9,6 +9,10 @@ to the reference otherwise. ``DSV_KERNELS=torch|triton`` forces a choice
 (``triton`` on CPU needs ``TRITON_INTERPRET=1``). ``dsv.kernels`` is imported
 lazily, on first use, so core never depends on it at import time.
 
+``fused_sparse_attention`` is the three DSA ops in one call; at inference on a CPU
+it runs as dsv-kernels' compiled CPU kernel (one pass per query instead of about
+25 torch ops per layer), elsewhere as the chain of the three.
+
 Shapes follow the absorbed ("MQA mode") MLA form that DSA is built on:
 
 - indexer: ``q [B, S, H_I, D_I]``, shared keys ``k [B, T, D_I]``, head weights
@@ -76,6 +80,30 @@ def _kernels() -> ModuleType:
     kernels, why = _kernels_module()
     assert kernels is not None, why
     return kernels
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kernels_module() -> tuple[ModuleType | None, str]:
+    try:
+        import dsv.kernels.cpu as cpu  # type: ignore[import-not-found]
+    except ImportError as exc:
+        return None, f"dsv-kernels not importable ({exc})"
+    usable, why = cpu.availability()
+    return (cpu if usable else None), why
+
+
+def fused_sparse_ok(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether :func:`fused_sparse_attention` runs as one compiled CPU call for tensors like these:
+    fp32 CPU tensors at inference, dsv-kernels' CPU kernel built, and ``DSV_KERNELS`` not forcing
+    the torch references (or Triton)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and kv.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad))
+        and os.environ.get("DSV_KERNELS", "").strip().lower() in ("", "auto")
+        and _cpu_kernels_module()[0] is not None
+    )
 
 
 # ----------------------------------------------------------------------------- masks
@@ -309,6 +337,32 @@ def sparse_mla(
         out, lse = _attend_fused(q.reshape(B * S, 1, H, D), rows, (idx >= 0).view(B * S, 1, 1, K), sm_scale)
         return out[..., :d_v].reshape(B, S, H, d_v).to(q.dtype), lse.view(B, S, H)
     return sparse_mla_reference(q, kv, idx, sm_scale, d_v)
+
+
+def fused_sparse_attention(
+    iq: torch.Tensor,
+    index_k: torch.Tensor,
+    iw: torch.Tensor,
+    q_offset: torch.Tensor | int,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    topk: int,
+    sm_scale: float,
+    d_v: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indexer scores, top-k and sparse attention in one step -> ``(out, lse, idx)``.
+
+    The same as ``sparse_mla(q, kv, select_topk(indexer_scores(iq, index_k, iw, q_offset), topk),
+    sm_scale, d_v)`` with its ``idx``; one compiled call per layer where :func:`fused_sparse_ok`,
+    that chain otherwise. Inference only on the fused path (nothing is differentiable through it).
+    """
+    if fused_sparse_ok(q, kv):
+        cpu, _ = _cpu_kernels_module()
+        assert cpu is not None
+        return cpu.sparse_attend(iq, index_k, iw, q_offset, q, kv, topk=topk, sm_scale=sm_scale, d_v=d_v)
+    idx = select_topk(indexer_scores(iq, index_k, iw, q_offset), topk)
+    out, lse = sparse_mla(q, kv, idx, sm_scale, d_v)
+    return out, lse, idx
 
 
 def dense_mla(

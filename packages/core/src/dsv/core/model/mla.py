@@ -12,7 +12,9 @@ Three ways to attend, all the same maths:
   (``q_nope · W_UK`` -> a ``kv_lora_rank`` query) and its value half into the output, so all heads
   attend directly over the cached latent rows.
 - **Sparse** (DSA): absorbed queries attend only to the ``index_topk`` rows the lightning indexer
-  selected, through :func:`dsv.core.attention.sparse_mla` (Triton kernels when available).
+  selected, through :func:`dsv.core.attention.sparse_mla` (Triton kernels when available). At
+  inference on a CPU, scoring, selection and this attention are one compiled call per layer
+  (:func:`dsv.core.attention.fused_sparse_attention`, dsv-kernels' CPU kernel).
 
 Sparse attention is used when the indexer exists and some query sees more than ``index_topk`` keys;
 below that the selection is every visible key, so dense is exact and cheaper.
@@ -174,6 +176,17 @@ class MLA(nn.Module):
         sparse = self.indexer is not None and use_sparse and max_visible > self.config.index_topk
         need_scores = self.indexer is not None and (sparse or want_indices or indexer_loss)
         scores = None
+        if sparse and not indexer_loss and attention.fused_sparse_ok(q, kv_all):
+            # Inference on a CPU: scores, selection and attention as one compiled call per layer
+            # (prefill chunks and decode alike; it beats both the masked-dense and gathered forms).
+            assert self.indexer is not None and qr is not None and index_k_all is not None
+            iq, iw = self.indexer.queries(x, qr, cos, sin)
+            out_lat, _, extras.indices = attention.fused_sparse_attention(
+                iq, index_k_all, iw, q_offset, self._absorbed_query(q_nope, q_pe), kv_all,
+                self.config.index_topk, self.scale, self.rank,
+            )  # fmt: skip
+            out = self._absorbed_output(out_lat)
+            return self.o_proj(out.reshape(B, S, H * self.v_dim).to(x.dtype)), extras
         if need_scores:
             assert self.indexer is not None and qr is not None and index_k_all is not None
             with torch.set_grad_enabled(indexer_loss and torch.is_grad_enabled()):
