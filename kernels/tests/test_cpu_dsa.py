@@ -77,6 +77,17 @@ def test_matches_the_torch_chain(B: int, S: int, T: int, topk: int, offsets: lis
     assert torch.equal((idx >= 0).sum(-1), visible.clamp(max=K))
 
 
+def test_select_alone_matches_the_torch_selection() -> None:
+    iq, ik, iw, q, kv = _inputs(3, 4, 45)
+    off = torch.tensor([41, 2, 20])
+    idx = cpu.select(iq, ik, iw, off, topk=12)
+    _, _, ref_idx, scores = _chain(iq, ik, iw, off, q, kv, 12, 24)
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    assert torch.equal(_picked(scores, idx), _picked(scores, ref_idx))
+    # the same selection the fused call makes
+    assert torch.equal(idx, cpu.sparse_attend(iq, ik, iw, off, q, kv, topk=12, sm_scale=0.3, d_v=24)[2])
+
+
 def test_query_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     iq, ik, iw, q, kv = _inputs(2, 11, 40)
     off = torch.tensor([29, 3])
@@ -152,6 +163,8 @@ def test_core_dispatch_uses_it_at_cpu_inference_only(monkeypatch: pytest.MonkeyP
     real = cpu.sparse_attend
     monkeypatch.setattr(cpu, "sparse_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
     attention._cpu_kernels_module.cache_clear()
+    ok, why = attention.prepare_cpu_kernel()  # what the serve engine calls at start
+    assert ok and "compiled with" in why
     fused = attention.fused_sparse_attention(iq, ik, iw, off, q, kv, 8, 0.3, 24)
     assert calls == [1]
     monkeypatch.setenv("DSV_KERNELS", "torch")
@@ -160,9 +173,18 @@ def test_core_dispatch_uses_it_at_cpu_inference_only(monkeypatch: pytest.MonkeyP
     for a, b in zip(fused[:2], chained[:2], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     monkeypatch.delenv("DSV_KERNELS")
+    # Wide attention: the kernel selects, torch attends (same result).
+    monkeypatch.setattr(attention, "FUSED_ATTEND_MAX", 0)
+    selected = []
+    real_select = cpu.select
+    monkeypatch.setattr(cpu, "select", lambda *a, **k: selected.append(1) or real_select(*a, **k))
+    split = attention.fused_sparse_attention(iq, ik, iw, off, q, kv, 8, 0.3, 24)
+    assert calls == [1] and selected == [1]
+    for a, b in zip(split, fused, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     q.requires_grad_(True)  # training: the chain, which autograd can go through
     out, _, _ = attention.fused_sparse_attention(iq, ik, iw, off, q, kv, 8, 0.3, 24)
-    assert calls == [1] and out.requires_grad
+    assert calls == [1] and selected == [1] and out.requires_grad
     assert not attention.fused_sparse_ok(q.detach().bfloat16(), kv.bfloat16())
 
 

@@ -3,6 +3,8 @@ forward/backward, indexer distillation loss), each with a torch reference beside
 
 dsv.core picks these up automatically on CUDA when installed (``DSV_KERNELS=triton|torch`` forces a
 choice). On CPU they run in Triton's interpreter with ``TRITON_INTERPRET=1`` (tests, small shapes).
+For inference on a CPU, :mod:`dsv.kernels.cpu` is the DSA chain (indexer head-sum, top-k, sparse
+attention) as one compiled C call, which dsv.core uses automatically there.
 
 Run the tests: ``pytest kernels/tests`` (the conftest turns the interpreter on);
 benchmark: ``dsv bench kernels --help``.

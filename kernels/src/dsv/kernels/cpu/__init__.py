@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["availability", "sparse_attend"]
+__all__ = ["availability", "cache_dir", "select", "sparse_attend"]
 
 _SOURCE = Path(__file__).with_name("dsa.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
@@ -121,6 +121,18 @@ def availability() -> tuple[bool, str]:
     return lib is not None, why
 
 
+def select(
+    iq: torch.Tensor, index_k: torch.Tensor, iw: torch.Tensor, q_offset: torch.Tensor | int, *, topk: int
+) -> torch.Tensor:
+    """The indexer's top-``topk`` keys per query, ``idx [B,S,K]`` int32 (``K = min(topk, T)``, order
+    unspecified, ``-1`` past a query's visible count): ``select_topk(indexer_scores(...), topk)``.
+
+    For models whose attention is large enough that torch's blocked attention beats a per-row loop
+    (see :data:`dsv.core.attention.FUSED_ATTEND_MAX`), the selection alone is still one call.
+    """
+    return _run(iq, index_k, iw, q_offset, None, None, topk=topk, sm_scale=1.0, d_v=0)[2]
+
+
 def sparse_attend(
     iq: torch.Tensor,
     index_k: torch.Tensor,
@@ -142,40 +154,63 @@ def sparse_attend(
     selection in no particular order, ``-1`` past its visible count. Equals
     ``sparse_mla(q, kv, select_topk(indexer_scores(iq, index_k, iw, q_offset), topk), ...)``.
     """
+    out, lse, idx = _run(iq, index_k, iw, q_offset, q, kv, topk=topk, sm_scale=sm_scale, d_v=d_v)
+    assert out is not None and lse is not None
+    return out, lse, idx
+
+
+def _run(
+    iq: torch.Tensor,
+    index_k: torch.Tensor,
+    iw: torch.Tensor,
+    q_offset: torch.Tensor | int,
+    q: torch.Tensor | None,
+    kv: torch.Tensor | None,
+    *,
+    topk: int,
+    sm_scale: float,
+    d_v: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Both entry points: check, then walk the queries in chunks; ``q is None``: selection only."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(why)
-    B, S, H, D = q.shape
-    HI, DI = iq.shape[2:]
-    T = kv.shape[1]
+    B, S, HI, DI = iq.shape
+    T = index_k.shape[1]
     tensors = {"iq": iq, "index_k": index_k, "iw": iw, "q": q, "kv": kv}
     for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise TypeError(f"{name}: expected a float32 CPU tensor, got {t.dtype} on {t.device}")
+    H, D = q.shape[2:] if q is not None else (0, 0)
     if (
-        iq.shape[:2] != (B, S)
-        or index_k.shape != (B, T, DI)
+        index_k.shape != (B, T, DI)
         or iw.shape != (B, S, HI)
-        or kv.shape[::2] != (B, D)
+        or (q is not None and q.shape[:2] != (B, S))
+        or (kv is not None and kv.shape != (B, T, D))
     ):
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items() if t is not None)
         raise ValueError(
-            f"shapes do not agree: iq {tuple(iq.shape)}, index_k {tuple(index_k.shape)}, iw {tuple(iw.shape)}, "
-            f"q {tuple(q.shape)}, kv {tuple(kv.shape)} (expected iq [B,S,H_I,D_I], index_k [B,T,D_I], "
-            "iw [B,S,H_I], q [B,S,H,D], kv [B,T,D])"
+            f"shapes do not agree: {shapes} (expected iq [B,S,H_I,D_I], index_k [B,T,D_I], iw [B,S,H_I], "
+            "q [B,S,H,D], kv [B,T,D])"
         )
-    if kv.stride(2) != 1:
+    if kv is not None and kv.stride(2) != 1:
         raise ValueError(f"kv: each row's values must be contiguous, got strides {kv.stride()}")
-    if not 0 < d_v <= D:
+    if q is not None and not 0 < d_v <= D:
         raise ValueError(f"d_v: expected 1..{D}, got {d_v}")
     K = min(topk, T)
-    iw, q = iw.contiguous(), q.contiguous()
+    iw = iw.contiguous()
     if isinstance(q_offset, int):
         offsets = torch.full((B,), q_offset, dtype=torch.int64)
     else:
         offsets = q_offset.to(device="cpu", dtype=torch.int64).expand(B).contiguous()
-    out = torch.empty(B, S, H, d_v)
-    lse = torch.empty(B, S, H)
     idx = torch.empty(B, S, K, dtype=torch.int32)
+    out = lse = None
+    if q is not None and kv is not None:
+        q = q.contiguous()
+        out, lse = torch.empty(B, S, H, d_v), torch.empty(B, S, H)
+        attend = (q.data_ptr(), kv.data_ptr(), kv.stride(0), kv.stride(1), out.data_ptr(), lse.data_ptr())
+    else:
+        attend = (None, None, 0, 0, None, None)
     keys = index_k.transpose(1, 2)
     # Queries in chunks whose q . k block [B, chunk, H_I, T] stays in cache while C reads it back
     # (one 16 MB block for a 4 x 256-query prefill chunk ran 1.4x slower than the torch chain).
@@ -184,9 +219,8 @@ def sparse_attend(
         s1 = min(S, s0 + chunk)
         raw = torch.bmm(iq[:, s0:s1].reshape(B, (s1 - s0) * HI, DI), keys)  # (B, n*H_I, T)
         status = lib.dsv_dsa_sparse_attend_f32(
-            raw.data_ptr(), iw.data_ptr(), offsets.data_ptr(), q.data_ptr(), kv.data_ptr(),
-            kv.stride(0), kv.stride(1), B, S, s0, s1, HI, T, H, D, d_v, K, sm_scale,
-            out.data_ptr(), lse.data_ptr(), idx.data_ptr(),
+            raw.data_ptr(), iw.data_ptr(), offsets.data_ptr(), *attend[:4],
+            B, S, s0, s1, HI, T, H, D, d_v, K, sm_scale, *attend[4:], idx.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the CPU DSA kernel could not allocate its scratch buffers")

@@ -75,13 +75,14 @@ static inline float dot(const float *a, const float *b, int64_t n) {
  * kv    row b, key t at kv + b * kv_sb + t * kv_st, D contiguous floats; values are the first DV
  * out   [B, S, H, DV]  attention output;  lse [B, S, H] natural-log log-sum-exp
  * idx   [B, S, K]      selected keys (order unspecified), -1 past the visible count
+ * With out == NULL only idx is written (the selection; q, kv and lse are not read).
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q_off, const float *q,
                               const float *kv, int64_t kv_sb, int64_t kv_st, int64_t B, int64_t S,
                               int64_t s0, int64_t s1, int64_t HI, int64_t T, int64_t H, int64_t D,
                               int64_t DV, int64_t K, float sm_scale, float *out, float *lse, int32_t *idx) {
-    /* scratch: scores [T], radix keys [T], candidates [T], selection [K], one head's logits [K] */
-    float *score = (float *)malloc(sizeof(float) * (size_t)(T + K + 1));
+    /* scratch: scores [T], radix keys [T], candidates [T], selection [K], logits [H, K] */
+    float *score = (float *)malloc(sizeof(float) * (size_t)(T + H * K + 1));
     uint32_t *key = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(T + 1));
     int32_t *cand = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T + K + 1));
     if (score == NULL || key == NULL || cand == NULL) {
@@ -119,32 +120,36 @@ int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q
             for (int64_t j = 0; j < n; j++) idx_r[j] = sel[j];
             for (int64_t j = n; j < K; j++) idx_r[j] = -1;
 
-            /* Sparse attention: every head over the same n latent rows. */
+            if (out == NULL) continue; /* selection only */
+
+            /* Sparse attention, every head over the same n latent rows. Rows outer, heads inner:
+             * each gathered row is read once for all heads (heads outer re-read the whole selection
+             * per head, several times the traffic once it leaves L1). */
+            const float *q_r = q + row * H * D;
+            float *out_r = out + row * H * DV;
+            float *lse_r = lse + row * H;
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = kv_b + (int64_t)sel[j] * kv_st;
+                for (int64_t h = 0; h < H; h++) logit[h * K + j] = dot(q_r + h * D, v, D) * sm_scale;
+            }
             for (int64_t h = 0; h < H; h++) {
-                const float *q_h = q + (row * H + h) * D;
-                float *out_h = out + (row * H + h) * DV;
-                for (int64_t d = 0; d < DV; d++) out_h[d] = 0.0f;
-                if (n == 0) {
-                    lse[row * H + h] = -INFINITY;
-                    continue;
-                }
-                float m = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    logit[j] = dot(q_h, kv_b + (int64_t)sel[j] * kv_st, D) * sm_scale;
-                    if (logit[j] > m) m = logit[j];
-                }
-                float total = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
-                    const float p = expf(logit[j] - m);
-                    const float *v = kv_b + (int64_t)sel[j] * kv_st;
-                    total += p;
+                float *l_h = logit + h * K;
+                float m = -INFINITY, total = 0.0f;
+                for (int64_t j = 0; j < n; j++) m = l_h[j] > m ? l_h[j] : m;
+                for (int64_t j = 0; j < n; j++) total += (l_h[j] = expf(l_h[j] - m));
+                const float inv = 1.0f / total;
+                for (int64_t j = 0; j < n; j++) l_h[j] *= inv; /* now the probabilities */
+                lse_r[h] = n > 0 ? m + logf(total) : -INFINITY;
+            }
+            for (int64_t i = 0; i < H * DV; i++) out_r[i] = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = kv_b + (int64_t)sel[j] * kv_st;
+                for (int64_t h = 0; h < H; h++) {
+                    const float p = logit[h * K + j];
+                    float *out_h = out_r + h * DV;
 #pragma omp simd
                     for (int64_t d = 0; d < DV; d++) out_h[d] += p * v[d];
                 }
-                const float inv = 1.0f / total;
-#pragma omp simd
-                for (int64_t d = 0; d < DV; d++) out_h[d] *= inv;
-                lse[row * H + h] = m + logf(total);
             }
         }
     }

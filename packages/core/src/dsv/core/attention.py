@@ -92,6 +92,13 @@ def _cpu_kernels_module() -> tuple[ModuleType | None, str]:
     return (cpu if usable else None), why
 
 
+def prepare_cpu_kernel() -> tuple[bool, str]:
+    """Build (or load from its cache) dsv-kernels' CPU kernel now instead of on the first forward
+    that needs it; whether it is usable here, and why."""
+    cpu, why = _cpu_kernels_module()
+    return cpu is not None, why
+
+
 def fused_sparse_ok(q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether :func:`fused_sparse_attention` runs as one compiled CPU call for tensors like these:
     fp32 CPU tensors at inference, dsv-kernels' CPU kernel built, and ``DSV_KERNELS`` not forcing
@@ -339,6 +346,14 @@ def sparse_mla(
     return sparse_mla_reference(q, kv, idx, sm_scale, d_v)
 
 
+# Heads x latent width up to which the CPU kernel also does the attention (a loop per query row);
+# above it the kernel selects and torch's blocked attention attends. Per call, one thread
+# (tools/bench/cpu_dsa.py): tiny (4 x 40) decode 0.38 ms whole in C vs 0.47 ms selecting only vs
+# 0.67 ms for the torch chain; small (16 x 288) decode 6.8 vs 5.1 vs 6.7 ms; v32 (128 x 576) decode
+# 33 vs 16 vs 17 ms.
+FUSED_ATTEND_MAX = 1024
+
+
 def fused_sparse_attention(
     iq: torch.Tensor,
     index_k: torch.Tensor,
@@ -353,14 +368,18 @@ def fused_sparse_attention(
     """Indexer scores, top-k and sparse attention in one step -> ``(out, lse, idx)``.
 
     The same as ``sparse_mla(q, kv, select_topk(indexer_scores(iq, index_k, iw, q_offset), topk),
-    sm_scale, d_v)`` with its ``idx``; one compiled call per layer where :func:`fused_sparse_ok`,
-    that chain otherwise. Inference only on the fused path (nothing is differentiable through it).
+    sm_scale, d_v)`` with its ``idx``. Where :func:`fused_sparse_ok`, the selection (and, up to
+    :data:`FUSED_ATTEND_MAX`, the attention too) is one compiled call; that chain otherwise.
+    Inference only on the compiled path (nothing is differentiable through it).
     """
     if fused_sparse_ok(q, kv):
         cpu, _ = _cpu_kernels_module()
         assert cpu is not None
-        return cpu.sparse_attend(iq, index_k, iw, q_offset, q, kv, topk=topk, sm_scale=sm_scale, d_v=d_v)
-    idx = select_topk(indexer_scores(iq, index_k, iw, q_offset), topk)
+        if q.shape[2] * q.shape[3] <= FUSED_ATTEND_MAX:
+            return cpu.sparse_attend(iq, index_k, iw, q_offset, q, kv, topk=topk, sm_scale=sm_scale, d_v=d_v)
+        idx = cpu.select(iq, index_k, iw, q_offset, topk=topk)
+    else:
+        idx = select_topk(indexer_scores(iq, index_k, iw, q_offset), topk)
     out, lse = sparse_mla(q, kv, idx, sm_scale, d_v)
     return out, lse, idx
 

@@ -291,6 +291,10 @@ class Engine:
             )
 
     def start(self) -> None:
+        if self.device.type == "cpu":
+            from dsv.core.attention import prepare_cpu_kernel
+
+            prepare_cpu_kernel()  # its one-off build is not the first request's wait
         self._thread = threading.Thread(target=self._loop, name="dsv-engine", daemon=True)
         self._thread.start()
 
