@@ -33,6 +33,7 @@ Run the checks: ``pytest packages/core/tests/test_attention.py``.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from types import ModuleType
 from typing import Literal
@@ -50,14 +51,19 @@ _INDEXER_CHUNK_ELEMS = 1 << 19  # 2 MiB fp32 blocks: 4-10% faster than 4 MiB on 
 # ----------------------------------------------------------------------------- dispatch
 
 
-@functools.lru_cache(maxsize=1)
-def _kernels_module() -> tuple[ModuleType | None, str]:
+def _usable(name: str) -> tuple[ModuleType | None, str]:
+    """``name`` (dsv.kernels or dsv.kernels.cpu) when importable and its ``availability()`` says yes."""
     try:
-        import dsv.kernels as kernels  # type: ignore[import-not-found]
+        module = importlib.import_module(name)
     except ImportError as exc:
         return None, f"dsv-kernels not importable ({exc})"
-    usable, why = kernels.availability()
-    return (kernels if usable else None), why
+    usable, why = module.availability()
+    return (module if usable else None), why
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_module() -> tuple[ModuleType | None, str]:
+    return _usable("dsv.kernels")
 
 
 def backend_for(t: torch.Tensor) -> Backend:
@@ -84,12 +90,7 @@ def _kernels() -> ModuleType:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_kernels_module() -> tuple[ModuleType | None, str]:
-    try:
-        import dsv.kernels.cpu as cpu  # type: ignore[import-not-found]
-    except ImportError as exc:
-        return None, f"dsv-kernels not importable ({exc})"
-    usable, why = cpu.availability()
-    return (cpu if usable else None), why
+    return _usable("dsv.kernels.cpu")
 
 
 def prepare_cpu_kernel() -> tuple[bool, str]:
