@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -93,8 +91,9 @@ def main() -> None:
 
     import dsv.kernels.cpu as cpu
     from dsv.core.allocator import tune_cpu_allocator
+    from dsv.core.bench import host
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
     from dsv.serve.bench import _engine_wave, _make_checkpoint, _prompts
     from dsv.serve.engine import Engine
 
@@ -152,8 +151,7 @@ def main() -> None:
 
     md = "\n".join([
         f"- command: `OMP_NUM_THREADS=1 python tools/bench/cpu_dsa.py --runs {args.runs}`",
-        f"- machine: {os.cpu_count()}-core CPU ({platform.machine()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}); date: {datetime.date.today().isoformat()}; one torch thread; the "
+        f"- machine: {host()}; date: {datetime.date.today().isoformat()}; one torch thread; the "
         f"kernel {why}; medians of {args.runs} runs, both paths alternating in one process; speed-up = "
         "median of each run's ratio",
         "",
@@ -175,10 +173,7 @@ def main() -> None:
             ax.set_title("DSA on a CPU: compiled kernel vs torch ops")
             fig.tight_layout()
             png = args.write.with_suffix(".png")
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=120)
-            plt.close(fig)
-            atomic_write_bytes(png, buf.getvalue())
+            save_png(fig, png, dpi=120)
             print(f"wrote {args.write} and {png}")
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -44,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dsv.core.allocator import tune_cpu_allocator
+    from dsv.core.bench import host
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
     from dsv.serve.bench import _engine_wave, _make_checkpoint
     from dsv.serve.engine import Engine
@@ -84,8 +83,7 @@ def main() -> None:
     md = "\n".join([
         "- command: `OMP_NUM_THREADS=1 python tools/bench/serve_shared_prefill.py "
         f"--runs {args.runs}`",
-        f"- machine: {os.cpu_count()}-core CPU ({platform.machine()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}); date: {datetime.date.today().isoformat()}; tiny preset, in-process "
+        f"- machine: {host()}; date: {datetime.date.today().isoformat()}; tiny preset, in-process "
         f"engine, one torch thread, 32 sequences x 32 output tokens, median of {args.runs} runs, both "
         "settings alternating in one process",
         "",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import io
 import json
 import shutil
 import time
@@ -67,7 +66,7 @@ def _warmup_curve(run: Path, dense_dir: Path, ids: torch.Tensor) -> list[dict[st
 
 
 def _plot(curve: list[dict[str, float]], kl_steps: list[tuple[int, float]], path: Path, topk: int) -> None:
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
 
     plt = pyplot()
     if plt is None:
@@ -89,10 +88,7 @@ def _plot(curve: list[dict[str, float]], kl_steps: list[tuple[int, float]], path
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
     ax.set_title("tiny preset: indexer warm-up (dense attention)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=80)
 
 
 STAGE_DIRS = ("dense", "warmup", "sparse", "control")

@@ -293,9 +293,8 @@ def query_chunk(batch: int, context: int) -> int:
 
 
 def _plot(records: list[dict[str, Any]], path: Path) -> None:
-    import io
 
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
 
     plt = pyplot()
     if plt is None:
@@ -318,12 +317,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
         )
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from dsv.core.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -17,6 +17,7 @@ Run: ``dsv bench core forward --preset tiny`` / ``dsv bench core decode --layers
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -57,6 +58,17 @@ def median_times(
             wait()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def host(gpu: str = "", versions: str = "") -> str:
+    """``N-core CPU (arch, Python X, torch Y)`` for a benchmark's machine line; ``gpu`` goes after
+    the core count, ``versions`` (e.g. ``", transformers Z"``) after the torch version."""
+    import torch
+
+    return (
+        f"{os.cpu_count()}-core CPU{gpu} ({platform.machine()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}{versions})"
+    )
 
 
 def machine() -> str:
@@ -247,7 +259,7 @@ def decode(
 
 
 def _plot_decode(rows: list[dict], path: Path, topk: int) -> None:
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
 
     plt = pyplot()
     if plt is None:
@@ -266,5 +278,4 @@ def _plot_decode(rows: list[dict], path: Path, topk: int) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -6,9 +6,10 @@ and callers write their tables without the picture.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-__all__ = ["pyplot"]
+__all__ = ["pyplot", "save_png"]
 
 
 def pyplot() -> Any | None:
@@ -21,3 +22,17 @@ def pyplot() -> Any | None:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` as a PNG atomically (temp file, fsync, rename) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from dsv.core.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())

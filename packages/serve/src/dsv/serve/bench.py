@@ -36,7 +36,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -222,6 +221,7 @@ def bench_serve(
     from rich.progress import Progress
 
     from dsv.core.allocator import tune_cpu_allocator
+    from dsv.core.bench import host
     from dsv.core.checkpoint import atomic_write_bytes, load_pretrained
     from dsv.core.cli import dtype_name, resolve_device, resolve_dtype
     from dsv.serve.engine import Engine
@@ -315,8 +315,7 @@ def bench_serve(
             "## dsv serve: output tokens/s and TTFT versus transformers generate",
             "",
             f"- command: `dsv {argv}`",
-            f"- machine: {os.cpu_count()}-core CPU{_gpu_note(torch, device)} ({platform.machine()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}); "
+            f"- machine: {host(_gpu_note(torch, device), f', transformers {transformers.__version__}')}; "
             f"date: {datetime.date.today().isoformat()}; 1-minute load average {load_before:.1f} before, "
             f"{load_after:.1f} after",
             f"- random-weight checkpoints; `small` cut to {small_layers} layers to stay feasible on a CPU; "
@@ -359,7 +358,7 @@ def plot_serve(rows: list[dict[str, Any]], path: Path) -> bool:
 
     Returns False (and writes nothing) when matplotlib is not installed.
     """
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
 
     plt = pyplot()
     if plt is None:
@@ -390,8 +389,5 @@ def plot_serve(rows: list[dict[str, Any]], path: Path) -> bool:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=110)
     return True

@@ -640,7 +640,7 @@ class _Progress:
 
 def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
     """Loss curve PNG (matplotlib Agg); skipped quietly when matplotlib is missing."""
-    from dsv.core.plot import pyplot
+    from dsv.core.plot import pyplot, save_png
 
     plt = pyplot()
     if plt is None or not history:
@@ -657,10 +657,7 @@ def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
     ax.set_title(f"dsv train {stage}")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=100)
 
 
 __all__ = ["STAGES", "DataError", "TrainConfig", "TrainError", "TrainSummary", "list_checkpoints", "train"]
