@@ -24,6 +24,8 @@ PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "synth": ("packages/synth", "test,hf,rg,eval", ()),
     "serve": ("packages/serve", "test", ("packages/core",)),
     "train": ("packages/train", "test,plots", ("packages/core",)),
+    "rl": ("packages/rl", "test", ("packages/core", "packages/train", "packages/serve", "packages/synth")),
+    "tui": ("apps/tui", "test", ("packages/core", "packages/synth", "packages/serve")),
 }
 
 
