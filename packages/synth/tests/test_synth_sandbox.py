@@ -262,3 +262,43 @@ def test_private_root_falls_back_when_a_step_fails(monkeypatch: pytest.MonkeyPat
     assert r.status == "ok", r
     assert r.stdout.strip() == "ran"
     assert not r.filesystem_isolated and r.user_isolated
+
+
+def test_total_disk_quota_stops_big_writes() -> None:
+    # Each file is under the per-file limit (RLIMIT_FSIZE); together they are 224 MB.
+    code = (
+        "import os\nchunk = os.urandom(1024 * 1024)\n"
+        "for i in range(14):\n    with open(f'big{i}.bin', 'wb') as f:\n"
+        "        for _ in range(16):\n            f.write(chunk[:-1] if _ == 15 else chunk)\n"
+        "print('wrote all')\n"
+    )
+    r = run_python(code, limits=dataclasses.replace(FAST, wall_s=20, cpu_s=10))
+    assert r.status == "disk_limit", r
+    assert not r.ok
+    assert "disk quota of 64 MB" in r.stderr
+
+
+def test_total_disk_quota_counts_many_small_files() -> None:
+    # 3000 one-byte files: 3 KB of data, but each takes a block and an inode.
+    code = "for i in range(3000):\n    open(f'f{i}.txt', 'w').write('x')\nprint('done')\n"
+    r = run_python(code, limits=dataclasses.replace(FAST, disk_mb=8))
+    assert r.status == "disk_limit", r
+    assert "disk quota of 8 MB" in r.stderr
+    # Under the quota the same kind of run is fine, and the files it was given count too.
+    small = run_python(
+        "for i in range(100):\n    open(f'f{i}.txt', 'w').write('x')\nprint('done')\n",
+        files={"given.txt": "y" * 1000},
+        limits=dataclasses.replace(FAST, disk_mb=8),
+    )
+    assert small.status == "ok", small
+    assert small.stdout.strip() == "done"
+
+
+def test_disk_quota_sees_into_directories_the_run_locked() -> None:
+    code = (
+        "import os\nos.mkdir('hidden')\n"
+        "for i in range(6):\n    open(f'hidden/{i}.bin', 'wb').write(b'z' * (2 * 1024 * 1024))\n"
+        "os.chmod('hidden', 0)\nprint('done')\n"
+    )
+    r = run_python(code, limits=dataclasses.replace(FAST, disk_mb=8))
+    assert r.status == "disk_limit", r

@@ -2,7 +2,7 @@
 
 `run_python(code, files=..., stdin=..., limits=...)` and `run_command(argv, ...)`
 run a program in a separate process and report a `SandboxResult` whose `status`
-is one of "ok", "timeout", "memory", "output_limit", "error", "killed". The host
+is one of "ok", "timeout", "memory", "output_limit", "disk_limit", "error", "killed". The host
 process never raises because of what the program did.
 
 What is enforced (Linux):
@@ -14,6 +14,12 @@ What is enforced (Linux):
   (RLIMIT_NPROC) against fork bombs;
 - a wall-clock deadline and an output cap (stdout+stderr bytes), after which
   everything the run started is killed;
+- a total disk quota for the working directory (`Limits.disk_mb`): RLIMIT_FSIZE bounds one
+  file only, so the host measures the workdir while the run goes on (every entry costs at
+  least one 4 KiB block, so many small or empty files count too) and kills the run once it
+  is over; a run that ends over the quota is reported as "disk_limit" whatever its exit code.
+  This is a watch, not a filesystem quota: between two measurements (about 50 ms apart) a
+  run can overshoot by what it writes in that time, which it never gets to keep;
 - when the host runs as root: the program runs under a fresh unprivileged uid/gid
   of its own (no supplementary groups), so it can read only world-readable files
   (it cannot read root's 0600 files or enter 0700 directories such as pytest's
@@ -79,7 +85,7 @@ __all__ = [
     "sandbox_python",
 ]
 
-Status = Literal["ok", "timeout", "memory", "output_limit", "error", "killed"]
+Status = Literal["ok", "timeout", "memory", "output_limit", "disk_limit", "error", "killed"]
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
@@ -97,6 +103,8 @@ _DEVICES = ("null", "zero", "full", "random", "urandom")
 _UID_BASE = 2_000_000  # far above any uid a real account uses
 _UID_SPAN = 1_000_000
 _PREEXEC_FAILED = 97  # exit code the child uses when it could not be confined
+_BLOCK = 4096  # the least an entry of the workdir is charged (one block on ext4, xfs and tmpfs)
+_DISK_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class Limits:
     output_bytes: int = 1_000_000
     max_processes: int = 64
     file_size_mb: int = 16
+    disk_mb: int = 64  # everything in the workdir together (files the run was given included)
     open_files: int = 256
     require_network_isolation: bool = False  # refuse to run (status "error") when no netns is possible
 
@@ -515,6 +524,7 @@ def _run(
     err = bytearray()
     reason: Status | None = None
     deadline = start + limits.wall_s
+    disk = _DiskWatch(workdir, limits.disk_mb)
     sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None
     sel.register(proc.stdout, selectors.EVENT_READ, out)
@@ -525,7 +535,10 @@ def _run(
         if remaining <= 0:
             reason = "timeout"
             break
-        for key, _ in sel.select(timeout=min(remaining, 0.25)):
+        if disk.over():
+            reason = "disk_limit"
+            break
+        for key, _ in sel.select(timeout=min(remaining, _DISK_POLL_S)):
             chunk = os.read(key.fd, 65536)
             if not chunk:
                 sel.unregister(key.fileobj)
@@ -550,6 +563,13 @@ def _run(
             done, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if done:
                 break
+            if disk.over():
+                reason = "disk_limit"
+                _kill_group(proc.pid)
+                if uid is not None:
+                    _kill_uid(uid)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
             if time.monotonic() > deadline:
                 reason = "timeout"
                 _kill_group(proc.pid)
@@ -569,7 +589,10 @@ def _run(
     stdout = out[: limits.output_bytes].decode("utf-8", errors="replace")
     stderr = err[: max(0, limits.output_bytes - len(out))].decode("utf-8", errors="replace")
     if reason is None:
-        reason = _classify(rc, stderr, cpu_used, limits)
+        # Writes between the last measurement and the exit: the last word on the quota.
+        reason = "disk_limit" if disk.over(force=True) else _classify(rc, stderr, cpu_used, limits)
+    if reason == "disk_limit":
+        stderr = f"{stderr}\n{disk.message()}" if stderr else disk.message()
     collected: dict[str, str] = {}
     for name in collect_files:
         target = workdir / _safe_relpath(name)
@@ -590,6 +613,69 @@ def _run(
         filesystem_isolated=plan is not None,
         files=collected,
     )
+
+
+def _disk_usage(root: Path, limit: int) -> int:
+    """Bytes the tree under ``root`` takes, as the quota charges them; stops counting past ``limit``.
+
+    Each entry costs the larger of its allocated and apparent size, and at least one block: an
+    empty file still takes an inode and a directory entry, and a sparse file is charged as if
+    written. Directories the run made unreadable are opened up again (the host owns or outranks
+    the run's uid), so nothing can be hidden from the count.
+    """
+    total = 0
+    stack = [str(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except PermissionError:
+            with contextlib.suppress(OSError):
+                os.chmod(top, 0o700)
+            try:
+                entries = list(os.scandir(top))
+            except OSError:
+                return limit + 1  # cannot be measured: treated as over, never as empty
+        except OSError:
+            continue  # removed while we looked
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += max(_BLOCK, st.st_blocks * 512, st.st_size if stat.S_ISREG(st.st_mode) else 0)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            if total > limit:
+                return total
+    return total
+
+
+class _DiskWatch:
+    """Measures the workdir at most every `_DISK_POLL_S` (or twice the last measurement's time)."""
+
+    def __init__(self, workdir: Path, limit_mb: int) -> None:
+        self.workdir = workdir
+        self.limit = limit_mb * 1024 * 1024
+        self.used = 0
+        self._next = 0.0
+        self._interval = _DISK_POLL_S
+
+    def over(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return False
+        self.used = _disk_usage(self.workdir, self.limit)
+        spent = time.monotonic() - now
+        self._interval = max(_DISK_POLL_S, 2 * spent)
+        self._next = time.monotonic() + self._interval
+        return self.used > self.limit
+
+    def message(self) -> str:
+        return (
+            f"sandbox: the run wrote more than its disk quota of {self.limit // (1024 * 1024)} MB "
+            "to its working directory (Limits.disk_mb) and was stopped"
+        )
 
 
 def _kill_group(pgid: int) -> None:
