@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dsv.core.checkpoint import atomic_write_bytes, atomic_write_json, load_pretrained, save_pretrained
 from dsv.core.errors import DSVError
 from dsv.train.data import IGNORE_INDEX, BatchPlan, DataError, PackedData, load_documents, pack
+from dsv.train.losses import lm_terms
 from dsv.train.schedule import SCHEDULES, lr_at
 
 STAGES = ("pretrain", "dsa-warmup", "dsa-sparse", "sft")
@@ -434,7 +434,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             share = (
                 cfg.micro_batch_size / plan.global_batch * world
             )  # per-sequence mean -> global mean, DDP-averaged
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # lm sum, indexer, aux, mtp sum
+            logged_terms = ("lm", "mtp", "aux", "indexer")  # the dsv.train.losses names
+            sums = torch.zeros(len(logged_terms), dtype=torch.float64, device=device)
             loads: list[torch.Tensor] | None = None
             for micro in range(cfg.grad_accum):
                 rows = plan.micro_rows(step, micro, accelerator.process_index)
@@ -444,29 +445,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                 ctx = accelerator.no_sync(model) if not last else _nullcontext()
                 with ctx:
                     o = model(ids, use_sparse=sparse, indexer_loss=want_indexer_loss, return_mtp=use_mtp)
-                    loss = torch.zeros((), device=device)
-                    if cfg.stage != "dsa-warmup":
-                        lm = F.cross_entropy(
-                            o.logits.flatten(0, 1),
-                            labels.flatten(),
-                            ignore_index=IGNORE_INDEX,
-                            reduction="sum",
-                        )
-                        loss = loss + lm / n_targets * world
-                        sums[0] += lm.detach().double()
-                        if use_mtp and o.mtp_logits:
-                            for d, ml in enumerate(o.mtp_logits):
-                                mt = F.cross_entropy(ml.flatten(0, 1), labels[:, 1 + d :].flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
-                                loss = loss + cfg.mtp_loss_weight * mt / n_targets * world / len(o.mtp_logits)
-                                sums[3] += mt.detach().double() / len(o.mtp_logits)
-                        if o.aux_loss is not None and cfg.aux_loss_alpha > 0:
-                            loss = loss + cfg.aux_loss_alpha * o.aux_loss * share
-                            sums[2] += o.aux_loss.detach().double() * share / world
-                    if o.indexer_loss is not None:
-                        loss = loss + cfg.indexer_loss_weight * o.indexer_loss * share
-                        sums[1] += o.indexer_loss.detach().double() * share / world
-                    accelerator.backward(loss)
+                    terms = lm_terms(
+                        o, labels, lm=cfg.stage != "dsa-warmup", token_scale=world / n_targets, batch_scale=share,
+                        mtp_weight=cfg.mtp_loss_weight, aux_weight=cfg.aux_loss_alpha,
+                        indexer_weight=cfg.indexer_loss_weight,
+                    )  # fmt: skip
+                    sums += terms.stacked(logged_terms).to(device)
+                    accelerator.backward(terms.total())
                 if o.expert_load:
                     batch_load = torch.stack([x.float() for x in o.expert_load])
                     loads = batch_load if loads is None else loads + batch_load
@@ -482,18 +467,21 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                         moe.gate.e_score_correction_bias -= cfg.bias_update_speed * torch.sign(
                             load - load.mean()
                         )
-            sums = accelerator.reduce(sums, reduction="sum")
+            # each term's values summed over micro-batches and processes, / world: the step's loss
+            logged = dict(
+                zip(logged_terms, (accelerator.reduce(sums, reduction="sum") / world).tolist(), strict=True)
+            )
             tokens_seen += plan.global_batch * cfg.seq_len
             record: dict[str, Any] = {"step": step + 1, "lr": lr}
             if cfg.stage != "dsa-warmup":
-                record["loss"] = float(sums[0]) / n_targets
+                record["loss"] = logged["lm"]
                 last_loss = record["loss"]
                 if use_mtp:
-                    record["mtp_loss"] = float(sums[3]) / n_targets
-                if sums[2] != 0:
-                    record["aux_loss"] = float(sums[2])
+                    record["mtp_loss"] = logged["mtp"]
+                if logged["aux"] != 0:
+                    record["aux_loss"] = logged["aux"]
             if want_indexer_loss:
-                record["indexer_loss"] = float(sums[1])
+                record["indexer_loss"] = logged["indexer"]
                 if cfg.stage == "dsa-warmup":
                     last_loss = record["indexer_loss"]
             if grad_norm is not None:
