@@ -64,15 +64,17 @@ class SampleResult:
     kept_mask: torch.Tensor  # (B, V) bool, tokens the sampler could draw
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` in fp32, shifted so each row's top logit is 0.
 
     The shift changes no probability, and it keeps tiny temperatures finite: the top logit stays 0
     and the others go to large negatives or ``-inf`` (the greedy limit) instead of overflowing to
     ``inf - inf = nan``. Temperatures below fp32's smallest normal number divide by that number.
+    The result is one new tensor (the division is in place; autograd allows it, since neither op
+    saves its output), so RL's training forward over ``[B, T, V]`` logits holds one copy, not two.
     """
     x = logits.float()
-    return (x - x.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    return (x - x.amax(-1, keepdim=True)).div_(max(temperature, torch.finfo(torch.float32).tiny))
 
 
 def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -82,7 +84,7 @@ def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         return torch.zeros(B, V, dtype=torch.bool, device=logits.device).scatter_(
             1, logits.argmax(-1, keepdim=True), True
         )
-    scaled = _scaled(logits, params.temperature)
+    scaled = scaled_logits(logits, params.temperature)
     keep = torch.ones(B, V, dtype=torch.bool, device=logits.device)
     if 0 < params.top_k < V:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
@@ -130,7 +132,7 @@ def sample_next(
         return SampleResult(
             tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), keep
         )
-    logp = _scaled(logits, params.temperature).masked_fill(~keep, float("-inf")).log_softmax(-1)
+    logp = scaled_logits(logits, params.temperature).masked_fill(~keep, float("-inf")).log_softmax(-1)
     tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return SampleResult(tokens, logp.gather(1, tokens[:, None]).squeeze(1), keep)
 
