@@ -1,6 +1,7 @@
 """Nox sessions: each distribution installed alone (with only what it declares, plus its dsv
 dependencies, which are not on PyPI) runs its own tests; `integration` runs the cross-package
-tests with everything; `lint` runs ruff.
+tests with everything; `latest` runs the whole suite against the newest releases of every dependency
+(the README test command installs the pinned versions of constraints.txt); `lint` runs ruff.
 
     nox -s core            # dsv-core alone
     nox -s kernels synth   # several
@@ -52,6 +53,15 @@ def integration(session: nox.Session) -> None:
     """Cross-package tests with every distribution installed."""
     session.install("-r", "requirements-dev.txt")
     session.run("python", "-m", "pytest", "tests", *session.posargs)
+
+
+@nox.session
+def latest(session: nox.Session) -> None:
+    """The whole suite against the newest releases of every dependency, ignoring constraints.txt: run
+    it on purpose to see upstream breakage before it reaches the lock (then update it: tools/lock.sh)."""
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-r", "requirements-dev.txt")
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs,
+                env={"OMP_NUM_THREADS": "1"})  # fmt: skip
 
 
 @nox.session

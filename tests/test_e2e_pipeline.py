@@ -16,8 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from .conftest import free_port, run_dsv
+from dsv_e2e import free_port, run_dsv
 
 pytestmark = pytest.mark.slow
 

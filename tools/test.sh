@@ -10,7 +10,9 @@ PY="${PYTHON:-python3}"
 # Tests run the `dsv` console script the way a user with the environment active would.
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+# Pinned versions (constraints.txt, regenerated on purpose with tools/lock.sh): a new upstream release
+# cannot break a fresh clone. `nox -s latest` runs the same suite against the newest releases.
+"$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c constraints.txt
 "$VENV/bin/ruff" check .
 # Two pytest workers share two cores: one intra-op thread each avoids oversubscription, which
 # slows torch on CPU by an order of magnitude.

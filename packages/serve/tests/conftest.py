@@ -159,8 +159,8 @@ def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def script() -> SimpleNamespace:
-    """The script's messages and tool for the tests (test modules cannot import conftest under
-    ``--import-mode=importlib``)."""
+    """The script's messages and tool for the tests (test modules do not import conftest: with a
+    conftest.py in every test folder, which one ``import conftest`` finds depends on collection order)."""
     return SimpleNamespace(ASK=ASK, CALL=CALL, GREET=GREET, WEATHER_TOOL=WEATHER_TOOL, AFTER_TOOL=AFTER_TOOL)
 
 
