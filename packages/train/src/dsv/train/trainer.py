@@ -264,6 +264,12 @@ def _set_rng_state(data: bytes) -> None:
     random.setstate(state["python"])
 
 
+# Public names for the loops built on this one (dsv-rl): what a checkpoint's rng.pt holds, and the
+# reset that lets another run start in the same process.
+rng_state = _rng_state
+set_rng_state = _set_rng_state
+
+
 def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
     """Run one stage as configured; returns the summary (see the module docstring)."""
     from accelerate import Accelerator
@@ -554,6 +560,9 @@ def _release(accelerator: Any) -> None:
         GradientState._reset_state()
 
 
+release_accelerator = _release
+
+
 @torch.no_grad()
 def _evaluate(raw: Any, rows: PackedData, cfg: TrainConfig, sparse: bool) -> float:
     from dsv.train.metrics import validation_loss
@@ -648,4 +657,7 @@ def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
     save_png(fig, path, dpi=100)
 
 
-__all__ = ["STAGES", "DataError", "TrainConfig", "TrainError", "TrainSummary", "list_checkpoints", "train"]
+__all__ = [
+    "STAGES", "DataError", "TrainConfig", "TrainError", "TrainSummary", "list_checkpoints", "release_accelerator",
+    "rng_state", "set_rng_state", "train",
+]  # fmt: skip
