@@ -1,0 +1,155 @@
+"""The conversation: user messages, reasoning blocks, tool cards, answers and errors, in order.
+
+Two ways in: :meth:`Transcript.load` draws a saved session (resume, fork, restart), and the
+``on_*`` methods draw a turn as the agent's events arrive. Both put reasoning on the same side of
+the thinking-with-tools rule: a block after the last user message is ``kept``, earlier ones are
+``dropped`` (and collapsed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.containers import VerticalScroll
+from textual.widget import Widget
+
+from dsv.core.chat import last_user_index
+from dsv.tui.widgets.answer_block import AnswerBlock
+from dsv.tui.widgets.error_notice import ErrorNotice
+from dsv.tui.widgets.format import SecondsFormat, format_seconds
+from dsv.tui.widgets.reasoning_block import ReasoningBlock
+from dsv.tui.widgets.tool_card import ToolCard
+from dsv.tui.widgets.user_message import UserMessage
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+class Transcript(VerticalScroll):
+    """Scrolls with the stream while the view is at the bottom (Textual's anchor)."""
+
+    def __init__(self, *, fmt: SecondsFormat = format_seconds, id: str | None = None) -> None:
+        super().__init__(id=id, classes="transcript")
+        self.fmt = fmt
+        self._reasoning: dict[int, ReasoningBlock] = {}
+        self._answers: dict[int, AnswerBlock] = {}
+        self._cards: dict[str, ToolCard] = {}
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    # -- a saved session ---------------------------------------------------------------------
+
+    async def load(self, messages: list[dict[str, Any]]) -> None:
+        """Replace everything with ``messages`` (OpenAI shape, as a Session stores them)."""
+        await self.remove_children()
+        self._new_turn()
+        last_user = last_user_index(messages)
+        widgets: list[Widget] = []
+        cards: dict[str, ToolCard] = {}
+        step = 0
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role in ("user", "developer"):
+                widgets.append(UserMessage(_text(m.get("content")), message_index=i))
+                step = 0
+            elif role == "assistant":
+                step += 1
+                kept = i > last_user
+                if m.get("reasoning_content"):
+                    widgets.append(
+                        ReasoningBlock(
+                            m["reasoning_content"], step=step, kept=kept, collapsed=not kept, fmt=self.fmt
+                        )
+                    )
+                if _text(m.get("content")).strip():
+                    widgets.append(AnswerBlock(_text(m.get("content")), step=step))
+                for call in m.get("tool_calls") or []:
+                    fn = call.get("function") or {}
+                    card = ToolCard(
+                        call_id=str(call.get("id", "")),
+                        name=str(fn.get("name", "?")),
+                        arguments=str(fn.get("arguments", "")),
+                        fmt=self.fmt,
+                    )
+                    cards[card.call_id] = card
+                    widgets.append(card)
+            elif role == "tool":
+                card = cards.get(str(m.get("tool_call_id", "")))
+                if card is not None:
+                    card.finish(ok=not m.get("is_error", False), result=_text(m.get("content")), duration_s=None)
+        await self.mount_all(widgets)
+        # the live turn continues the last one when the session ends inside a tool loop
+        self._cards = {k: v for k, v in cards.items() if v.result is None}
+        self.scroll_end(animate=False)
+
+    # -- a live turn -------------------------------------------------------------------------
+
+    def _new_turn(self) -> None:
+        self._reasoning.clear()
+        self._answers.clear()
+        self._cards.clear()
+
+    async def add_user(self, text: str, *, message_index: int | None = None) -> UserMessage:
+        """A new user message: earlier reasoning moves to ``dropped`` (the V3.2 rule)."""
+        for block in self.query(ReasoningBlock):
+            if block.kept:
+                block.kept = False
+                block.collapsed = True
+        self._new_turn()
+        widget = UserMessage(text, message_index=message_index)
+        await self.mount(widget)
+        return widget
+
+    async def on_reasoning(self, step: int, text: str) -> None:
+        block = self._reasoning.get(step)
+        if block is None:
+            block = self._reasoning[step] = ReasoningBlock(step=step, fmt=self.fmt)
+            await self.mount(block)
+        block.append(text)
+
+    async def on_content(self, step: int, text: str) -> None:
+        answer = self._answers.get(step)
+        if answer is None:
+            answer = self._answers[step] = AnswerBlock(step=step)
+            await self.mount(answer)
+        await answer.append(text)
+
+    async def on_tool_started(self, call_id: str, name: str, arguments: str) -> ToolCard:
+        card = self._cards.get(call_id)
+        if card is None:
+            card = self._cards[call_id] = ToolCard(call_id=call_id, name=name, arguments=arguments, fmt=self.fmt)
+            await self.mount(card)
+        return card
+
+    def tool_card(self, call_id: str) -> ToolCard | None:
+        return self._cards.get(call_id)
+
+    async def finish_step(self, step: int, *, reasoning_tokens: int | None, latency_s: float | None) -> None:
+        block = self._reasoning.get(step)
+        if block is not None:
+            block.finish(tokens=reasoning_tokens, duration_s=latency_s)
+        answer = self._answers.get(step)
+        if answer is not None:
+            await answer.close()
+
+    async def finish_turn(self, stats: str) -> None:
+        """Close every stream of the turn; ``stats`` goes under the last answer."""
+        for answer in self._answers.values():
+            await answer.close()
+        if self._answers:
+            self._answers[max(self._answers)].set_stats(stats)
+
+    async def add_error(
+        self, *, kind: str, message: str, retry_after_s: float | None, retryable: bool, retry_key: str
+    ) -> ErrorNotice:
+        for answer in self._answers.values():
+            await answer.close()
+        notice = ErrorNotice(
+            kind=kind, message=message, retry_after_s=retry_after_s, retryable=retryable, retry_key=retry_key
+        )
+        await self.mount(notice)
+        return notice
