@@ -11,6 +11,12 @@ is set, then ``data: [DONE]`` (chunked transfer encoding, keep-alive). It record
 was sent (thinking flag, tools, reasoning_content round-trips) and how many calls
 were made (resumption must not repeat finished work).
 
+Fault modes for clients that must survive a bad endpoint (``Reply`` fields): an error ``status``
+with extra ``headers`` (401; 429 with ``Retry-After``), ``malformed`` (a ``data:`` line that is not
+JSON in the middle of the stream), ``stall_s`` (the stream stops halfway for that long, as a hung
+server does), ``cut`` (the connection closes halfway, without ``[DONE]``) and ``chunk_delay_s``
+(a slow stream, for cancelling mid-answer).
+
 A script is a callable ``script(request_body: dict) -> Reply`` run on the server's
 handler thread; it may raise to produce an HTTP 500. Load it from a test file with
 ``load_scripted_endpoint()`` in the test modules (pytest runs in importlib mode, so
@@ -50,6 +56,11 @@ class Reply:
     reasoning_tokens: int | None = None
     status: int = 200
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. Retry-After)
+    malformed: bool = False  # stream: a non-JSON data line halfway
+    stall_s: float = 0.0  # stream: stop halfway for this long
+    cut: bool = False  # stream: close the connection halfway
+    chunk_delay_s: float = 0.0  # stream: pause before each chunk
 
 
 Script = Callable[[dict[str, Any]], Reply]
@@ -68,11 +79,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr log
         return
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
+    def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -103,22 +116,48 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay_s:
             time.sleep(reply.delay_s)
         if reply.status != 200:
-            self._send(reply.status, {"error": {"message": reply.content or "error", "type": "server_error"}})
+            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(reply.status, "server_error")
+            error = {"error": {"message": reply.content or "error", "type": kind}}
+            self._send(reply.status, error, reply.headers)
             return
         completion = self._completion(body, reply)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            self._send_stream(completion, include_usage)
+            try:
+                self._send_stream(completion, include_usage, reply)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away (cancelled): not a server error
         else:
             self._send(200, completion)
 
-    def _send_stream(self, completion: dict[str, Any], include_usage: bool) -> None:
+    def _send_stream(
+        self, completion: dict[str, Any], include_usage: bool, reply: Reply | None = None
+    ) -> None:
+        reply = reply or Reply()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        for chunk in stream_chunks(completion, include_usage=include_usage):
+        chunks = stream_chunks(completion, include_usage=include_usage)
+        for i, chunk in enumerate(chunks):
+            if i == len(chunks) // 2 and (reply.stall_s or reply.malformed or reply.cut):
+                self.wfile.flush()
+                if reply.stall_s:
+                    time.sleep(reply.stall_s)
+                if reply.malformed:
+                    bad = b'data: {"id": "chatcmpl-x", "choices": [{"delta": {"content": "oops\n\n'
+                    self.wfile.write(f"{len(bad):x}\r\n".encode() + bad + b"\r\n")
+                if reply.cut:
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+            if reply.chunk_delay_s:
+                self.wfile.flush()
+                time.sleep(reply.chunk_delay_s)
             data = f"data: {json.dumps(chunk)}\n\n".encode()
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         done = b"data: [DONE]\n\n"
