@@ -125,7 +125,8 @@ def select(
     iq: torch.Tensor, index_k: torch.Tensor, iw: torch.Tensor, q_offset: torch.Tensor | int, *, topk: int
 ) -> torch.Tensor:
     """The indexer's top-``topk`` keys per query, ``idx [B,S,K]`` int32 (``K = min(topk, T)``, order
-    unspecified, ``-1`` past a query's visible count): ``select_topk(indexer_scores(...), topk)``.
+    unspecified, ``-1`` past a query's visible count): ``select_topk(indexer_scores(...), topk)``,
+    with its tie rule (among equal scores the lower key index first).
 
     For models whose attention is large enough that torch's blocked attention beats a per-row loop
     (see :data:`dsv.core.attention.FUSED_ATTEND_MAX`), the selection alone is still one call.

@@ -15,15 +15,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Order-preserving map of a float to an unsigned key: a > b  <=>  key(a) > key(b). */
+/* Order-preserving map of a float to an unsigned key: a > b  <=>  key(a) > key(b), and equal
+ * floats get equal keys (-0.0 is +0.0's key, as torch compares them). */
 static inline uint32_t order_key(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    if (u == 0x80000000u) u = 0u;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 /* The indices of the n largest of score[0..T) into sel, in no particular order; among equal values
- * the lower indices win. Radix select, 8 bits a pass from the top: each pass keeps only the keys in
+ * the lower indices win: the rule of every dsv backend (dsv.core.attention.select_topk_reference),
+ * so which one ran does not change the selection. Radix select, 8 bits a pass from the top: each pass keeps only the keys in
  * the bin that holds the n-th largest, so the work is O(T) plus a few passes over a short list.
  * key and cand are scratch of T each. */
 static void select_top(const float *score, int64_t T, int64_t n, uint32_t *key, int32_t *cand, int32_t *sel) {

@@ -172,11 +172,46 @@ def indexer_scores_reference(
 
 def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Top-``min(k, T)`` key indices per row of ``scores [B, S, T]`` as int32, in no particular
-    order; ``-1`` where the selected score is ``-inf`` (a masked key)."""
-    k = min(k, scores.shape[-1])
-    # The selection is a set (every consumer is order-free); not sorting it is about 12% faster.
-    values, idx = scores.topk(k, dim=-1, sorted=False)
-    return idx.masked_fill(values == float("-inf"), -1).to(torch.int32)
+    order; ``-1`` where the selected score is ``-inf`` (a masked key).
+
+    The selection is unique: higher scores first and, among equal scores, lower key indices first
+    (``-0.0`` equals ``0.0``). Every backend (the C kernel, the Triton radix select) picks the same
+    keys. A masked key is never picked over a visible one, and every masked pick is ``-1``.
+    """
+    T = scores.shape[-1]
+    k = min(k, T)
+    if k == T:  # every key: no choice to make
+        values, idx = scores.topk(k, dim=-1, sorted=False)
+        return idx.masked_fill(values == float("-inf"), -1).to(torch.int32)
+    # torch.topk breaks ties arbitrarily, and with few index heads the relu leaves a quarter to a
+    # half of the scores at exactly 0. One extra pick shows where that matters: a row is tied at
+    # the boundary when its (k+1)-th largest score equals another pick. Only those rows are redone
+    # (a pass over the row); the others drop their (k+1)-th pick. (The selection is a set: every
+    # consumer is order-free, and not sorting it is about 12% faster.)
+    values, idx = scores.topk(k + 1, dim=-1, sorted=False)
+    boundary, last = values.min(dim=-1, keepdim=True)  # the (k+1)-th largest and where it is
+    picked = idx.masked_fill(values == float("-inf"), -1)
+    # Overwrite the (k+1)-th pick with the final column, then drop the final column.
+    picked = picked.scatter(-1, last, picked[..., k:])[..., :k].to(torch.int32)
+    tied = (values == boundary).sum(-1) > 1
+    if bool(tied.any()):  # (a host sync on CUDA; the model's forward already makes one per layer)
+        # Rows tied at -inf see at most k keys: all of them are picked, the rest are -1 anyway.
+        tied &= boundary.squeeze(-1) > float("-inf")
+        rows = tied.flatten().nonzero().squeeze(1)
+        if rows.numel():
+            at = boundary.view(-1, 1)[rows]
+            need = k - (values.view(-1, k + 1)[rows] > at).sum(-1, keepdim=True, dtype=torch.int32)
+            picked.view(-1, k)[rows] = _lowest_index_ties(scores.reshape(-1, T)[rows], at, need)
+    return picked
+
+
+def _lowest_index_ties(scores: torch.Tensor, boundary: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Rows ``scores [R, T]``: every key above ``boundary [R, 1]`` and the ``need [R, 1]`` lowest-index
+    keys equal to it, ascending, int32 ``[R, K]`` (the counts must add up to the same K in each row)."""
+    equal = scores == boundary
+    # (a running count and a nonzero: about 0.6x the cost of a second top-k over a tie-free key)
+    take = (equal.cumsum(-1, dtype=torch.int32) <= need).logical_and_(equal).logical_or_(scores > boundary)
+    return take.nonzero()[:, 1].view(scores.shape[0], -1).to(torch.int32)
 
 
 def sparse_mla_reference(

@@ -1,15 +1,19 @@
 """Triton radix select: the top-``k`` key indices of each score row (rows up to 128K long).
 
 One program per row. Scores are mapped to order-preserving uint32 keys (flip all bits of negatives,
-set the sign bit of positives), then four 8-bit radix passes each build a 256-bin histogram of the
-next digit among the keys that match the prefix found so far and pick the digit where the running
-count from the top crosses ``k``: after four passes the prefix is exactly the k-th largest key. A
-last pass writes every index whose key is above it plus the first ``k - count_above`` equal ones
-(ties broken by position), compacted with a prefix sum. Five streaming reads of the row, no sort,
-no [rows, T] temporaries. Picks whose score is ``-inf`` (masked keys) are written as ``-1``.
+set the sign bit of positives; -0.0 becomes +0.0 first, as torch holds them equal), then four 8-bit
+radix passes each build a 256-bin histogram of the next digit among the keys that match the prefix
+found so far and pick the digit where the running count from the top crosses ``k``: after four
+passes the prefix is exactly the k-th largest key. A last pass writes every index whose key is above
+it plus the first ``k - count_above`` equal ones, compacted with a prefix sum (so in ascending
+index order). Among equal scores the lower index wins: the rule of
+``dsv.core.attention.select_topk_reference`` and the CPU kernel, so every backend selects the same
+keys. Five streaming reads of the row, no sort, no [rows, T] temporaries. Picks whose score is
+``-inf`` (masked keys) are written as ``-1``.
 
-``method="auto"`` uses this kernel except for short rows on CUDA (T <= 4096), where ``torch.topk``
-is a single well-tuned launch; the crossover is a default to re-measure with ``dsv bench kernels``.
+``method="auto"`` uses this kernel except for short rows on CUDA (T <= 4096), where core's reference
+is used: one well-tuned ``torch.topk`` launch (of ``k + 1``, then a pass over only the rows tied at
+the boundary); the crossover is a default to re-measure with ``dsv bench kernels``.
 
 Run the checks: ``TRITON_INTERPRET=1 pytest kernels/tests/test_kernels_topk.py``.
 """
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv.core.attention import select_topk_reference
 from dsv.kernels._checks import interpreting
 from dsv.kernels._tl import device_fn
 
@@ -29,6 +34,7 @@ TORCH_TOPK_MAX_T = 4096
 @device_fn
 def _sortable(x):
     bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where(bits == 0x80000000, tl.zeros_like(bits), bits)  # -0.0 ties with +0.0
     neg = (bits >> 31) == 1
     return tl.where(neg, ~bits, bits | 0x80000000)
 
@@ -93,6 +99,5 @@ def launch_radix_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def torch_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``torch.topk`` path with the same output contract."""
-    values, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
-    return idx.masked_fill(values == float("-inf"), -1).to(torch.int32)
+    """The ``torch.topk`` path with the same output contract and tie rule (core's reference)."""
+    return select_topk_reference(scores, k)
