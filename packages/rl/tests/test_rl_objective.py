@@ -137,7 +137,9 @@ def test_unclipped_side_is_never_clipped() -> None:
     assert terms["pg"].item() == pytest.approx((-0.5 - 1 - 1 + 1.5 + 1) / 5, abs=1e-12)
     terms.total().backward()
     assert logp.grad is not None
-    assert logp.grad[0, 0].item() == pytest.approx(-0.5 / 5) and logp.grad[1, 0].item() == pytest.approx(1.5 / 5)
+    assert logp.grad[0, 0].item() == pytest.approx(-0.5 / 5) and logp.grad[1, 0].item() == pytest.approx(
+        1.5 / 5
+    )
     assert terms.metrics()["clip_frac_low"] == 0.0 and terms.metrics()["clip_frac_high"] == 0.0
 
 
@@ -149,9 +151,7 @@ def test_gspo_sequence_level() -> None:
     assert terms["pg"].item() == pytest.approx((-0.9085602964 + 0.8) / 2, abs=1e-9)
     terms.total().backward()
     # row 0: d(-s_0)/dlogp_t = -s_0 / 3 per token, / 2 rows; row 1 is clipped: no gradient
-    torch.testing.assert_close(
-        logp.grad, _t([[-0.1514267161] * 3, [0.0, 0.0, 0.0]]), rtol=0, atol=1e-9
-    )
+    torch.testing.assert_close(logp.grad, _t([[-0.1514267161] * 3, [0.0, 0.0, 0.0]]), rtol=0, atol=1e-9)
     dapo = grpo_loss(*_batch(), _t(ADV), _t(MASK), level="sequence", aggregation="dapo")
     assert dapo["pg"].item() == pytest.approx((3 * -0.9085602964 + 2 * 0.8) / 5, abs=1e-9)
 
