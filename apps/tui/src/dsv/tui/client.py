@@ -21,6 +21,8 @@ client's own retries are off: the shell shows the error and offers the retry its
 from __future__ import annotations
 
 import email.utils
+import functools
+import importlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -82,7 +84,20 @@ def usage_from(raw: Any) -> Usage | None:
     )
 
 
-def _retry_after(headers: httpx.Headers | None) -> float | None:
+@functools.cache
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(timeout, any HTTP) exception classes of the HTTP libraries the openai client may run on:
+    httpx, or httpx2 in openai 3.x; errors while a stream is read come through unwrapped."""
+    mods = []
+    for name in ("httpx", "httpx2"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(m.TimeoutException for m in mods), tuple(m.HTTPError for m in mods)
+
+
+def _retry_after(headers: Any) -> float | None:
     if headers is None:
         return None
     if ms := headers.get("retry-after-ms"):
@@ -125,19 +140,33 @@ class ChatClient:
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> None:
-        from openai import AsyncOpenAI
-
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or ""
         self.model = model
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.read_timeout_s = read_timeout_s
-        self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
-        # An empty key would make the openai client refuse to start; servers without auth ignore it.
-        self._client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none", timeout=self.timeout,
-                                   max_retries=0)  # fmt: skip
+        from openai import Timeout
+
+        self.timeout = Timeout(read_timeout_s, connect=connect_timeout_s)
+        self._client_and_loop: tuple[Any, Any] | None = None
         self.tokenize_supported: bool | None = None  # learned on the first `tokenize`
+
+    @property
+    def _client(self) -> Any:
+        """The AsyncOpenAI client of the running event loop: its connection pool belongs to the loop
+        it was first used on, so another loop (a second ``asyncio.run``) gets a client of its own."""
+        import asyncio
+
+        from openai import AsyncOpenAI
+
+        loop = asyncio.get_running_loop()
+        if self._client_and_loop is None or self._client_and_loop[1] is not loop:
+            # An empty key would make the openai client refuse to start; servers without auth ignore it.
+            client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none", timeout=self.timeout,
+                                 max_retries=0)  # fmt: skip
+            self._client_and_loop = (client, loop)
+        return self._client_and_loop[0]
 
     @property
     def server_root(self) -> str:
@@ -239,13 +268,18 @@ class ChatClient:
         where = self.base_url
         if isinstance(exc, ClientError):
             return exc
-        if isinstance(exc, openai.APITimeoutError) or (streaming and isinstance(exc, httpx.TimeoutException)):
+        timeouts, http_errors = _transport_errors()
+        if isinstance(exc, openai.APITimeoutError) or (streaming and isinstance(exc, timeouts)):
             if streaming:
                 return ClientError("stream", f"{where} stopped sending for {self.read_timeout_s:g} s; the answer "
                                    "was cut off", retryable=True)  # fmt: skip
             return ClientError(
                 "connect", f"{where} did not answer in time; is the server overloaded?", retryable=True
             )
+        if streaming and isinstance(exc, (openai.APIConnectionError, *http_errors)):
+            cause = exc.__cause__ or exc.__context__ or exc
+            return ClientError("stream", f"the stream from {where} broke off ({type(cause).__name__}: {cause})",
+                               retryable=True)  # fmt: skip
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc.__context__
             detail = f" ({type(cause).__name__}: {cause})" if cause else ""
@@ -274,9 +308,8 @@ class ChatClient:
         if isinstance(exc, json.JSONDecodeError | ValueError | KeyError | TypeError | AttributeError):
             return ClientError("stream", f"{where} sent a malformed stream ({type(exc).__name__}: {exc})",
                                retryable=True)  # fmt: skip
-        if isinstance(exc, httpx.HTTPError):
-            return ClientError("stream", f"the stream from {where} broke off ({type(exc).__name__}: {exc})",
-                               retryable=True)  # fmt: skip
+        if isinstance(exc, http_errors):
+            return ClientError("connect", f"cannot reach {where} ({type(exc).__name__}: {exc})", retryable=True)
         return ClientError("stream", f"unexpected failure talking to {where}: {type(exc).__name__}: {exc}",
                            retryable=True)  # fmt: skip
 
@@ -312,4 +345,6 @@ class ChatClient:
         return count
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._client_and_loop is not None:
+            client, self._client_and_loop = self._client_and_loop[0], None
+            await client.close()
