@@ -19,14 +19,16 @@ TORCH = "torch==2.13.0"
 
 # session name -> (folder, extras for its own tests, dsv folders it depends on)
 PACKAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "core": ("packages/core", "test", ()),
+    # apps/cli: every distribution with commands depends on dsv-cli for dsv.cli.errors
+    "core": ("packages/core", "test", ("apps/cli",)),
     "cli": ("apps/cli", "test", ()),
-    "kernels": ("kernels", "test,bench", ("packages/core",)),
-    "synth": ("packages/synth", "test,hf,rg,eval", ()),
-    "serve": ("packages/serve", "test", ("packages/core",)),
-    "train": ("packages/train", "test,plots", ("packages/core",)),
-    "rl": ("packages/rl", "test", ("packages/core", "packages/train", "packages/serve", "packages/synth")),
-    "tui": ("apps/tui", "test", ("packages/core", "packages/synth", "packages/serve")),
+    "kernels": ("kernels", "test,bench", ("apps/cli", "packages/core")),
+    "synth": ("packages/synth", "test,hf,rg,eval", ("apps/cli",)),
+    "serve": ("packages/serve", "test", ("apps/cli", "packages/core")),
+    "train": ("packages/train", "test,plots", ("apps/cli", "packages/core")),
+    "rl": ("packages/rl", "test", ("apps/cli", "packages/core", "packages/train", "packages/serve",
+                                  "packages/synth")),
+    "tui": ("apps/tui", "test", ("apps/cli", "packages/core", "packages/synth", "packages/serve")),
 }
 
 

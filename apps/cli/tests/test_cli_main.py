@@ -27,9 +27,9 @@ def test_missing_distribution_says_what_to_install(monkeypatch: pytest.MonkeyPat
     runner = CliRunner()
     r = runner.invoke(app, ["serve", "some/model", "--port", "1"])
     assert r.exit_code == 2
-    assert "pip install dsv-serve" in r.output
+    assert "pip install -e 'packages/serve'" in r.output and "dsv-serve" in r.output
     r = runner.invoke(app, ["bench", "kernels"])
-    assert r.exit_code == 2 and "pip install dsv-kernels" in r.output
+    assert r.exit_code == 2 and "pip install -e 'kernels'" in r.output
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0 and "not installed" in r.output
 

@@ -5,7 +5,9 @@ Typer sub-apps or functions under the entry-point group ``dsv.commands`` and its
 benchmarks under ``dsv.bench``. This module only discovers them, so installing
 ``dsv-serve`` is what makes ``dsv serve`` exist. Known commands whose
 distribution is missing still appear in ``--help`` and, when run, say which
-distribution to install (exit code 2).
+distribution to install (exit code 2). Every command, whichever distribution it comes
+from, ends through :func:`dsv.cli.errors.run`: one ``error:`` line and a documented
+exit code instead of a traceback.
 
 Nothing heavy (torch, triton) is imported at start-up: ``dsv --help`` is instant.
 
@@ -20,7 +22,8 @@ from importlib import metadata
 from typing import Any
 
 import typer
-from rich.console import Console
+
+from dsv.cli.errors import ExitCode, fail, install_hint, run
 
 # Where each top-level command comes from, so a missing one can say what to install.
 KNOWN_COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,9 +44,6 @@ KNOWN_BENCHES: dict[str, str] = {
     "train": "dsv-train",
 }
 
-console = Console(stderr=True)
-
-
 def _version_callback(value: bool) -> None:
     if value:
         for name, version in installed_distributions().items():
@@ -63,14 +63,13 @@ def installed_distributions() -> dict[str, str]:
 
 def _missing(name: str, dist: str, what: str) -> Callable[..., None]:
     def command(ctx: typer.Context) -> None:
-        console.print(
-            f"[red]error:[/] `dsv {' '.join([ctx.info_name or name, *ctx.args]).strip()}` needs the "
-            f"[bold]{dist}[/] distribution, which is not installed.\n"
-            f"Install it with: [bold]pip install {dist}[/]"
+        fail(
+            f"`dsv {' '.join([ctx.info_name or name, *ctx.args]).strip()}` needs the {dist} distribution, "
+            f"which is not installed; install it with: {install_hint(dist)}",
+            ExitCode.USAGE,
         )
-        raise typer.Exit(2)
 
-    command.__doc__ = f"(not installed: pip install {dist}) {what}"
+    command.__doc__ = f"(not installed: {dist}) {what}"
     return command
 
 
@@ -95,8 +94,7 @@ def _load_group(group: str) -> dict[str, Any]:
 
 def _broken(name: str, exc: ImportError) -> Callable[..., None]:
     def command() -> None:
-        console.print(f"[red]error:[/] `dsv {name}` could not be loaded: {exc}")
-        raise typer.Exit(2)
+        fail(f"`dsv {name}` could not be loaded: {exc}", ExitCode.USAGE)
 
     command.__doc__ = f"(broken install) {exc}"
     return command
@@ -158,9 +156,8 @@ def build_app() -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app = build_app()
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="dsv")
+    """Console-script entry point: every command ends through :func:`dsv.cli.errors.run`."""
+    run(build_app(), argv if argv is not None else sys.argv[1:], prog_name="dsv")
 
 
 if __name__ == "__main__":

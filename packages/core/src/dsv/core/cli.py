@@ -1,48 +1,28 @@
 """``dsv model ...`` and ``dsv generate``: thin commands over dsv.core.
 
 Registered under the ``dsv.commands`` entry-point group. torch is imported inside the commands so
-``dsv --help`` stays instant. User mistakes (:class:`~dsv.core.errors.DSVError`) print one line
-and exit 1.
+``dsv --help`` stays instant. User mistakes (:class:`~dsv.core.errors.DSVError`), file-system
+errors and Ctrl-C print one line and exit with the codes of :mod:`dsv.cli.errors`
+(:func:`~dsv.cli.errors.user_errors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-F = TypeVar("F", bound=Callable[..., Any])
+from dsv.cli.errors import user_errors
 
 console = Console()
 err = Console(stderr=True)
 
 model_app = typer.Typer(help="Create, inspect, download and convert checkpoints.", no_args_is_help=True)
-
-
-def user_errors(fn: F) -> F:
-    """Turn :class:`DSVError` (and bad values) into a one-line message and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from dsv.core.errors import DSVError
-
-        try:
-            return fn(*args, **kwargs)
-        except DSVError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except ValueError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 _DTYPES = {
@@ -113,6 +93,7 @@ def init(
     """Write a randomly initialised checkpoint (HF layout) with a trained byte-level BPE tokenizer."""
     import torch
 
+    from dsv.cli.errors import writable_dir
     from dsv.core.checkpoint import save_pretrained
     from dsv.core.config import ModelConfig
     from dsv.core.errors import DSVError
@@ -126,6 +107,8 @@ def init(
                        "too large to initialise here (use `dsv model info --preset` to inspect it)")  # fmt: skip
     if out.exists() and any(out.iterdir()) and not force:
         raise DSVError(f"{out} exists and is not empty; pass --force to replace it")
+    # The checkpoint is written beside OUT and renamed into place: its folder must take new files.
+    writable_dir(out.absolute().parent, f"OUT {out}: the folder")
     with console.status("training tokenizer"):
         tok = train_bpe(default_corpus(), cfg.vocab_size)
     torch.manual_seed(seed)

@@ -11,20 +11,16 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from dsv.cli.errors import ExitCode, fail
+
 __all__ = ["serve"]
 
 console = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 1) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 def serve(
@@ -75,13 +71,13 @@ def serve(
     )
 
     if engine not in ("native", "vllm", "sglang"):
-        _fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
+        fail(f"unknown engine `{engine}`; use --engine native, vllm or sglang", 2)
     if not request_timeout > 0:
-        _fail(f"--request-timeout must be positive, got {request_timeout}", 2)
+        fail(f"--request-timeout must be positive, got {request_timeout}", 2)
     from dsv.core.cli import dtype_name, parse_dtype, resolve_device, resolve_dtype
 
     if engine == "native" and engine_args:
-        _fail("--engine-args only applies to --engine vllm or sglang", 2)
+        fail("--engine-args only applies to --engine vllm or sglang", 2)
     try:
         extra = shlex.split(engine_args)
         if engine == "native":
@@ -90,12 +86,12 @@ def serve(
         else:  # the engine places the model itself; a dtype asked for is passed on
             torch_dtype = None if dtype == "auto" else parse_dtype(dtype)
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     # Before the checkpoint loads (which can take minutes): the address must be free to listen on.
     try:
         _check_listen(host, port)
     except OSError as e:
-        _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host", 2)
+        fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host", 2)
     settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
                 "max_in_flight": max_in_flight, "request_timeout_s": request_timeout,
                 "stats_interval_s": stats_interval}  # fmt: skip
@@ -109,7 +105,7 @@ def serve(
                                   **settings)  # fmt: skip
         else:
             if not Path(path_or_repo).is_dir():
-                _fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
+                fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")
             inner = free_port()
             name = model_name or Path(path_or_repo.rstrip("/")).name
             asked = None if torch_dtype is None else dtype_name(torch_dtype)
@@ -119,9 +115,9 @@ def serve(
             app = load_proxy_app(path_or_repo, f"http://127.0.0.1:{inner}", model_name=name,
                                  max_model_len=max_model_len, **settings)  # fmt: skip
     except FileNotFoundError as e:
-        _fail(f"{e}; check the checkpoint path or install the engine")
+        fail(f"{e}; check the checkpoint path or install the engine")
     except (DSVError, RuntimeError, TimeoutError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     where = f"native, {device}, {dtype_name(torch_dtype)}" if engine == "native" else engine
     console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
     if stats_interval > 0:
@@ -135,6 +131,10 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        # uvicorn shuts down on Ctrl-C (the engine process with it), then raises the signal again
+        console.print("dsv serve: stopped (interrupted)")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     finally:
         if proc is not None:
             proc.terminate()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing as mp
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,9 @@ def _child_main(
 ) -> None:
     from dsv.core.allocator import tune_cpu_allocator
 
+    # Ctrl-C in a terminal reaches the whole process group: the server stops this process through
+    # the pipe (or it sees the pipe close), so the key press must not end it with a traceback first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_cpu_allocator()  # before the model's tensors exist; this process is the engine's alone
     import torch
 

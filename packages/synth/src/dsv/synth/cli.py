@@ -8,16 +8,21 @@
     dsv synth generate vowel_count arithmetic --library runs/synth/library --n 20 --out tasks.jsonl
 
 Thin by design: each command parses, calls one library function and prints with
-rich. User mistakes print one `error: ...` line and exit 1 (2 for usage errors).
+rich (tables fit 80 columns: one line per family, the description cut to fit; ``--json``
+prints everything for scripts). User mistakes print one `error: ...` line and exit 1 (2 for
+usage errors): the codes of :mod:`dsv.cli.errors`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+
+from dsv.cli.errors import fail
 
 __all__ = ["synth_app"]
 
@@ -28,69 +33,80 @@ _out = Console()
 _err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    _err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
 _LIBRARY_HELP = "library dir of environments accepted by `dsv synth build` (they run in the sandbox)"
 
 
 @synth_app.command("list")
 def list_families(
     library: Path | None = typer.Option(None, "--library", help=_LIBRARY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the families as JSON (for scripts)."),
 ) -> None:
     """Table of families: domain, tools, difficulty range (and a library's accepted environments)."""
-    from rich.table import Table
-
     from dsv.synth import registry
+    from dsv.synth.families._reasoning_gym import available_datasets
 
     lib_names: list[str] = []
     if library is not None:
         try:
             lib_names = registry.library_names(library)
         except ValueError as exc:
-            _fail(str(exc))
-    table = Table(title="dsv synth families")
-    for col in ("family", "domain", "tools", "difficulty", "description"):
-        table.add_column(col)
+            fail(str(exc))
+    rows = []
     for name, cls in registry.families().items():
-        env = cls()
-        task = env.generate(0)
-        tools = ", ".join(t["function"]["name"] for t in task.tools) or "-"
-        table.add_row(name, cls.domain, tools, f"1..{cls.max_difficulty}", cls.description)
-    _out.print(table)
+        task = cls().generate(0)
+        rows.append({"family": name, "domain": cls.domain, "tools": [t["function"]["name"] for t in task.tools],
+                     "max_difficulty": cls.max_difficulty, "description": cls.description})  # fmt: skip
+    lib_rows = [_library_row(library, name) for name in lib_names] if library is not None else []
+    rg = available_datasets()
+    if as_json:
+        payload = {"families": rows, "library": lib_rows, "reasoning_gym": [f"rg:{d}" for d in rg]}
+        print(json.dumps(payload, indent=1))
+        return
+    _out.print(_table("dsv synth families", ("family", "domain", "levels", "tools", "description"),
+                      [(r["family"], r["domain"], f"1..{r['max_difficulty']}", ", ".join(r["tools"]) or "-",
+                        r["description"]) for r in rows]))  # fmt: skip
     if library is not None:
-        _print_library(library, lib_names)
-    from dsv.synth.families._reasoning_gym import available_datasets
+        _out.print(_table(f"accepted environments in {library} ({len(lib_rows)})",
+                          ("family", "domain", "checked", "tools", "description"),
+                          [(r["family"], r["domain"], r["checked"], ", ".join(r["tools"]) or "-", r["description"])
+                           for r in lib_rows]))  # fmt: skip
+    if rg:
+        _out.print(f"plus {len(rg)} reasoning_gym datasets as rg:<name> (e.g. rg:basic_arithmetic)")
 
-    n_rg = len(available_datasets())
-    if n_rg:
-        _out.print(f"plus {n_rg} reasoning_gym datasets as rg:<name> (e.g. rg:basic_arithmetic)")
 
-
-def _print_library(library: Path, names: list[str]) -> None:
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Any:
+    """A table that fits 80 columns: names never cut, tools wrap at commas, the description (last)
+    is cut to one line (``--json`` has it whole)."""
     from rich.table import Table
 
+    table = Table(title=title)
+    used = 3 * len(columns) + 1  # borders and padding
+    for i, col in enumerate(columns[:-1]):
+        cells = [r[i] for r in rows]
+        # tools wrap between names (up to 16 columns wide); every other cell keeps its whole width
+        parts = [p for c in cells for p in c.split(", ")] if col == "tools" else cells
+        width = max([len(col), *map(len, parts)])
+        if col == "tools":
+            width = max(width, min(16, max(map(len, cells), default=0)))
+        table.add_column(col, width=width, no_wrap=col != "tools")
+        used += width
+    table.add_column(columns[-1], no_wrap=True, overflow="ellipsis", width=max(12, _out.width - used))
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def _library_row(library: Path, name: str) -> dict[str, Any]:
     from dsv.synth.pipeline.library import Library, LibraryError
 
-    table = Table(title=f"accepted environments in {library} ({len(names)})")
-    for col in ("family", "domain", "tools", "checked", "description"):
-        table.add_column(col)
-    lib = Library(library)
-    for name in names:
-        try:
-            m = lib.manifest(name)
-        except LibraryError as exc:
-            table.add_row(name, "-", "-", "-", f"damaged: {exc}")
-            continue
-        checks = m.get("checks") or {}
-        checked = (
-            f"{checks.get('tasks_checked', '?')} tasks, {checks.get('wrong_answers_checked', '?')} wrong"
-        )
-        tools = ", ".join(str(t) for t in m.get("tools") or []) or "-"
-        table.add_row(name, str(m.get("domain", "-")), tools, checked, str(m.get("description", "")))
-    _out.print(table)
+    try:
+        m = Library(library).manifest(name)
+    except LibraryError as exc:
+        return {"family": name, "domain": "-", "tools": [], "checked": "-", "description": f"damaged: {exc}"}
+    checks = m.get("checks") or {}
+    checked = f"{checks.get('tasks_checked', '?')} tasks, {checks.get('wrong_answers_checked', '?')} wrong"
+    return {"family": name, "domain": str(m.get("domain", "-")), "tools": [str(t) for t in m.get("tools") or []],
+            "checked": checked, "description": str(m.get("description", ""))}  # fmt: skip
 
 
 @synth_app.command("show")
@@ -112,9 +128,9 @@ def show(
         task = env.generate(seed, difficulty)
         answer = env.solve(task)
     except registry.UnknownFamilyError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except (ValueError, ImportError, LibraryError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _out.print(f"[bold]{env.name}[/] ({env.domain}) — {env.description}")
     knobs = getattr(env, "difficulty_knobs", "")
     if knobs:
@@ -147,7 +163,7 @@ def generate(
     from dsv.synth.tasks import export_hf, generate_tasks, write_tasks
 
     if fmt not in ("jsonl", "hf"):
-        _fail(f"--format must be jsonl or hf, got {fmt!r}", code=2)
+        fail(f"--format must be jsonl or hf, got {fmt!r}", code=2)
     with Progress(console=_err, transient=True) as progress:
         bar = progress.add_task("generating", total=n * len(families))
         try:
@@ -160,18 +176,18 @@ def generate(
                 library=library,
             )
         except UnknownFamilyError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except (ValueError, ImportError, LibraryError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     try:
         if fmt == "hf":
             export_hf(out, tasks)
         else:
             write_tasks(out, tasks)
     except ImportError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror or exc}")
+        fail(f"cannot write {out}: {exc.strerror or exc}")
     _out.print(f"wrote {len(tasks)} tasks ({', '.join(families)}) to {out}")
 
 

@@ -132,7 +132,9 @@ def export_hf(path: str | os.PathLike[str], tasks: Sequence[Task]) -> None:
     try:
         import datasets
     except ImportError:
-        raise ImportError("--format hf needs the datasets library: pip install 'dsv-synth[hf]'") from None
+        from dsv.cli.errors import install_hint
+
+        raise ImportError(f"--format hf needs the datasets library: {install_hint('dsv-synth', 'hf')}") from None
     rows = {
         "id": [t.id for t in tasks],
         "family": [t.family for t in tasks],

@@ -7,7 +7,7 @@ runs go through accelerate with a config from ``configs/accelerate/``::
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m dsv.train pretrain --out runs/tiny2
 
 torch is imported inside the command so ``dsv --help`` stays instant; user mistakes print one
-``error:`` line and exit 1.
+``error:`` line and exit with the codes of :mod:`dsv.cli.errors` (1 input, 2 usage, 130 Ctrl-C).
 """
 
 from __future__ import annotations
@@ -29,15 +29,21 @@ train_app = typer.Typer(
 
 
 def _run(stage: str, **flags: Any) -> None:
-    from dsv.core.errors import DSVError
+    from dsv.cli.errors import ExitCode, exit_for, fail, writable_dir
     from dsv.train.trainer import TrainConfig, train
 
     try:
+        writable_dir(flags["out"], "--out")
         cfg = TrainConfig(stage=stage, **flags)
         summary = train(cfg)
-    except (DSVError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; `dsv train {stage} --out {flags['out']} --resume` continues from the newest "
+            "checkpoint",
+            ExitCode.INTERRUPTED,
+        )
+    except Exception as exc:
+        exit_for(exc)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:

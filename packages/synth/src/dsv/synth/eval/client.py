@@ -129,9 +129,13 @@ class EndpointClient:
             import httpx
             from openai import OpenAI
         except ImportError as exc:
+            from dsv.cli.errors import install_hint
+
+            # openai pulls httpx in: a missing httpx means a missing openai too
+            missing = "openai" if exc.name in (None, "httpx") or exc.name.startswith("openai") else exc.name
             raise ClientNotInstalledError(
-                f"talking to an OpenAI-compatible endpoint needs the openai client ({exc.name} is missing); "
-                "install it with `pip install 'dsv-synth[eval]'`"
+                f"talking to an OpenAI-compatible endpoint needs the openai client ({missing} is missing); "
+                f"install it with {install_hint('dsv-synth', 'eval')}"
             ) from None
 
         self.base_url = base_url

@@ -141,9 +141,11 @@ class LocalModelPolicyFactory:
             from dsv.core import chat, checkpoint, generate
             from dsv.core.errors import DSVError
         except ImportError as exc:
+            from dsv.cli.errors import install_hint
+
             raise ModelNotAvailableError(
                 f"evaluating a checkpoint in-process needs dsv-core ({exc}); install it with "
-                "`pip install 'dsv-synth[model]'` or use --base-url to evaluate an endpoint"
+                f"{install_hint('dsv-synth', 'model')}, or use --endpoint to evaluate an endpoint"
             ) from None
         self._torch = torch
         self._chat = chat

@@ -134,7 +134,9 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]], meta: dict[
         png = _plot(report)
     except ImportError:  # the numbers matter more than the picture: report without it
         report["plots"] = []
-        report["plots_skipped"] = "matplotlib is not installed (pip install 'dsv-synth[eval]')"
+        from dsv.cli.errors import install_hint
+
+        report["plots_skipped"] = f"matplotlib is not installed ({install_hint('dsv-synth', 'eval')})"
     else:
         atomic_write_bytes(out_dir / PLOT_NAME, png)
         report["plots"] = [PLOT_NAME]

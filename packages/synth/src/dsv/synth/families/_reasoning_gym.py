@@ -22,9 +22,9 @@ def _require() -> Any:
     try:
         import reasoning_gym
     except ImportError:
-        raise ImportError(
-            "rg:<dataset> families need reasoning_gym: pip install 'dsv-synth[rg]' (or pip install reasoning_gym)"
-        ) from None
+        from dsv.cli.errors import install_hint
+
+        raise ImportError(f"rg:<dataset> families need reasoning_gym: {install_hint('dsv-synth', 'rg')}") from None
     return reasoning_gym
 
 

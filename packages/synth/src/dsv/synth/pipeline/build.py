@@ -240,8 +240,14 @@ def build(
     *,
     on_start: Callable[[int, int], None] | None = None,
     on_proposal: Callable[[ProposalOutcome], None] | None = None,
+    on_request: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the pipeline for proposals ``0..n-1``; write and return the report."""
+    """Run (or resume) the pipeline for proposals ``0..n-1``; write and return the report.
+
+    ``on_request(i)`` is called before proposal ``i`` is asked of the endpoint (a reply can take
+    minutes). An interrupt (Ctrl-C) writes the report of the proposals finished so far, then
+    propagates; a re-run resumes.
+    """
     out_dir = Path(config.out_dir)
     (out_dir / "proposals").mkdir(parents=True, exist_ok=True)
     library = Library(config.library)
@@ -250,10 +256,28 @@ def build(
     done = {int(k) for k, v in state["proposals"].items() if v.get("status") in ("accepted", "rejected")}
     if on_start is not None:
         on_start(config.n, len(done & set(range(config.n))))
+    references = builtin_fingerprints() + _library_fingerprints(library)
+    try:
+        _propose_all(client, config, library, state, state_path, done, references, on_proposal, on_request)
+    finally:  # also on Ctrl-C: the report of what finished is written before the run ends
+        report = _write_report(client, config, state, out_dir)
+    return report
 
+
+def _propose_all(
+    client: EndpointClient,
+    config: BuildConfig,
+    library: Library,
+    state: dict[str, Any],
+    state_path: Path,
+    done: set[int],
+    references: list[Fingerprint],
+    on_proposal: Callable[[ProposalOutcome], None] | None,
+    on_request: Callable[[int], None] | None,
+) -> None:
     from dsv.synth import registry
 
-    references = builtin_fingerprints() + _library_fingerprints(library)
+    out_dir = Path(config.out_dir)
     for i in range(config.n):
         if i in done:
             continue
@@ -263,6 +287,8 @@ def build(
         else:
             existing = [(n, cls.description) for n, cls in registry.families().items()]
             existing += [(n, str(library.manifest(n).get("description", ""))) for n in library.names()]
+            if on_request is not None:
+                on_request(i)
             try:
                 answer = client.chat(
                     build_messages(i, existing),
@@ -307,6 +333,8 @@ def build(
         if on_proposal is not None:
             on_proposal(outcome)
 
+
+def _write_report(client: EndpointClient, config: BuildConfig, state: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     proposals = [state["proposals"][str(i)] for i in range(config.n) if str(i) in state["proposals"]]
     statuses = Counter(p["status"] for p in proposals)
     report = {

@@ -2,10 +2,13 @@
 
 Example::
 
-    dsv synth build --base-url http://127.0.0.1:8000/v1 --model deepseek-v3.2 -n 20 --out runs/synth
-    dsv eval --library runs/synth/library --family <accepted name> --n 10 --base-url ... --model ...
+    dsv synth build --endpoint http://127.0.0.1:8000/v1 --model deepseek-v3.2 -n 20 --out runs/synth
+    dsv eval --library runs/synth/library --family <accepted name> --n 10 --endpoint ... --model ...
 
-Re-running the same command resumes: finished proposals are skipped.
+Re-running the same command resumes: finished proposals are skipped. Exit codes
+(:mod:`dsv.cli.errors`): 0 when every proposal was answered; 3 when any could not be fetched
+(the report is written; a re-run retries them); 4 when the share accepted is under
+``--fail-under``; 130 on Ctrl-C, after writing the report of the proposals finished so far.
 """
 
 from __future__ import annotations
@@ -15,19 +18,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dsv.cli.errors import ExitCode, UserError, fail, writable_dir
+
 __all__ = ["build_command"]
 
 _err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    _err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def build_command(
     base_url: str = typer.Option(
-        ..., "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
+        ..., "--endpoint", "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"
     ),
     model: str = typer.Option(..., "--model", help="Model name to request from the endpoint."),
     api_key: str | None = typer.Option(
@@ -51,18 +51,32 @@ def build_command(
     sandbox_wall: float = typer.Option(
         20.0,
         "--sandbox-wall",
-        help="Wall-clock seconds for each of the four sandboxed check runs of a proposal.",
+        help="Wall-clock seconds for each of the four sandboxed check runs of a proposal (CPU: half).",
+    ),
+    fail_under: float | None = typer.Option(
+        None, "--fail-under", min=0.0, max=1.0, help="Exit 4 when the share of proposals accepted is under this."
     ),
 ) -> None:
     """Propose environments with an LLM; keep those whose reference passes, wrong answers fail, and that are new."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from dsv.synth.eval.client import EndpointClient
     from dsv.synth.pipeline.build import BuildConfig, ProposalOutcome, build
     from dsv.synth.pipeline.harness import default_limits
 
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file; pass a directory")
+    try:
+        writable_dir(out, "--out")
+        if library is not None:
+            writable_dir(library, "--library")
+    except UserError as exc:
+        fail(str(exc))
     config = BuildConfig(
         out_dir=out,
         library_dir=library,
@@ -75,8 +89,9 @@ def build_command(
     try:
         client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
     except ImportError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), ExitCode.USAGE)
     with Progress(
+        SpinnerColumn(),
         TextColumn("[bold]synth build"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -93,8 +108,18 @@ def build_command(
         def on_proposal(o: ProposalOutcome) -> None:
             progress.update(bar, advance=1 if o.finished else 0, last=f"#{o.index} {o.status}: {o.category}")
 
+        def on_request(i: int) -> None:
+            progress.update(bar, last=f"#{i}: waiting for the endpoint")
+
         try:
-            report = build(client, config, on_start=on_start, on_proposal=on_proposal)
+            report = build(client, config, on_start=on_start, on_proposal=on_proposal, on_request=on_request)
+        except KeyboardInterrupt:
+            progress.stop()
+            fail(
+                f"interrupted; the report of the proposals finished so far is in {out / 'report.md'}: re-run "
+                "the same command to go on",
+                ExitCode.INTERRUPTED,
+            )
         finally:
             client.close()
     c = report["counts"]
@@ -106,4 +131,14 @@ def build_command(
     for category, count in report["by_category"].items():
         console.print(f"  {category}: {count}")
     if c["error"]:
-        console.print("[yellow]some proposals could not be fetched; re-run the same command to retry them[/]")
+        first = next((p["reason"] for p in report["proposals"] if p["status"] == "error"), "")
+        fail(
+            f"{c['error']} of {c['total']} proposal(s) could not be fetched from the endpoint ({first}); fix the "
+            "endpoint or --model and re-run the same command to retry them",
+            ExitCode.ENDPOINT,
+        )
+    if fail_under is not None and not c["accepted"] / max(1, c["total"]) >= fail_under:
+        fail(
+            f"{c['accepted']} of {c['total']} proposal(s) accepted, under --fail-under {fail_under:g}",
+            ExitCode.BELOW_THRESHOLD,
+        )

@@ -196,14 +196,22 @@ _STATUS_CATEGORY = {
 }
 
 
-def _failure(result: SandboxResult) -> HarnessError:
+def _failure(result: SandboxResult, limits: Limits) -> HarnessError:
     category = _STATUS_CATEGORY.get(result.status, "crash")
     if result.status == "ok":
         category = "crash"
     tail = result.stderr.strip().splitlines()[-1:] if result.stderr.strip() else []
     detail = f": {tail[0][:300]}" if tail else ""
     if category == "timeout":
-        msg = f"sandbox timeout after {result.wall_s:.1f}s wall / {result.cpu_s:.1f}s CPU"
+        # Name the limit that stopped the run: the CPU one (half the wall one) usually ends a busy
+        # loop first, and "3.0s wall" next to --sandbox-wall 5 reads like the flag was ignored.
+        cpu_limit = max(1, math.ceil(limits.cpu_s))  # the sandbox's RLIMIT_CPU is whole seconds
+        which = (
+            f"CPU limit {cpu_limit}s (half of --sandbox-wall {limits.wall_s:g}s, rounded up)"
+            if result.cpu_s >= limits.cpu_s * 0.95
+            else f"wall limit {limits.wall_s:g}s (--sandbox-wall)"
+        )
+        msg = f"sandbox timeout: {which} reached after {result.wall_s:.1f}s wall / {result.cpu_s:.1f}s CPU"
     elif category == "output_limit":
         msg = "sandbox output limit exceeded"
     elif category == "memory":
@@ -222,6 +230,7 @@ def run_worker(
 
     ``HarnessError`` when no well-formed answer came back or the module did not load.
     """
+    limits = limits or default_limits()
     marker = _MARKER + secrets.token_hex(8) + ":"
     files = {**_runtime_files(), "proposal.py": source}
     result = run_python(
@@ -229,7 +238,7 @@ def run_worker(
         files=files,
         stdin=json.dumps(requests),
         args=[marker],
-        limits=limits or default_limits(),
+        limits=limits,
     )
     answer: Any = None
     for line in reversed(result.stdout.splitlines()):
@@ -240,7 +249,7 @@ def run_worker(
                 answer = None
             break
     if result.status != "ok" or not isinstance(answer, dict):
-        raise _failure(result)
+        raise _failure(result, limits)
     load_error = answer.get("load_error")
     if isinstance(load_error, dict):
         raise HarnessError(str(load_error.get("category", "crash")), str(load_error.get("reason", "")))
