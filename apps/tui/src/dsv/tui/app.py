@@ -14,6 +14,8 @@ screens that show durations stay byte-stable.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ class ChatApp(App[None]):
     TITLE = "dsv chat"
     CSS_PATH = "app.tcss"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    # a mode, not get_default_screen(): Textual loads a screen's CSS_PATH only for modes and pushes
+    MODES = {"chat": ChatScreen}
+    DEFAULT_MODE = "chat"
 
     def __init__(
         self,
@@ -41,11 +46,8 @@ class ChatApp(App[None]):
         format_seconds: SecondsFormat = format_seconds,
         show_context: bool = False,
         export_dir: Path | None = None,
-        client_factory: Any = None,
     ) -> None:
-        """``client_factory(base_url, api_key, model)`` builds the client for /endpoint and /model
-        (default :class:`dsv.tui.client.ChatClient`); ``export_dir`` is where /export writes
-        without a path (default: the agent's workspace)."""
+        """``export_dir`` is where /export writes without a path (default: the agent's workspace)."""
         super().__init__()
         self.agent = agent
         self.store = store
@@ -53,10 +55,6 @@ class ChatApp(App[None]):
         self.show_context = show_context
         workspace = getattr(getattr(agent, "tools", None), "workspace", None)
         self.export_dir = Path(export_dir or workspace or Path.cwd())
-        self._client_factory = client_factory
-
-    def get_default_screen(self) -> Screen[Any]:
-        return ChatScreen()
 
     @property
     def chat(self) -> ChatScreen:
@@ -65,22 +63,28 @@ class ChatApp(App[None]):
         assert screen is not None, "the chat screen is the default screen"
         return screen
 
+    async def action_quit(self) -> None:
+        """Quit after stopping the turn, the MCP servers and the HTTP client (bounded: a stuck
+        server must not keep the terminal)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.agent.aclose(), 5)
+        self.exit()
+
     def session_label(self, session: Any) -> str:
         """``title · 2026-12-07 14:02`` for the header and notifications."""
         created = str(session.created).replace("T", " ")[:16]
         return f"{session.title or 'new session'} · {created}"
 
-    def set_client(self, *, base_url: str | None = None, model: str | None = None) -> None:
+    async def set_client(self, *, base_url: str | None = None, model: str | None = None) -> None:
         """Point the agent at another endpoint and/or model (the session records both)."""
-        old = self.agent.client
-        factory = self._client_factory
-        if factory is None:
-            from dsv.tui.client import ChatClient
+        from dsv.tui.client import ChatClient
 
-            factory = ChatClient
+        old = self.agent.client
         base_url = base_url or old.base_url
         model = model or old.model
-        self.agent.client = factory(base_url, getattr(old, "api_key", None), model)
+        self.agent.client = ChatClient(base_url, old.api_key, model, max_tokens=old.max_tokens,
+                                       temperature=old.temperature, read_timeout_s=old.read_timeout_s)  # fmt: skip
+        await old.aclose()
         session = self.agent.session
         session.endpoint, session.model = base_url, model
         if session.messages:

@@ -67,8 +67,8 @@ class ApprovalScreen(ModalScreen[Any]):
         self.query_one("#once", Button).focus()
 
     @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.run_action(str(event.button.id))
+    async def _pressed(self, event: Button.Pressed) -> None:
+        await self.run_action(str(event.button.id))
 
     def action_once(self) -> None:
         if self.editing:

@@ -181,7 +181,7 @@ class ChatScreen(Screen[None]):
             request,
             history,
             counts[: len(request)],
-            exact=bool(getattr(agent, "token_counts_exact", False)),
+            exact=bool(getattr(counts, "exact", False)),
             dropped_tokens=dict(zip(dropped_at, counts[len(request) :], strict=True)),
         )
         self.header.context_tokens = view.total_tokens
@@ -238,6 +238,7 @@ class ChatScreen(Screen[None]):
             header.state = event.state
             header.detail = event.detail
         elif isinstance(event, TurnStarted):
+            self._refresh_header()
             self.refresh_context(event.request_messages)
         elif isinstance(event, ReasoningDelta):
             await t.on_reasoning(event.step, event.text)
@@ -299,6 +300,7 @@ class ChatScreen(Screen[None]):
         return result
 
     def on_turn_ended(self, message: TurnEnded) -> None:
+        self._refresh_header()
         self.refresh_context()
         if not message.ok and self.header.state not in ("error",):
             self.header.state = "idle"
@@ -432,7 +434,9 @@ class ChatScreen(Screen[None]):
             if not arg:
                 self.notify(f"model: {agent.client.model}  (change: /model NAME)")
                 return
-            self.app.set_client(model=arg)
+            if self._refuse_while_busy("/model"):
+                return
+            await self.app.set_client(model=arg)
             self._refresh_header()
             self.notify(f"model {arg}")
         elif name == "endpoint":
@@ -443,7 +447,9 @@ class ChatScreen(Screen[None]):
                 self.notify(f"/endpoint needs an http(s) URL such as http://127.0.0.1:8000/v1, not {arg!r}",
                             severity="error")  # fmt: skip
                 return
-            self.app.set_client(base_url=arg)
+            if self._refuse_while_busy("/endpoint"):
+                return
+            await self.app.set_client(base_url=arg)
             self._refresh_header()
             self.notify(f"endpoint {arg}")
         elif name == "system":

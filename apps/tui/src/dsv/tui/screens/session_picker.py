@@ -15,14 +15,14 @@ from textual.widgets.option_list import Option
 
 
 def session_label(info: Any) -> Text:
-    """``title  ·  2026-12-07 14:02  ·  12 messages  ·  model`` for a SessionInfo."""
-    text = Text(str(getattr(info, "title", "") or "(untitled)"), style="bold")
-    facts = [str(getattr(info, name)) for name in ("updated", "model") if getattr(info, name, None)]
-    count = getattr(info, "message_count", None)
-    if count is not None:
-        facts.insert(1, f"{count} messages")
-    if facts:
-        text.append("  ·  " + "  ·  ".join(facts), style="dim")
+    """``title  ·  2026-12-07 14:02  ·  3 turns, 12 messages  ·  model`` for a SessionInfo."""
+    text = Text(info.title or "(untitled)", style="bold")
+    facts = [info.updated.replace("T", " ")[:16], f"{info.n_turns} turns, {info.n_messages} messages"]
+    if info.model:
+        facts.append(info.model)
+    if info.parent_id:
+        facts.append(f"fork of {info.parent_id}")
+    text.append("  ·  " + "  ·  ".join(facts), style="dim")
     return text
 
 

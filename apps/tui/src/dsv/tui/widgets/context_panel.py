@@ -61,7 +61,7 @@ def _preview(message: dict[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, list):  # content parts
         content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return " ".join(str(content or "").split())[:40]
+    return " ".join(str(content or "").split())[:16]
 
 
 def context_view(

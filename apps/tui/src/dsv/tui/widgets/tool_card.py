@@ -51,7 +51,7 @@ class ToolCard(Collapsible):
         body = Vertical(self._args, self._result, classes="tool-body")
         super().__init__(body, title=name, collapsed=collapsed, classes="tool-card")
         self.call_id = call_id
-        self.name = name
+        self.tool_name = name
         self.arguments = arguments
         self.result: str | None = None
         self.duration_s: float | None = None
@@ -95,4 +95,4 @@ class ToolCard(Collapsible):
             "denied": "⊘ denied",
         }[self.status]
         duration = f" {self._fmt(self.duration_s)}" if self.duration_s is not None else ""
-        self.title = f"⚙ {self.name} {one_line(self.arguments, _ARGS_PREVIEW)} · {mark}{duration}"
+        self.title = f"⚙ {self.tool_name} {one_line(self.arguments, _ARGS_PREVIEW)} · {mark}{duration}"
