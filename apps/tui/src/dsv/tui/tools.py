@@ -449,6 +449,7 @@ class ToolRegistry:
                         out.append(self._rel(base / name.rstrip("/")) + ("/" if name.endswith("/") else ""))
                 if len(out) >= _MAX_LIST:
                     break
+            out.sort()
         else:
             for entry in sorted(root.iterdir(), key=lambda p: (not p.is_dir(), p.name)):
                 if fnmatch.fnmatch(entry.name, pattern):
