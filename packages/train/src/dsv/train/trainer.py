@@ -24,8 +24,11 @@ global batch.
 
 Checkpoints: ``OUT/checkpoint-NNNNNNN/`` is a Hugging Face folder (``save_pretrained``) plus
 ``train_state/`` (run settings, step, optimizer state, RNG), written as one atomic folder rename;
-``OUT/final/`` at the end. ``--resume`` restarts from the newest complete checkpoint with the same
-data order (a pure function of seed and step) and refuses different settings.
+``OUT/final/`` at the end. ``--resume`` restarts from the newest checkpoint that loads whole (a
+damaged one, e.g. a truncated ``optimizer.pt``, is skipped with a warning for the one before it)
+with the same data order (a pure function of seed and step) and refuses different settings; it
+says which checkpoint it continues from, and that it starts at step 0 when there is none. Staging
+folders of a save that was killed are removed at start.
 
 Library use::
 
@@ -185,6 +188,67 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def remove_unfinished_saves(out: Path) -> list[Path]:
+    """Delete the staging folders a killed save left in ``out`` (``.checkpoint-*.tmp``, ``.final.*.tmp``,
+    ``.*.partial``); they never became a checkpoint. Returns what was removed."""
+    if not out.is_dir():
+        return []
+    stale = [p for pattern in (".checkpoint-*.tmp", ".final.*.tmp", ".checkpoint-*.partial", ".final.partial")
+             for p in out.glob(pattern) if p.is_dir()]  # fmt: skip
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _weights_intact(folder: Path) -> str | None:
+    """Why the safetensors files of ``folder`` are damaged (size against their header), or None."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "no weight files"
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + n + end:
+                return f"{f.name} is truncated ({f.stat().st_size} of {8 + n + end} bytes)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{f.name} is unreadable ({type(exc).__name__})"
+    return None
+
+
+def pick_resume_checkpoint(
+    ckpts: list[Path], *, sharded: bool, log: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any], Any] | None:
+    """The newest checkpoint that loads whole: ``(folder, state.json, optimizer state or None)``.
+
+    A checkpoint whose ``state.json``, ``rng.pt``, ``optimizer.pt`` or weights are damaged (a disk
+    that filled, a copy cut short) is skipped with a line through ``log`` naming what is wrong, and
+    the one before it is tried. None when no checkpoint is usable.
+    """
+    for ckpt in reversed(ckpts):
+        state_dir = ckpt / "train_state"
+        try:
+            state = json.loads((state_dir / "state.json").read_text())
+            if not isinstance(state.get("step"), int) or not isinstance(state.get("settings"), dict):
+                raise ValueError("state.json has no step or settings")
+            if not (state_dir / "rng.pt").is_file():
+                raise FileNotFoundError("rng.pt is missing")
+            damaged = _weights_intact(ckpt)
+            if damaged is not None:
+                raise ValueError(damaged)
+            optim = None
+            if not sharded:  # the sharded state is read by accelerate, after this choice
+                optim = torch.load(state_dir / "optimizer.pt", weights_only=False, map_location="cpu")
+        except Exception as exc:  # any damage: fall back to the previous checkpoint
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            log(f"warning: skipping {ckpt.name}, which cannot be resumed from: {reason}")
+            continue
+        return ckpt, state, optim
+    return None
+
+
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], ckpt: Path) -> None:
     diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in now if saved.get(k) != now[k]]
     if diffs:
@@ -296,16 +360,30 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     # ---- resume point
+    if main:
+        stale = remove_unfinished_saves(out)
+        if stale:
+            accelerator.print(f"removed {len(stale)} unfinished checkpoint folder(s) left by an interrupted save")
+    accelerator.wait_for_everyone()
     ckpts = list_checkpoints(out)
     if ckpts and not cfg.resume:
         raise TrainError(
             f"{out} already holds checkpoints (newest {ckpts[-1].name}); pass --resume to continue or choose a new --out"
         )
-    resume_from = ckpts[-1] if (cfg.resume and ckpts) else None
+    resume_from = None
     state: dict[str, Any] = {}
-    if resume_from is not None:
-        state = json.loads((resume_from / "train_state" / "state.json").read_text())
-        _check_resume(state["settings"], cfg.run_settings(), resume_from)
+    resumed_optim: Any = None
+    if cfg.resume:
+        log = accelerator.print
+        picked = pick_resume_checkpoint(ckpts, sharded=sharded, log=log)
+        if picked is None:
+            # Not silent: a run killed during its first save has nothing to continue from.
+            why = f"none of its {len(ckpts)} checkpoint(s) loads" if ckpts else "it holds no complete checkpoint"
+            accelerator.print(f"--resume: {out} has nothing to continue from ({why}); starting at step 0")
+        else:
+            resume_from, state, resumed_optim = picked
+            _check_resume(state["settings"], cfg.run_settings(), resume_from)
+            accelerator.print(f"resuming from {resume_from} (step {int(state['step'])} of {cfg.steps})")
 
     # ---- data and model
     chat = cfg.stage == "sft"
@@ -358,9 +436,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         if sharded:
             accelerator.load_state(str(resume_from / "train_state" / "accelerate"))
         else:
-            optimizer.load_state_dict(
-                torch.load(resume_from / "train_state" / "optimizer.pt", weights_only=False)
-            )
+            optimizer.load_state_dict(resumed_optim)
+            resumed_optim = None
         _set_rng_state((resume_from / "train_state" / "rng.pt").read_bytes())
 
     plan = BatchPlan(len(train_rows), cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
