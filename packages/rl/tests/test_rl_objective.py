@@ -387,3 +387,23 @@ def test_sampling_logprobs_padding_and_bad_input() -> None:
         sampling_logprobs(logits, torch.tensor([[0, 4]]), 1.0, keep.float())
     with pytest.raises(ValueError, match="tokens \\[B, T\\]"):
         sampling_logprobs(logits, torch.tensor([0, 4]), 1.0)
+
+
+def test_sampling_logprobs_keep_one_vocabulary_sized_copy_for_backward() -> None:
+    B, T, V = 2, 3, 50
+    logits = torch.randn(B, T, V, requires_grad=True)
+    keep = torch.rand(B, T, V, generator=torch.Generator().manual_seed(0)) < 0.5
+    keep[..., 0] = True
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sampling_logprobs(logits, torch.zeros(B, T, dtype=torch.long), 0.7, keep)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.is_floating_point() and t.numel() == B * T * V}
+    assert len(big) == 1  # the scaled, masked copy: not the logits, not a second copy
+    assert logits.untyped_storage().data_ptr() not in big
+    out.logp.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()

@@ -70,11 +70,12 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     The shift changes no probability, and it keeps tiny temperatures finite: the top logit stays 0
     and the others go to large negatives or ``-inf`` (the greedy limit) instead of overflowing to
     ``inf - inf = nan``. Temperatures below fp32's smallest normal number divide by that number.
-    The result is one new tensor (the division is in place; autograd allows it, since neither op
-    saves its output), so RL's training forward over ``[B, T, V]`` logits holds one copy, not two.
+    Under autograd (RL's training forward over ``[B, T, V]`` logits) the result is the one new
+    tensor and nothing keeps ``logits`` alive: the division is in place (neither op saves its
+    output) and the shift is detached (a per-row constant, invisible to any softmax taken after).
     """
     x = logits.float()
-    return (x - x.amax(-1, keepdim=True)).div_(max(temperature, torch.finfo(torch.float32).tiny))
+    return (x - x.detach().amax(-1, keepdim=True)).div_(max(temperature, torch.finfo(torch.float32).tiny))
 
 
 def kept_token_mask(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -109,8 +109,9 @@ def sampling_logprobs(
     empty (padding) is left unmasked so its value stays finite; a token outside a non-empty kept
     set gets ``-inf`` (it could not have been sampled).
 
-    Memory: one fp32 ``[B, T, V]`` copy of the logits (the masking is in place on it; the
-    log-softmax is ``gather - logsumexp``, which saves that copy and nothing else for backward). The
+    Memory: one fp32 ``[B, T, V]`` copy of the logits, the only vocabulary-sized tensor kept for
+    backward (the temperature and the masking are applied in place on it, the log-softmax is
+    ``gather - logsumexp``, and nothing keeps ``logits`` itself: the caller may drop them). The
     entropy (a statistic, no graph) is computed one row at a time, adding a ``[T, V]`` buffer.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
