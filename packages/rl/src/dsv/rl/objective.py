@@ -189,7 +189,7 @@ def off_policy_mask(
     m = _weights(mask, logp)
     gap = torch.where(m != 0, old_logp.detach() - logp.detach(), 0.0)
     seq_gap = _seq_mean(gap, m)
-    dropped = (advantages.detach() < 0) & (seq_gap > delta)
+    dropped = (advantages.detach().to(seq_gap.device) < 0) & (seq_gap > delta)
     return (~dropped).to(logp.dtype)
 
 
@@ -270,7 +270,7 @@ def grpo_loss(
     # of a masked position would reach the gradient.
     logp = torch.where(valid, logp, 0.0)
     old = torch.where(valid, old_logp.detach(), 0.0)
-    adv = advantages.detach().to(logp.dtype)[:, None]  # (B, 1)
+    adv = advantages.detach().to(logp.device, logp.dtype)[:, None]  # (B, 1)
 
     if level == "token":
         log_ratio = logp - old
@@ -400,7 +400,7 @@ def route_mismatch(
                 f"layer {layer}: routes {tuple(free.shape)} and {tuple(rec.shape)} must match, with mask {tuple(mask.shape)}"
             )
         changed = (free.sort(-1).values != rec.to(free.device).sort(-1).values).any(-1)  # (B, S)
-        differ += int((changed & valid).sum())
+        differ += int((changed & valid.to(changed.device)).sum())
         pairs += int(valid.sum())
     return differ / pairs if pairs else 0.0
 
