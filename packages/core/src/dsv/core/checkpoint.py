@@ -296,16 +296,71 @@ def check_state_dict(model: DSVForCausalLM, state: dict[str, torch.Tensor], sour
         raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
 
 
+# Weights the reference keeps in fp32 whatever the model dtype (router, its bias, the indexer's
+# weights_proj): a bf16 checkpoint may store them in fp32.
+_FP32_OK = torch.float32
+
+
+def check_dtypes(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Raise one error naming every tensor whose dtype cannot be a weight of this checkpoint.
+
+    Every tensor must be floating point; when ``config.json`` names a ``torch_dtype`` (``dtype``),
+    every tensor is that dtype or float32. An integer ``embed_tokens`` would load and make junk.
+    """
+    stored = None
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        stored = raw.get("torch_dtype") or raw.get("dtype")
+    except (OSError, ValueError):
+        pass
+    allowed = {getattr(torch, stored), _FP32_OK} if isinstance(stored, str) and hasattr(torch, stored) else None
+    bad = [
+        f"{k} ({str(t.dtype).removeprefix('torch.')})"
+        for k, t in sorted(state.items())
+        if not t.is_floating_point() or (allowed is not None and t.dtype not in allowed)
+    ]
+    if bad:
+        want = "a floating-point dtype"
+        if allowed is not None:
+            want = f"{stored}, as config.json says" + (" (or float32)" if len(allowed) > 1 else "")
+        raise CheckpointError(
+            f"{folder}: {len(bad)} tensor(s) are not {want}: {_describe(bad)}; "
+            "the checkpoint is damaged or was converted wrongly: write it again"
+        )
+
+
+def check_finite(model: DSVForCausalLM, source: str) -> None:
+    """Raise when a forward on a short probe batch is not finite (NaN or inf weights, overflow)."""
+    ids = torch.arange(8, device=next(model.parameters()).device).remainder(model.config.vocab_size)[None]
+    with torch.inference_mode():
+        logits = model(ids).logits
+    if not bool(torch.isfinite(logits).all()):
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        where = f"non-finite weights in {_describe(bad)}" if bad else "the forward overflows in this dtype"
+        raise CheckpointError(
+            f"{source}: the model's outputs on a probe batch are not finite ({where}); "
+            "the checkpoint is damaged (or try --dtype float32)"
+        )
+
+
+# Models up to this many parameters get the probe forward by default (milliseconds to a second).
+PROBE_MAX_PARAMETERS = 3_000_000_000
+
+
 def load_pretrained(
     path_or_repo: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
     with_tokenizer: bool = True,
+    probe: bool | None = None,
 ) -> tuple[DSVForCausalLM, Tokenizer | None]:
     """Load ``(model, tokenizer)`` from a checkpoint folder or Hub repo id.
 
-    ``dtype=None`` keeps the stored dtype. The tokenizer is None when the folder has none.
+    ``dtype=None`` keeps the stored dtype. The tokenizer is None when the folder has none. Every
+    tensor's dtype is checked against config.json (:func:`check_dtypes`); ``probe`` runs
+    :func:`check_finite` (default: for models up to ``PROBE_MAX_PARAMETERS`` parameters), so NaN
+    weights are a :class:`CheckpointError` at load instead of junk or a sampling error later.
     """
     from dsv.core.model import DSVForCausalLM
     from dsv.core.tokenizer import Tokenizer
@@ -319,6 +374,7 @@ def load_pretrained(
     with torch.device("meta"):
         model = DSVForCausalLM(config)
     check_state_dict(model, state, str(folder))
+    check_dtypes(state, folder)
     target = dtype if dtype is not None else state["model.embed_tokens.weight"].dtype
     model = model.to(target)
     for moe in model.moe_layers:  # the router and its bias stay in fp32, as in the reference
@@ -334,5 +390,7 @@ def load_pretrained(
         for name, tensor in model.state_dict(keep_vars=True).items():
             tensor.copy_(state[name])
     model.eval()
+    if probe if probe is not None else sum(t.numel() for t in state.values()) <= PROBE_MAX_PARAMETERS:
+        check_finite(model, str(folder))
     tokenizer = Tokenizer.load(folder) if with_tokenizer and (folder / "tokenizer.json").exists() else None
     return model, tokenizer
