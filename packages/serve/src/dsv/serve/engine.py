@@ -35,7 +35,22 @@ are handed over as ONE list at its end instead (``deliver([(callback, event), ..
 then wakes its event loop once per step, not once per token, which keeps the loop thread from
 taking the GIL away from the model between every pair of torch ops.
 
-Run the checks: ``pytest packages/serve/tests/test_serve_engine.py``.
+What RL rollouts need (``GenParams(record=True)``, per request): each token's logprob under the
+sampling distribution and the ids the sampler could have drawn (``TokenEvent.sample_logprob`` and
+``kept``: Keep Sampling Mask), and on ``Finish`` the MoE routes of every position a training
+forward over ``prompt + tokens[:-1]`` sees (``Finish.routes``: Keep Routing). The model is asked
+for routes only in forwards that hold a recording sequence. Prompt blocks from the prefix cache
+(shared prefill of the G samples of one prompt included) bring their routes along: the pool keeps
+them per cached block, and a recording request reuses only cached blocks that have them.
+
+New weights (:meth:`Engine.update_weights`) go in between iterations. The rule: requests running
+when an update arrives finish on the old weights; no request is admitted while it waits; the
+weights are copied once nothing runs, the prefix cache is dropped (its rows came from the old
+weights) and the requests still queued start on the new ones. :meth:`Engine.generate_many` is the
+blocking call for in-process callers (RL, eval), with or without the engine thread.
+
+Run the checks: ``pytest packages/serve/tests/test_serve_engine.py
+packages/serve/tests/test_serve_engine_rl.py``.
 """
 
 from __future__ import annotations
@@ -44,14 +59,14 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, prefix_keys
 
-__all__ = ["Engine", "EngineStats", "Finish", "GenParams", "TokenEvent"]
+__all__ = ["Completion", "Engine", "EngineStats", "Finish", "GenParams", "TokenEvent"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +89,8 @@ class GenParams:
     # When set, the choices apply from just after the first time the output ends with this sequence
     # (e.g. ``</think>``: a forced tool call after the reasoning) instead of from its start.
     prefix_after: tuple[int, ...] = ()
+    # Record what an RL update replays: TokenEvent.sample_logprob and .kept, Finish.routes.
+    record: bool = False
 
     def __post_init__(self) -> None:
         from dsv.core.generate import SamplingParams
@@ -118,17 +135,51 @@ class GenParams:
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """One generated token. ``logprob`` and ``top`` are the model's own log-softmax.
+
+    With ``GenParams.record``: ``sample_logprob`` is the token's log-probability under the
+    distribution it was drawn from (``SampleResult.logprobs`` of :func:`dsv.core.generate.sample_next`:
+    temperature applied, renormalised over the kept set; 0.0 for greedy rows) and ``kept`` the ids
+    the sampler could have drawn (1-D int64, sorted, CPU), or None for every token: only when
+    ``temperature > 0``, ``top_p == 1``, ``top_k == 0`` and no ``prefix_choices`` mask applied.
+    Logit bias and penalties shift the distribution these describe (a training forward does not
+    see them), so RL rollouts leave them off.
+    """
+
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    sample_logprob: float | None = None
+    kept: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Finish:
+    """The end of a request. With ``GenParams.record``, ``routes`` holds one entry per model layer
+    (MTP layers excluded; None for dense layers): the MoE expert ids ``[P + C - 1, k]`` (int64, CPU)
+    of the P prompt tokens and the first C - 1 of the C generated ones, in order: what a training
+    forward over ``prompt + tokens[:-1]`` takes as ``forced_routes`` once a batch dim is added."""
+
     reason: str  # "stop" | "length" | "error"
     prompt_tokens: int
     completion_tokens: int
     error: str = ""
+    routes: list[torch.Tensor | None] | None = None
+
+
+@dataclass
+class Completion:
+    """One request's result from :meth:`Engine.generate_many` (the recorded fields with
+    ``GenParams.record``, else None)."""
+
+    tokens: list[int]
+    logprobs: list[float]  # the model's own
+    sample_logprobs: list[float] | None
+    kept: list[torch.Tensor | None] | None
+    routes: list[torch.Tensor | None] | None
+    finish_reason: str
+    error: str
+    prompt_tokens: int
 
 
 Event = TokenEvent | Finish
@@ -149,10 +200,59 @@ class _Seq:
     counts: Counter[int] = field(default_factory=Counter)  # generated tokens, when penalised
     choice_from: int | None = None  # where the prefix_choices constraint starts, once it has
     choice_done: bool = False  # a choice is complete (or there are none): no more masking
+    # With params.record: per forward (or cached prompt block), the per-layer routes of its positions.
+    route_chunks: list[list[torch.Tensor | None]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.generated
+
+
+class _Collect:
+    """A :meth:`Engine.generate_many` request's callback: gathers its events into a Completion."""
+
+    def __init__(self, record: bool) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.sample_logprobs: list[float] | None = [] if record else None
+        self.kept: list[torch.Tensor | None] | None = [] if record else None
+        self.finish: Finish | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, Finish):
+            self.finish = ev
+            self.done.set()
+            return
+        self.tokens.append(ev.token)
+        self.logprobs.append(ev.logprob)
+        if self.sample_logprobs is not None and self.kept is not None:
+            self.sample_logprobs.append(ev.sample_logprob)  # type: ignore[arg-type]
+            self.kept.append(ev.kept)
+
+    def completion(self) -> Completion:
+        f = self.finish
+        assert f is not None, "the request has not finished"
+        return Completion(
+            tokens=self.tokens,
+            logprobs=self.logprobs,
+            sample_logprobs=self.sample_logprobs,
+            kept=self.kept,
+            routes=f.routes,
+            finish_reason=f.reason,
+            error=f.error,
+            prompt_tokens=f.prompt_tokens,
+        )
+
+
+@dataclass
+class _WeightUpdate:
+    """New parameter values waiting for the engine thread (``pairs``: model tensor, new value)."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    done: threading.Event = field(default_factory=threading.Event)
+    version: int = 0
+    error: BaseException | None = None
 
 
 @dataclass
@@ -228,6 +328,8 @@ class Engine:
         # Per-iteration hand-over of events (see the module docstring); None calls callbacks directly.
         self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
         self._outbox: list[tuple[Callable[[Event], None], Event]] = []
+        self.weights_version = 0  # bumped by every update_weights
+        self._updates: list[_WeightUpdate] = []
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: object, **kwargs: object) -> Engine:
@@ -290,6 +392,88 @@ class Engine:
                 prefix_hit_blocks=self.pool.prefix_hits,
             )
 
+    def update_weights(self, state: Mapping[str, torch.Tensor]) -> int:
+        """Copy new parameter values into the model and return the new ``weights_version``.
+
+        ``state`` maps names of ``model.state_dict()`` (any subset) to tensors of the same shapes
+        (other dtypes and devices are converted). With the engine thread running, the update
+        waits until the requests running now have finished (on the old weights; nothing new is
+        admitted meanwhile), is applied between two iterations, and this call blocks until then.
+        Without the thread it is applied at once, and requests still running are an error (nothing
+        would finish them while this call waits). Either way the prefix cache is dropped: its rows
+        were computed with the old weights. Requests queued but not started run on the new ones.
+        """
+        own = self.model.state_dict()
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, value in state.items():
+            target = own.get(name)
+            if target is None:
+                raise ValueError(
+                    f"update_weights: {name!r} is not a tensor of the engine's model "
+                    f"(names are those of model.state_dict(), e.g. {next(iter(own))!r})"
+                )
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"update_weights: {name!r} must be a torch.Tensor, got {type(value).__name__}"
+                )
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}"
+                )
+            pairs.append((target, value.detach()))
+        update = _WeightUpdate(pairs)
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("update_weights cannot be called from the engine thread (an event callback)")
+        if not self.alive:
+            with self._cv:
+                if self._running:
+                    raise RuntimeError(
+                        f"update_weights: {len(self._running)} requests are running and the engine thread is "
+                        "not started; finish them first (generate_many or step() until they end)"
+                    )
+            self._apply_weights(update)
+            return update.version
+        with self._cv:
+            self._updates.append(update)
+            self._cv.notify()
+        while not update.done.wait(0.5):
+            if not self.alive:
+                raise RuntimeError("the engine thread stopped before the new weights were applied")
+        if update.error is not None:
+            raise update.error
+        return update.version
+
+    def generate_many(
+        self, prompts: Sequence[list[int]], params: GenParams | Sequence[GenParams]
+    ) -> list[Completion]:
+        """Run ``prompts`` (one ``GenParams`` for all, or one each) to the end; results in order.
+
+        With the engine thread running this submits them and waits; without it, it drives the
+        iterations in the calling thread until every one has finished.
+        """
+        each = [params] * len(prompts) if isinstance(params, GenParams) else list(params)
+        if len(each) != len(prompts):
+            raise ValueError(f"generate_many: {len(prompts)} prompts but {len(each)} GenParams")
+        runs = [_Collect(p.record) for p in each]
+        ids: list[int] = []
+        try:
+            for prompt, p, run in zip(prompts, each, runs, strict=True):
+                ids.append(self.submit(prompt, p, run))
+        except Exception:
+            for seq_id in ids:
+                self.cancel(seq_id)
+            raise
+        if self.alive:
+            for run in runs:
+                while not run.done.wait(0.5):
+                    if not self.alive:
+                        raise RuntimeError("the engine thread stopped before every request finished")
+        else:
+            with torch.inference_mode():
+                while not all(run.done.is_set() for run in runs):
+                    self._iterate()
+        return [run.completion() for run in runs]
+
     def start(self) -> None:
         if self.device.type == "cpu":
             from dsv.core.attention import prepare_cpu_kernel
@@ -320,23 +504,52 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running and not self._cancel:
+                while not (self._stop or self._waiting or self._running or self._cancel or self._updates):
                     self._cv.wait()
                 if self._stop:
                     for seq in [*self._running, *self._waiting]:
                         self._finish(seq, "error", "server shutting down")
                     self._waiting.clear()
+                    for update in self._updates:
+                        update.error = RuntimeError("the engine stopped before the new weights were applied")
+                        update.done.set()
+                    self._updates.clear()
                     self._flush()
                     return
-                self._drop_cancelled()
-                self._admit()
+            self._iterate()
+
+    def _iterate(self) -> None:
+        """Drop cancelled requests, apply new weights once nothing runs, admit, step, hand over events."""
+        with self._cv:
+            self._drop_cancelled()
+            updates: list[_WeightUpdate] = []
+            if self._updates and not self._running:
+                updates, self._updates = self._updates, []
+        for update in updates:
             try:
-                self.step()
-            except Exception as e:  # keep serving: fail the batch, not the server
-                with self._cv:
-                    for seq in list(self._running):
-                        self._finish(seq, "error", f"{type(e).__name__}: {e}")
-            self._flush()
+                self._apply_weights(update)
+            except Exception as e:  # reported to the caller of update_weights
+                update.error = e
+            update.done.set()
+        with self._cv:
+            self._admit()
+        try:
+            self.step()
+        except Exception as e:  # keep serving: fail the batch, not the server
+            with self._cv:
+                for seq in list(self._running):
+                    self._finish(seq, "error", f"{type(e).__name__}: {e}")
+        self._flush()
+
+    def _apply_weights(self, update: _WeightUpdate) -> None:
+        # Outside inference mode: the parameters stay ordinary tensors a trainer may share.
+        with torch.inference_mode(False), torch.no_grad():
+            for target, value in update.pairs:
+                target.copy_(value)
+        with self._cv:
+            self.pool.clear_prefix_cache()
+            self.weights_version += 1
+            update.version = self.weights_version
 
     def _emit(self, seq: _Seq, event: Event) -> None:
         if self.deliver is None:
@@ -360,20 +573,28 @@ class Engine:
         self._cancel.clear()
 
     def _admit(self) -> None:
+        if self._updates:
+            return  # new weights wait for the running requests; nothing new starts on the old ones
         # Prompts being prefilled now. A waiting prompt whose next uncached block one of them is
         # computing waits for it (n > 1 choices, a shared system prompt arriving at once): it is then
         # admitted with those blocks from the prefix cache instead of prefilling them again.
+        # A recording prompt reuses only cached blocks that carry their routes, so it waits only for
+        # a leader that records them.
         leaders = [s for s in self._running if s.cached < len(s.prompt)] if self.share_prefill else []
         deferred: list[_Seq] = []
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting.popleft()
+            record = seq.params.record
             # Keep at least one prompt token to compute, so the first logits exist.
-            usable = (len(seq.prompt) - 1) // self.pool.block_size
-            have = self.pool.cached_prefix(seq.keys[:usable])
-            if have < usable and any(have < len(s.keys) and s.keys[have] == seq.keys[have] for s in leaders):
+            keys = seq.keys[: (len(seq.prompt) - 1) // self.pool.block_size]
+            have = self.pool.cached_prefix(keys, routed=record)
+            if have < len(keys) and any(
+                have < len(s.keys) and s.keys[have] == keys[have] and (s.params.record or not record)
+                for s in leaders
+            ):
                 deferred.append(seq)
                 continue
-            reused = self.pool.match_prefix(seq.keys[:usable])
+            reused = self.pool.match_prefix(keys[:have])
             need = self.blocks_needed(len(seq.prompt), seq.params.max_tokens) - len(reused)
             if need > self.pool.available:
                 self.pool.release(reused)
@@ -382,6 +603,8 @@ class Engine:
                 break
             seq.blocks = reused + self.pool.allocate(need)
             seq.cached = len(reused) * self.pool.block_size
+            if record:
+                seq.route_chunks = [self.pool.routes_of(key) for key in keys[:have]]  # type: ignore[misc]
             self._running.append(seq)
             if self.share_prefill:
                 leaders.append(seq)
@@ -414,7 +637,15 @@ class Engine:
         else:
             view = PagedBatchView(self.pool, [s.blocks for s in seqs], lengths, S)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=view, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        if any(s.params.record for s in seqs):
+            out = self.model(ids, cache=view, logits_to_keep=1, return_routes=True)
+            routes = [None if r is None else r.cpu() for r in out.routes]  # per layer (B, S, k)
+            for b, s in enumerate(seqs):
+                if s.params.record:
+                    s.route_chunks.append([None if r is None else r[b] for r in routes])
+        else:
+            out = self.model(ids, cache=view, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # (B, V)
         for s in seqs:
             s.cached += S
         return logits
@@ -436,6 +667,8 @@ class Engine:
             for seq in group:
                 for i in range(seq.cached // bs):
                     self.pool.register(seq.blocks[i], seq.keys[i])
+                if seq.params.record:
+                    self._keep_block_routes(seq)
                 prefilled.add(seq.id)
             done = [row for row, seq in enumerate(group) if seq.cached == len(seq.prompt)]
             if done:
@@ -453,14 +686,38 @@ class Engine:
             logits = self._forward(decode, [[s.generated[-1]] for s in decode])
             self._sample(decode, logits)
 
+    def _keep_block_routes(self, seq: _Seq) -> None:
+        """Hand the routes of ``seq``'s full prompt blocks to the prefix cache (those it lacks)."""
+        bs = self.pool.block_size
+        missing = [i for i in range(seq.cached // bs) if self.pool.routes_of(seq.keys[i]) is None]
+        if missing:
+            routes = self._merged_routes(seq)
+            for i in missing:
+                self.pool.set_routes(
+                    seq.keys[i], [None if r is None else r[i * bs : (i + 1) * bs] for r in routes]
+                )
+
+    @staticmethod
+    def _merged_routes(seq: _Seq) -> list[torch.Tensor | None]:
+        """``seq``'s routes so far as one ``[positions, k]`` tensor per layer (kept as its one chunk)."""
+        merged: list[torch.Tensor | None] = []
+        for layer, first in enumerate(seq.route_chunks[0]):
+            pieces = [c[layer] for c in seq.route_chunks]
+            merged.append(None if first is None else torch.cat(pieces))  # type: ignore[arg-type]
+        seq.route_chunks = [merged]
+        return merged
+
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         from dsv.core.generate import SamplingParams, apply_logit_bias, apply_penalties, sample_next
 
         # Logit bias, penalties and prefix choices on a copy: the logprobs below stay the model's own.
         chosen_from = logits
+        constrained: set[int] = set()  # rows whose prefix choices masked tokens (-inf)
         for row, seq in enumerate(seqs):
             p = seq.params
             allowed = self._allowed(seq) if p.prefix_choices and not seq.choice_done else None
+            if allowed is not None:
+                constrained.add(row)
             if p.logit_bias or (p.penalised and seq.counts) or allowed is not None:
                 if chosen_from is logits:
                     chosen_from = logits.clone()
@@ -474,14 +731,39 @@ class Engine:
         # A row whose sampling fails ends with an error; the other rows go on.
         tokens = chosen_from.argmax(-1).tolist()
         failed: dict[int, str] = {}
+        # Recording rows: the logprob under the sampling distribution and the kept set (a mask, or
+        # None for every token), from sample_next itself.
+        sample_logprob: dict[int, float] = {}
+        kept_mask: dict[int, torch.Tensor | None] = {}
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.temperature != 0:
                 sp = SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=1)
                 try:
-                    tokens[row] = int(sample_next(chosen_from[row : row + 1], sp, seq.generator).tokens[0])
+                    res = sample_next(chosen_from[row : row + 1], sp, seq.generator)
                 except Exception as e:  # reported to that request alone
                     failed[row] = f"sampling failed: {type(e).__name__}: {e}"
+                    continue
+                tokens[row] = int(res.tokens[0])
+                if p.record:
+                    sample_logprob[row] = float(res.logprobs[0])
+                    if p.top_p == 1 and p.top_k == 0 and row not in constrained:
+                        kept_mask[row] = None
+                    elif row in constrained:  # top-k can keep masked tokens when few are left
+                        kept_mask[row] = res.kept_mask[0] & chosen_from[row].isfinite()
+                    else:
+                        kept_mask[row] = res.kept_mask[0]
+            elif p.record:
+                sample_logprob[row], kept_mask[row] = 0.0, None
+        kept: dict[int, torch.Tensor | None] = {}
+        if kept_mask:
+            # Ordinary tensors, not inference ones: an RL update uses them under autograd.
+            with torch.inference_mode(False):
+                for row, mask in kept_mask.items():
+                    if seqs[row].params.temperature == 0:
+                        kept[row] = torch.tensor([tokens[row]], dtype=torch.long)
+                    else:
+                        kept[row] = None if mask is None else mask.nonzero().squeeze(1).cpu()
         # One log-softmax serves the chosen tokens' logprobs and any alternatives asked for (on CPU it
         # costs about half of a separate logsumexp).
         logp = torch.log_softmax(logits, dim=-1)
@@ -504,7 +786,7 @@ class Engine:
             if p.top_logprobs:
                 v, i = logp[row].topk(min(p.top_logprobs, logp.shape[-1]))
                 top = list(zip(i.tolist(), v.tolist(), strict=True))
-            self._emit(seq, TokenEvent(token, chosen[row], top))
+            self._emit(seq, TokenEvent(token, chosen[row], top, sample_logprob.get(row), kept.get(row)))
             if token in p.stop_token_ids:
                 ended.append((seq, "stop", ""))
             elif len(seq.generated) >= p.max_tokens:
@@ -533,4 +815,9 @@ class Engine:
             self._free_row(seq)
             self.pool.release(seq.blocks)
         seq.blocks = []
-        self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error))
+        routes = None
+        if seq.params.record and seq.route_chunks:
+            # Ordinary tensors, not inference ones: an RL update forces them under autograd.
+            with torch.inference_mode(False):
+                routes = self._merged_routes(seq)
+        self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error, routes))

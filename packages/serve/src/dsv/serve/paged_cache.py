@@ -19,6 +19,10 @@ Prefix caching: a full block of prompt tokens is keyed by ``hash(parent key, its
 its rows are written. A new sequence whose prompt starts with cached blocks takes them (refcount
 +1) and skips that part of the prefill. A block whose refcount drops to zero goes back to the pool
 at once; if it holds a cached prefix it stays findable until the pool needs it again (LRU).
+A cached prefix can also carry the MoE routes its tokens took (:meth:`BlockPool.set_routes`), so a
+sequence that records routes (RL's Keep Routing) gets its whole prompt's routes even when part of
+the prompt came from the cache. New weights make every cached row stale:
+:meth:`BlockPool.clear_prefix_cache` forgets them all.
 
 Run the checks: ``pytest packages/serve/tests/test_serve_paged_cache.py``.
 """
@@ -79,6 +83,9 @@ class BlockPool:
         self._cached: OrderedDict[int, bytes] = OrderedDict()  # refcount-0 blocks with a prefix, LRU order
         self._by_key: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
+        # Per cached prefix, the MoE routes of its block's tokens (per layer [block_size, k], None
+        # for dense layers), when a sequence that records routes computed it.
+        self._routes: dict[bytes, list[torch.Tensor | None]] = {}
         self.prefix_hits = 0  # blocks reused from the prefix cache, for metrics
 
     # -------------------------------------------------------------- accounting
@@ -96,10 +103,11 @@ class BlockPool:
         return len(self._free) + len(self._cached)
 
     # -------------------------------------------------------------- allocation
-    def cached_prefix(self, keys: Sequence[bytes]) -> int:
-        """How many of ``keys``, from the first, :meth:`match_prefix` would find now (nothing is taken)."""
+    def cached_prefix(self, keys: Sequence[bytes], *, routed: bool = False) -> int:
+        """How many of ``keys``, from the first, :meth:`match_prefix` would find now (nothing is
+        taken); with ``routed``, only as far as the cached blocks also carry their routes."""
         n = 0
-        while n < len(keys) and keys[n] in self._by_key:
+        while n < len(keys) and keys[n] in self._by_key and (not routed or keys[n] in self._routes):
             n += 1
         return n
 
@@ -126,6 +134,7 @@ class BlockPool:
             else:
                 block, key = self._cached.popitem(last=False)
                 del self._by_key[key], self._key_of[block]
+                self._routes.pop(key, None)
             self.refcount[block] = 1
             out.append(block)
         return out
@@ -135,6 +144,25 @@ class BlockPool:
         if key in self._by_key or block in self._key_of:
             return
         self._by_key[key], self._key_of[block] = block, key
+
+    def set_routes(self, key: bytes, routes: list[torch.Tensor | None]) -> None:
+        """Keep the routes of the tokens of the cached prefix ``key`` (ignored when ``key`` is not
+        cached or already has them)."""
+        if key in self._by_key:
+            self._routes.setdefault(key, routes)
+
+    def routes_of(self, key: bytes) -> list[torch.Tensor | None] | None:
+        """The routes kept for ``key`` by :meth:`set_routes` (None when it has none)."""
+        return self._routes.get(key)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (and its routes): unreferenced blocks become free, blocks in
+        use are no longer findable and go back as plain free blocks when released."""
+        self._free.extend(self._cached)
+        self._cached.clear()
+        self._by_key.clear()
+        self._key_of.clear()
+        self._routes.clear()
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced blocks are available again at once."""
