@@ -6,8 +6,12 @@ Sources (``load_documents``):
 - JSON Lines (``.jsonl``): one record per line, ``{"text": ...}`` or ``{"messages": [...], "tools": [...]}``;
 - a local Hugging Face dataset folder (``datasets.load_from_disk``) with a ``text`` or ``messages`` column;
 - a dsv-synth task file (JSONL whose records carry ``family`` and ``prompt``), read with
-  ``dsv.synth.tasks.read_tasks``; each task becomes its prompt rendered as a V3.2 user turn with its
-  tool schemas (tasks carry no reference answer, so they are pretraining text, not SFT pairs);
+  ``dsv.synth.tasks.read_tasks``. For pretraining each task is its prompt rendered as a V3.2 user
+  turn with its tool schemas (text: every token a target). For SFT (``chat=True``) each task is a
+  conversation: the prompt as ``dsv eval`` asks it, and the family's reference answer (checked by its
+  verifier) as the assistant turn, so only that answer is trained on. Tasks carry no reasoning and
+  no tool calls: SFT on them needs ``--no-thinking`` (else it would teach empty reasoning), and tasks
+  of tool-using families are refused (their answers would teach skipping the tools);
 - ``default``: the embedded deterministic corpus (:func:`default_documents`), no download.
 
 A broken record is reported as ``file:line: problem``; ``on_bad_record="stop"`` raises
@@ -55,6 +59,9 @@ class Document:
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    # Where a conversation's assistant turns have no reasoning to train on (task files), this names
+    # the source, and thinking-mode encoding is refused rather than training empty reasoning.
+    no_reasoning_from: str | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -270,12 +277,14 @@ def _read_jsonl(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> 
     return docs
 
 
-def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> list[Document]:
+def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str], chat: bool = False) -> list[Document]:
     try:
         from dsv.synth.tasks import TaskFileError, read_tasks_report
     except ImportError:
+        from dsv.cli.errors import install_hint
+
         raise DataError(
-            f"{path} is a dsv-synth task file; install dsv-synth to read it (pip install dsv-synth)"
+            f"{path} is a dsv-synth task file; install dsv-synth to read it: {install_hint('dsv-train', 'synth')}"
         ) from None
     from dsv.core.chat import encode_messages
 
@@ -284,6 +293,8 @@ def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> 
     except TaskFileError as exc:
         raise DataError(f"{exc} (pass --on-bad-record skip to drop broken records)") from None
     problems.extend(errors)
+    if chat:
+        return _task_conversations(path, tasks, on_bad_record, problems)
     return [
         Document(
             text=encode_messages(
@@ -292,6 +303,50 @@ def _read_tasks(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> 
         )
         for t in tasks
     ]
+
+
+def answer_text(answer: Any) -> str:
+    """A reference answer written the way the verifiers read a final answer: an ``Answer:`` line for a
+    scalar, a fenced JSON block for structured answers (see ``dsv.synth.env.extract_answer_text``)."""
+    if isinstance(answer, str) and "\n" not in answer:
+        return f"Answer: {answer}"
+    if isinstance(answer, (int, float, bool)):
+        return f"Answer: {json.dumps(answer)}"
+    return "```json\n" + json.dumps(answer, ensure_ascii=False) + "\n```"
+
+
+def _task_conversations(
+    path: Path, tasks: Sequence[Any], on_bad_record: OnBadRecord, problems: list[str]
+) -> list[Document]:
+    """SFT conversations from tasks: the prompt as an episode asks it, the verified reference answer."""
+    from dsv.synth import registry, safe_verify
+
+    with_tools = sorted({t.family for t in tasks if t.tools})
+    if with_tools:
+        raise DataError(
+            f"{path}: SFT on tasks of tool-using families ({', '.join(with_tools)}) would train answers "
+            "without the tool calls that find them (tasks carry none); leave those families out of the "
+            "task file, or give conversations with tool calls as JSONL records with 'messages' and 'tools'"
+        )
+    docs: list[Document] = []
+    for t in tasks:
+        try:
+            env = registry.get(t.family)
+            text = answer_text(env.solve(t))
+            score = safe_verify(env, t, env.parse_answer(text))
+            if not score.passed:
+                raise ValueError(f"the reference answer, written out, fails its verifier ({score.reason})")
+        except Exception as exc:  # an unknown family or a solver bug: this task's problem
+            problem = f"{path}: task {t.id}: cannot build an SFT example ({type(exc).__name__}: {exc})"
+            if on_bad_record == "stop":
+                raise DataError(problem + " (pass --on-bad-record skip to drop it)") from None
+            problems.append(problem)
+            continue
+        # the first message of dsv.synth.episode.run_episode: what the model is asked at eval time
+        user = f"{t.prompt}\n\n{t.answer_format}".strip()
+        docs.append(Document(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": text}],
+                             no_reasoning_from=str(path)))  # fmt: skip
+    return docs
 
 
 def _read_hf_dataset(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> list[Document]:
@@ -354,18 +409,18 @@ def load_documents(
                 if not files:
                     raise DataError(f"{path}: folder has no .txt/.md/.jsonl files and is not a saved dataset")
                 for f in files:
-                    docs += _read_file(f, on_bad_record, problems)
+                    docs += _read_file(f, on_bad_record, problems, chat=chat)
         else:
-            docs += _read_file(path, on_bad_record, problems)
+            docs += _read_file(path, on_bad_record, problems, chat=chat)
     if not docs:
         raise DataError("no usable documents in " + ", ".join(sources))
     return docs, problems
 
 
-def _read_file(path: Path, on_bad_record: OnBadRecord, problems: list[str]) -> list[Document]:
+def _read_file(path: Path, on_bad_record: OnBadRecord, problems: list[str], chat: bool = False) -> list[Document]:
     if path.suffix in (".jsonl", ".json"):
         if _is_task_file(path):
-            return _read_tasks(path, on_bad_record, problems)
+            return _read_tasks(path, on_bad_record, problems, chat=chat)
         return _read_jsonl(path, on_bad_record, problems)
     try:
         return [Document(text=path.read_text(encoding="utf-8"))]
@@ -419,6 +474,11 @@ def tokenize_document(
     """``(ids, target mask)``: text -> BOS text EOS, all targets; chat -> :func:`encode_chat`."""
     if doc.is_chat:
         assert doc.messages is not None
+        if thinking and doc.no_reasoning_from is not None:
+            raise DataError(
+                f"{doc.no_reasoning_from}: its tasks have reference answers but no reasoning, so SFT in "
+                "thinking mode would train empty reasoning; pass --no-thinking"
+            )
         return encode_chat(tokenizer, doc.messages, tools=doc.tools, thinking=thinking)
     assert doc.text is not None
     ids = [tokenizer.bos_id, *tokenizer.encode(doc.text), tokenizer.eos_id]
