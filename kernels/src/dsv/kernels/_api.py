@@ -101,9 +101,10 @@ def indexer_scores_fp8(
 def topk(scores: torch.Tensor, k: int, *, method: str = "auto") -> torch.Tensor:
     """Top-``min(k, T)`` key indices of each row of ``scores [B, S, T]`` as int32 ``[B, S, min(k, T)]``.
 
-    ``-1`` marks a pick whose score is ``-inf``. The set of indices matches ``torch.topk`` (order is
-    unspecified; ties at the threshold go to the lowest positions). ``method``: ``"radix"`` (the Triton
-    radix select), ``"torch"`` or ``"auto"`` (torch.topk for rows up to 4096 on CUDA, radix otherwise).
+    ``-1`` marks a pick whose score is ``-inf``. The set of indices is core's ``select_topk_reference``
+    (order is unspecified; among equal scores the lowest positions win, whichever method runs). ``method``:
+    ``"radix"`` (the Triton radix select), ``"torch"`` or ``"auto"`` (torch.topk for rows up to 4096 on
+    CUDA, radix otherwise).
     """
     check_tensor("scores", scores, "[B, S, T]", ndim=3, dtypes=FLOAT_DTYPES)
     _check_int("k", k, 1)
