@@ -80,17 +80,19 @@ class ChatScreen(Screen[None]):
     """The conversation with the agent (``self.app.agent``) and its session."""
 
     CSS_PATH = "chat.tcss"
+    # priority: the prompt (an Input) binds ctrl+e and ctrl+k itself; the chat's keys win while it
+    # has focus, and the footer keeps this order
     BINDINGS = [
-        Binding("ctrl+t", "toggle_thinking", "Thinking"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", priority=True),
         Binding("ctrl+k", "toggle_context", "Context", priority=True),
-        Binding("ctrl+n", "new_session", "New"),
-        Binding("ctrl+r", "resume", "Resume"),
-        Binding("ctrl+f", "fork", "Fork"),
-        Binding("ctrl+s", "save", "Save", show=False),
+        Binding("ctrl+n", "new_session", "New", priority=True),
+        Binding("ctrl+r", "resume", "Resume", priority=True),
+        Binding("ctrl+f", "fork", "Fork", priority=True),
+        Binding("ctrl+s", "save", "Save", show=False, priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
-        Binding("escape", "stop", "Stop"),
-        Binding("f5", "retry", "Retry"),
-        Binding("f1", "help", "Help"),
+        Binding("escape", "stop", "Stop", priority=True),
+        Binding("f5", "retry", "Retry", priority=True),
+        Binding("f1", "help", "Help", priority=True),
     ]
 
     app: ChatApp

@@ -30,7 +30,7 @@ class ContextRow:
     tokens: int | None
     reasoning: str | None = None  # "kept" when the message carries reasoning_content
     tool_calls: list[str] = field(default_factory=list)  # names
-    tool_call_id: str | None = None
+    result_of: str | None = None  # for a tool message: the name of the tool it answers
     preview: str = ""
 
 
@@ -78,10 +78,13 @@ def context_view(
     the request is ``[system] + rule(history)``, so the two align from the end.
     """
     rows = []
+    names: dict[str, str] = {}  # tool_call_id -> tool name, to say what a result answers
     for i, m in enumerate(request):
-        calls = [
-            str((c.get("function") or {}).get("name", "?")) for c in (m.get("tool_calls") or []) if isinstance(c, dict)
-        ]
+        calls = []
+        for c in m.get("tool_calls") or []:
+            name = str((c.get("function") or {}).get("name", "?"))
+            names[str(c.get("id"))] = name
+            calls.append(name)
         rows.append(
             ContextRow(
                 index=i,
@@ -89,7 +92,7 @@ def context_view(
                 tokens=counts[i] if counts is not None and i < len(counts) else None,
                 reasoning="kept" if m.get("reasoning_content") else None,
                 tool_calls=calls,
-                tool_call_id=m.get("tool_call_id"),
+                result_of=names.get(str(m.get("tool_call_id")), "?") if m.get("role") == "tool" else None,
                 preview=_preview(m),
             )
         )
@@ -117,8 +120,8 @@ def _row_text(row: ContextRow) -> Text:
         text.append("\n  ├ reasoning ✓ kept", style="green")
     for name in row.tool_calls:
         text.append(f"\n  ├ tool call {name}", style="magenta")
-    if row.tool_call_id:
-        text.append(f"\n  └ result of {row.tool_call_id}", style="dim")
+    if row.result_of:
+        text.append(f"\n  └ result of {row.result_of}", style="dim")
     return text
 
 

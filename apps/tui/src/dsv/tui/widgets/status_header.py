@@ -49,7 +49,8 @@ class StatusHeader(Static):
     last_turn: reactive[str] = reactive("")
 
     def render(self) -> Text:
-        line = Text()
+        # two lines that never wrap: a long session title is cut, not pushed onto the state line
+        line = Text(no_wrap=True, overflow="ellipsis")
         line.append(" dsv chat ", style="bold reverse")
         line.append(f" {self.model or '?'}@{endpoint_label(self.endpoint)} ", style="bold")
         line.append("│ ")

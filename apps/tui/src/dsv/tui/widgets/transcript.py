@@ -29,7 +29,9 @@ def _text(content: Any) -> str:
 
 
 class Transcript(VerticalScroll):
-    """Scrolls with the stream while the view is at the bottom (Textual's anchor)."""
+    """Follows the stream while the view is at the bottom; scrolled up, it stays where the user is.
+
+    (Not Textual's ``anchor()``: that pins a short conversation to the bottom of the view.)"""
 
     def __init__(self, *, fmt: SecondsFormat = format_seconds, id: str | None = None) -> None:
         super().__init__(id=id, classes="transcript")
@@ -38,8 +40,9 @@ class Transcript(VerticalScroll):
         self._answers: dict[int, AnswerBlock] = {}
         self._cards: dict[str, ToolCard] = {}
 
-    def on_mount(self) -> None:
-        self.anchor()
+    def _follow(self) -> None:
+        if self.scroll_y >= self.max_scroll_y - 1:
+            self.call_after_refresh(self.scroll_end, animate=False, immediate=True)
 
     # -- a saved session ---------------------------------------------------------------------
 
@@ -100,11 +103,13 @@ class Transcript(VerticalScroll):
                 block.kept = False
                 block.collapsed = True
         self._new_turn()
+        self._follow()
         widget = UserMessage(text, message_index=message_index)
         await self.mount(widget)
         return widget
 
     async def on_reasoning(self, step: int, text: str) -> None:
+        self._follow()
         block = self._reasoning.get(step)
         if block is None:
             block = self._reasoning[step] = ReasoningBlock(step=step, fmt=self.fmt)
@@ -112,6 +117,7 @@ class Transcript(VerticalScroll):
         block.append(text)
 
     async def on_content(self, step: int, text: str) -> None:
+        self._follow()
         answer = self._answers.get(step)
         if answer is None:
             answer = self._answers[step] = AnswerBlock(step=step)
@@ -119,6 +125,7 @@ class Transcript(VerticalScroll):
         await answer.append(text)
 
     async def on_tool_started(self, call_id: str, name: str, arguments: str) -> ToolCard:
+        self._follow()
         card = self._cards.get(call_id)
         if card is None:
             card = self._cards[call_id] = ToolCard(call_id=call_id, name=name, arguments=arguments, fmt=self.fmt)
@@ -148,6 +155,7 @@ class Transcript(VerticalScroll):
     ) -> ErrorNotice:
         for answer in self._answers.values():
             await answer.close()
+        self._follow()
         notice = ErrorNotice(
             kind=kind, message=message, retry_after_s=retry_after_s, retryable=retryable, retry_key=retry_key
         )

@@ -1,0 +1,140 @@
+"""Snapshot tests (pytest-textual-snapshot) of the main screens of dsv chat.
+
+Each drives the real app against the scripted server on 127.0.0.1 and compares the SVG screen with
+the one under ``__snapshots__/``. What would vary between runs is pinned: durations go through a
+fixed formatter, session times and ids are fixed, the server's port is shown as 8000.
+
+Update after a deliberate UI change (then look at the SVGs before committing them):
+``pytest apps/tui/tests/test_tui_snapshots.py --snapshot-update``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsv.synth.eval._io import atomic_write_json
+from dsv.tui.screens import ApprovalScreen, SessionPickerScreen
+from dsv.tui.session import Session
+
+
+def _load(name: str) -> Any:
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"dsv_tui_tests_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+H = _load("tui_pilot")
+SE = H.load_scripted_endpoint()
+Reply = SE.Reply
+SIZE = (130, 40)
+SHOWN_URL = "http://127.0.0.1:8000/v1"
+
+
+def weather_script(body: dict[str, Any]) -> Any:
+    last = body["messages"][-1]
+    if last["role"] == "tool":
+        return Reply(
+            content="Tomorrow in Paris: high **52 °F**, low **39 °F**.\n\n- 11 °C is 51.8 °F\n- 4 °C is 39.2 °F",
+            reasoning_content="11 °C is 51.8 °F; 4 °C is 39.2 °F. Round to whole degrees.",
+            reasoning_tokens=14,
+        )
+    if "write" in str(last.get("content")):
+        args = {"path": "plan.md", "content": "# Plan\n\n1. pack\n2. fly\n"}
+        return Reply(content="", reasoning_content="Write the plan file.", tool_calls=[{"name": "write_file", "arguments": args}])
+    return Reply(
+        content="",
+        reasoning_content="The user wants tomorrow's forecast in °F; read the forecast file, then convert.",
+        tool_calls=[{"name": "read_file", "arguments": {"path": "forecast.json"}}],
+        reasoning_tokens=17,
+    )
+
+
+@pytest.fixture
+def endpoint():
+    with SE.ScriptedEndpoint(weather_script) as ep:
+        yield ep
+
+
+def _app(endpoint: Any, root: Path, **kwargs: Any) -> Any:
+    (root / "workspace").mkdir(parents=True, exist_ok=True)
+    (root / "workspace" / "forecast.json").write_text('{"city": "Paris", "high_c": 11, "low_c": 4}\n')
+    app = H.build_app(endpoint.base_url, root, fixed_times=True, **kwargs)
+    app.agent.session.id = "20261207-140200-a1b2c3"
+    return app
+
+
+async def _pin(pilot: Any) -> None:
+    """Show the port and times that vary as fixed values."""
+    chat = pilot.app.chat
+    chat.prompt.cursor_blink = False  # the blink phase would depend on timing
+    chat.header.endpoint = SHOWN_URL
+    session = pilot.app.agent.session
+    session.created = session.updated = H.FIXED_CREATED
+    chat.header.session_label = pilot.app.session_label(session)
+    await pilot.pause()
+
+
+def test_empty_chat(endpoint, tmp_path: Path, snap_compare) -> None:
+    app = _app(endpoint, tmp_path, show_context=False)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_pin)
+
+
+def test_thinking_with_tools_turn_with_context_panel(endpoint, tmp_path: Path, snap_compare) -> None:
+    app = _app(endpoint, tmp_path, show_context=True)
+
+    async def run(pilot: Any) -> None:
+        await H.send(pilot, "What is the weather in Paris tomorrow, in °F?")
+        await H.turn_done(pilot)
+        card = pilot.app.chat.query_one("ToolCard")
+        card.collapsed = False
+        await _pin(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run)
+
+
+def test_approval_modal(endpoint, tmp_path: Path, snap_compare) -> None:
+    app = _app(endpoint, tmp_path, show_context=False)
+
+    async def run(pilot: Any) -> None:
+        await H.send(pilot, "write a travel plan")
+        await H.until(pilot, lambda: isinstance(pilot.app.screen, ApprovalScreen), what="the approval dialog")
+        await _pin(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run)
+
+
+def test_session_picker(endpoint, tmp_path: Path, snap_compare) -> None:
+    sessions = tmp_path / "sessions"
+    for n, (title, updated) in enumerate([("Weather in Paris", "2026-12-06T09:15:00+00:00"),
+                                          ("Refactor the tokenizer", "2026-12-07T11:40:00+00:00")]):  # fmt: skip
+        s = Session(id=f"2026120{6 + n}-0900-{n:06d}", title=title, created=updated, updated=updated,
+                    endpoint=SHOWN_URL, model="tiny", root=sessions)  # fmt: skip
+        s.messages = [{"role": "user", "content": title}, {"role": "assistant", "content": "ok"}]
+        atomic_write_json(s.path, s.to_dict())
+    app = _app(endpoint, tmp_path, show_context=False)
+
+    async def run(pilot: Any) -> None:
+        await _pin(pilot)
+        await pilot.press("ctrl+r")
+        await H.until(pilot, lambda: isinstance(pilot.app.screen, SessionPickerScreen), what="the picker")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run)
+
+
+def test_help(endpoint, tmp_path: Path, snap_compare) -> None:
+    app = _app(endpoint, tmp_path, show_context=False)
+
+    async def run(pilot: Any) -> None:
+        await _pin(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run)
