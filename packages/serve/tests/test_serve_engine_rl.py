@@ -196,10 +196,12 @@ def test_routes_cover_prompt_and_output_with_shared_prefill_and_prefix_cache(
 def test_recorded_routes_train_under_autograd(
     make_engine: Callable[..., Engine], tiny: tuple[torch.nn.Module, Any]
 ) -> None:
-    model, _ = tiny
+    model, cfg = tiny
     prompt = _prompt(12)
-    (out,) = make_engine().generate_many([prompt], GenParams(temperature=0.0, max_tokens=4, record=True))
+    # 70 decode steps: past the point where the engine merges a sequence's per-step routes.
+    (out,) = make_engine().generate_many([prompt], GenParams(temperature=0.0, max_tokens=70, record=True))
     assert out.routes is not None
+    _check_routes(model, cfg, prompt, out)
     train = copy.deepcopy(model)
     forced = [None if r is None else r[None] for r in out.routes]
     loss = train(torch.tensor([prompt + out.tokens[:-1]]), forced_routes=forced).logits.logsumexp(-1).mean()

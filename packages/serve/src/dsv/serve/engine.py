@@ -184,6 +184,10 @@ class Completion:
 
 Event = TokenEvent | Finish
 
+# A recording sequence's per-step routes are concatenated every this many forwards: one small
+# tensor per layer per step would otherwise pile up (60 layers x 8k tokens = 480k tensors).
+_MERGE_ROUTES_EVERY = 64
+
 
 @dataclass
 class _Seq:
@@ -643,6 +647,8 @@ class Engine:
             for b, s in enumerate(seqs):
                 if s.params.record:
                     s.route_chunks.append([None if r is None else r[b] for r in routes])
+                    if len(s.route_chunks) >= _MERGE_ROUTES_EVERY:
+                        self._merged_routes(s)
         else:
             out = self.model(ids, cache=view, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
