@@ -17,13 +17,17 @@ import contextlib
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
-from dsv.cli.errors import ExitCode, fail, user_errors
+from dsv.cli.errors import ExitCode, UserError, user_errors
 
 __all__ = ["chat"]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    raise UserError(message, exit_code=code)
 
 
 def _print_line(text: str) -> None:
@@ -121,21 +125,21 @@ def chat(
     from dsv.tui.tools import APPROVAL_MODES, ApprovalPolicy, ToolRegistry
 
     if endpoint and serve:
-        fail("give --endpoint or --serve, not both", ExitCode.USAGE)
+        _fail("give --endpoint or --serve, not both", ExitCode.USAGE)
     if approval not in APPROVAL_MODES:
-        fail(f"--approval {approval!r} is not a mode; use one of {', '.join(APPROVAL_MODES)}", ExitCode.USAGE)
+        _fail(f"--approval {approval!r} is not a mode; use one of {', '.join(APPROVAL_MODES)}", ExitCode.USAGE)
     if not timeout > 0:
-        fail(f"--timeout must be positive, got {timeout}", ExitCode.USAGE)
+        _fail(f"--timeout must be positive, got {timeout}", ExitCode.USAGE)
     if print_prompt == "-":
         print_prompt = sys.stdin.read()
     if print_prompt is not None and not print_prompt.strip():
-        fail("--print needs a prompt (or '-' with the prompt on stdin)", ExitCode.USAGE)
+        _fail("--print needs a prompt (or '-' with the prompt on stdin)", ExitCode.USAGE)
     commands = []
     for spec in mcp:
         try:
             commands.append(shlex.split(spec))
         except ValueError as exc:
-            fail(f"--mcp {spec!r}: {exc}; quote the command as one argument", ExitCode.USAGE)
+            _fail(f"--mcp {spec!r}: {exc}; quote the command as one argument", ExitCode.USAGE)
     store = SessionStore(sessions_dir)
     session = store.load(resume) if resume else None
     tools = ToolRegistry(workspace or Path.cwd(), timeout_s=max(timeout, 60.0))
@@ -160,7 +164,7 @@ def chat(
                 model = _model_of(ChatClient(endpoint, api_key, "", read_timeout_s=timeout))
             except ClientError as exc:
                 if print_prompt is not None:
-                    fail(exc.message, ExitCode.ENDPOINT)
+                    _fail(exc.message, ExitCode.ENDPOINT)
                 # The UI shows the endpoint's error on the first turn.
                 model = session.model if session is not None else ""
         client = ChatClient(endpoint, api_key, model or "", read_timeout_s=timeout, max_tokens=max_tokens)
@@ -176,8 +180,9 @@ def chat(
         if print_prompt is not None:
             code = asyncio.run(_print_turn(agent, print_prompt))
             if code:
-                raise typer.Exit(code)
+                # SystemExit, not typer.Exit: the error line is printed already, only the code is left.
+                raise SystemExit(code)
             return
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
-            fail('dsv chat needs a terminal; use --print "..." in scripts and pipes', ExitCode.USAGE)
+            _fail('dsv chat needs a terminal; use --print "..." in scripts and pipes', ExitCode.USAGE)
         asyncio.run(_run_app(agent, store))

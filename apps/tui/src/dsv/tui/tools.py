@@ -108,10 +108,11 @@ class Tool:
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI ``tools`` entry."""
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
-        }
+        fn: dict[str, Any] = {"name": self.name}
+        if self.description:  # left out when empty, as OpenAI's own schemas do
+            fn["description"] = self.description
+        fn["parameters"] = self.parameters
+        return {"type": "function", "function": fn}
 
 
 @dataclass
