@@ -262,6 +262,47 @@ def test_each_request_samples_with_a_generator_on_the_engine_device(
     assert engine._waiting[0].generator.device == engine.device
 
 
+@pytest.mark.parametrize(
+    "rule", [{"top_p": 0.5}, {"top_k": 3}, {"top_k": 6, "top_p": 0.7}], ids=["top_p", "top_k", "both"]
+)
+def test_sampled_tokens_stay_in_the_top_p_top_k_set_and_match_core(
+    make_engine: Callable[..., Engine], tiny: tuple[torch.nn.Module, Any], rule: dict[str, Any]
+) -> None:
+    """Over many seeds, every token the engine samples lies in core's kept set for its step, and is
+    the token ``sample_next`` draws from the same logits with a generator seeded alike: the engine
+    applies each request's own top-p and top-k, not just its temperature."""
+    from dsv.core.generate import SamplingParams, kept_token_mask, sample_next
+
+    model, _ = tiny
+    prompt = _prompts()[1]
+    seeds, steps, temperature = range(12), 4, 1.5
+    engine = make_engine(start=False)
+    runs = {s: _Run() for s in seeds}
+    for s in seeds:
+        engine.submit(prompt, GenParams(temperature=temperature, seed=s, max_tokens=steps, **rule), runs[s])
+    engine.start()
+    sp = SamplingParams(temperature=temperature, max_new_tokens=1, **rule)
+    outside_free = 0  # tokens that unfiltered sampling would have drawn outside the kept set
+    for s in seeds:
+        got = runs[s].wait()
+        assert len(got) == steps
+        g = torch.Generator().manual_seed(s)
+        free = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + got])).logits[0, len(prompt) - 1 : -1]
+        for t in range(steps):
+            row = logits[t : t + 1]
+            keep = kept_token_mask(row, sp)[0]
+            assert keep.sum() < keep.numel() // 2, "the rule removes most of the vocabulary here"
+            assert keep[got[t]], f"seed {s} step {t}: token {got[t]} is outside the {rule} set"
+            assert int(sample_next(row, sp, g).tokens[0]) == got[t], f"seed {s} step {t}"
+            unfiltered = SamplingParams(temperature=temperature, max_new_tokens=1)
+            outside_free += int(not keep[int(sample_next(row, unfiltered, free).tokens[0])])
+    # The check has teeth: the same draws without the rule leave the set.
+    assert outside_free >= len(seeds)
+    _wait_idle(engine)
+
+
 def test_prefix_choices_allowed_next() -> None:
     p = GenParams(prefix_choices=((1, 2, 3), (1, 4), (5,)))
     assert [p.allowed_next(g) for g in ([], [1], [1, 2], [1, 2, 3], [5], [5, 9], [1, 4, 0])] == [
