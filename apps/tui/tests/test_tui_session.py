@@ -134,3 +134,20 @@ def test_newer_format_is_refused_with_advice(tmp_path: Path) -> None:
     with pytest.raises(SessionError, match="newer dsv-tui"):
         SessionStore(tmp_path).load("x")
     assert Session.from_dict({"id": "y", "messages": []}).id == "y"
+
+
+def test_public_api_and_cheap_import() -> None:
+    import subprocess
+    import sys
+
+    import dsv.tui
+
+    assert dsv.tui.__all__ == sorted(dsv.tui.__all__)
+    assert {"Agent", "ChatApp", "ChatClient", "SessionStore", "ToolRegistry", "ApprovalPolicy"} <= set(
+        dsv.tui.__all__
+    )
+    for name in dsv.tui.__all__:
+        assert getattr(dsv.tui, name).__name__ == name
+    code = "import sys, dsv.tui; print(sorted(m for m in ('textual', 'openai', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
