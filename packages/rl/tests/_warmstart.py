@@ -32,7 +32,9 @@ def warm_start(out: Path, family: str, *, steps: int, difficulty: int = 1, seed:
         rows.append((prompt, f"Answer: {env.solve(t)}"))
     torch.manual_seed(seed)
     tok = train_bpe(default_corpus(400, seed=seed) + [p + a for p, a in rows], 1024)
-    model = DSVForCausalLM(tiny())
+    # index_topk above the context: every query attends to every key (the DSA stages train the
+    # indexer; an untrained one would hand attention arbitrary keys).
+    model = DSVForCausalLM(tiny(index_topk=4096))
     enc = []
     for prompt, answer in rows:
         p = tok.encode(prompt)

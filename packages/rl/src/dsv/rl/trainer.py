@@ -269,7 +269,8 @@ def _forced_routes(rollouts: list[Any], T: int, device: torch.device) -> list[to
 
     if any(r.routes is None for r in rollouts):
         return None
-    return forced_routes_batch([r.routes for r in rollouts], T, device=device)
+    routes = forced_routes_batch([r.routes for r in rollouts], [len(r.tokens) - 1 for r in rollouts], T)
+    return [None if x is None else x.to(device) for x in routes]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -438,18 +439,22 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             if ref is not None:
                 with torch.no_grad():
                     ref_logits = ref(pad["inputs"], forced_routes=forced).logits
-                    ref_logp = sampling_logprobs(ref_logits, pad["targets"], cfg.temperature, keep)
+                    ref_logp = sampling_logprobs(ref_logits, pad["targets"], cfg.temperature, keep,
+                                                 with_entropy=False).logp  # fmt: skip
                     del ref_logits
             trainer_old: torch.Tensor | None = None
+            entropy: torch.Tensor | None = None
             for epoch in range(cfg.ppo_epochs):
                 o = model(pad["inputs"], forced_routes=forced, return_routes=not cfg.keep_routing)
-                logp = sampling_logprobs(o.logits, pad["targets"], cfg.temperature, keep)
+                sampled = sampling_logprobs(o.logits, pad["targets"], cfg.temperature, keep, with_entropy=epoch == 0)
+                logp = sampled.logp
+                del o
                 if epoch == 0:
                     trainer_old = logp.detach()
-                    free_routes = o.routes
+                    entropy = sampled.entropy
                 terms = grpo_loss(
                     logp, trainer_old if cfg.tis_cap is not None else pad["old"], adv_b, pad["mask"],
-                    ref_logp=ref_logp, beta=beta, kl=cfg.kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    ref_logp=ref_logp, beta=beta if ref is not None else 0.0, kl=cfg.kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     aggregation=cfg.aggregation, max_len=cfg.max_tokens * cfg.max_turns, level=cfg.level,
                     opsm_delta=cfg.opsm_delta, tis_cap=cfg.tis_cap,
                     behaviour_logp=pad["old"] if cfg.tis_cap is not None else None,
@@ -467,7 +472,9 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if epoch == 0:
-                    metrics.update({f"loss/{k}" if not k.startswith("loss") else k: v for k, v in terms.metrics().items()})
+                    metrics.update({f"loss/{k}": v for k, v in terms.metrics().items()})
+                    if entropy is not None:
+                        metrics["entropy"] = float(entropy[pad["mask"]].mean()) if pad["mask"].any() else 0.0
                     metrics["loss"] = float(loss.detach())
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
@@ -477,12 +484,12 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             diff = (trainer_old - pad["old"])[m]
             metrics["rollout_train_kl"] = float((diff.exp() - 1 - diff).mean()) if diff.numel() else 0.0
             metrics["rollout_train_logp_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
-            recorded = [r.routes for r in batch]
-            if cfg.keep_routing:
+            # Free routing now (the gate's own top-k) against the rollout's routes.
+            recorded = forced if forced is not None else _forced_routes(batch, pad["T"], device)
+            if recorded is not None:
                 with torch.no_grad():
                     free_routes = raw(pad["inputs"], return_routes=True).routes
-            if free_routes is not None and all(x is not None for x in recorded):
-                metrics["route_mismatch"] = float(route_mismatch(free_routes, recorded, pad["mask"]))
+                metrics["route_mismatch"] = route_mismatch(free_routes, recorded, pad["mask"])
             metrics["train_tokens_per_second"] = int(m.sum()) * cfg.ppo_epochs / max(time.perf_counter() - t_train, 1e-9)
             version = engine.update_weights({k: v.detach() for k, v in raw.state_dict().items()})
             metrics["weights_version"] = version
@@ -599,9 +606,9 @@ class _Progress:
 _PANELS = (
     ("reward", ("reward",), "reward/"),
     ("accuracy", ("accuracy", "eval/accuracy"), "accuracy/"),
-    ("KL to reference", ("loss/kl", "kl"), None),
-    ("clip fraction", ("loss/clip_fraction", "clip_fraction"), None),
-    ("masked share (OPSM)", ("loss/masked_share", "masked_share"), None),
+    ("KL to reference", ("loss/kl_ref",), None),
+    ("clip fraction", ("loss/clip_frac_low", "loss/clip_frac_high"), None),
+    ("masked share (OPSM)", ("loss/opsm_masked_frac",), None),
     ("route mismatch (free routing)", ("route_mismatch",), None),
     ("rollout-vs-train KL", ("rollout_train_kl",), None),
     ("response length", ("response_length",), None),
