@@ -209,16 +209,25 @@ def generate(
     chat: bool = typer.Option(
         False, "--chat", help="Wrap the prompt as one user turn of the V3.2 chat format."
     ),
+    thinking: bool | None = typer.Option(
+        None,
+        "--thinking/--no-thinking",
+        help="Chat in thinking mode or not (implies --chat): the reasoning streams first, then the answer.",
+    ),
+    show_special: bool = typer.Option(
+        False, "--show-special", help="Print the raw text, special tokens (EOS, </think>, DSML) included."
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda[:N] or auto (cuda when there is one)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto (bfloat16 on a GPU)."),
 ) -> None:
-    """Generate text from a checkpoint, streaming tokens as they are sampled."""
+    """Generate text from a checkpoint, streaming it as it is sampled."""
     import torch
 
     from dsv.core.checkpoint import load_pretrained
     from dsv.core.errors import DSVError
     from dsv.core.generate import SamplingParams
     from dsv.core.generate import generate as run
+    from dsv.core.tokenizer import IncrementalDetokenizer
 
     # Settings are checked before the (possibly long) checkpoint load.
     params = SamplingParams(
@@ -229,32 +238,79 @@ def generate(
     model, tok = load_pretrained(path, device=device, dtype=resolve_dtype(dtype, device))
     if tok is None:
         raise DSVError(f"{path}: the checkpoint has no tokenizer.json")
-    text = prompt
+    chat = chat or thinking is not None
     if chat:
         from dsv.core.chat import encode_messages
 
-        text = encode_messages([{"role": "user", "content": prompt}], thinking=False)
-        ids = tok.encode(text)
+        ids = tok.encode(encode_messages([{"role": "user", "content": prompt}], thinking=bool(thinking)))
     else:
-        ids = tok.encode(text, add_bos=True)
+        ids = tok.encode(prompt, add_bos=True)
     params = dataclasses.replace(params, stop_token_ids=(tok.eos_id,))
-    emitted: list[int] = []
-    printed = ""
-
-    def on_token(t: int) -> None:
-        nonlocal printed
-        emitted.append(t)
-        text = tok.decode(emitted)
-        # decode the whole suffix each time so multi-byte characters split across tokens print whole
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
+    # Special tokens stay in the decoded text when the chat parser needs them (</think>, DSML) or
+    # when asked for; the parser drops them from what is printed.
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=not (chat or show_special))
+    stream = _ChatStream(bool(thinking)) if chat and not show_special else _RawStream()
 
     with torch.inference_mode():
-        out = run(model, ids, params, on_token=on_token)
-    sys.stdout.write("\n")
+        out = run(model, ids, params, on_token=lambda t: stream.write(detok.push(t)))
+    stream.write(detok.flush())
+    stream.close()
     err.print(f"[dim]{len(out.tokens)} tokens, finish_reason={out.finish_reason}[/]")
+
+
+class _RawStream:
+    """Decoded text to stdout as it comes; ends with a newline."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.last = text[-1]
+
+    def close(self) -> None:
+        if self.last != "\n":
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+class _ChatStream(_RawStream):
+    """Chat output through the V3.2 stream parser: reasoning (dimmed on a terminal), a blank line,
+    then the answer; tool calls as one line each; special tokens never printed."""
+
+    def __init__(self, thinking: bool) -> None:
+        from dsv.core.chat import StreamParser
+
+        super().__init__()
+        self.parser = StreamParser(thinking)
+        self.kind = "reasoning" if thinking else "content"
+        self.printed = False
+        self.tty = sys.stdout.isatty()
+
+    def write(self, text: str) -> None:
+        for ev in self.parser.feed(text):
+            self._event(ev)
+
+    def _event(self, ev: Any) -> None:
+        if ev.kind != self.kind:  # reasoning -> answer (or a tool call): a blank line between them
+            if self.printed:
+                super().write("\n" if self.last == "\n" else "\n\n")
+            self.kind = ev.kind
+        self.printed = self.printed or bool(ev.text or ev.kind == "tool_call")
+        if ev.kind == "tool_call":
+            super().write(f"[tool call] {ev.name}({ev.arguments})\n")
+        elif ev.kind == "reasoning" and self.tty and ev.text:
+            sys.stdout.write(f"\x1b[2m{ev.text}\x1b[0m")
+            self.last = ev.text[-1]
+        else:
+            super().write(ev.text)
+
+    def close(self) -> None:
+        for ev in self.parser.finish():
+            self._event(ev)
+        super().close()
 
 
 @model_app.command("convert")

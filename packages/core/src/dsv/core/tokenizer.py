@@ -92,6 +92,51 @@ class Tokenizer:
             raise CheckpointError(f"{path}: not a valid tokenizer.json ({exc})") from None
 
 
+class IncrementalDetokenizer:
+    """Streamed text of generated ids, decoding only a short window per token.
+
+    Decoding the whole output after every token costs O(n^2) over a generation. Here each step
+    decodes ``ids[prefix:]``, where ``prefix`` is where the last emitted stretch started (a few
+    tokens back), and emits what that window adds beyond its already-emitted part. The window
+    starts at a token boundary where the text was complete, so byte-level merges (a UTF-8
+    character split over tokens) and decoders that treat the first token specially both come out
+    as in a one-shot decode. While the window ends in an incomplete UTF-8 sequence (U+FFFD) the
+    text is held back until the next token completes it. ``skip_special_tokens`` leaves special
+    tokens (BOS, EOS, ``</think>``...) out of the text.
+
+    Used by the serve backend's streams and ``dsv generate``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids[prefix:read] are already emitted
+
+    def push(self, token: int) -> str:
+        """Add one id; return the new text it completes (possibly empty)."""
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end decodes as U+FFFD)."""
+        return self._emit(final=True) if self._read < len(self.ids) else ""
+
+    def _emit(self, final: bool) -> str:
+        def decode(ids: list[int]) -> str:
+            if self.skip_special_tokens:
+                return self.tokenizer.decode(ids, skip_special_tokens=True)
+            return self.tokenizer.decode(ids)
+
+        done = decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        text = decode(self.ids[self._prefix :])
+        if not final and (len(text) <= len(done) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(done) :]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` ids (special tokens included) on ``texts``."""
     from tokenizers import Tokenizer as HFTokenizer

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dsv.core.chat import Templates
+from dsv.core.tokenizer import IncrementalDetokenizer
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -76,43 +77,6 @@ class Backend(Protocol):
     def stats(self) -> dict[str, float]: ...
 
     def close(self) -> None: ...
-
-
-class IncrementalDetokenizer:
-    """Streamed text of generated ids, decoding only a short window per token.
-
-    Decoding the whole output after every token costs O(n^2) over a generation. Here each step
-    decodes ``ids[prefix:]``, where ``prefix`` is where the last emitted stretch started (a few
-    tokens back), and emits what that window adds beyond its already-emitted part. The window
-    starts at a token boundary where the text was complete, so byte-level merges (a UTF-8
-    character split over tokens) and decoders that treat the first token specially both come out
-    as in a one-shot decode. While the window ends in an incomplete UTF-8 sequence (U+FFFD) the
-    text is held back until the next token completes it.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # ids[prefix:read] are already emitted
-
-    def push(self, token: int) -> str:
-        """Add one id; return the new text it completes (possibly empty)."""
-        self.ids.append(token)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """The text still held back (an incomplete character at the end decodes as U+FFFD)."""
-        return self._emit(final=True) if self._read < len(self.ids) else ""
-
-    def _emit(self, final: bool) -> str:
-        decode = self.tokenizer.decode
-        done = decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
-        text = decode(self.ids[self._prefix :])
-        if not final and (len(text) <= len(done) or text.endswith("\ufffd")):
-            return ""
-        self._prefix, self._read = self._read, len(self.ids)
-        return text[len(done) :]
 
 
 class _Sink:
