@@ -138,7 +138,9 @@ class Agent:
         before = 0
         for i in range(len(messages)):
             prefix = messages[: i + 1]
-            key = json.dumps([prefix, tools, self.thinking], sort_keys=True, default=str)
+            # Another endpoint or model (/endpoint, /model) has another tokenizer: part of the key.
+            key = json.dumps([self.client.base_url, self.client.model, prefix, tools, self.thinking],
+                             sort_keys=True, default=str)  # fmt: skip
             total = self._token_cache.get(key)
             if total is None:
                 total = self.client.tokenize_sync(prefix, tools=tools, thinking=self.thinking)
