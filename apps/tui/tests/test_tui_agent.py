@@ -136,6 +136,8 @@ def test_thinking_with_tools_turn_and_next_turn_on_the_wire(tmp_path: Path) -> N
     assert bodies[2]["messages"] == [system, user1, no_reasoning[0], result, no_reasoning[1],
                                      {"role": "user", "content": "Thanks"}]  # fmt: skip
     for body in bodies:
+        assert set(body) == {"model", "messages", "stream", "stream_options", "tools", "thinking",
+                             "chat_template_kwargs"}  # fmt: skip
         assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
         assert body["thinking"] == {"type": "enabled"} and body["chat_template_kwargs"] == {"thinking": True}
         assert body["model"] == "scripted"
