@@ -62,8 +62,8 @@ def test_matches_the_torch_chain(B: int, S: int, T: int, topk: int, offsets: lis
     K = min(topk, T)
     assert out.shape == (B, S, 3, 20) and lse.shape == (B, S, 3) and idx.shape == (B, S, K)
     assert idx.dtype == torch.int32
-    # The same selected scores (a query whose K-th score is tied may pick another of the tied keys:
-    # with a few index heads, scores of exactly 0 are common) ...
+    # The same selected scores (four float products per score: the kernel's sum and torch's bmm may
+    # round a near-tie apart; exact ties go to the lower index in both, see test_dsa_ties.py) ...
     assert torch.equal(_picked(scores, idx), _picked(scores, ref_idx))
     # ... the attention over that selection, and the chain's result wherever the selection is its own
     same = (idx.sort(-1).values == ref_idx.sort(-1).values).all(-1)
@@ -100,16 +100,15 @@ def test_query_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_ties_select_keys_with_the_same_scores() -> None:
-    # Integer inputs: many scores are exactly equal (most are 0 after the relu). Which of several
-    # equal keys is picked is unspecified, so the selected scores must match, and the output must be
-    # the attention over what was selected.
+    # Integer inputs: many scores are exactly equal (most are 0 after the relu); among equal scores
+    # both pick the lower indices, so the selections are the same keys.
     B, S, T, topk = 2, 3, 60, 10
     iq, ik, iw, q, kv = _inputs(B, S, T)
     iq, ik, iw = iq.round().clamp(-1, 1), ik.round().clamp(-1, 1), iw.abs().round().clamp(0, 1)
     off = torch.tensor([57, 20])
     out, lse, idx = cpu.sparse_attend(iq, ik, iw, off, q, kv, topk=topk, sm_scale=0.3, d_v=24)
     _, _, ref_idx, scores = _chain(iq, ik, iw, off, q, kv, topk, 24)
-    assert torch.equal(_picked(scores, idx), _picked(scores, ref_idx))
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     assert (scores == 0).float().mean() > 0.2, "the inputs should produce ties"
     again_out, again_lse = sparse_mla_reference(q, kv, idx, 0.3, 24)
     torch.testing.assert_close(out, again_out, atol=1e-5, rtol=1e-5)
