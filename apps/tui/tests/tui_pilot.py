@@ -96,7 +96,8 @@ async def until(pilot: Any, condition: Callable[[], Any], *, timeout: float = 15
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}\n{screen_text(pilot.app)}")
-        await pilot.pause(0.02)
+        # not pilot.pause(): it first waits for the screen to settle, which a stream does not do
+        await asyncio.sleep(0.02)
 
 
 async def send(pilot: Any, text: str, *, type_it: bool = False) -> None:

@@ -14,8 +14,6 @@ screens that show durations stay byte-stable.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,13 +60,6 @@ class ChatApp(App[None]):
         screen = self.screen_stack[0] if isinstance(self.screen_stack[0], ChatScreen) else None
         assert screen is not None, "the chat screen is the default screen"
         return screen
-
-    async def action_quit(self) -> None:
-        """Quit after stopping the turn, the MCP servers and the HTTP client (bounded: a stuck
-        server must not keep the terminal)."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.agent.aclose(), 5)
-        self.exit()
 
     def session_label(self, session: Any) -> str:
         """``title · 2026-12-07 14:02`` for the header and notifications."""

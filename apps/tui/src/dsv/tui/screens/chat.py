@@ -410,6 +410,7 @@ class ChatScreen(Screen[None]):
         if self.busy or not self.retryable:
             self.notify("Nothing to retry.", severity="warning")
             return
+        self.transcript.new_attempt()
         self.turn_worker = self._run_turn(None)
 
     def action_help(self) -> None:

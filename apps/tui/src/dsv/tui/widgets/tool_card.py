@@ -72,14 +72,14 @@ class ToolCard(Collapsible):
         self.result = result
         self.duration_s = duration_s
         self.truncated = truncated
-        shown = Text(result)
-        if truncated:
-            shown.append("\n[output truncated: the model saw this much]", style="italic yellow")
+        shown = Text()
+        if truncated:  # first: a long result scrolls inside the card, and this must not scroll away
+            shown.append(f"[output truncated to {len(result):,} chars: what the model saw]\n", style="italic yellow")
+        shown.append(result)
         self._result.update(shown)
         if self.status != "denied":
             self.status = "ok" if ok else "failed"
-        else:
-            self._relabel()
+        self._relabel()
 
     def watch_status(self, status: str) -> None:
         for name in ("running", "approval", "ok", "failed", "denied"):
@@ -95,4 +95,5 @@ class ToolCard(Collapsible):
             "denied": "⊘ denied",
         }[self.status]
         duration = f" {self._fmt(self.duration_s)}" if self.duration_s is not None else ""
-        self.title = f"⚙ {self.tool_name} {one_line(self.arguments, _ARGS_PREVIEW)} · {mark}{duration}"
+        cut = " · truncated" if self.truncated else ""
+        self.title = f"⚙ {self.tool_name} {one_line(self.arguments, _ARGS_PREVIEW)} · {mark}{duration}{cut}"

@@ -91,6 +91,10 @@ class Transcript(VerticalScroll):
 
     # -- a live turn -------------------------------------------------------------------------
 
+    def new_attempt(self) -> None:
+        """A retry draws its steps below the error, in new blocks (the failed ones stay as shown)."""
+        self._new_turn()
+
     def _new_turn(self) -> None:
         self._reasoning.clear()
         self._answers.clear()
