@@ -66,14 +66,36 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return model, hf
 
 
+# The three ways a forward reaches the DSA ops: the default dispatch (at CPU inference dsv-kernels' compiled
+# kernel when it is built), the torch references forced by DSV_KERNELS=torch (the ground truth the Triton
+# kernels are tested against), and a forward under autograd (training: the references, whatever the env).
+PATHS = ["default", "torch-reference", "with-gradients"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "torch-reference":
+        monkeypatch.setenv("DSV_KERNELS", "torch")
+    else:
+        monkeypatch.delenv("DSV_KERNELS", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("length", [12, 16, 80], ids=["shorter-than-topk", "equal-topk", "5x-topk-sparse"])
-def test_full_forward_matches_transformers(pair, length: int) -> None:
+def test_full_forward_matches_transformers(pair, length: int, path: str) -> None:
     model, hf = pair
     x = torch.randint(0, model.config.vocab_size, (2, length))
     with torch.no_grad():
-        ours = model(x, return_indices=True)
         theirs = hf(x).logits
-    assert (ours.logits - theirs).abs().max().item() <= TOL
+    with torch.set_grad_enabled(path == "with-gradients"):
+        ours = model(x, return_indices=True)
+    if path == "with-gradients":
+        assert ours.logits.requires_grad
+        ours.logits.logsumexp(-1).mean().backward()  # the training path also runs backward
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        assert grads and all(g.isfinite().all() for g in grads)
+    assert (ours.logits.detach() - theirs).abs().max().item() <= TOL
     if model.config.has_indexer and length > model.config.index_topk:
         # the sparse regime really is sparse: late queries attend to index_topk of their keys only
         idx = ours.indices[0]
@@ -81,7 +103,9 @@ def test_full_forward_matches_transformers(pair, length: int) -> None:
         assert int((idx[:, -1] >= 0).sum(-1).min()) == model.config.index_topk < length
 
 
-def test_decode_with_cache_matches_full_forward(pair) -> None:
+@pytest.mark.parametrize("forced", ["", "torch"], ids=["default", "torch-reference"])
+def test_decode_with_cache_matches_full_forward(pair, forced: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSV_KERNELS", forced)
     model, hf = pair
     x = torch.randint(0, model.config.vocab_size, (1, 64))
     with torch.no_grad():
