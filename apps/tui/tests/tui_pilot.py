@@ -63,6 +63,7 @@ def build_app(
     read_timeout_s: float = 30.0,
     tools_file: Path | None = None,
     api_key: str | None = None,
+    max_tokens: int | None = None,
 ) -> ChatApp:
     """A ChatApp on ``root/workspace`` with sessions in ``root/sessions``."""
     workspace = root / "workspace"
@@ -71,7 +72,8 @@ def build_app(
     tools = ToolRegistry(workspace, timeout_s=timeout_s, max_result_chars=max_result_chars)
     if tools_file is not None:
         tools.load_user_file(tools_file)
-    client = ChatClient(base_url, api_key, model, read_timeout_s=read_timeout_s, connect_timeout_s=2.0)
+    client = ChatClient(base_url, api_key, model, read_timeout_s=read_timeout_s, connect_timeout_s=2.0,
+                        max_tokens=max_tokens)  # fmt: skip
     if session is None:
         session = store.new(endpoint=base_url, model=model)
         if fixed_times:
