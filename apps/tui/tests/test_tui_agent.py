@@ -369,7 +369,11 @@ def test_cancel_mid_stream_keeps_what_was_shown(tmp_path: Path) -> None:
         last = agent.session.messages[-1]
         assert last == {"role": "assistant", "content": shown, "reasoning_content": "think"}
         assert SessionStore(tmp_path / "sessions").load(agent.session.id).messages == agent.session.messages
-        assert of(run(agent, "go on"), TurnFinished)[0].answer == "resumed"
+        # Retry regenerates: the partial answer is replaced, not followed by a second one.
+        assert of(run(agent, None), TurnFinished)[0].answer == "resumed"
+        assert ep.requests[1]["messages"] == ep.requests[0]["messages"]
+    assert [m["role"] for m in agent.session.messages] == ["user", "assistant"]
+    assert agent.session.messages[-1]["content"] == "resumed"
 
 
 def test_cancel_a_running_tool_kills_it_and_answers_every_call(tmp_path: Path) -> None:
@@ -403,3 +407,37 @@ def test_cancel_a_running_tool_kills_it_and_answers_every_call(tmp_path: Path) -
         time.sleep(2.5)
         assert not marker.exists()
         assert of(run(agent, None), TurnFinished)[0].answer == "after"
+
+
+def test_a_failing_save_or_approval_dialog_is_an_event(tmp_path: Path) -> None:
+    replies = [
+        Reply(content="first"),
+        Reply(tool_calls=[{"name": "shell", "arguments": {"command": "touch ran.txt"}}]),
+        Reply(content="went on"),
+    ]
+    with SE.ScriptedEndpoint(script_by_step(replies)) as ep:
+        agent = make_agent(ep.base_url, tmp_path)
+        real_save = agent.session.save
+        calls = iter(range(100))
+
+        def full_disk() -> Path:
+            if next(calls) >= 1:  # the user message is saved, the answer is not
+                raise OSError(28, "No space left on device")
+            return real_save()
+
+        agent.session.save = full_disk  # type: ignore[method-assign]
+        events = run(agent, "hi")
+        (err,) = of(events, AgentError)
+        assert err.kind == "session" and "No space left on device" in err.message and "/save" in err.message
+        assert agent.session.messages[-1]["content"] == "first"  # kept in memory
+        agent.session.save = real_save  # type: ignore[method-assign]
+
+        async def broken_dialog(event: ApprovalNeeded) -> Any:
+            raise RuntimeError("dialog crashed")
+
+        events = run(agent, "run it", broken_dialog)
+    (done,) = of(events, ToolCallFinished)
+    assert not done.ok and "approval could not be asked (RuntimeError: dialog crashed)" in done.result
+    assert not (tmp_path / "ws" / "ran.txt").exists()
+    assert of(events, TurnFinished)[0].answer == "went on"
+    assert SessionStore(tmp_path / "sessions").load(agent.session.id).messages == agent.session.messages

@@ -80,6 +80,10 @@ class _Cancelled(Exception):
     pass
 
 
+class _SaveFailed(Exception):
+    pass
+
+
 class Agent:
     """Runs user turns against one endpoint with one tool registry, recording into one session."""
 
@@ -157,12 +161,23 @@ class Agent:
     async def run_turn(self, user_text: str, approve: Approver) -> AsyncIterator[AgentEvent]:
         """Append ``user_text`` and run the turn to its answer (see the module docstring)."""
         self.session.messages.append({"role": "user", "content": user_text})
-        self.session.save()
+        try:
+            self._save()
+        except _SaveFailed as exc:
+            yield AgentError("session", str(exc))
+            yield Status("error", str(exc))
+            return
         async for event in self._turn(approve):
             yield event
 
     async def retry_turn(self, approve: Approver) -> AsyncIterator[AgentEvent]:
-        """Run the current turn again from where it stopped (after an error or a cancel)."""
+        """Run the current turn again from where it stopped (after an error or a cancel). A partial
+        answer kept by a cancel is replaced by the new one."""
+        stats = self.session.turn_stats[-1] if self.session.turn_stats else {}
+        partial = (stats.get("error") or {}).get("partial_message")
+        if partial is not None and partial == len(self.session.messages) - 1:
+            self.session.messages.pop()
+            del stats["error"]["partial_message"]
         last = self.session.messages[-1] if self.session.messages else None
         if last is None or (last.get("role") == "assistant" and not last.get("tool_calls")):
             yield AgentError("server", "nothing to retry: the last turn has its answer; send a new message")
@@ -203,11 +218,21 @@ class Agent:
             await task
         raise _Cancelled
 
+    def _save(self) -> None:
+        """Save the session; a failure (disk full, folder gone) ends the turn as an ``AgentError``."""
+        try:
+            self.session.save()
+        except OSError as exc:
+            raise _SaveFailed(
+                f"could not save the session to {self.session.path}: {exc.strerror or exc}; free space or fix "
+                "the folder (the conversation is still in memory: /save tries again)"
+            ) from None
+
     def _record(self, stats: dict[str, Any]) -> None:
         stats["end_message"] = len(self.session.messages)
         if not self.session.turn_stats or self.session.turn_stats[-1] is not stats:
             self.session.turn_stats.append(stats)
-        self.session.save()
+        self._save()
 
     async def _turn(self, approve: Approver) -> AsyncIterator[AgentEvent]:
         if self.running:
@@ -233,14 +258,20 @@ class Agent:
                 return
             for step in range(1, self.max_steps + 1):
                 outcome: dict[str, Any] = {}
-                async for event in self._step(step, approve, outcome):
-                    yield event
+                try:
+                    async for event in self._step(step, approve, outcome):
+                        yield event
+                except _SaveFailed as exc:
+                    outcome["error"] = AgentError("session", str(exc))
                 if "error" in outcome:
                     err: AgentError = outcome["error"]
                     stats["error"] = {"kind": err.kind, "message": err.message}
+                    if "partial" in outcome:
+                        stats["error"]["partial_message"] = outcome["partial"]
                     stats["latency_s"] = time.monotonic() - started
                     stats["usage"] = total.to_dict()
-                    self._record(stats)
+                    with contextlib.suppress(_SaveFailed):  # already failing: the error below says so
+                        self._record(stats)
                     yield err
                     yield Status("idle" if err.kind == "cancelled" else "error", err.message)
                     return
@@ -252,10 +283,13 @@ class Agent:
                                        "finish_reason": finished.finish_reason})  # fmt: skip
                 stats["usage"] = total.to_dict()
                 stats["latency_s"] = time.monotonic() - started
-                self._record(stats)
-                if outcome.get("answer") is not None:
-                    stats.pop("error", None)
+                try:
                     self._record(stats)
+                except _SaveFailed as exc:
+                    yield AgentError("session", str(exc))
+                    yield Status("error", str(exc))
+                    return
+                if outcome.get("answer") is not None:
                     yield TurnFinished(total, time.monotonic() - started, outcome["answer"])
                     yield Status("idle")
                     return
@@ -299,7 +333,8 @@ class Agent:
                     if reasoning:
                         message["reasoning_content"] = "".join(reasoning)
                     self.session.messages.append(message)
-                    self.session.save()
+                    outcome["partial"] = len(self.session.messages) - 1
+                    self._save()
                 outcome["error"] = AgentError("cancelled", "stopped by the user", retryable=True)
                 return
             if isinstance(item, ClientError):
@@ -330,7 +365,7 @@ class Agent:
         self.session.messages.append(message)
         if end.model and not self.session.model:
             self.session.model = end.model
-        self.session.save()
+        self._save()
         for call in end.tool_calls:
             fn = call["function"]
             yield ToolCallStarted(call["id"], fn["name"], fn["arguments"], step)
@@ -379,9 +414,18 @@ class Agent:
         if tool is not None and isinstance(arguments, dict) and self.policy.needs_approval(tool):
             event = ApprovalNeeded(call["id"], name, arguments, self.tools.preview(name, arguments))
             yield event
-            decision = await self._interruptible(approve(event))
+            refusal = "the user denied this call; ask them or try something else"
+            try:
+                decision = await self._interruptible(approve(event))
+            except _Cancelled:
+                raise
+            except Exception as exc:  # a broken approval dialog must not run the call, nor end the turn
+                decision, refusal = (
+                    "deny",
+                    f"the approval could not be asked ({type(exc).__name__}: {exc}); not run",
+                )
             if decision == "deny":
-                result = ToolResult(False, "the user denied this call; ask them or try something else")
+                result = ToolResult(False, refusal)
                 self._append_result(call["id"], result)
                 yield ToolCallFinished(call["id"], name, False, result.content, 0.0, False)
                 return
@@ -391,7 +435,7 @@ class Agent:
                 arguments = decision.arguments
                 # What ran is what the session records, so a resumed session tells the truth.
                 fn["arguments"] = json.dumps(arguments, ensure_ascii=False)
-                self.session.save()
+                self._save()
         yield Status("tool", name)
         result = await self._interruptible(self.tools.call(name, arguments))
         self._append_result(call["id"], result)
@@ -401,7 +445,7 @@ class Agent:
 
     def _append_result(self, call_id: str, result: ToolResult) -> None:
         self.session.messages.append({"role": "tool", "tool_call_id": call_id, "content": result.content})
-        self.session.save()
+        self._save()
 
     async def aclose(self) -> None:
         """Stop MCP servers and close the HTTP client."""

@@ -30,7 +30,9 @@ __all__ = [
     "Usage",
 ]
 
-ErrorKind = Literal["connect", "auth", "rate_limit", "stream", "server", "tool", "cancelled"]
+# "session" (added to the contract's kinds): the session file could not be written (disk full, folder
+# gone); the conversation is intact in memory and the next save tries again.
+ErrorKind = Literal["connect", "auth", "rate_limit", "stream", "server", "tool", "cancelled", "session"]
 State = Literal["connecting", "waiting", "streaming", "tool", "idle", "error"]
 
 
