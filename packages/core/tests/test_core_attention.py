@@ -122,6 +122,72 @@ def test_indexer_kl_loss_zero_at_target_and_grad_only_into_scores() -> None:
     assert sparse_loss.item() >= 0
 
 
+def _kl_target_by_hand(q, kv, scale, offset, keys):
+    """The indexer's target with Python floats: for query ``t`` of row ``b``, each head's softmax over
+    ``keys(b, t)`` (the visible keys, ``s <= offset[b] + t``, or the selected ones), summed over heads
+    and normalised. Returns ``{(b, t): {s: p}}``."""
+    B, S, H, _ = q.shape
+    target = {}
+    for b in range(B):
+        for t in range(S):
+            summed = dict.fromkeys(keys(b, t), 0.0)
+            for h in range(H):
+                logits = {s: float(q[b, t, h].double() @ kv[b, s].double()) * scale for s in summed}
+                top = max(logits.values())
+                z = sum(math.exp(v - top) for v in logits.values())
+                for s, v in logits.items():
+                    summed[s] += math.exp(v - top) / z
+            total = sum(summed.values())
+            target[b, t] = {s: v / total for s, v in summed.items()}
+    return target
+
+
+def _kl_by_hand(target, scores):
+    """Mean over queries of ``KL(p_t || softmax(scores_t))``, the softmax over the target's keys."""
+    kls = []
+    for (b, t), p in target.items():
+        top = max(scores[b][t][s] for s in p)
+        log_z = top + math.log(sum(math.exp(scores[b][t][s] - top) for s in p))
+        kls.append(sum(v * (math.log(v) - (scores[b][t][s] - log_z)) for s, v in p.items() if v > 0))
+    return sum(kls) / len(kls)
+
+
+def test_indexer_kl_target_and_loss_equal_a_hand_computed_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distillation target and loss against loops over keys: the dense target covers exactly the
+    causally visible keys of each query (per-row offsets, so row 1 has keys past its last query), the
+    sparse one exactly the selected keys; future keys get no probability."""
+    monkeypatch.delenv("DSV_KERNELS", raising=False)  # CPU tensors: the public ops run the references
+    torch.manual_seed(7)
+    B, S, H, D, T, scale = 2, 5, 3, 6, 7, 0.45
+    q, kv = torch.randn(B, S, H, D) * 1.5, torch.randn(B, T, D)
+    offset = torch.tensor([2, 0])
+    visible = A.causal_key_mask(offset, S, T, B, torch.device("cpu"))
+    scores = torch.randn(B, S, T).masked_fill(~visible, float("-inf"))  # as indexer_scores gives them
+
+    dense = _kl_target_by_hand(q, kv, scale, offset, lambda b, t: range(int(offset[b]) + t + 1))
+    p = A.attention_probs_summed_reference(q, kv, scale, offset)
+    want = torch.zeros(B, S, T, dtype=torch.float64)
+    for (b, t), row in dense.items():
+        for s, v in row.items():
+            want[b, t, s] = v
+    torch.testing.assert_close(p.double(), want, atol=1e-6, rtol=0)
+    assert (p[~visible] == 0).all(), "future keys carry no target probability"
+    loss = A.indexer_kl_loss(q, kv, scores, scale, q_offset=offset)
+    assert math.isclose(loss.item(), _kl_by_hand(dense, scores.tolist()), rel_tol=1e-5, abs_tol=1e-6)
+
+    # Sparse stage: two keys per query (the first query of row 1 sees one key: the other is -1).
+    idx = A.select_topk_reference(scores, 2)
+    assert (idx[1, 0] == -1).sum() == 1
+    chosen = {(b, t): [s for s in idx[b, t].tolist() if s >= 0] for b in range(B) for t in range(S)}
+    sparse = _kl_target_by_hand(q, kv, scale, offset, lambda b, t: chosen[b, t])
+    p_sparse = A.attention_probs_summed_reference(q, kv, scale, offset, idx)
+    for (b, t), row in sparse.items():
+        for k, s in enumerate(idx[b, t].tolist()):
+            assert math.isclose(float(p_sparse[b, t, k]), row.get(s, 0.0), abs_tol=1e-6), (b, t, s)
+    sparse_loss = A.indexer_kl_loss(q, kv, scores, scale, idx=idx, q_offset=offset)
+    assert math.isclose(sparse_loss.item(), _kl_by_hand(sparse, scores.tolist()), rel_tol=1e-5, abs_tol=1e-6)
+
+
 def test_forced_backend_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSV_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="DSV_KERNELS"):
