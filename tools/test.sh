@@ -14,6 +14,14 @@ export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 # cannot break a fresh clone. `nox -s latest` runs the same suite against the newest releases.
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c constraints.txt
 "$VENV/bin/ruff" check .
+# --- dsv chat: apps/tui/tests/test_tui_tmux.py drives the installed `dsv chat` in tmux. Install
+# tmux when it is missing and we can (root with apt-get); otherwise that test skips and says why.
+if ! command -v tmux >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -qq tmux >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq tmux >/dev/null 2>&1; } \
+    || echo "tools/test.sh: could not install tmux; the dsv chat tmux test will skip" >&2
+fi
+# --- end of the dsv chat block
 # Two pytest workers share two cores: one intra-op thread each avoids oversubscription, which
 # slows torch on CPU by an order of magnitude.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
