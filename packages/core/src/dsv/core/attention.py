@@ -180,14 +180,17 @@ def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     T = scores.shape[-1]
     k = min(k, T)
-    if k == T:  # every key: no choice to make
+    if k in (0, T):  # no key or every key: no choice to make
         values, idx = scores.topk(k, dim=-1, sorted=False)
         return idx.masked_fill(values == float("-inf"), -1).to(torch.int32)
     # torch.topk breaks ties arbitrarily, and with few index heads the relu leaves a quarter to a
     # half of the scores at exactly 0. One extra pick shows where that matters: a row is tied at
     # the boundary when its (k+1)-th largest score equals another pick. Only those rows are redone
     # (a pass over the row); the others drop their (k+1)-th pick. (The selection is a set: every
-    # consumer is order-free, and not sorting it is about 12% faster.)
+    # consumer is order-free, and not sorting it is about 12% faster.) Tiny preset, one thread,
+    # selection time per forward: 8 index heads 13.4 -> 14.7 ms in a 4 x 512 prefill, 0.38 -> 0.48
+    # ms in a 32-row decode step; 1 head (a query whose weight is negative ties at 0, so half the
+    # rows are redone) 10.9 -> 20.2 ms and 0.33 -> 0.73 ms.
     values, idx = scores.topk(k + 1, dim=-1, sorted=False)
     boundary, last = values.min(dim=-1, keepdim=True)  # the (k+1)-th largest and where it is
     picked = idx.masked_fill(values == float("-inf"), -1)
