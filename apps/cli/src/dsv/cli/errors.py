@@ -207,6 +207,8 @@ def run(app: Any, args: Sequence[str] | None = None, prog_name: str | None = Non
         code = result if isinstance(result, int) else ExitCode.OK
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into a silent Exit(130)
+            print_error("interrupted")
     except click.ClickException as exc:  # usage errors: click's own message and code 2
         exc.show()
         code = exc.exit_code

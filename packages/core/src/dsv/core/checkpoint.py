@@ -336,11 +336,12 @@ def check_finite(model: DSVForCausalLM, source: str) -> None:
         logits = model(ids).logits
     if not bool(torch.isfinite(logits).all()):
         bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        where = f"non-finite weights in {_describe(bad)}" if bad else "the forward overflows in this dtype"
-        raise CheckpointError(
-            f"{source}: the model's outputs on a probe batch are not finite ({where}); "
-            "the checkpoint is damaged (or try --dtype float32)"
+        why = (
+            f"non-finite weights in {_describe(bad)}; the checkpoint is damaged: write it again"
+            if bad
+            else "the forward overflows in this dtype; load it in float32 (--dtype float32)"
         )
+        raise CheckpointError(f"{source}: the model's outputs on a probe batch are not finite ({why})")
 
 
 # Models up to this many parameters get the probe forward by default (milliseconds to a second).

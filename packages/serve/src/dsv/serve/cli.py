@@ -129,12 +129,11 @@ def serve(
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler it found:
     # with the default one the process would die there and leave the engine process running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    server = _server_class()(uvicorn.Config(app, host=host, port=port, log_level="warning"))  # type: ignore[arg-type]
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        # uvicorn shuts down on Ctrl-C (the engine process with it), then raises the signal again
-        console.print("dsv serve: stopped (interrupted)")
-        raise typer.Exit(ExitCode.INTERRUPTED) from None
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once it has shut down
+        server.received.append(signal.SIGINT)
     finally:
         if proc is not None:
             proc.terminate()
@@ -142,6 +141,29 @@ def serve(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    if signal.SIGINT in server.received:
+        # uvicorn shut down gracefully on Ctrl-C (the engine process with it) and returned normally
+        console.print("dsv serve: stopped (interrupted)")
+        raise typer.Exit(ExitCode.INTERRUPTED)
+    if not server.started:  # uvicorn logged why (e.g. the port was taken after the check)
+        fail(f"the HTTP server could not start on {host}:{port}")
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, remembering the signals that stopped it (Ctrl-C must not exit 0)."""
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self.received: list[int] = []
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            self.received.append(sig)
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    return Server
 
 
 def _check_listen(host: str, port: int) -> None:
