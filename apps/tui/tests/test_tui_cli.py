@@ -101,6 +101,48 @@ def test_print_answers_and_runs_tools(tmp_path: Path) -> None:
     assert info.n_messages == 6 and f"session {info.id}" in proc.stderr
 
 
+MCP_SERVER = '''
+try:
+    from mcp.server.mcpserver import MCPServer as Server
+except ImportError:  # mcp 1.x
+    from mcp.server.fastmcp import FastMCP as Server
+
+server = Server("calc")
+
+
+@server.tool()
+def add(a: int, b: int) -> str:
+    """Add two numbers."""
+    return str(a + b)
+
+
+server.run()
+'''
+
+
+def test_print_with_user_and_mcp_tools(tmp_path: Path) -> None:
+    (tmp_path / "calc_server.py").write_text(MCP_SERVER)
+    (tmp_path / "mine.py").write_text(
+        'def shout(text: str) -> str:\n    """Upper-case."""\n    return text.upper()\n'
+    )
+    replies = iter([
+        Reply(tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 40}},
+                          {"name": "shout", "arguments": {"text": "hey"}}]),
+        Reply(content="done"),
+    ])  # fmt: skip
+    with SE.ScriptedEndpoint(lambda body: next(replies)) as ep:
+        proc = dsv_chat("--print", "use the tools", "--endpoint", ep.base_url, "--model", "m", "--approval",
+                        "auto-all", "--mcp", f"{sys.executable} {tmp_path / 'calc_server.py'}",
+                        "--tools-file", str(tmp_path / "mine.py"), cwd=tmp_path)  # fmt: skip
+        bodies = ep.requests
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
+    assert {"add", "shout", "read_file"} <= {t["function"]["name"] for t in bodies[0]["tools"]}
+    assert [m["content"] for m in bodies[1]["messages"][-2:]] == ["42", "HEY"]
+    time.sleep(0.5)
+    assert _processes_mentioning(str(tmp_path / "calc_server.py")) == []  # the MCP server was stopped
+
+
 def test_print_reads_stdin_and_resumes_a_session(tmp_path: Path) -> None:
     with SE.ScriptedEndpoint(lambda body: Reply(content=f"n={len(body['messages'])}")) as ep:
         first = dsv_chat("--print", "-", "--endpoint", ep.base_url, "--model", "m", "--no-think",
