@@ -33,6 +33,42 @@ def test_routing_respects_groups() -> None:
     assert (groups == groups[..., :1]).all(), "with topk_group=1 both experts come from one group"
 
 
+@pytest.mark.parametrize("scale", [2.5, 0.6])
+@pytest.mark.parametrize("norm", [True, False], ids=["renormalised", "raw"])
+def test_moe_equals_its_definition_token_by_token(scale: float, norm: bool) -> None:
+    """Spec §4 by hand for each token: sigmoid affinities, the biased top-2 sum picks the groups,
+    the biased affinities pick the experts inside them, the unbiased affinities (renormalised or
+    not) times ``routed_scaling_factor`` weigh the experts, and the shared expert is added."""
+    from dsv.core.model.moe import MoE
+
+    cfg = tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+               routed_scaling_factor=scale, norm_topk_prob=norm)  # fmt: skip
+    torch.manual_seed(11)
+    moe = MoE(cfg).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(moe.gate.weight, std=0.5)
+        moe.gate.e_score_correction_bias.normal_(0, 0.3)
+        x = torch.randn(2, 5, cfg.hidden_size)
+        out, routes = moe(x)
+        per_group = cfg.n_routed_experts // cfg.n_group
+        for b in range(2):
+            for t in range(5):
+                xt = x[b, t]
+                s = (moe.gate.weight @ xt).sigmoid().tolist()
+                biased = [a + float(c) for a, c in zip(s, moe.gate.e_score_correction_bias, strict=True)]
+                groups = [sorted(biased[g * per_group : (g + 1) * per_group])[-2:] for g in range(cfg.n_group)]
+                best = sorted(range(cfg.n_group), key=lambda g: -sum(groups[g]))[: cfg.topk_group]
+                allowed = [e for e in range(cfg.n_routed_experts) if e // per_group in best]
+                chosen = sorted(allowed, key=lambda e: -biased[e])[: cfg.num_experts_per_tok]
+                assert sorted(routes[b, t].tolist()) == sorted(chosen), (b, t)
+                w = [s[e] for e in chosen]
+                w = [v / sum(w) if norm else v for v in w]
+                want = moe.shared_experts(xt)
+                for e, v in zip(chosen, w, strict=True):
+                    want = want + v * scale * moe.experts[e](xt)
+                torch.testing.assert_close(out[b, t], want, atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_differs_from_dense_only_beyond_topk() -> None:
     model = DSVForCausalLM(tiny(index_topk=8)).eval()
     x = torch.randint(0, 1024, (1, 24))
