@@ -138,3 +138,54 @@ def test_help(endpoint, tmp_path: Path, snap_compare) -> None:
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
+
+
+def readme_script(body: dict[str, Any]) -> Any:
+    """Two turns: read a file, then compute with the sandboxed python tool (for the README picture)."""
+    messages = body["messages"]
+    last = messages[-1]
+    users = [m for m in messages if m["role"] == "user"]
+    if last["role"] == "tool" and len(users) == 1:
+        return Reply(content="Paris tomorrow: high **11 °C**, low **4 °C**.",
+                     reasoning_content="The file has high_c 11 and low_c 4 for Paris.", reasoning_tokens=14)  # fmt: skip
+    if last["role"] == "tool":
+        return Reply(content="In Fahrenheit: high **51.8 °F**, low **39.2 °F**.",
+                     reasoning_content="The sandbox printed 51.8 and 39.2; answer with both.", reasoning_tokens=13)  # fmt: skip
+    if len(users) == 1:
+        return Reply(content="", reasoning_content="Read forecast.json first.", reasoning_tokens=6,
+                     tool_calls=[{"name": "read_file", "arguments": {"path": "forecast.json"}}])  # fmt: skip
+    code = "for c in (11, 4):\n    print(round(c * 9 / 5 + 32, 1))"
+    return Reply(content="", reasoning_content="Convert both with F = C × 9/5 + 32; let python do it.",
+                 reasoning_tokens=16, tool_calls=[{"name": "python", "arguments": {"code": code}}])  # fmt: skip
+
+
+def save_readme_screenshot(out: Path) -> None:
+    """apps/tui/docs/thinking-with-tools.svg: a thinking-with-tools turn after an earlier one, the
+    context panel showing the earlier reasoning dropped and this turn's kept."""
+    import asyncio
+    import tempfile
+
+    async def run() -> None:
+        with SE.ScriptedEndpoint(readme_script) as endpoint, tempfile.TemporaryDirectory() as tmp:
+            app = _app(endpoint, Path(tmp), show_context=True, approval="auto-all")
+            async with app.run_test(size=(150, 46)) as pilot:
+                await H.send(pilot, "What is the weather in Paris tomorrow?")
+                await H.turn_done(pilot)
+                await H.send(pilot, "And in °F?")
+                await H.turn_done(pilot, timeout=60)
+                for card in pilot.app.chat.query("ToolCard"):
+                    card.collapsed = card.tool_name != "python"
+                await _pin(pilot)
+                pilot.app.chat.transcript.scroll_end(animate=False)
+                await pilot.pause()
+                out.write_text(pilot.app.export_screenshot(title="dsv chat"))
+                await H.close(pilot.app)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    target = Path(__file__).resolve().parents[1] / "docs" / "thinking-with-tools.svg"
+    target.parent.mkdir(exist_ok=True)
+    save_readme_screenshot(target)
+    print(f"wrote {target}")

@@ -138,7 +138,7 @@ class DroppedView(Static):
 
     def __init__(self, dropped: DroppedReasoning) -> None:
         size = f"{format_tokens(dropped.tokens)} tok" if dropped.tokens is not None else f"{dropped.chars:,} chars"
-        text = Text(f"reasoning of message {dropped.message_index} ✗ dropped ({size})", style="red dim")
+        text = Text(f"✗ reasoning of msg {dropped.message_index} ({size})", style="red dim")
         super().__init__(text, classes="dropped-row")
         self.dropped = dropped
 
@@ -162,7 +162,7 @@ class ContextPanel(VerticalScroll):
         self.border_subtitle = "exact (tokenizer)" if view.exact else "estimated"
         widgets: list[Static] = [ContextRowView(r) for r in view.rows]
         if view.dropped:
-            widgets.append(Static(Text("earlier turns (not sent):", style="bold"), classes="context-heading"))
+            widgets.append(Static(Text("dropped (earlier turns):", style="bold"), classes="context-heading"))
             widgets += [DroppedView(d) for d in view.dropped]
         if not widgets:
             widgets = [Static("(nothing to send yet)", classes="context-empty")]
