@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dsv.core.checkpoint import load_pretrained, read_state_dict
@@ -67,9 +68,19 @@ def test_dsa_sparse_trains_backbone_and_indexer(pretrained: Path, tmp_path: Path
 
 
 def test_sft_runs_on_default_chat_data(tmp_path: Path) -> None:
+    import math
+
     summary = train(TrainConfig(stage="sft", model="tiny", out=tmp_path, steps=2, save_every=0, **SMALL))
-    assert summary.final_loss == summary.final_loss and summary.val_loss is not None
-    assert (tmp_path / "final" / "config.json").exists()
+    model, tok = load_pretrained(tmp_path / "final")
+    assert tok is not None
+    # A fresh random model predicts about uniformly: its cross-entropy is near ln(vocab), and finite.
+    uniform = math.log(model.config.vocab_size)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[-1]["loss"] == pytest.approx(summary.final_loss)
+    for loss in (*(m["loss"] for m in metrics), summary.val_loss):
+        assert loss is not None and abs(loss - uniform) < 1.5, (loss, uniform)
+    assert summary.steps == 2 and summary.tokens > 0
 
 
 def test_dense_pretrain_of_v3_model_and_warmup_refusal(tmp_path: Path) -> None:
