@@ -441,3 +441,16 @@ def test_a_failing_save_or_approval_dialog_is_an_event(tmp_path: Path) -> None:
     assert not (tmp_path / "ws" / "ran.txt").exists()
     assert of(events, TurnFinished)[0].answer == "went on"
     assert SessionStore(tmp_path / "sessions").load(agent.session.id).messages == agent.session.messages
+
+
+def test_a_turn_that_never_answers_stops_after_max_steps(tmp_path: Path) -> None:
+    loop = Reply(tool_calls=[{"name": "list_files", "arguments": {}}])
+    with SE.ScriptedEndpoint(lambda body: loop) as ep:
+        agent = make_agent(ep.base_url, tmp_path)
+        agent.max_steps = 2
+        events = run(agent, "keep going")
+        n_requests = len(ep.requests)
+    (err,) = of(events, AgentError)
+    assert err.kind == "tool" and err.retryable and "stopped after 2 steps" in err.message
+    assert n_requests == 2 and len(of(events, ToolCallFinished)) == 2
+    assert [m["role"] for m in agent.session.messages] == ["user", "assistant", "tool", "assistant", "tool"]

@@ -296,7 +296,8 @@ class Agent:
             err = AgentError("tool", f"stopped after {self.max_steps} steps without a final answer; "
                              "retry to let it go on, or send a new message", retryable=True)  # fmt: skip
             stats["error"] = {"kind": err.kind, "message": err.message}
-            self._record(stats)
+            with contextlib.suppress(_SaveFailed):  # the step's own save said so already
+                self._record(stats)
             yield err
             yield Status("error", err.message)
         finally:
