@@ -127,7 +127,9 @@ def chat(
     if endpoint and serve:
         _fail("give --endpoint or --serve, not both", ExitCode.USAGE)
     if approval not in APPROVAL_MODES:
-        _fail(f"--approval {approval!r} is not a mode; use one of {', '.join(APPROVAL_MODES)}", ExitCode.USAGE)
+        _fail(
+            f"--approval {approval!r} is not a mode; use one of {', '.join(APPROVAL_MODES)}", ExitCode.USAGE
+        )
     if not timeout > 0:
         _fail(f"--timeout must be positive, got {timeout}", ExitCode.USAGE)
     if print_prompt == "-":

@@ -309,7 +309,9 @@ class ChatClient:
             return ClientError("stream", f"{where} sent a malformed stream ({type(exc).__name__}: {exc})",
                                retryable=True)  # fmt: skip
         if isinstance(exc, http_errors):
-            return ClientError("connect", f"cannot reach {where} ({type(exc).__name__}: {exc})", retryable=True)
+            return ClientError(
+                "connect", f"cannot reach {where} ({type(exc).__name__}: {exc})", retryable=True
+            )
         return ClientError("stream", f"unexpected failure talking to {where}: {type(exc).__name__}: {exc}",
                            retryable=True)  # fmt: skip
 
