@@ -297,10 +297,11 @@ def test_print_against_dsv_serve(tiny_server: Any, tmp_path: Path) -> None:
     assert wrong_key.returncode == 3 and "refused the API key (401" in one_error_line(wrong_key)
 
 
-def test_embedded_model_is_made_once(tmp_path: Path) -> None:
+def test_embedded_model_is_made_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dsv.tui.local_serve import ensure_default_model
 
     folder = ensure_default_model(tmp_path / "chat-tiny")
+    assert capsys.readouterr().out == ""  # stdout is for --print's answer only
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "deepseek_v32" and (folder / "tokenizer.json").is_file()
     stamp = (folder / "config.json").stat().st_mtime_ns

@@ -53,7 +53,9 @@ def ensure_default_model(folder: Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # init writes beside the folder and renames it into place: a second chat starting at the same
     # time sees either no checkpoint or a whole one.
-    init(out=folder, preset="tiny", config=None, seed=0, dtype="float32", force=True)
+    # Its report goes to stderr: stdout carries only the answer of `dsv chat --print`.
+    with contextlib.redirect_stdout(sys.stderr):
+        init(out=folder, preset="tiny", config=None, seed=0, dtype="float32", force=True)
     return folder
 
 
