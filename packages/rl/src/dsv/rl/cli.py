@@ -27,6 +27,12 @@ rl_app = typer.Typer(
 )
 
 
+@rl_app.callback()
+def _group() -> None:
+    """Reinforcement learning: GRPO with the DeepSeek-V3.2 stabilisers, rollouts on the dsv engine."""
+    # A callback keeps `grpo` a subcommand (Typer runs a lone command as the app itself).
+
+
 def _family_beta(items: list[str]) -> dict[str, float]:
     from dsv.rl.trainer import RLError
 

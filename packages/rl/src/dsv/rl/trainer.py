@@ -460,16 +460,15 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                     behaviour_logp=pad["old"] if cfg.tis_cap is not None else None,
                 )  # fmt: skip
                 loss = terms.total()
-                if not torch.isfinite(loss.detach()).all():
-                    last = _checkpoints(out)
-                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                    raise RLError(
-                        f"the loss became {float(loss)} at step {step + 1} (the run diverged); stopped before the "
-                        f"optimiser step, {where}. Lower --lr or raise --max-grad-norm's strictness and resume"
-                    )
+                # Every process learns of a non-finite loss on any of them, so all stop together.
+                bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=device)
+                if float(accelerator.reduce(bad, reduction="sum")) > 0:
+                    _diverged(out, step, f"the loss became {float(loss.detach())}")
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
                 optimizer.step()
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    _diverged(out, step, "the weights became non-finite in the update")
                 optimizer.zero_grad(set_to_none=True)
                 if epoch == 0:
                     metrics.update({f"loss/{k}": v for k, v in terms.metrics().items()})
@@ -491,8 +490,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                     free_routes = raw(pad["inputs"], return_routes=True).routes
                 metrics["route_mismatch"] = route_mismatch(free_routes, recorded, pad["mask"])
             metrics["train_tokens_per_second"] = int(m.sum()) * cfg.ppo_epochs / max(time.perf_counter() - t_train, 1e-9)
-            version = engine.update_weights({k: v.detach() for k, v in raw.state_dict().items()})
-            metrics["weights_version"] = version
+            engine.update_weights({k: v.detach() for k, v in raw.state_dict().items()})
             metrics["train_seconds"] = time.perf_counter() - t_train
             record = {"step": step + 1, **_reduce(accelerator, metrics, world)}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_tasks:
@@ -530,6 +528,15 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
         accelerator.end_training()
     release_accelerator(accelerator)
     return summary
+
+
+def _diverged(out: Path, step: int, what: str) -> None:
+    last = _checkpoints(out)
+    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+    raise RLError(
+        f"the run diverged at step {step + 1}: {what}; stopped without saving it, {where}. "
+        "Lower --lr (or check the reward scale) and --resume"
+    )
 
 
 def _step_metrics(rolls: list[Any], scored: list[Any], R: torch.Tensor, cfg: GRPOConfig) -> dict[str, float]:
