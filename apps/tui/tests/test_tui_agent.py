@@ -420,10 +420,10 @@ def test_a_failing_save_or_approval_dialog_is_an_event(tmp_path: Path) -> None:
         real_save = agent.session.save
         calls = iter(range(100))
 
-        def full_disk() -> Path:
+        def full_disk(**kw: Any) -> Path:
             if next(calls) >= 1:  # the user message is saved, the answer is not
                 raise OSError(28, "No space left on device")
-            return real_save()
+            return real_save(**kw)
 
         agent.session.save = full_disk  # type: ignore[method-assign]
         events = run(agent, "hi")

@@ -156,6 +156,35 @@ def test_print_reads_stdin_and_resumes_a_session(tmp_path: Path) -> None:
     assert len(SessionStore(tmp_path / "sessions").list()) == 1
 
 
+def test_a_killed_chat_keeps_the_answer_it_was_showing(tmp_path: Path) -> None:
+    answer = "".join(f"word{i} " for i in range(60))
+    slow = Reply(content=answer, reasoning_content="thinking it over", chunk_delay_s=0.05)
+    sessions = tmp_path / "sessions"
+    with SE.ScriptedEndpoint(lambda body: slow) as ep:
+        env = {**os.environ, "DSV_SESSIONS_DIR": str(sessions)}
+        chat = subprocess.Popen(
+            [sys.executable, "-m", "dsv.cli.main", "chat", "--print", "talk", "--endpoint", ep.base_url,
+             "--model", "m", "--workspace", str(tmp_path)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        shown = ""
+        while time.monotonic() < deadline and not shown:
+            time.sleep(0.1)
+            for f in sessions.glob("*.json"):
+                messages = json.loads(f.read_text())["messages"]
+                if messages[-1]["role"] == "assistant" and messages[-1]["content"]:
+                    shown = messages[-1]["content"]
+        chat.send_signal(signal.SIGKILL)  # mid-stream: the answer takes about 2 s to arrive
+        chat.wait(10)
+    (info,) = SessionStore(sessions).list()
+    saved = SessionStore(sessions).load(info.id).messages
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    partial = saved[-1]
+    assert partial["reasoning_content"] == "thinking it over"
+    assert 0 < len(partial["content"]) < len(answer) and answer.startswith(partial["content"])
+
+
 @pytest.mark.parametrize(
     ("reply", "words"),
     [

@@ -6,8 +6,9 @@ prompt, then the session's messages with DeepSeek-V3.2's thinking-with-tools rul
 back, reasoning of earlier turns is dropped, tool calls and results always stay), streams the
 response and appends the assistant message, reasoning included, to the session. If it asked for
 tools, each call is approved (per `ApprovalPolicy`), run, and its result appended; then the next
-step goes out. The session is saved after every appended assistant step and tool result, so a
-killed terminal loses nothing that was shown.
+step goes out. The session is saved after every appended assistant step and tool result, and
+every `STREAM_SAVE_S` while an answer streams (the partial answer written after the messages, not
+into them), so a killed terminal loses nothing that was shown.
 
 `run_turn` yields the events of `dsv.tui.events` and never raises for what the endpoint or a tool
 did: failures end the turn with `AgentError` and leave the session valid for the next request (a
@@ -56,6 +57,7 @@ __all__ = ["Agent", "Approver", "TokenCounts", "estimate_tokens"]
 
 Approver = Callable[[ApprovalNeeded], Awaitable[Approval]]
 _CANCEL = object()
+STREAM_SAVE_S = 0.5  # while an answer streams, the session file is rewritten at most this often
 
 
 class TokenCounts(list[int]):
@@ -218,10 +220,10 @@ class Agent:
             await task
         raise _Cancelled
 
-    def _save(self) -> None:
+    def _save(self, pending: list[dict[str, Any]] | None = None) -> None:
         """Save the session; a failure (disk full, folder gone) ends the turn as an ``AgentError``."""
         try:
-            self.session.save()
+            self.session.save(pending=pending)
         except OSError as exc:
             raise _SaveFailed(
                 f"could not save the session to {self.session.path}: {exc.strerror or exc}; free space or fix "
@@ -323,6 +325,7 @@ class Agent:
         reasoning: list[str] = []
         content: list[str] = []
         end: StreamEnd | None = None
+        last_save = t0
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queue = queue
         self._producer = asyncio.create_task(self._produce(request, tools, queue))
@@ -357,6 +360,13 @@ class Agent:
             else:
                 content.append(text)
                 yield ContentDelta(text, step)
+            if time.monotonic() - last_save >= STREAM_SAVE_S:
+                # What is on the screen is on disk too, give or take the last half second.
+                partial = {"role": "assistant", "content": "".join(content)}
+                if reasoning:
+                    partial["reasoning_content"] = "".join(reasoning)
+                self._save(pending=[partial])
+                last_save = time.monotonic()
         latency = time.monotonic() - t0
         message = {"role": "assistant", "content": "".join(content)}
         if reasoning:

@@ -134,13 +134,20 @@ class Session:
             root=root,
         )
 
-    def save(self) -> Path:
-        """Write the session atomically (temp file, fsync, rename) into its store's folder."""
+    def save(self, *, pending: list[dict[str, Any]] | None = None) -> Path:
+        """Write the session atomically (temp file, fsync, rename) into its store's folder.
+
+        ``pending`` messages (an answer still streaming) are written after ``messages`` without
+        becoming part of them: if the process dies now, the file keeps what was shown; the next
+        save writes the finished message instead."""
         self.updated = _now()
         if not self.title:
             self.title = _title_from(self.messages)
         path = self.path
-        atomic_write_json(path, self.to_dict())
+        data = self.to_dict()
+        if pending:
+            data["messages"] = [*self.messages, *pending]
+        atomic_write_json(path, data)
         return path
 
     def fork(self, upto_message: int) -> Session:
