@@ -149,7 +149,11 @@ def test_print_reads_stdin_and_resumes_a_session(tmp_path: Path) -> None:
                          cwd=tmp_path, stdin="from stdin")  # fmt: skip
         again = dsv_chat("--print", "more", "--endpoint", ep.base_url, "--model", "m", "--resume", "last",
                          cwd=tmp_path)  # fmt: skip
+        # No --endpoint: a resumed session goes back to the endpoint and model it was on.
+        third = dsv_chat("--print", "and more", "--resume", "last", cwd=tmp_path)
         bodies = ep.requests
+    assert third.returncode == 0 and third.stdout == "n=5\n" and "resuming on" in third.stderr
+    assert bodies[2]["model"] == "m"
     assert (first.returncode, first.stdout, again.returncode, again.stdout) == (0, "n=1\n", 0, "n=3\n")
     assert bodies[0]["messages"] == [{"role": "user", "content": "from stdin"}]
     assert bodies[0]["thinking"] == {"type": "disabled"} and bodies[1]["thinking"] == {"type": "disabled"}

@@ -108,7 +108,8 @@ def chat(
     tools_file: list[Path] = typer.Option([], "--tools-file", help="Python file of user tools (repeatable)"),
     mcp: list[str] = typer.Option([], "--mcp", help="command of an MCP stdio server, e.g. 'python srv.py' "
                                   "(repeatable)"),
-    resume: str = typer.Option(None, "--resume", help="session id (or a prefix of one, or 'last') to continue"),
+    resume: str = typer.Option(None, "--resume", help="session id (or a prefix of one, or 'last') to continue, "
+                               "on its endpoint while that answers"),
     no_think: bool = typer.Option(False, "--no-think", help="start with thinking mode off"),
     system: str = typer.Option(None, "--system", help="system prompt"),
     max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="max_tokens of each request"),
@@ -149,6 +150,19 @@ def chat(
         tools.load_user_file(f)
     for command in commands:
         tools.add_mcp_server_later(command)
+
+    if session is not None and not endpoint and serve is None and session.endpoint:
+        # A resumed session goes back to its endpoint (and model) while that still answers; a local
+        # server it had is gone with its port, so then a new one starts.
+        try:
+            found = _model_of(
+                ChatClient(session.endpoint, api_key, "", read_timeout_s=5.0, connect_timeout_s=2.0)
+            )
+        except ClientError:
+            found = None
+        if found is not None:
+            endpoint, model = session.endpoint, model or session.model or found
+            _print_line(f"dsv chat: resuming on {endpoint} (model {model})")
 
     with contextlib.ExitStack() as stack:
         if not endpoint:
