@@ -72,6 +72,8 @@ async def test_thinking_with_tools_turn_renders_and_sends_the_rule(endpoint, tmp
     _workspace(tmp_path)
     app = H.build_app(endpoint.base_url, tmp_path)
     async with app.run_test(size=(140, 50)) as pilot:
+        await H.probed(pilot)
+        assert app.chat.header.state == "idle" and "ready" in H.screen_text(app).splitlines()[1]
         await H.send(pilot, Q1, type_it=True)
         await H.turn_done(pilot)
         chat = app.chat

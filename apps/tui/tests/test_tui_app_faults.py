@@ -115,6 +115,13 @@ async def test_endpoint_down_then_retry_elsewhere(faulty, tmp_path: Path) -> Non
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     app = _app(dead, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
+        # said before the first message: the start-up probe finds nothing listening
+        await H.probed(pilot)
+        assert app.chat.header.state == "error"
+        assert "Cannot reach the endpoint" in H.screen_text(app).splitlines()[1]
+        await pilot.press("f5")  # nothing sent yet: F5 asks the endpoint again
+        await H.probed(pilot)
+        assert app.chat.header.state == "error" and not faulty.requests
         await H.send(pilot, "hello")
         await H.turn_done(pilot)
         notice = _notice(app)

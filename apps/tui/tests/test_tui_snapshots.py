@@ -72,6 +72,7 @@ def _app(endpoint: Any, root: Path, **kwargs: Any) -> Any:
 
 async def _pin(pilot: Any) -> None:
     """Show the port and times that vary as fixed values."""
+    await H.probed(pilot)
     chat = pilot.app.chat
     chat.prompt.cursor_blink = False  # the blink phase would depend on timing
     chat.header.endpoint = SHOWN_URL

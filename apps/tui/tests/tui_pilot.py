@@ -102,6 +102,12 @@ async def until(pilot: Any, condition: Callable[[], Any], *, timeout: float = 15
         await asyncio.sleep(0.02)
 
 
+async def probed(pilot: Any) -> None:
+    """Wait for the start-up probe of the endpoint (the header's connecting -> ready or error)."""
+    await until(pilot, lambda: not any(w.group == "probe" and not w.is_finished for w in pilot.app.workers),
+                what="the endpoint probe")  # fmt: skip
+
+
 async def send(pilot: Any, text: str, *, type_it: bool = False) -> None:
     """Put ``text`` in the prompt (typed key by key when ``type_it``) and press enter."""
     app = pilot.app

@@ -26,6 +26,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 from textual.worker import Worker
 
+from dsv.tui.client import ClientError
 from dsv.tui.events import (
     AgentError,
     ApprovalNeeded,
@@ -53,13 +54,16 @@ from dsv.tui.widgets import (
     StatusHeader,
     Transcript,
     context_view,
+    describe_error,
     usage_line,
 )
+from dsv.tui.widgets.status_header import endpoint_label
 
 if TYPE_CHECKING:
     from dsv.tui.app import ChatApp
 
 RETRY_KEY = "F5"
+PROBE_TIMEOUT_S = 10.0
 
 SLASH_COMMANDS = [
     SlashCommand("think", "[on|off]", "thinking mode on/off (toggles without an argument)", "ctrl+t"),
@@ -100,6 +104,7 @@ class ChatScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.turn_worker: Worker[None] | None = None
+        self.probe_error: str | None = None
         self.retryable = False
         self.last_error: AgentError | None = None
 
@@ -139,6 +144,28 @@ class ChatScreen(Screen[None]):
         self.context_panel.display = self.app.show_context
         await self._redraw_session()
         self.prompt.focus()
+        self.probe_endpoint()
+
+    @work(exclusive=True, group="probe")
+    async def probe_endpoint(self) -> None:
+        """Connecting, then ready or why the endpoint cannot be used, before the first message
+        (asks for the model list: every OpenAI-compatible server answers it)."""
+        header = self.header
+        client = self.app.agent.client
+        header.state, header.detail = "connecting", endpoint_label(client.base_url)
+        self.probe_error = None
+        try:
+            await asyncio.wait_for(client.list_models(), PROBE_TIMEOUT_S)
+        except (ClientError, TimeoutError) as exc:
+            if isinstance(exc, ClientError):
+                self.probe_error = describe_error(exc.kind, exc.message, exc.retry_after_s)
+            else:
+                self.probe_error = f"no answer from {client.base_url} in {PROBE_TIMEOUT_S:g} s"
+            if not self.busy:
+                header.state, header.detail = "error", self.probe_error
+            return
+        if not self.busy and header.state == "connecting":
+            header.state, header.detail = "idle", ""
 
     async def _redraw_session(self) -> None:
         session = self.app.agent.session
@@ -229,6 +256,9 @@ class ChatScreen(Screen[None]):
                 await self.draw(event)
                 if isinstance(event, TurnFinished):
                     ok = True
+        except Exception as exc:  # a bug here must not take the shell down; the agent saved the session
+            self.log.error("turn failed", exc_info=exc)
+            await self.draw(AgentError("internal", f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
         finally:
             self.post_message(TurnEnded(ok=ok))
 
@@ -407,6 +437,9 @@ class ChatScreen(Screen[None]):
             self.header.detail = "stopping"
 
     def action_retry(self) -> None:
+        if not self.busy and not self.retryable and self.probe_error and self.last_error is None:
+            self.probe_endpoint()  # nothing was sent yet: try the endpoint again
+            return
         if self.busy or not self.retryable:
             self.notify("Nothing to retry.", severity="warning")
             return
@@ -454,6 +487,7 @@ class ChatScreen(Screen[None]):
                 return
             await self.app.set_client(base_url=arg)
             self._refresh_header()
+            self.probe_endpoint()
             self.notify(f"endpoint {arg}")
         elif name == "system":
             agent.session.system = arg or None

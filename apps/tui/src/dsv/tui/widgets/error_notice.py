@@ -14,6 +14,7 @@ _HEADINGS = {
     "server": "The server failed",
     "tool": "A tool failed",
     "cancelled": "Stopped",
+    "internal": "dsv chat failed (a bug; the session up to here is saved)",
 }
 
 
