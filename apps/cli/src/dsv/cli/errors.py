@@ -41,6 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 __all__ = [
     "ExitCode",
     "UserError",
+    "click_classes",
     "describe",
     "exit_for",
     "fail",
@@ -149,6 +150,8 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
     """``(exit code, one-line message)`` for an error a user can act on; None for a bug."""
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED, "interrupted"
+    if isinstance(exc, click_classes("Exit") + click_classes("ClickException")):
+        return None  # click's own exits and usage errors are not errors of ours
     code = getattr(exc, "exit_code", None)
     if isinstance(exc, UserError) or (isinstance(code, int) and isinstance(exc, Exception)):
         return int(code if isinstance(code, int) else ExitCode.INPUT), str(exc) or type(exc).__name__
@@ -159,6 +162,34 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError):
         return ExitCode.INPUT, _os_message(exc)
     return None
+
+
+# Where each class lives: click, and recent Typer releases, which carry their own Exit and Abort
+# (typer.exceptions) and their own copy of click's core (typer._click) instead of using click's.
+_CLICK_HOMES = {
+    "Exit": ("click.exceptions", "typer.exceptions"),
+    "Abort": ("click.exceptions", "typer.exceptions"),
+    "ClickException": ("click.exceptions", "typer._click.exceptions"),
+    "Command": ("click.core", "typer._click.core"),
+    "Argument": ("click.core", "typer.core:TyperArgument"),
+}
+
+
+def click_classes(name: str) -> tuple[type, ...]:
+    """Click's ``name`` (``Exit``, ``Abort``, ``ClickException``, ``Command``, ``Argument``) as click
+    and the installed Typer define it: a Typer command raises and is built of Typer's."""
+    import importlib
+
+    found: list[type] = []
+    for home in _CLICK_HOMES[name]:
+        module, _, attr = home.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr or name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def exit_for(exc: BaseException, *, value_error: int | None = ExitCode.INPUT) -> NoReturn:
@@ -181,11 +212,9 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
-
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException):
+        except click_classes("Exit") + click_classes("ClickException"):
             raise
         except (Exception, KeyboardInterrupt) as exc:
             exit_for(exc)
@@ -195,24 +224,23 @@ def user_errors(fn: F) -> F:
 
 def run(app: Any, args: Sequence[str] | None = None, prog_name: str | None = None) -> NoReturn:
     """Run a Typer app (or click command) as a command-line program; exit with a documented code."""
-    import click
     import typer
 
-    command: Callable[..., Any] = app if isinstance(app, click.Command) else typer.main.get_command(app)
+    command: Callable[..., Any] = app if isinstance(app, click_classes("Command")) else typer.main.get_command(app)
     debug = os.environ.get("DSV_DEBUG", "") not in ("", "0")
     try:
         result = command.main(  # type: ignore[attr-defined]
             args=list(args) if args is not None else sys.argv[1:], prog_name=prog_name, standalone_mode=False
         )
         code = result if isinstance(result, int) else ExitCode.OK
-    except click.exceptions.Exit as exc:
+    except click_classes("Exit") as exc:
         code = exc.exit_code
         if isinstance(exc.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into a silent Exit(130)
             print_error("interrupted")
-    except click.ClickException as exc:  # usage errors: click's own message and code 2
+    except click_classes("ClickException") as exc:  # usage errors: click's own message and code 2
         exc.show()
         code = exc.exit_code
-    except click.exceptions.Abort as exc:
+    except click_classes("Abort") as exc:
         # click turns Ctrl-C (and EOF at a prompt) into Abort
         interrupted = isinstance(exc.__context__, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt)
         print_error("interrupted" if interrupted else "aborted")

@@ -155,9 +155,37 @@ def build_app() -> typer.Typer:
     return app
 
 
+def plain_help(command: Any) -> Any:
+    """Give ``command`` and every sub-command click's plain help layout; returns ``command``.
+
+    Typer's rich panels put the longest option name's width in front of every description, so at
+    80 columns options were cut (``--indexer-loss-wei…``) and help wrapped to a few words a line,
+    with ``<bool>`` beside every flag. Click's layout wraps the description under its option.
+    Required arguments read ``PATH`` in the usage line as in click, not ``{path}``.
+    """
+    import functools
+
+    from dsv.cli.errors import click_classes
+
+    def usage_name(param: Any) -> str:
+        name = (param.metavar or param.name or "").upper()
+        name = name if param.required else f"[{name}]"
+        return name + ("..." if param.nargs != 1 else "")
+
+    if hasattr(command, "rich_markup_mode"):
+        command.rich_markup_mode = None
+    for param in getattr(command, "params", []):
+        if isinstance(param, click_classes("Argument")) and hasattr(param, "_usage_display_name"):
+            param._usage_display_name = functools.partial(usage_name, param)
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every command ends through :func:`dsv.cli.errors.run`."""
-    run(build_app(), argv if argv is not None else sys.argv[1:], prog_name="dsv")
+    command = plain_help(typer.main.get_command(build_app()))
+    run(command, argv if argv is not None else sys.argv[1:], prog_name="dsv")
 
 
 if __name__ == "__main__":
