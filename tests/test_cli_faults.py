@@ -320,3 +320,33 @@ def test_missing_extra_hint_keeps_its_extra(tmp_path: Path) -> None:
             "--out", str(tmp_path / "ev"), env={"PYTHONPATH": str(blocker)})  # fmt: skip
     line = assert_clean_failure(r, 2, "openai is missing")
     assert "pip install -e 'packages/synth[eval]'" in line and "'dsv-synth[eval]'" in line
+
+
+# --------------------------------------------------------------------------- 80 columns
+
+HELP = ["", "train pretrain", "train sft", "eval", "synth build", "synth generate", "synth list", "synth show",
+        "serve", "generate", "model init", "model info", "model convert", "doctor"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HELP, ids=lambda c: c.replace(" ", "-") or "root")
+def test_help_fits_80_columns(command: str) -> None:
+    r = dsv(*command.split(), "--help", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    for bad in ("…", "<bool>", "{"):
+        assert bad not in r.stdout, [line for line in lines if bad in line]
+
+
+def test_synth_list_fits_80_columns_and_has_json() -> None:
+    r = dsv("synth", "list", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    listed = json.loads(dsv("synth", "list", "--json").stdout)
+    families = [f["family"] for f in listed["families"]]
+    assert len(families) >= 16
+    for name in families:  # every family on a line of its own, its name whole
+        assert sum(1 for line in lines if f"│ {name} " in line) == 1, name
+    assert len(lines) < len(families) + 20, "descriptions wrapped over many lines"
+    assert all(f["description"] for f in listed["families"])
