@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -96,8 +96,10 @@ def _train(model: torch.nn.Module, tok: Any, templates: Templates, max_steps: in
     assert ok, f"the fixture model did not learn its script in {max_steps} steps"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for this package's modules, given back after each module: a session-wide
+    setting stayed in force for every later test of the worker (train, e2e)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -170,29 +172,47 @@ def live_server() -> type[LiveServer]:
     return LiveServer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+@pytest.fixture
+def reserve_port() -> Iterator[Callable[[], int]]:
+    """``reserve_port()``: a loopback port kept for this test, for a server started in a subprocess.
+
+    The port stays bound (address reuse on, never listening) until the test ends, so no other test
+    is handed it, while the server, which binds with address reuse too, can listen on it. A port
+    found free and let go, then bound again by the server, can be taken in between."""
+    held: list[socket.socket] = []
+
+    def reserve() -> int:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
+        held.append(s)
         return int(s.getsockname()[1])
+
+    yield reserve
+    for s in held:
+        s.close()
 
 
 class LiveServer:
-    """uvicorn serving ``app`` in a thread on a free loopback port."""
+    """uvicorn serving ``app`` in a thread on a loopback port of its own.
+
+    The listening socket is bound (port 0) here and handed to uvicorn as it is: a port found free
+    and bound again later can be taken in between by a test running beside this one."""
 
     def __init__(self, app: Any) -> None:
         import uvicorn
 
         self.app = app
-        self.port = free_port()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
@@ -200,7 +220,8 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=60)
+        self.sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ they live (the load generator in test_serve_loadgen.py). Run: ``pytest packages/
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,12 @@ def test_plot_has_a_column_per_preset_and_shape(tmp_path: Path) -> None:
 def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     # The smallest real run (about 25 s): a served tiny checkpoint, the load generator, the
     # in-process engine and transformers, one cell; the Markdown section and its plot are written.
-    import shutil
     import subprocess
 
-    dsv = shutil.which("dsv")
-    assert dsv is not None, "the dsv command is installed (apps/cli)"
     out = tmp_path / "serve.md"
-    cmd = [dsv, "bench", "serve", "--preset", "tiny", "--clients", "2", "--shape", "16x4", "--runs", "1"]
+    # This environment's own command, never whichever `dsv` comes first on PATH.
+    cmd = [sys.executable, "-m", "dsv.cli.main", "bench", "serve", "--preset", "tiny", "--clients", "2",
+           "--shape", "16x4", "--runs", "1"]  # fmt: skip
     done = subprocess.run([*cmd, "--write", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     md = out.read_text()

@@ -14,17 +14,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
-from dsv.serve.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +30,10 @@ CLIENTS = 64
 
 
 @pytest.fixture
-def server(tiny_ckpt: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    dsv = shutil.which("dsv")
-    assert dsv is not None, "the dsv command is installed (apps/cli)"
-    port = free_port()
+def server(tiny_ckpt: Path, reserve_port: Callable[[], int]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = reserve_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two shared cores: see conftest
-    cmd = [dsv, "serve", str(tiny_ckpt), "--port", str(port), "--model-name", "m", "--max-model-len", "512"]
+    cmd = [sys.executable, "-m", "dsv.cli.main", "serve", str(tiny_ckpt), "--port", str(port), "--model-name", "m", "--max-model-len", "512"]
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +29,7 @@ import pytest
 
 from dsv.core.chat import Templates, encode_assistant_completion, encode_messages
 from dsv.core.tokenizer import EOS
-from dsv.serve.launch import engine_command, free_port
+from dsv.serve.launch import engine_command
 
 ENGINE = Path(__file__).with_name("serve_scripted_engine.py")
 
@@ -99,8 +99,8 @@ def engine_env(tmp_path: Path, script: SimpleNamespace, tiny_ckpt: Path) -> dict
 
 
 @pytest.fixture
-def engine_url(engine_env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
+def engine_url(engine_env: dict[str, str], reserve_port: Callable[[], int]) -> Iterator[str]:
+    port = reserve_port()
     cmd = [
         sys.executable,
         str(ENGINE),
@@ -253,7 +253,7 @@ def test_proxy_reports_engine_errors(engine_url: str, tiny_ckpt: Path, live_serv
 
 
 def _dsv_serve(
-    engine: str, ckpt: Path, env: dict[str, str], tmp: Path, *args: str
+    engine: str, ckpt: Path, env: dict[str, str], tmp: Path, port: int, *args: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``dsv serve CKPT --engine ENGINE`` with the scripted engine installed under the engine's name."""
     fake = tmp / "fake"
@@ -268,11 +268,8 @@ def _dsv_serve(
         (fake / "sglang" / "__init__.py").write_text("")
         shutil.copy(ENGINE, fake / "sglang" / "launch_server.py")
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), env.get("PYTHONPATH")]))}
-    port = free_port()
-    dsv = shutil.which("dsv")
-    assert dsv is not None, "the dsv command is installed (apps/cli)"
     proc = subprocess.Popen(
-        [dsv, "serve", str(ckpt), "--engine", engine, "--port", str(port), *args], env=env
+        [sys.executable, "-m", "dsv.cli.main", "serve", str(ckpt), "--engine", engine, "--port", str(port), *args], env=env
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -289,11 +286,16 @@ def _dsv_serve(
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
 def test_dsv_serve_with_engine(
-    engine: str, engine_env: dict[str, str], tiny_ckpt: Path, script: SimpleNamespace, tmp_path: Path
+    engine: str,
+    engine_env: dict[str, str],
+    tiny_ckpt: Path,
+    script: SimpleNamespace,
+    tmp_path: Path,
+    reserve_port: Callable[[], int],
 ) -> None:
     # The context length and dtype become the engine's own flags; --engine-args go through as given.
     options = ("--max-model-len", "2048", "--dtype", "bf16", "--engine-args", "--tp 2 --trust-remote-code")
-    proc, url = _dsv_serve(engine, tiny_ckpt, engine_env, tmp_path, *options)
+    proc, url = _dsv_serve(engine, tiny_ckpt, engine_env, tmp_path, reserve_port(), *options)
     try:
         name = tiny_ckpt.name
         _check_round_trip(openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), script, name)
@@ -311,6 +313,12 @@ def test_dsv_serve_with_engine(
     else:
         assert start["executable"] == "launch_server.py" and argv == expected[3:]
     _check_prompts(records, script, Templates.from_checkpoint(tiny_ckpt), name)
-    time.sleep(0.5)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    # The engine goes with its server: its port stops answering (a deadline, not a fixed sleep).
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        except httpx.ConnectError:
+            break
+        assert time.monotonic() < deadline, "the engine outlived dsv serve"
+        time.sleep(0.1)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ import torch
 
 from dsv.serve.app import ServerSettings
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
-from dsv.serve.launch import free_port
 from dsv.serve.worker import EngineProcess
+
+# This environment's own command, never whichever `dsv` comes first on PATH.
+DSV = [sys.executable, "-m", "dsv.cli.main"]
 
 
 class _Collect:
@@ -47,7 +50,7 @@ def engine_process(tiny_ckpt: Path) -> EngineProcess:
 
 
 def _wait_idle(engine: EngineProcess) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while engine.stats().used_blocks:
         assert time.monotonic() < deadline, "cache blocks were not given back"
         time.sleep(0.02)
@@ -123,15 +126,19 @@ def test_deliver_hook_gets_one_batch_per_step(engine_process: EngineProcess) -> 
 def test_cancel_frees_blocks_and_silences_the_request(engine_process: EngineProcess) -> None:
     r = _Collect()
     sid = engine_process.submit([3, 4, 5, 6], GenParams(temperature=0.0, max_tokens=400), r)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(r.tokens) < 3:
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, "no tokens"
         time.sleep(0.01)
     assert engine_process.stats().used_blocks > 0
     engine_process.cancel(sid)
     _wait_idle(engine_process)
     seen = len(r.tokens)
-    time.sleep(0.2)
+    # Events come back in order over one pipe: once a later request has run to its end, any token
+    # the cancelled one was still given would have arrived before that request's finish.
+    later = _Collect()
+    engine_process.submit([7, 8, 9], GenParams(temperature=0.0, max_tokens=8), later)
+    assert later.done.wait(60) and len(later.tokens) == 8
     assert len(r.tokens) == seen and r.finish is None
 
 
@@ -155,7 +162,9 @@ def test_stop_ends_running_requests(tiny_ckpt: Path) -> None:
     engine.start()
     r = _Collect()
     engine.submit([9, 8, 7], GenParams(temperature=0.0, max_tokens=500), r)
+    deadline = time.monotonic() + 60
     while not r.tokens:
+        assert time.monotonic() < deadline, "no tokens"
         time.sleep(0.01)
     engine.stop()
     assert r.done.is_set() and r.finish is not None and r.finish.reason == "error"
@@ -207,31 +216,26 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("config", [None, '{"model_type": "deepseek_v32", "bogus": 1}'])
-def test_dsv_serve_names_a_bad_checkpoint_without_a_traceback(tmp_path: Path, config: str | None) -> None:
-    import shutil
-
+def test_dsv_serve_names_a_bad_checkpoint_without_a_traceback(
+    tmp_path: Path, config: str | None, reserve_port: Callable[[], int]
+) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     if config is not None:
         (folder / "config.json").write_text(config)
-    dsv = shutil.which("dsv")
-    assert dsv is not None, "the dsv command is installed (apps/cli)"
     for target, want in (
         (tmp_path / "missing", "no such folder"),
         (folder, "bogus" if config else "no config.json"),
     ):
-        done = subprocess.run([dsv, "serve", str(target), "--port", str(free_port())], capture_output=True,
+        done = subprocess.run([*DSV, "serve", str(target), "--port", str(reserve_port())], capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 1
         assert want in done.stderr and "Traceback" not in done.stderr
 
 
 def test_dsv_serve_refuses_bad_settings_before_loading(tmp_path: Path) -> None:
-    import shutil
     import socket
 
-    dsv = shutil.which("dsv")
-    assert dsv is not None, "the dsv command is installed (apps/cli)"
     missing = str(tmp_path / "missing")  # never reached: each case fails on its setting first
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -248,7 +252,7 @@ def test_dsv_serve_refuses_bad_settings_before_loading(tmp_path: Path) -> None:
             (["--device", "tpu"], "unknown device"),
             *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]),
         ):
-            done = subprocess.run([dsv, "serve", missing, *args], capture_output=True, text=True, timeout=60)
+            done = subprocess.run([*DSV, "serve", missing, *args], capture_output=True, text=True, timeout=60)
             assert done.returncode == 2, (args, done.stderr)
             assert want in done.stderr and "Traceback" not in done.stderr
 
