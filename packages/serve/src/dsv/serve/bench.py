@@ -36,7 +36,6 @@ import datetime
 import itertools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -87,8 +86,8 @@ def _start_server(
 
     from dsv.serve.launch import free_port
 
-    exe = shutil.which("dsv")
-    cmd = [exe] if exe else [sys.executable, "-m", "dsv.cli.main"]
+    # This interpreter's own dsv: a `dsv` found on PATH may belong to another environment.
+    cmd = [sys.executable, "-m", "dsv.cli.main"]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(
