@@ -525,5 +525,5 @@ def test_stream_without_an_endpoint_is_a_usage_error(tmp_path: Path) -> None:
     args = ["--model", str(tmp_path), "--family", "arithmetic", "--stream", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(app, args)
     assert (
-        result.exit_code == 2 and result.output.strip().startswith("error:") and "--base-url" in result.output
+        result.exit_code == 2 and result.output.strip().startswith("error:") and "--endpoint" in result.output
     )

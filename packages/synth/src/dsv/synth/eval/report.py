@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from dsv.synth.eval._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dsv.synth.eval.metrics import summarize_groups
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "group_reasons", "write_report"]
 
 PLOT_NAME = "accuracy_vs_tokens.png"
 
 
 def build_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """The report dict: run metadata plus metrics per thinking mode, overall and per family."""
-    return {"meta": meta, "results": summarize_groups(records)}
+    """The report dict: run metadata plus metrics per thinking mode, overall and per family.
+
+    One folder can hold both thinking modes (a run with and one without ``--thinking``), so the
+    report says which modes it covers and the episodes of each; what the last run asked for
+    (``thinking``, ``episodes_wanted``) moves under ``last_run`` instead of reading as the whole.
+    """
+    results = summarize_groups(records)
+    meta = dict(meta)
+    last_run = {k: meta.pop(k) for k in ("thinking", "episodes_wanted") if k in meta}
+    meta["modes"] = list(results)
+    meta["episodes_per_mode"] = {mode: block["overall"]["episodes"] for mode, block in results.items()}
+    if last_run:
+        meta["last_run"] = last_run
+    return {"meta": meta, "results": results}
 
 
 def _fmt(value: Any) -> str:
@@ -36,7 +49,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A Markdown rendering of ``report`` (tables per thinking mode, failure reasons)."""
     meta = report["meta"]
     lines = ["# dsv eval report", ""]
-    for key in ("target", "tasks_source", "samples", "concurrency", "started", "finished"):
+    for key in ("target", "tasks_source", "modes", "samples", "concurrency", "started", "finished"):
         if key in meta:
             lines.append(f"- {key}: `{meta[key]}`")
     lines.append("")
@@ -86,11 +99,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         if overall["failure_reasons"]:
             lines += ["Failure reasons:", ""]
-            lines += [f"- {count} × {reason}" for reason, count in overall["failure_reasons"].items()]
+            lines += [f"- {count} × {reason}" for reason, count in group_reasons(overall["failure_reasons"])]
             lines.append("")
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines)
+
+
+# Each wrong answer makes its own reason ("'Alice' is not the answer", "expected 12, got 13"); what
+# a reader wants is the kind of failure. Quoted text and numbers are the parts that vary.
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|-?\d+(?:[./]\d+)*")
+
+
+def group_reasons(reasons: dict[str, int], limit: int = 12) -> list[tuple[str, int]]:
+    """Failure reasons grouped by their shape (quoted values and numbers as ``…``), most common
+    first; a shape seen once keeps its full text, and the tail past ``limit`` is one line."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for reason, count in reasons.items():
+        groups.setdefault(_VARYING.sub("…", reason), []).append((reason, count))
+    rows = sorted(
+        ((members[0][0] if len(members) == 1 else shape, sum(c for _, c in members))
+         for shape, members in groups.items()),
+        key=lambda row: -row[1],
+    )  # fmt: skip
+    if len(rows) > limit:
+        rest = rows[limit - 1 :]
+        rows = [*rows[: limit - 1], (f"{len(rest)} other kinds of failure", sum(c for _, c in rest))]
+    return rows
 
 
 def _plot(report: dict[str, Any]) -> bytes:
