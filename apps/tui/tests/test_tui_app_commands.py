@@ -208,6 +208,18 @@ async def test_save_restart_resume_and_fork(endpoint, tmp_path: Path) -> None:
         assert [a.text for a in chat.query(AnswerBlock)] == ["echo: first question", "echo: second question"]
         blocks = list(chat.query(ReasoningBlock))
         assert [b.kept for b in blocks] == [False, True]  # the rule, also on a resumed session
+        assert all(b.duration_s is not None for b in blocks)  # step times come back from turn_stats
+        answers = list(chat.query(AnswerBlock))
+        assert all(" in · " in a.stats and " out" in a.stats for a in answers)  # each turn's usage
+
+        # up/down in the prompt walk the earlier messages
+        chat.prompt.focus()
+        await pilot.press("up")
+        assert chat.prompt.value == "second question"
+        await pilot.press("up", "up")
+        assert chat.prompt.value == "first question"
+        await pilot.press("down", "down")
+        assert chat.prompt.value == ""
 
         # the conversation goes on where it was; the dropped reasoning is not sent
         await H.send(pilot, "third question")

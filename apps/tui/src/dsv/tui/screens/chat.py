@@ -88,15 +88,19 @@ class ChatScreen(Screen[None]):
     # has focus, and the footer keeps this order
     BINDINGS = [
         Binding("ctrl+t", "toggle_thinking", "Thinking", priority=True),
-        Binding("ctrl+k", "toggle_context", "Context", priority=True),
+        Binding("ctrl+k", "toggle_context", "Context", priority=True,
+                tooltip="show/hide the context panel: what the next request sends"),
         Binding("ctrl+n", "new_session", "New", priority=True),
         Binding("ctrl+r", "resume", "Resume", priority=True),
         Binding("ctrl+f", "fork", "Fork", priority=True),
         Binding("ctrl+s", "save", "Save", show=False, priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
-        Binding("escape", "stop", "Stop", priority=True),
-        Binding("f5", "retry", "Retry", priority=True),
+        Binding("escape", "stop", "Stop", priority=True, tooltip="stop the stream or the running tool"),
+        Binding("f5", "retry", "Retry", priority=True, tooltip="retry the failed turn (or reach the endpoint again)"),
         Binding("f1", "help", "Help", priority=True),
+        # not priority: a focused list or the transcript keeps its own up/down
+        Binding("up", "history(-1)", "Previous message", show=False, tooltip="earlier messages in the prompt"),
+        Binding("down", "history(1)", "Next message", show=False, tooltip="later messages in the prompt"),
     ]
 
     app: ChatApp
@@ -105,6 +109,7 @@ class ChatScreen(Screen[None]):
         super().__init__()
         self.turn_worker: Worker[None] | None = None
         self.probe_error: str | None = None
+        self.history_pos: int | None = None
         self.retryable = False
         self.last_error: AgentError | None = None
 
@@ -169,7 +174,7 @@ class ChatScreen(Screen[None]):
 
     async def _redraw_session(self) -> None:
         session = self.app.agent.session
-        await self.transcript.load(session.messages)
+        await self.transcript.load(session.messages, session.turn_stats)
         self._refresh_header()
         self.header.last_turn = self._last_turn_line(session)
         self.refresh_context()
@@ -223,8 +228,25 @@ class ChatScreen(Screen[None]):
     def _typed(self, event: Input.Changed) -> None:
         self.query_one(CommandHints).filter(event.value)
 
+    def action_history(self, delta: int) -> None:
+        """Up/down in the prompt: the session's earlier messages, as in a shell."""
+        if not self.prompt.has_focus:
+            return
+        sent = [str(m.get("content") or "") for m in self.app.agent.session.messages if m.get("role") == "user"]
+        if not sent:
+            return
+        pos = len(sent) if self.history_pos is None else self.history_pos
+        pos = max(0, pos + delta)
+        if pos >= len(sent):
+            self.history_pos, self.prompt.value = None, ""
+            return
+        self.history_pos = pos
+        self.prompt.value = sent[pos]
+        self.prompt.cursor_position = len(sent[pos])
+
     @on(Input.Submitted, "#prompt")
     async def _submitted(self, event: Input.Submitted) -> None:
+        self.history_pos = None
         text = event.value.strip()
         if not text:
             return
@@ -447,8 +469,11 @@ class ChatScreen(Screen[None]):
         self.turn_worker = self._run_turn(None)
 
     def action_help(self) -> None:
-        keys = [(b.key, b.description) for b in self.BINDINGS if isinstance(b, Binding)]
-        keys += [("ctrl+p", "command palette"), ("ctrl+q", "quit")]
+        # the keys no slash command lists already
+        listed = {c.key for c in SLASH_COMMANDS if c.key}
+        keys = [(b.key, b.tooltip or b.description) for b in self.BINDINGS
+                if isinstance(b, Binding) and b.key not in listed]  # fmt: skip
+        keys += [("ctrl+p", "command palette: every command"), ("ctrl+q", "quit")]
         self.app.push_screen(HelpScreen(SLASH_COMMANDS, keys))
 
     def action_tools(self) -> None:

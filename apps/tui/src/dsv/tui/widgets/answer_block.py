@@ -22,6 +22,7 @@ class AnswerBlock(Vertical):
         self._markdown = Markdown(text, classes="answer-markdown")
         self._stats = Static("", classes="answer-stats")
         self._stream: MarkdownStream | None = None
+        self.stats = ""
         self.border_title = "dsv"
 
     def compose(self) -> ComposeResult:
@@ -43,8 +44,9 @@ class AnswerBlock(Vertical):
 
     def set_stats(self, line: str) -> None:
         """The turn's usage and latency under the answer."""
+        self.stats = line
         self._stats.update(line)
         self._stats.display = bool(line)
 
     def on_mount(self) -> None:
-        self._stats.display = False
+        self._stats.display = bool(self.stats)

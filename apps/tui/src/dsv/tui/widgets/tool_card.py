@@ -33,7 +33,8 @@ def one_line(text: str, limit: int) -> str:
 
 
 class ToolCard(Collapsible):
-    """One tool call. ``status`` is running, approval, ok, failed or denied."""
+    """One tool call. ``status`` is running, approval, ok, failed, denied, or returned (a call read
+    back from a saved session, whose success the message does not record)."""
 
     status: reactive[str] = reactive("running")
 
@@ -67,8 +68,10 @@ class ToolCard(Collapsible):
         self._args.update(Text(pretty_arguments(arguments)))
         self._relabel()
 
-    def finish(self, *, ok: bool, result: str, duration_s: float | None, truncated: bool = False) -> None:
-        """The call returned (or failed, or was denied)."""
+    def finish(
+        self, *, ok: bool | None, result: str, duration_s: float | None, truncated: bool = False
+    ) -> None:
+        """The call returned (or failed, or was denied; ``ok=None``: unknown, from a saved session)."""
         self.result = result
         self.duration_s = duration_s
         self.truncated = truncated
@@ -78,11 +81,11 @@ class ToolCard(Collapsible):
         shown.append(result)
         self._result.update(shown)
         if self.status != "denied":
-            self.status = "ok" if ok else "failed"
+            self.status = "returned" if ok is None else "ok" if ok else "failed"
         self._relabel()
 
     def watch_status(self, status: str) -> None:
-        for name in ("running", "approval", "ok", "failed", "denied"):
+        for name in ("running", "approval", "ok", "failed", "denied", "returned"):
             self.set_class(name == status, f"-{name}")
         self._relabel()
 
@@ -93,6 +96,7 @@ class ToolCard(Collapsible):
             "ok": "✓",
             "failed": "✗ failed",
             "denied": "⊘ denied",
+            "returned": "↩ returned",
         }[self.status]
         duration = f" {self._fmt(self.duration_s)}" if self.duration_s is not None else ""
         cut = " · truncated" if self.truncated else ""

@@ -14,9 +14,10 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 
 from dsv.core.chat import last_user_index
+from dsv.tui.events import Usage
 from dsv.tui.widgets.answer_block import AnswerBlock
 from dsv.tui.widgets.error_notice import ErrorNotice
-from dsv.tui.widgets.format import SecondsFormat, format_seconds
+from dsv.tui.widgets.format import SecondsFormat, format_seconds, usage_line
 from dsv.tui.widgets.reasoning_block import ReasoningBlock
 from dsv.tui.widgets.tool_card import ToolCard
 from dsv.tui.widgets.user_message import UserMessage
@@ -26,6 +27,27 @@ def _text(content: Any) -> str:
     if isinstance(content, list):  # OpenAI content parts
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return str(content or "")
+
+
+def _stats_by_message(
+    messages: list[dict[str, Any]], turn_stats: list[dict[str, Any]], fmt: SecondsFormat
+) -> tuple[dict[int, tuple[int | None, float | None]], dict[int, str]]:
+    """From a session's ``turn_stats``: (assistant message index -> (reasoning tokens, seconds)) for
+    each recorded step, and (``end_message`` -> the turn's usage line)."""
+    steps: dict[int, tuple[int | None, float | None]] = {}
+    ends: dict[int, str] = {}
+    for turn in turn_stats:
+        start, end = turn.get("user_message"), turn.get("end_message")
+        if not isinstance(start, int) or not isinstance(end, int):
+            continue
+        assistants = [i for i in range(start + 1, min(end, len(messages))) if messages[i].get("role") == "assistant"]
+        for i, rec in zip(assistants, turn.get("steps") or [], strict=False):
+            usage = rec.get("usage") or {}
+            steps[i] = (usage.get("reasoning_tokens"), rec.get("latency_s"))
+        if "error" not in turn:
+            usage = turn.get("usage")
+            ends[end] = usage_line(Usage(**usage) if isinstance(usage, dict) else None, turn.get("latency_s"), fmt)
+    return steps, ends
 
 
 class Transcript(VerticalScroll):
@@ -46,30 +68,39 @@ class Transcript(VerticalScroll):
 
     # -- a saved session ---------------------------------------------------------------------
 
-    async def load(self, messages: list[dict[str, Any]]) -> None:
-        """Replace everything with ``messages`` (OpenAI shape, as a Session stores them)."""
+    async def load(self, messages: list[dict[str, Any]], turn_stats: list[dict[str, Any]] | None = None) -> None:
+        """Replace everything with ``messages`` (OpenAI shape, as a Session stores them); the
+        session's ``turn_stats`` put each step's time and reasoning tokens on its block and each
+        turn's usage under its answer, as when it ran."""
         await self.remove_children()
         self._new_turn()
         last_user = last_user_index(messages)
         widgets: list[Widget] = []
         cards: dict[str, ToolCard] = {}
         step = 0
+        steps, turn_end = _stats_by_message(messages, turn_stats or [], self.fmt)
+        answer: AnswerBlock | None = None
         for i, m in enumerate(messages):
             role = m.get("role")
+            if i in turn_end and answer is not None:
+                answer.set_stats(turn_end[i])
             if role in ("user", "developer"):
                 widgets.append(UserMessage(_text(m.get("content")), message_index=i))
                 step = 0
+                answer = None
             elif role == "assistant":
                 step += 1
                 kept = i > last_user
                 if m.get("reasoning_content"):
-                    widgets.append(
-                        ReasoningBlock(
-                            m["reasoning_content"], step=step, kept=kept, collapsed=not kept, fmt=self.fmt
-                        )
+                    block = ReasoningBlock(
+                        m["reasoning_content"], step=step, kept=kept, collapsed=not kept, fmt=self.fmt
                     )
+                    if i in steps:
+                        block.finish(tokens=steps[i][0], duration_s=steps[i][1])
+                    widgets.append(block)
                 if _text(m.get("content")).strip():
-                    widgets.append(AnswerBlock(_text(m.get("content")), step=step))
+                    answer = AnswerBlock(_text(m.get("content")), step=step)
+                    widgets.append(answer)
                 for call in m.get("tool_calls") or []:
                     fn = call.get("function") or {}
                     card = ToolCard(
@@ -83,7 +114,9 @@ class Transcript(VerticalScroll):
             elif role == "tool":
                 card = cards.get(str(m.get("tool_call_id", "")))
                 if card is not None:
-                    card.finish(ok=not m.get("is_error", False), result=_text(m.get("content")), duration_s=None)
+                    card.finish(ok=None, result=_text(m.get("content")), duration_s=None)
+        if len(messages) in turn_end and answer is not None:
+            answer.set_stats(turn_end[len(messages)])
         await self.mount_all(widgets)
         # the live turn continues the last one when the session ends inside a tool loop
         self._cards = {k: v for k, v in cards.items() if v.result is None}
