@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -288,25 +289,48 @@ def _eval_cmd(url: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
+class _Gated:
+    """``script`` for the first ``answered`` requests; later ones wait (counted in ``held``) until
+    ``release`` is set. Lets a test kill the client at a known point however slow the host is."""
+
+    def __init__(self, script: Callable[[dict], se.Reply], answered: int) -> None:
+        self.script, self.answered = script, answered
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.arrived = 0
+        self.held = 0
+
+    def __call__(self, body: dict) -> se.Reply:
+        with self.lock:
+            self.arrived += 1
+            gated = self.arrived > self.answered
+            self.held += gated
+        if gated:
+            self.release.wait(120)
+        return self.script(body)
+
+
 def test_sigkill_midway_then_resume_counts_each_task_once(tmp_path: Path) -> None:
-    oracle = OracleModel(delay_s=0.15)
+    oracle = OracleModel()
+    gate = _Gated(oracle, answered=4)
     results = tmp_path / "results.jsonl"
-    with se.ScriptedEndpoint(oracle) as endpoint:
+    with se.ScriptedEndpoint(gate) as endpoint:
         proc = subprocess.Popen(
             _eval_cmd(endpoint.base_url, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if results.exists() and len(results.read_bytes().splitlines()) >= 4:
-                break
+        # Killed with four episodes written and its two concurrent requests (--concurrency 2) waiting
+        # at the server: nothing the killed client sent is still on its way when the log is read.
+        deadline = time.monotonic() + 120
+        while not (results.exists() and len(results.read_bytes().splitlines()) >= 4 and gate.held >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach the gate"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done = len([line for line in results.read_text().splitlines() if line.strip()])
-        assert 4 <= done < 12, "the kill should land midway"
-        time.sleep(0.3)  # let requests the killed client had already sent reach the server's log
+        assert done == 4, "the kill lands midway"
         asked_before = len(endpoint.requests)
-        oracle.delay_s = 0.0
+        gate.answered = 10**6
+        gate.release.set()
         rerun = subprocess.run(
             _eval_cmd(endpoint.base_url, tmp_path), capture_output=True, text=True, timeout=120
         )
