@@ -206,8 +206,18 @@ def test_endpoint_faults_exit_3(command: str, fault: str, endpoint: ThreadingHTT
 
 def test_eval_fail_under_exits_4(ckpts: dict[str, Path], tmp_path: Path) -> None:
     r = dsv("eval", "--model", str(ckpts["good"]), "--family", "arithmetic", "--n", "1", "--max-tokens", "4",
-            "--no-thinking", "--fail-under", "0.5", "--out", str(tmp_path / "ev"))  # fmt: skip
+            "--no-thinking", "--fail-under", "0.5", "--json", "--out", str(tmp_path / "ev"))  # fmt: skip
     assert_clean_failure(r, 4, "accuracy 0.000", "--fail-under 0.5")
+    report = json.loads(r.stdout)  # --json: the report on stdout, for scripts
+    assert report["meta"]["modes"] == ["no-thinking"] and report["results"]["no-thinking"]["overall"]["episodes"] == 1
+
+
+@pytest.mark.parametrize("command", [["model", "info", "--preset", "tiny"], ["doctor"]], ids=["model-info", "doctor"])
+def test_json_output_for_scripts(command: list[str]) -> None:
+    r = dsv(*command, "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts.get("model_type") == "deepseek_v32" or "dsv-cli" in facts
 
 
 # --------------------------------------------------------------------------- weights

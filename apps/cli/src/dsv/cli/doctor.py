@@ -7,10 +7,12 @@ whether dsv's Triton kernels are usable (and why not when they are not).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 from importlib import metadata
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -57,11 +59,17 @@ def _kernels_status(module: str = "dsv.kernels") -> str:
     return f"usable ({why})" if usable else f"not usable: {why}"
 
 
-def doctor() -> None:
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object."),
+) -> None:
     """Show installed dsv distributions, torch/triton versions, the device and kernel status."""
+    facts = collect()
+    if as_json:
+        print(json.dumps(facts, indent=1))
+        return
     table = Table(title="dsv doctor", show_header=False)
     table.add_column("what", style="bold")
-    table.add_column("value")
-    for key, value in collect().items():
+    table.add_column("value", overflow="fold")
+    for key, value in facts.items():
         table.add_row(key, value)
     Console().print(table)

@@ -9,6 +9,7 @@ errors and Ctrl-C print one line and exit with the codes of :mod:`dsv.cli.errors
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ def info(
     ),
     preset: str | None = typer.Option(None, help="Describe a preset instead (tiny | small | v32)."),
     context: int = typer.Option(131072, help="Context length for the per-step KV traffic figures."),
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object."),
 ) -> None:
     """Parameters, active parameters per token, KV bytes per token with and without DSA."""
     from dsv.core.checkpoint import load_config, resolve
@@ -174,8 +176,12 @@ def info(
     else:
         folder = resolve(path_or_repo, allow_patterns=["config.json"])
         cfg, title = load_config(folder), str(path_or_repo)
+    facts = model_facts(cfg, context)
+    if as_json:
+        print(json.dumps({"title": title, **facts}, indent=1))
+        return
     table = Table(title=title, show_header=False)
-    for key, value in model_facts(cfg, context).items():
+    for key, value in facts.items():
         table.add_row(key, value)
     console.print(table)
 

@@ -18,6 +18,7 @@ accuracy is under ``--fail-under``; 130 on Ctrl-C (finished episodes are kept).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -74,6 +75,7 @@ def eval_command(
     fail_under: float | None = typer.Option(
         None, "--fail-under", min=0.0, max=1.0, help="Exit 4 when the accuracy is under this (0..1)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the summary."),
 ) -> None:
     """Accuracy, pass@k, output/reasoning tokens and tool calls of a model on task sets."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -174,9 +176,11 @@ def eval_command(
         except OSError as exc:
             progress.stop()
             fail(f"cannot write the results in --out {out}: {exc.strerror or exc}")
-    console = Console()
+    console = Console(soft_wrap=True)
     mode = "thinking" if thinking else "no-thinking"
-    for name, block in report["results"].items():
+    if as_json:
+        print(json.dumps(report, indent=1))
+    for name, block in ({} if as_json else report["results"]).items():
         m = block["overall"]
         passk = " ".join(f"{k}={m[k]:.3f}" for k in m if k.startswith("pass@"))
         console.print(
@@ -185,7 +189,8 @@ def eval_command(
             f"({'/'.join(m['reasoning_tokens_source'])}) | tool calls/ep {m['tool_calls_per_episode']:.2f}"
             + (f" | [yellow]{m['errors']} endpoint errors (re-run to retry)[/]" if m["errors"] else "")
         )
-    console.print(f"report: {out / 'report.md'}")
+    if not as_json:
+        console.print(f"report: {out / 'report.md'}")
     this_run = report["results"].get(mode, {}).get("overall")
     if this_run is None:
         return
