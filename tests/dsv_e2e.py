@@ -1,4 +1,4 @@
-"""Helpers of the cross-package tests: run the real `dsv` command as a user would, find a free port.
+"""Helpers of the cross-package tests: run the real `dsv` command as a user would, hold a free port.
 
 A module of its own (not conftest.py) so test modules can import it by name: pytest puts this folder
 on sys.path (import mode "prepend", see the root pyproject.toml).
@@ -6,10 +6,12 @@ on sys.path (import mode "prepend", see the root pyproject.toml).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -32,7 +34,14 @@ def run_dsv(
     return r
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A loopback port held while the block runs, for a server started in a subprocess.
+
+    It stays bound (address reuse on, never listening), so no other test is handed it, while the
+    server, which binds with address reuse as uvicorn does, can listen on it. A port found free and
+    let go, then bound again by the server, can be taken in between by a test running beside this one."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield int(s.getsockname()[1])
