@@ -1,7 +1,9 @@
 """Test setup for dsv-kernels: run every kernel in Triton's CPU interpreter.
 
-``TRITON_INTERPRET=1`` must be set before triton is imported (kernels are built at decoration time),
-so it is set here at collection. ``nan_empty`` replaces ``torch.empty`` in the launchers with
+Triton decides at decoration time whether a kernel is interpreted: every kernel is decorated here, at
+collection, with ``TRITON_INTERPRET=1``, and the variable is then given back its old value, so it does not
+leak into later tests of the process or their subprocesses; each kernel test sets it again (the checks of
+``dsv.kernels`` read it at call time). ``nan_empty`` replaces ``torch.empty`` in the launchers with
 NaN-filled buffers, so a kernel that leaves part of its output unwritten fails the comparison.
 
 Run: ``pytest kernels/tests``.
@@ -9,12 +11,26 @@ Run: ``pytest kernels/tests``.
 
 from __future__ import annotations
 
+import importlib
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
+
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    importlib.import_module("dsv.kernels._api")  # decorates every kernel, as interpreted functions
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

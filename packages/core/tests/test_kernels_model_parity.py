@@ -12,20 +12,37 @@ Run: ``pytest packages/core/tests/test_kernels_model_parity.py``.
 
 from __future__ import annotations
 
+import importlib
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
 import pytest
 import torch
 
 kernels = pytest.importorskip("dsv.kernels", reason="dsv-kernels is not installed")
 
+# Triton decides at decoration time whether a kernel is interpreted: decorate them all now (at
+# collection) with TRITON_INTERPRET=1, then give the variable back its old value, so it does not leak
+# into other tests or their subprocesses; the tests here set it again while they run.
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    importlib.import_module("dsv.kernels._api")
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
 from dsv.core import attention  # noqa: E402
 from dsv.core.model import DSVForCausalLM  # noqa: E402
 from dsv.core.presets import tiny  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _step(monkeypatch: pytest.MonkeyPatch, backend: str, model: DSVForCausalLM, ids: torch.Tensor):  # type: ignore[no-untyped-def]
