@@ -23,7 +23,7 @@ from typing import Any
 
 import typer
 
-from dsv.cli.errors import ExitCode, fail, install_hint, run
+from dsv.cli.errors import ExitCode, fail, install_hint, print_error, run
 
 # Where each top-level command comes from, so a missing one can say what to install.
 KNOWN_COMMANDS: dict[str, tuple[str, str]] = {
@@ -184,7 +184,11 @@ def plain_help(command: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every command ends through :func:`dsv.cli.errors.run`."""
-    command = plain_help(typer.main.get_command(build_app()))
+    try:  # loading every distribution's entry points takes a moment: Ctrl-C may land here
+        command = plain_help(typer.main.get_command(build_app()))
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
     run(command, argv if argv is not None else sys.argv[1:], prog_name="dsv")
 
 
