@@ -18,8 +18,8 @@ from dsv.train.data import DataError, answer_text, load_documents, pack, tokeniz
 
 pytest.importorskip("dsv.synth")
 
-from dsv.synth import registry  # noqa: E402
-from dsv.synth.tasks import generate_tasks, write_tasks  # noqa: E402
+from dsv.synth import registry
+from dsv.synth.tasks import generate_tasks, write_tasks
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_task_becomes_a_conversation_trained_only_on_the_reference_answer(task_f
 def test_thinking_mode_is_refused_with_the_fix(task_file: Path) -> None:
     tok = train_bpe(default_corpus(400), 1024)
     docs, _ = load_documents([str(task_file)], chat=True)
-    with pytest.raises(DataError, match="no reasoning.*pass --no-thinking"):
+    with pytest.raises(DataError, match=r"no reasoning.*pass --no-thinking"):
         pack(tok, docs[:4], 32, thinking=True)
 
 
