@@ -18,12 +18,13 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Footer, Input, Static
 from textual.worker import Worker
 
 from dsv.tui.client import ClientError
@@ -57,6 +58,7 @@ from dsv.tui.widgets import (
     describe_error,
     usage_line,
 )
+from dsv.tui.widgets.prompt_input import PromptInput
 from dsv.tui.widgets.status_header import endpoint_label
 
 if TYPE_CHECKING:
@@ -84,8 +86,7 @@ class ChatScreen(Screen[None]):
     """The conversation with the agent (``self.app.agent``) and its session."""
 
     CSS_PATH = "chat.tcss"
-    # priority: the prompt (an Input) binds ctrl+e and ctrl+k itself; the chat's keys win while it
-    # has focus, and the footer keeps this order
+    # priority: the chat's keys win over whatever widget has focus
     BINDINGS = [
         Binding("ctrl+t", "toggle_thinking", "Thinking", priority=True),
         Binding("ctrl+k", "toggle_context", "Context", priority=True,
@@ -121,7 +122,7 @@ class ChatScreen(Screen[None]):
             yield Transcript(fmt=self.app.format_seconds, id="transcript")
             yield ContextPanel(id="context")
         yield CommandHints(SLASH_COMMANDS, id="hints")
-        yield Input(placeholder="Ask, or / for commands  (enter: send, esc: stop)", id="prompt")
+        yield PromptInput(placeholder="Ask, or / for commands  (enter: send, esc: stop)", id="prompt")
         yield Footer()
 
     @property
@@ -175,9 +176,26 @@ class ChatScreen(Screen[None]):
     async def _redraw_session(self) -> None:
         session = self.app.agent.session
         await self.transcript.load(session.messages, session.turn_stats)
+        if not session.messages:
+            await self.transcript.mount(Static(self._welcome(), classes="welcome"))
         self._refresh_header()
         self.header.last_turn = self._last_turn_line(session)
         self.refresh_context()
+
+    def _welcome(self) -> Text:
+        """What an empty session shows: the tools, the approval mode, where to look."""
+        agent = self.app.agent
+        names = agent.tools.names()
+        text = Text()
+        text.append("dsv chat", style="bold")
+        text.append(": the model thinks, calls tools, thinks again, then answers.\n\n")
+        shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        text.append(f"{len(names)} tools: {shown}\n")
+        text.append(f"approval: {agent.policy.mode}  (/approval, /tools)\n\n")
+        text.append("ctrl+k shows exactly what the next request sends: this turn's reasoning is kept "
+                    "across tool calls, and dropped once you send the next message.\n", style="italic")  # fmt: skip
+        text.append("/ for commands · F1 help · ctrl+q quit", style="dim")
+        return text
 
     def _refresh_header(self) -> None:
         agent = self.app.agent

@@ -39,7 +39,8 @@ class ForkPickerScreen(ModalScreen[int | None]):
             if self.turns:
                 options = []
                 for n, (index, text) in enumerate(self.turns, start=1):
-                    label = Text(f"turn {n}  ", style="bold")
+                    label = Text()
+                    label.append(f"turn {n}  ", style="bold")
                     label.append(" ".join(text.split())[:80])
                     options.append(Option(label, id=str(index)))
                 yield OptionList(*options, id="picker-list")

@@ -16,7 +16,8 @@ from textual.widgets.option_list import Option
 
 def session_label(info: Any) -> Text:
     """``title  ·  2026-12-07 14:02  ·  3 turns, 12 messages  ·  model`` for a SessionInfo."""
-    text = Text(info.title or "(untitled)", style="bold")
+    text = Text()
+    text.append(info.title or "(untitled)", style="bold")
     facts = [info.updated.replace("T", " ")[:16], f"{info.n_turns} turns, {info.n_messages} messages"]
     if info.model:
         facts.append(info.model)

@@ -45,7 +45,8 @@ class ToolsScreen(ModalScreen[None]):
 
     def _label(self, name: str) -> Text:
         tool = self.registry.get(name)
-        text = Text(f"{name:<16}", style="bold")
+        text = Text()
+        text.append(f"{name:<16}", style="bold")
         text.append(f"{tool.source:<8}", style="dim")
         text.append("read-only " if tool.read_only else "writes    ", style="green" if tool.read_only else "yellow")
         if name in self.policy.always_allowed:

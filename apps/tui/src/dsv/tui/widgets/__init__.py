@@ -5,6 +5,7 @@ from dsv.tui.widgets.command_hints import CommandHints, SlashCommand
 from dsv.tui.widgets.context_panel import ContextPanel, ContextRowView, ContextView, DroppedView, context_view
 from dsv.tui.widgets.error_notice import ErrorNotice, describe_error
 from dsv.tui.widgets.format import format_seconds, format_tokens, usage_line
+from dsv.tui.widgets.prompt_input import PromptInput
 from dsv.tui.widgets.reasoning_block import ReasoningBlock
 from dsv.tui.widgets.status_header import StatusHeader
 from dsv.tui.widgets.tool_card import ToolCard
@@ -19,6 +20,7 @@ __all__ = [
     "ContextView",
     "DroppedView",
     "ErrorNotice",
+    "PromptInput",
     "ReasoningBlock",
     "SlashCommand",
     "StatusHeader",

@@ -140,6 +140,7 @@ class Transcript(VerticalScroll):
                 block.kept = False
                 block.collapsed = True
         self._new_turn()
+        await self.query(".welcome").remove()
         self._follow()
         widget = UserMessage(text, message_index=message_index)
         await self.mount(widget)
