@@ -15,8 +15,12 @@ import torch.nn.functional as F
 
 
 def warm_start(out: Path, family: str, *, steps: int, difficulty: int = 1, seed: int = 0, n_tasks: int = 400,
-               lr: float = 3e-3, batch: int = 16) -> Path:  # fmt: skip
-    """Write a tiny checkpoint SFT'd for ``steps`` steps on ``n_tasks`` training tasks of ``family``."""
+               lr: float = 3e-3, batch: int = 16, unparseable_share: float = 0.0) -> Path:  # fmt: skip
+    """Write a tiny checkpoint SFT'd for ``steps`` steps on ``n_tasks`` training tasks of ``family``.
+
+    With ``unparseable_share``, that share of the supervised answers is written as ``Answer - N``:
+    the right number in a form the verifier cannot read.
+    """
     from dsv.core.chat import encode_messages
     from dsv.core.checkpoint import save_pretrained
     from dsv.core.model import DSVForCausalLM
@@ -27,9 +31,11 @@ def warm_start(out: Path, family: str, *, steps: int, difficulty: int = 1, seed:
     env = registry.get(family)
     tasks = [env.generate(s, difficulty) for s in range(n_tasks)]
     rows = []
+    pick = random.Random(f"{seed}/style")
     for t in tasks:
         prompt = encode_messages([{"role": "user", "content": f"{t.prompt}\n\n{t.answer_format}".strip()}], thinking=False)
-        rows.append((prompt, f"Answer: {env.solve(t)}"))
+        answer = env.solve(t)
+        rows.append((prompt, f"Answer - {answer}" if pick.random() < unparseable_share else f"Answer: {answer}"))
     torch.manual_seed(seed)
     tok = train_bpe(default_corpus(400, seed=seed) + [p + a for p, a in rows], 1024)
     # index_topk above the context: every query attends to every key (the DSA stages train the
