@@ -70,6 +70,7 @@ async def test_chat_with_dsv_serve(served, tmp_path: Path) -> None:
         exact = app.agent.client.tokenize_sync(app.agent.next_request_messages(), tools=app.agent.tools.schemas(),
                                                thinking=True)  # fmt: skip
         assert panel.view.total_tokens == exact
+        assert panel.view.rows[0].tool_schemas == len(app.agent.tools.names())  # counted in the first row
 
         # thinking off for the next message: plain content, rendered as Markdown; the first
         # turn's reasoning is no longer sent and the panel lists it as dropped

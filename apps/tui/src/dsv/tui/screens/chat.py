@@ -235,6 +235,7 @@ class ChatScreen(Screen[None]):
             counts[: len(request)],
             exact=bool(getattr(counts, "exact", False)),
             dropped_tokens=dict(zip(dropped_at, counts[len(request) :], strict=True)),
+            tool_count=len(agent.tools.names()),
         )
         self.header.context_tokens = view.total_tokens
         self.header.context_exact = view.exact

@@ -32,6 +32,7 @@ class ContextRow:
     tool_calls: list[str] = field(default_factory=list)  # names
     result_of: str | None = None  # for a tool message: the name of the tool it answers
     preview: str = ""
+    tool_schemas: int = 0  # the first row's count includes the rendered schemas of this many tools
 
 
 @dataclass
@@ -71,11 +72,14 @@ def context_view(
     *,
     exact: bool,
     dropped_tokens: dict[int, int] | None = None,
+    tool_count: int = 0,
 ) -> ContextView:
     """Rows for ``request`` and the reasoning of ``history`` that ``request`` leaves out.
 
     ``history`` is the session's messages (plus a pending user message, when one is being sent);
-    the request is ``[system] + rule(history)``, so the two align from the end.
+    the request is ``[system] + rule(history)``, so the two align from the end. Exact counts are
+    the growth of the encoded prompt, so the first message's count includes the ``tool_count``
+    tool schemas rendered before it; its row says so.
     """
     rows = []
     names: dict[str, str] = {}  # tool_call_id -> tool name, to say what a result answers
@@ -96,6 +100,8 @@ def context_view(
                 preview=_preview(m),
             )
         )
+    if rows and exact and tool_count:
+        rows[0].tool_schemas = tool_count
     dropped = []
     offset = len(request) - len(history)
     for j, m in enumerate(history):
@@ -122,6 +128,8 @@ def _row_text(row: ContextRow) -> Text:
         text.append(f"\n  ├ tool call {name}", style="magenta")
     if row.result_of:
         text.append(f"\n  └ result of {row.result_of}", style="dim")
+    if row.tool_schemas:
+        text.append(f"\n  └ incl. {row.tool_schemas} tool schemas", style="dim")
     return text
 
 
