@@ -262,37 +262,42 @@ def test_truncated_optimizer_state_resumes_from_the_previous_checkpoint(tmp_path
 
 
 def _interrupt(args: list[str], ready: object, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Start ``dsv ARGS`` in its own process group, wait until ``ready()`` (or its stderr says so),
-    send SIGINT to the group as a terminal does, and collect what it printed."""
+    """Start ``dsv ARGS`` in its own process group, wait until ``ready(stdout, stderr)`` (or, for a
+    string, until stderr shows it), send SIGINT to the group as a terminal does, and collect what it
+    printed."""
     proc = subprocess.Popen([*DSV, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV, start_new_session=True)  # fmt: skip
+    out: list[str] = []
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
+               for s, b in ((proc.stdout, out), (proc.stderr, err))]  # fmt: skip
+    for r in readers:
+        r.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if ready(err) if callable(ready) else any(str(ready) in line for line in err):
+        if ready("".join(out), "".join(err)) if callable(ready) else str(ready) in "".join(err):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert proc.poll() is None, "".join(err)[-3000:]
     os.killpg(proc.pid, signal.SIGINT)
-    out = proc.stdout.read() if proc.stdout else ""  # type: ignore[union-attr]
     proc.wait(timeout=120)
-    reader.join(timeout=10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(err))
+    for r in readers:
+        r.join(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "".join(err))
 
 
 def test_sigint_train(tmp_path: Path) -> None:
     run = tmp_path / "run"
     metrics = run / "metrics.jsonl"
     r = _interrupt(["train", "pretrain", "--out", str(run), "--steps", "100000", "--save-every", "0", *TRAIN_FLAGS],
-                   lambda _err: metrics.exists() and metrics.stat().st_size > 0)  # fmt: skip
+                   lambda _out, _err: metrics.exists() and metrics.stat().st_size > 0)  # fmt: skip
     assert_clean_failure(r, 130, "interrupted", "--resume")
 
 
 def test_sigint_generate(ckpts: dict[str, Path]) -> None:
-    r = _interrupt(["generate", str(ckpts["good"]), "-p", "hi", "--max-new-tokens", "100000"],
-                   lambda _err: time.sleep(4) is None)  # fmt: skip
+    # interrupted while it streams: the first text is out, thousands of tokens are to come
+    r = _interrupt(["generate", str(ckpts["good"]), "-p", "hi", "--max-new-tokens", "4000"],
+                   lambda out, _err: len(out) > 0)  # fmt: skip
     assert_clean_failure(r, 130, "interrupted")
 
 
@@ -305,7 +310,7 @@ def test_sigint_with_a_request_in_flight(command: str, endpoint: ThreadingHTTPSe
                 "--out", str(tmp_path / "o")]  # fmt: skip
     else:
         args = ["synth", "build", "--endpoint", url, "--model", "m", "-n", "1", "--out", str(tmp_path / "o")]
-    r = _interrupt(args, lambda _err: endpoint.requests > before)  # type: ignore[attr-defined]
+    r = _interrupt(args, lambda _out, _err: endpoint.requests > before)  # type: ignore[attr-defined]
     line = assert_clean_failure(r, 130, "interrupted", "re-run the same command")
     if command == "synth-build":
         assert (tmp_path / "o" / "report.md").exists() and "report" in line
