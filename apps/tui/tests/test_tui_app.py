@@ -74,9 +74,13 @@ async def test_thinking_with_tools_turn_renders_and_sends_the_rule(endpoint, tmp
     async with app.run_test(size=(140, 50)) as pilot:
         await H.probed(pilot)
         assert app.chat.header.state == "idle" and "ready" in H.screen_text(app).splitlines()[1]
+        states: list[str] = []
+        app.chat.watch(app.chat.header, "state", lambda state: states.append(state), init=False)
         await H.send(pilot, Q1, type_it=True)
         await H.turn_done(pilot)
         chat = app.chat
+        # the header went through every state of a thinking-with-tools turn, in order
+        assert [s for s in dict.fromkeys(states)] == ["connecting", "waiting", "streaming", "tool", "idle"]
         # widgets: the question, a reasoning block per step (kept), the tool card, the Markdown answer
         assert [w.text for w in chat.query(UserMessage)] == [Q1]
         blocks = list(chat.query(ReasoningBlock))

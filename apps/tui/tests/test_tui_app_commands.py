@@ -37,6 +37,9 @@ def writer_script(body: dict[str, Any]) -> Any:
     if last["role"] == "tool":
         return Reply(content=f"Tool said: {last['content']}", reasoning_content="Report the result.")
     text = last.get("content") or ""
+    if text.startswith("run"):
+        return Reply(content="", reasoning_content="Use the shell.",
+                     tool_calls=[{"name": "shell", "arguments": {"command": "echo hi from the shell"}}])  # fmt: skip
     if text.startswith("write"):
         args = {"path": "hello.txt", "content": "hello\n"}
         return Reply(content="", reasoning_content="Write the file.", tool_calls=[{"name": "write_file", "arguments": args}])
@@ -109,6 +112,27 @@ async def test_approval_once_always_deny_and_edit(endpoint, tmp_path: Path) -> N
         await H.send(pilot, "write 5")
         await H.turn_done(pilot)
         assert not isinstance(app.screen, ApprovalScreen) and target.exists()
+        await H.close(app)
+
+
+@pytest.mark.asyncio
+async def test_shell_asks_with_the_command_and_read_tools_do_not(endpoint, tmp_path: Path) -> None:
+    app = H.build_app(endpoint.base_url, tmp_path)  # auto-read-only
+    async with app.run_test(size=(140, 50)) as pilot:
+        await H.send(pilot, "run it")
+        dialog = await _approval(pilot)
+        assert dialog.tool_name == "shell" and "echo hi from the shell" in dialog.preview
+        assert "echo hi from the shell" in H.screen_text(app)
+        await pilot.press("y")
+        await H.turn_done(pilot)
+        card = list(app.chat.query(ToolCard))[-1]
+        assert card.status == "ok" and "hi from the shell" in (card.result or "")
+        await H.send(pilot, "/approval ask")
+        await H.send(pilot, "run again")
+        await _approval(pilot)  # under "ask" every call asks
+        await pilot.press("n")
+        await H.turn_done(pilot)
+        assert list(app.chat.query(ToolCard))[-1].status == "denied"
         await H.close(app)
 
 
