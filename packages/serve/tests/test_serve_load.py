@@ -92,10 +92,10 @@ async def _wave(url: str, wave: int) -> list[dict[str, Any]]:
 
 
 def _wait_idle(url: str, idle: dict[str, Any]) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # generous: the host may be busy with other tests
     while True:
-        h = httpx.get(url + "/health", timeout=5).json()
-        metrics = httpx.get(url + "/metrics", timeout=5).text
+        h = httpx.get(url + "/health", timeout=30).json()
+        metrics = httpx.get(url + "/metrics", timeout=30).text
         in_flight = next(
             float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("dsv_requests_in_flight ")
         )
@@ -128,7 +128,7 @@ def test_64_streaming_clients_two_waves(server: tuple[subprocess.Popen[bytes], s
         rss.append(_rss_kib(proc.pid))
     # Every choice is counted once, by how it ended. A hung-up client's choice is cancelled unless
     # it finished before the server noticed the closed connection.
-    metrics = httpx.get(url + "/metrics", timeout=5).text
+    metrics = httpx.get(url + "/metrics", timeout=30).text
     ended = {
         x.split('"')[1]: float(x.split()[-1])
         for x in metrics.splitlines()
