@@ -82,6 +82,7 @@ SLASH_COMMANDS = [
     SlashCommand("help", "", "commands and keys", "f1"),
 ]
 
+
 class ChatScreen(Screen[None]):
     """The conversation with the agent (``self.app.agent``) and its session."""
 
@@ -298,7 +299,7 @@ class ChatScreen(Screen[None]):
                 if isinstance(event, TurnFinished):
                     ok = True
         except Exception as exc:  # a bug here must not take the shell down; the agent saved the session
-            self.log.error("turn failed", exc_info=exc)
+            self.log.error(f"turn failed: {exc!r}")
             await self.draw(AgentError("internal", f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
         finally:
             self.post_message(TurnEnded(ok=ok))
