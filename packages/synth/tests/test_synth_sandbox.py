@@ -146,12 +146,9 @@ def test_secret_host_file_is_unreadable(tmp_path) -> None:
     assert r2.status == "error" and ("PermissionError" in r2.stderr or "FileNotFoundError" in r2.stderr)
 
 
-def test_environment_is_scrubbed() -> None:
-    os.environ["DSV_SANDBOX_CANARY"] = "leak"
-    try:
-        r = run_python("import os\nprint(sorted(os.environ))\n", limits=FAST)
-    finally:
-        del os.environ["DSV_SANDBOX_CANARY"]
+def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSV_SANDBOX_CANARY", "leak")
+    r = run_python("import os\nprint(sorted(os.environ))\n", limits=FAST)
     assert r.status == "ok"
     assert "DSV_SANDBOX_CANARY" not in r.stdout
 
