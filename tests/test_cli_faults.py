@@ -243,6 +243,7 @@ def test_bad_weights_are_refused_at_load(command: str, damage: str, ckpts: dict[
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow  # two training runs: ~30 s on a loaded CPU
 def test_truncated_optimizer_state_resumes_from_the_previous_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     flags = ["--out", str(run), "--model", "tiny", "--steps", "4", "--save-every", "1", "--keep-last", "0",
