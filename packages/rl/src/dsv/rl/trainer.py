@@ -405,6 +405,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                             settings=settings, seed=cfg.seed, step=step * world + rank)  # fmt: skip
             t_roll = time.perf_counter() - t_roll
             scored = []
+            step_errors = 0
             for r in rolls:
                 res = rewards.score(RewardInput(
                     prompt=tok.decode(r.tokens[: r.prompt_len]), completion=r.completion_text,
@@ -413,8 +414,8 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                     completion_tokens=r.completion_tokens, max_tokens=cfg.max_tokens * max(1, r.steps),
                 ))  # fmt: skip
                 scored.append(res)
-                for why in res.errors + r.errors:
-                    reward_errors += 1
+                for why in res.errors:
+                    step_errors += 1
                     accelerator.print(f"reward: {why}")
             R = torch.tensor([s.total for s in scored], dtype=torch.float32)
             if cfg.advantage_scale == "batch" and world > 1:
@@ -430,6 +431,8 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             adv_b = adv.to(device)
             metrics = _step_metrics(rolls, scored, R, cfg)
             metrics["rollout_seconds"] = t_roll
+            metrics["reward_errors"] = step_errors
+            reward_errors += step_errors
             t_train = time.perf_counter()
             pad = _pad_batch(batch, device)
             keep = _kept_mask(batch, pad["T"], int(raw.config.vocab_size), device) if cfg.keep_sampling_mask else None
@@ -442,10 +445,18 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                     ref_logp = sampling_logprobs(ref_logits, pad["targets"], cfg.temperature, keep,
                                                  with_entropy=False).logp  # fmt: skip
                     del ref_logits
+            # Free routing before the update (the gate's own top-k, same weights as the rollout) against
+            # the rollout's routes: what Keep Routing corrects.
+            recorded = forced if forced is not None else _forced_routes(batch, pad["T"], device)
+            if recorded is not None:
+                with torch.no_grad():
+                    free_routes = raw(pad["inputs"], return_routes=True).routes
+                metrics["route_mismatch"] = route_mismatch(free_routes, recorded, pad["mask"])
+                del free_routes
             trainer_old: torch.Tensor | None = None
             entropy: torch.Tensor | None = None
             for epoch in range(cfg.ppo_epochs):
-                o = model(pad["inputs"], forced_routes=forced, return_routes=not cfg.keep_routing)
+                o = model(pad["inputs"], forced_routes=forced)
                 sampled = sampling_logprobs(o.logits, pad["targets"], cfg.temperature, keep, with_entropy=epoch == 0)
                 logp = sampled.logp
                 del o
@@ -483,12 +494,6 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             diff = (trainer_old - pad["old"])[m]
             metrics["rollout_train_kl"] = float((diff.exp() - 1 - diff).mean()) if diff.numel() else 0.0
             metrics["rollout_train_logp_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
-            # Free routing now (the gate's own top-k) against the rollout's routes.
-            recorded = forced if forced is not None else _forced_routes(batch, pad["T"], device)
-            if recorded is not None:
-                with torch.no_grad():
-                    free_routes = raw(pad["inputs"], return_routes=True).routes
-                metrics["route_mismatch"] = route_mismatch(free_routes, recorded, pad["mask"])
             metrics["train_tokens_per_second"] = int(m.sum()) * cfg.ppo_epochs / max(time.perf_counter() - t_train, 1e-9)
             engine.update_weights({k: v.detach() for k, v in raw.state_dict().items()})
             metrics["train_seconds"] = time.perf_counter() - t_train
@@ -550,7 +555,8 @@ def _step_metrics(rolls: list[Any], scored: list[Any], R: torch.Tensor, cfg: GRP
         "assistant_steps": sum(r.steps for r in rolls) / len(rolls),
     }
     groups = R.view(-1, cfg.group_size)
-    m["solved_none_share"] = float((groups.max(1).values == groups.min(1).values).float().mean())
+    # Groups whose samples all scored the same: no advantage, no gradient from them.
+    m["flat_group_share"] = float((groups.max(1).values == groups.min(1).values).float().mean())
     fam: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rolls):
         fam[r.task.family].append(i)
