@@ -183,6 +183,29 @@ def test_parse_answer_forms() -> None:
         env.parse_answer("   \n  ")
 
 
+def test_sudoku_verifier_scores_each_kind_of_wrong_grid() -> None:
+    """Every way a grid can be wrong is a failed score naming it, never an exception: too few digits,
+    not a grid at all, a changed given, a repeated digit; the solution as text or rows passes."""
+    env = registry.get("sudoku")
+    task = env.generate(3)
+    size = task.state["size"]
+    solution = [int(d) for d in env.solve(task).split()]
+    rows = [solution[r * size : (r + 1) * size] for r in range(size)]
+    assert env.verify(task, env.solve(task)).passed and env.verify(task, rows).passed
+    short = env.verify(task, env.solve(task)[:-2])
+    assert not short.passed and f"expected {size * size} digits" in short.reason
+    assert not env.verify(task, 3.5).passed
+    given = next(i for i, v in enumerate(task.state["puzzle"]) if v)
+    changed = list(solution)
+    changed[given] = changed[given] % size + 1
+    assert "changes the given digit" in env.verify(task, changed).reason
+    free = next(i for i, v in enumerate(task.state["puzzle"]) if not v)
+    clash = list(solution)
+    clash[free] = clash[free] % size + 1
+    bad = env.verify(task, clash)
+    assert not bad.passed and "does not hold each digit once" in bad.reason, bad
+
+
 def test_task_from_json_names_bad_field() -> None:
     good = registry.get("arithmetic").generate(0).to_json()
     with pytest.raises(synth.TaskFormatError, match="'tools'"):
