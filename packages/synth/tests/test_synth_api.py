@@ -206,6 +206,40 @@ def test_sudoku_verifier_scores_each_kind_of_wrong_grid() -> None:
     assert not bad.passed and "does not hold each digit once" in bad.reason, bad
 
 
+def test_sudoku_verifier_names_the_first_broken_row_column_box_or_given() -> None:
+    """On a 4x4 task with no givens (then one), hand-made grids that break exactly one rule: the
+    reason names that rule and its place, so a check skipped or pointed at the wrong cells shows."""
+    import dataclasses
+
+    env = registry.get("sudoku")
+    base = env.generate(0, 1)
+    assert base.state["size"] == 4 and base.state["box"] == [2, 2]
+    empty = dataclasses.replace(base, state={**base.state, "puzzle": [0] * 16})
+
+    def grid(*rows: str) -> str:
+        return "\n".join(" ".join(r) for r in rows)
+
+    assert env.verify(empty, grid("1234", "3412", "2143", "4321")).passed
+    # Rows and columns hold each digit once, the top-left box does not (a cyclic Latin square).
+    assert env.verify(empty, grid("1234", "2341", "3412", "4123")).reason == (
+        "box at row 1, column 1 does not hold each digit once"
+    )
+    # Rows and boxes fine, columns 3 and 4 not (the last row's two right cells swapped).
+    assert env.verify(empty, grid("1234", "3412", "2143", "4312")).reason == (
+        "column 3 does not hold each digit once"
+    )
+    assert env.verify(empty, grid("1231", "3412", "2143", "4324")).reason == "row 1 does not hold each digit once"
+    assert env.verify(empty, "1 2 3 4").reason == "expected 16 digits, got 4"
+    given = dataclasses.replace(base, state={**base.state, "puzzle": [0] * 6 + [2] + [0] * 9})
+    assert env.verify(given, grid("1234", "3412", "2143", "4321")).reason == (
+        "changes the given digit at row 2, column 3"
+    )
+    # A fenced grid is read from its block; plain text is taken whole.
+    fenced = "my grid:\n```\n" + grid("1234", "3412", "2143", "4321") + "\n```\nthanks 5"
+    assert env.parse_answer(fenced) == grid("1234", "3412", "2143", "4321")
+    assert env.parse_answer("1 2\n3 4") == "1 2\n3 4"
+
+
 def test_task_from_json_names_bad_field() -> None:
     good = registry.get("arithmetic").generate(0).to_json()
     with pytest.raises(synth.TaskFormatError, match="'tools'"):
