@@ -87,6 +87,22 @@ def test_penalties_lower_the_logits_of_generated_tokens() -> None:
     assert apply_penalties(logits, {2: 1}, 0.0, 0.0) is logits
     favoured = apply_penalties(logits, {2: 2}, presence=-1.0, frequency=-0.5)
     assert favoured[0, 2] == 2.0
+    # Each penalty also applies alone.
+    assert apply_penalties(logits, {1: 1, 4: 3}, 0.5, 0.0).tolist() == [[0.0, -0.5, 0.0, 0.0, -0.5, 0.0]]
+    assert apply_penalties(logits, {1: 1, 4: 3}, 0.0, 0.25).tolist() == [[0.0, -0.25, 0.0, 0.0, -0.75, 0.0]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_sample_next_draws_from_the_tempered_distribution(temperature: float) -> None:
+    """20,000 seeded draws: token frequencies within 0.02 of ``softmax(logits / T)``, and each
+    draw's logprob is that distribution's."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    want = (logits[0] / temperature).softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    res = sample_next(logits.expand(20_000, -1), SamplingParams(temperature=temperature), g)
+    freq = torch.bincount(res.tokens, minlength=5).float() / 20_000
+    assert (freq - want).abs().max() < 0.02, (freq, want)
+    torch.testing.assert_close(res.logprobs, want.log()[res.tokens], atol=1e-5, rtol=0)
 
 
 def test_greedy_generate_with_penalties_equals_the_penalised_argmax() -> None:
