@@ -98,6 +98,8 @@ def test_tool_episode_through_the_engine_reaches_the_update(tool_model: Path, tm
     source = TaskSource([FAMILY])
     rolls = rollout(engine, tok, [task], [source.env_for(task)], group_size=4, settings=settings, seed=0, step=0)
 
+    # The 4 samples share the prompt's prefill: its blocks came from the prefix cache for 3 of them.
+    assert engine.stats().prefix_hit_blocks >= 3 * (len(rolls[0].tokens[: rolls[0].prompt_len]) - 1) // 16
     called = [r for r in rolls if r.result.tool_calls >= 1 and r.steps >= 2]
     assert called, [r.completion_text for r in rolls]
     for r in called:
