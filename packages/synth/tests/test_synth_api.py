@@ -181,6 +181,9 @@ def test_parse_answer_forms() -> None:
     assert env.parse_answer("<answer>42</answer> trailing") == 42
     with pytest.raises(synth.AnswerFormatError):
         env.parse_answer("   \n  ")
+    # Without a marker the last non-empty line; only the text after the last </think> counts.
+    assert env.parse_answer("first\nsecond\n\n7\n  ") == 7
+    assert env.parse_answer("plan</think>draft: 3</think>\nAnswer: 5") == 5
 
 
 def test_sudoku_verifier_scores_each_kind_of_wrong_grid() -> None:
