@@ -70,3 +70,16 @@ def latest(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session(default=False)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing (not in CI; minutes per target): cosmic-ray mutants of the sampling, answer
+    verification and attention-reference functions against the tests that should catch them, in a copy
+    of the committed tree; survivors go to tools/mutants/REPORT.md. ``nox -s mutants -- --target sampling``
+    runs one target."""
+    session.install(TORCH, "pytest-timeout", "cosmic-ray>=8.4")
+    for folder in ("apps/cli", "packages/core", "packages/synth"):
+        session.install("-e", folder)
+    session.install("-e", "packages/core[test]", "-e", "packages/synth[test]", "-e", "packages/serve[test]")
+    session.run("python", "tools/mutants/run.py", *session.posargs, env={"OMP_NUM_THREADS": "1"})
