@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual import events
 
 from dsv.tui.screens import ApprovalScreen, ForkPickerScreen, HelpScreen, SessionPickerScreen, ToolsScreen
 from dsv.tui.widgets import AnswerBlock, ReasoningBlock, ToolCard, UserMessage
@@ -133,6 +134,24 @@ async def test_shell_asks_with_the_command_and_read_tools_do_not(endpoint, tmp_p
         await pilot.press("n")
         await H.turn_done(pilot)
         assert list(app.chat.query(ToolCard))[-1].status == "denied"
+        await H.close(app)
+
+
+@pytest.mark.asyncio
+async def test_pasted_lines_stay_one_message(endpoint, tmp_path: Path) -> None:
+    app = H.build_app(endpoint.base_url, tmp_path)
+    async with app.run_test(size=(140, 50)) as pilot:
+        prompt = app.chat.prompt
+        prompt.focus()
+        app.post_message(events.Paste("def f(x):\n    return x + 1"))  # as the terminal delivers it
+        await pilot.pause()
+        await pilot.press("ctrl+j", "w", "h", "y", "?")
+        assert prompt.value == "def f(x):\n    return x + 1\nwhy?"
+        await pilot.press("enter")
+        await H.turn_done(pilot)
+        assert endpoint.requests[-1]["messages"][-1]["content"] == "def f(x):\n    return x + 1\nwhy?"
+        assert list(app.chat.query(UserMessage))[-1].text == "def f(x):\n    return x + 1\nwhy?"
+        assert prompt.value == ""
         await H.close(app)
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from textual.events import Resize
 from textual.geometry import Size
-from textual.widgets import Input
 
+from dsv.tui.messages import PromptSubmitted
 from dsv.tui.widgets import AnswerBlock, ErrorNotice, ToolCard
 
 
@@ -275,7 +275,7 @@ async def test_resize_mid_stream(faulty, tmp_path: Path) -> None:
         chat = app.chat
         # Pilot's press/resize wait for an idle CPU, which a stream never gives: post the events
         # directly so the resizes land while the answer is still coming in
-        chat.prompt.post_message(Input.Submitted(chat.prompt, "long"))
+        chat.post_message(PromptSubmitted("long"))
         await H.until(pilot, lambda: chat.header.state == "streaming" and list(chat.query(AnswerBlock)),
                       what="the answer to stream")  # fmt: skip
         for size in (Size(60, 20), Size(140, 45)):

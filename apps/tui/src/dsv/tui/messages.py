@@ -20,6 +20,22 @@ class AgentEventPosted(Message):
         self.event = event
 
 
+class PromptSubmitted(Message):
+    """The prompt's enter: ``text`` as typed (several lines when pasted or ctrl+j was used)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class HistoryRequested(Message):
+    """Up on the prompt's first line (``delta=-1``) or down on its last (``+1``)."""
+
+    def __init__(self, delta: int) -> None:
+        super().__init__()
+        self.delta = delta
+
+
 class TurnEnded(Message):
     """The turn worker is done (answered, failed or stopped); the prompt takes input again."""
 

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from rich.syntax import Syntax
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -47,7 +48,7 @@ class ApprovalScreen(ModalScreen[Any]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="approval-dialog"):
-            yield Label(f"Allow [b]{self.tool_name}[/b] to run?", id="approval-title")
+            yield Label(Text.assemble("Allow ", (self.tool_name, "bold"), " to run?"), id="approval-title")
             with VerticalScroll(id="approval-preview"):
                 yield Static(preview_renderable(self.preview))
             yield TextArea(
@@ -58,10 +59,10 @@ class ApprovalScreen(ModalScreen[Any]):
             )
             yield Label("", id="approval-error")
             with Horizontal(id="approval-buttons"):
-                yield Button("Allow once [y]", id="once", variant="primary")
-                yield Button(f"Always allow {self.tool_name} [a]", id="always")
-                yield Button("Deny [n]", id="deny", variant="error")
-                yield Button("Edit arguments [e]", id="edit")
+                yield Button("Allow once (y)", id="once", variant="primary")
+                yield Button(f"Always allow {self.tool_name} (a)", id="always")
+                yield Button("Deny (n)", id="deny", variant="error")
+                yield Button("Edit arguments (e)", id="edit")
 
     def on_mount(self) -> None:
         self.query_one("#once", Button).focus()
@@ -90,7 +91,7 @@ class ApprovalScreen(ModalScreen[Any]):
         area = self.query_one("#approval-arguments", TextArea)
         area.read_only = False
         area.add_class("-editing")
-        self.query_one("#once", Button).label = "Run with these arguments [ctrl+s]"
+        self.query_one("#once", Button).label = "Run with these arguments (ctrl+s)"
         self.query_one("#always", Button).disabled = True
         self.query_one("#edit", Button).disabled = True
         area.focus()

@@ -24,7 +24,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Footer, Static
 from textual.worker import Worker
 
 from dsv.tui.client import ClientError
@@ -41,7 +41,7 @@ from dsv.tui.events import (
     TurnStarted,
     Usage,
 )
-from dsv.tui.messages import SessionSwitched, TurnEnded
+from dsv.tui.messages import HistoryRequested, PromptSubmitted, SessionSwitched, TurnEnded
 from dsv.tui.screens.approval import ApprovalScreen
 from dsv.tui.screens.fork_picker import ForkPickerScreen
 from dsv.tui.screens.help import HelpScreen
@@ -100,9 +100,6 @@ class ChatScreen(Screen[None]):
         Binding("escape", "stop", "Stop", priority=True, tooltip="stop the stream or the running tool"),
         Binding("f5", "retry", "Retry", priority=True, tooltip="retry the failed turn (or reach the endpoint again)"),
         Binding("f1", "help", "Help", priority=True),
-        # not priority: a focused list or the transcript keeps its own up/down
-        Binding("up", "history(-1)", "Previous message", show=False, tooltip="earlier messages in the prompt"),
-        Binding("down", "history(1)", "Next message", show=False, tooltip="later messages in the prompt"),
     ]
 
     app: ChatApp
@@ -123,7 +120,7 @@ class ChatScreen(Screen[None]):
             yield Transcript(fmt=self.app.format_seconds, id="transcript")
             yield ContextPanel(id="context")
         yield CommandHints(SLASH_COMMANDS, id="hints")
-        yield PromptInput(placeholder="Ask, or / for commands  (enter: send, esc: stop)", id="prompt")
+        yield PromptInput(placeholder="Ask, or / for commands  (enter: send, ctrl+j: new line, esc: stop)", id="prompt")
         yield Footer()
 
     @property
@@ -139,8 +136,8 @@ class ChatScreen(Screen[None]):
         return self.query_one(ContextPanel)
 
     @property
-    def prompt(self) -> Input:
-        return self.query_one("#prompt", Input)
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
 
     @property
     def busy(self) -> bool:
@@ -244,14 +241,13 @@ class ChatScreen(Screen[None]):
 
     # -- sending -------------------------------------------------------------------------------
 
-    @on(Input.Changed, "#prompt")
-    def _typed(self, event: Input.Changed) -> None:
-        self.query_one(CommandHints).filter(event.value)
+    @on(PromptInput.Changed, "#prompt")
+    def _typed(self, event: PromptInput.Changed) -> None:
+        self.query_one(CommandHints).filter(event.text_area.text)
 
-    def action_history(self, delta: int) -> None:
-        """Up/down in the prompt: the session's earlier messages, as in a shell."""
-        if not self.prompt.has_focus:
-            return
+    def on_history_requested(self, message: HistoryRequested) -> None:
+        """Up/down at the prompt's edges: the session's earlier messages, as in a shell."""
+        delta = message.delta
         sent = [str(m.get("content") or "") for m in self.app.agent.session.messages if m.get("role") == "user"]
         if not sent:
             return
@@ -262,12 +258,10 @@ class ChatScreen(Screen[None]):
             return
         self.history_pos = pos
         self.prompt.value = sent[pos]
-        self.prompt.cursor_position = len(sent[pos])
 
-    @on(Input.Submitted, "#prompt")
-    async def _submitted(self, event: Input.Submitted) -> None:
+    async def on_prompt_submitted(self, event: PromptSubmitted) -> None:
         self.history_pos = None
-        text = event.value.strip()
+        text = event.text.strip()
         if not text:
             return
         if text.startswith("/"):
@@ -493,7 +487,8 @@ class ChatScreen(Screen[None]):
         listed = {c.key for c in SLASH_COMMANDS if c.key}
         keys = [(b.key, b.tooltip or b.description) for b in self.BINDINGS
                 if isinstance(b, Binding) and b.key not in listed]  # fmt: skip
-        keys += [("ctrl+p", "command palette: every command"), ("ctrl+q", "quit")]
+        keys += [("up / down", "earlier messages in the prompt"), ("ctrl+j", "a new line in the prompt"),
+                 ("ctrl+p", "command palette: every command"), ("ctrl+q", "quit")]  # fmt: skip
         self.app.push_screen(HelpScreen(SLASH_COMMANDS, keys))
 
     def action_tools(self) -> None:
