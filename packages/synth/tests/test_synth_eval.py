@@ -146,11 +146,27 @@ def test_thinking_flag_and_approximate_reasoning_count(tmp_path: Path) -> None:
 
 
 def test_concurrency_overlaps_requests(tmp_path: Path) -> None:
-    oracle = OracleModel(delay_s=0.05)
-    with se.ScriptedEndpoint(oracle) as endpoint:
+    oracle = OracleModel()
+    two_at_once = threading.Event()
+
+    def held(body: dict) -> se.Reply:
+        # Each request waits (up to 10 s) until another one is in flight beside it: a client that
+        # sends one at a time fails the check below, whatever the host's speed.
+        with oracle.lock:
+            oracle.in_flight += 1
+            if oracle.in_flight >= 2:
+                two_at_once.set()
+        try:
+            two_at_once.wait(10)
+        finally:
+            with oracle.lock:
+                oracle.in_flight -= 1
+        return oracle(body)
+
+    with se.ScriptedEndpoint(held) as endpoint:
         report = _run(endpoint.base_url, tmp_path, concurrency=8, n=4, samples=4)
     assert report["meta"]["concurrency"] == 8
-    assert oracle.max_in_flight > 1
+    assert two_at_once.is_set()
     assert report["results"]["thinking"]["overall"]["episodes"] == 16
 
 
