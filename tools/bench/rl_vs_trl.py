@@ -214,12 +214,12 @@ def ablation(args: argparse.Namespace, png: Path) -> str:
     axes[2].set_yscale("symlog", linthresh=1e-8)
     fig.tight_layout()
     save_png(fig, png, dpi=90)
-    lines = ["| variant | held-out accuracy (step 0 → last) | mean training reward, last 5 steps | mean rollout-vs-train KL | mean route mismatch |",
+    lines = ["| variant | held-out greedy accuracy every 5 steps | mean training reward, last 5 steps | mean rollout-vs-train KL | mean route mismatch |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, rows in curves.items():
         ev = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
         lines.append(
-            f"| {name} | → {ev[-1]:.2f} | {statistics.mean(r['reward'] for r in rows[-5:]):.3f} | "
+            f"| {name} | {', '.join(f'{x:.2f}' for x in ev)} | {statistics.mean(r['reward'] for r in rows[-5:]):.3f} | "
             f"{statistics.mean(r['rollout_train_kl'] for r in rows):.2e} | {statistics.mean(r.get('route_mismatch', 0) for r in rows):.3f} |"
         )
     return "\n".join(lines)

@@ -10,7 +10,8 @@ is only the verifier's; nothing tells the model which form counts except the rew
 samples. GRPO (G=8, 8 prompts per step, temperature 1, the four stabilisers on, top-k sampling so
 the kept sets are replayed) must shift the model to the verifiable form on tasks it never trained on.
 
-Measured (seed 0, this machine): held-out greedy accuracy 0.00 -> 0.42 after 5 steps, 0.51 after 30.
+Measured (seed 0, 2-core CPU, the test's settings): held-out greedy accuracy on 100 tasks 0.00 before,
+0.49 after 10 steps, 0.51 after 20 (BENCHMARKS.md, the "KL off" row of the stabiliser ablation).
 """
 
 from __future__ import annotations
