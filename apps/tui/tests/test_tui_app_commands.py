@@ -203,6 +203,14 @@ async def test_slash_commands(endpoint, tmp_path: Path) -> None:
         assert isinstance(app.screen, ToolsScreen)
         await pilot.press("m")  # cycles the approval mode
         assert app.agent.policy.mode == "ask"
+        listing = H.screen_text(app)
+        assert "write_file" in listing and "asks first" in listing and "mode ask" in listing
+        app.screen.query_one("OptionList").highlighted = app.agent.tools.names().index("shell")
+        await pilot.press("enter")  # always allow shell for this session
+        assert app.agent.policy.always_allowed == {"shell"}
+        assert "always allowed" in H.screen_text(app)
+        await pilot.press("enter")
+        assert app.agent.policy.always_allowed == set()
         await pilot.press("escape")
         await H.send(pilot, "/help")
         assert isinstance(app.screen, HelpScreen) and "/fork" in H.screen_text(app)
