@@ -243,6 +243,8 @@ async def test_save_restart_resume_and_fork(endpoint, tmp_path: Path) -> None:
         await H.close(app)
     assert shown == ["first question", "second question"]
 
+    # a corrupt file beside it is listed with its error, not opened
+    (tmp_path / "sessions" / "broken.json").write_text("{not json")
     # a new app (a restart): /resume opens the picker, enter opens the session as it was
     app = H.build_app(endpoint.base_url, tmp_path)
     async with app.run_test(size=(140, 50)) as pilot:
@@ -251,7 +253,8 @@ async def test_save_restart_resume_and_fork(endpoint, tmp_path: Path) -> None:
         await pilot.press("ctrl+r")
         await H.until(pilot, lambda: isinstance(app.screen, SessionPickerScreen), what="the session picker")
         picker = app.screen
-        assert [s.id for s in picker.sessions] == [session_id]
+        assert [s.id for s in picker.sessions] == [session_id, "broken"]
+        assert "broken  unreadable" in H.screen_text(app)
         await pilot.press("enter")
         await H.until(pilot, lambda: app.agent.session.id == session_id, what="the resumed session")
         await pilot.pause()

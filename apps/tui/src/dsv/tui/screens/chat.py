@@ -406,9 +406,10 @@ class ChatScreen(Screen[None]):
     def action_resume(self) -> None:
         if self._refuse_while_busy("/resume"):
             return
-        infos = [i for i in self.app.store.list() if getattr(i, "error", None) is None]
+        # unreadable files are listed too (greyed out, with the reason), not silently left out
         self.app.push_screen(
-            SessionPickerScreen(infos, current_id=self.app.agent.session.id), callback=self._resume_chosen
+            SessionPickerScreen(self.app.store.list(), current_id=self.app.agent.session.id),
+            callback=self._resume_chosen,
         )
 
     def _resume_chosen(self, session_id: str | None) -> None:

@@ -15,8 +15,12 @@ from textual.widgets.option_list import Option
 
 
 def session_label(info: Any) -> Text:
-    """``title  ·  2026-12-07 14:02  ·  3 turns, 12 messages  ·  model`` for a SessionInfo."""
+    """``title  ·  2026-12-07 14:02  ·  3 turns, 12 messages  ·  model`` for a SessionInfo (an
+    unreadable file: its name and what is wrong with it)."""
     text = Text()
+    if info.error:
+        text.append(f"{info.id}  unreadable: {info.error}", style="red")
+        return text
     text.append(info.title or "(untitled)", style="bold")
     facts = [info.updated.replace("T", " ")[:16], f"{info.n_turns} turns, {info.n_messages} messages"]
     if info.model:
@@ -44,7 +48,7 @@ class SessionPickerScreen(ModalScreen[str | None]):
             if self.sessions:
                 yield OptionList(
                     *[
-                        Option(session_label(s), id=str(s.id), disabled=str(s.id) == self.current_id)
+                        Option(session_label(s), id=str(s.id), disabled=bool(s.error) or str(s.id) == self.current_id)
                         for s in self.sessions
                     ],
                     id="picker-list",
