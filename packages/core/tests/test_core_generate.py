@@ -92,6 +92,18 @@ def test_penalties_lower_the_logits_of_generated_tokens() -> None:
     assert apply_penalties(logits, {1: 1, 4: 3}, 0.0, 0.25).tolist() == [[0.0, -0.25, 0.0, 0.0, -0.75, 0.0]]
 
 
+def test_scaled_logits_shift_each_position_over_the_vocabulary_and_top_k_1_keeps_the_argmax() -> None:
+    from dsv.core.generate import scaled_logits
+
+    # [B, T, V] as RL's training forward passes them: the shift is per position, over the vocabulary.
+    x = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0)) * 3
+    out = scaled_logits(x, 0.5)
+    assert (out.amax(-1) == 0).all()
+    torch.testing.assert_close(out.softmax(-1), (x / 0.5).softmax(-1))
+    keep = kept_token_mask(x[0], SamplingParams(temperature=1.0, top_k=1))
+    assert keep.sum(-1).tolist() == [1, 1, 1] and keep[torch.arange(3), x[0].argmax(-1)].all()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 def test_sample_next_draws_from_the_tempered_distribution(temperature: float) -> None:
     """20,000 seeded draws: token frequencies within 0.02 of ``softmax(logits / T)``, and each
