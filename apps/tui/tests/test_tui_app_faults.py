@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +169,25 @@ async def test_429_with_retry_after(faulty, tmp_path: Path) -> None:
         notice = _notice(app)
         assert notice.kind == "rate_limit" and notice.retryable
         assert "wait 2 s" in H.screen_text(app)
-        await pilot.press("f5")
+        started = time.monotonic()
+        await pilot.press("f5")  # waits out the Retry-After before sending again
+        await H.until(pilot, lambda: "retrying in" in app.chat.header.detail, what="the countdown")
+        assert len(faulty.requests) == 1
         await H.turn_done(pilot)
+        assert time.monotonic() - started > 1.5
         assert list(app.chat.query(AnswerBlock))[-1].text == "echo: hello"
         assert [m["role"] for m in _intact(app)] == ["user", "assistant"]
+
+        # esc while waiting out a long Retry-After: nothing is sent, the prompt works
+        faulty.script.queue.append(Reply(status=429, content="slow down", headers={"Retry-After": "60"}))
+        await H.send(pilot, "again")
+        await H.turn_done(pilot)
+        await pilot.press("f5")
+        await H.until(pilot, lambda: "retrying in" in app.chat.header.detail, what="the countdown")
+        await pilot.press("escape")
+        await H.until(pilot, lambda: not app.chat.busy, what="the wait to stop")
+        assert len(faulty.requests) == 3 and app.chat.header.state == "idle"
+        await _still_works(pilot)
         await H.close(app)
 
 

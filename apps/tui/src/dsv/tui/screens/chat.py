@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,7 @@ class ChatScreen(Screen[None]):
         self.probe_error: str | None = None
         self.history_pos: int | None = None
         self.retryable = False
+        self.retry_not_before = 0.0  # monotonic time: a rate limit's Retry-After
         self.last_error: AgentError | None = None
 
     # -- layout --------------------------------------------------------------------------------
@@ -287,6 +289,10 @@ class ChatScreen(Screen[None]):
         self.last_error = None
         ok = False
         try:
+            wait = self.retry_not_before - time.monotonic()
+            if text is None and wait > 0:  # the server asked for this much patience (Retry-After)
+                self.header.state, self.header.detail = "waiting", f"rate limited: retrying in {wait:.0f} s"
+                await asyncio.sleep(wait)
             events = agent.run_turn(text, self._approve) if text is not None else agent.retry_turn(self._approve)
             async for event in events:
                 await self.draw(event)
@@ -332,6 +338,8 @@ class ChatScreen(Screen[None]):
         elif isinstance(event, AgentError):
             self.last_error = event
             self.retryable = event.retryable
+            if event.retry_after_s:
+                self.retry_not_before = time.monotonic() + event.retry_after_s
             await t.add_error(
                 kind=event.kind,
                 message=event.message,
@@ -469,9 +477,14 @@ class ChatScreen(Screen[None]):
         self.notify(f"exported {target}")
 
     def action_stop(self) -> None:
-        if self.busy:
+        if not self.busy:
+            return
+        if self.app.agent.running:
             self.app.agent.cancel()
             self.header.detail = "stopping"
+        elif self.turn_worker is not None:  # still waiting out a Retry-After: nothing was sent
+            self.turn_worker.cancel()
+            self.header.state, self.header.detail = "idle", ""
 
     def action_retry(self) -> None:
         if not self.busy and not self.retryable and self.probe_error and self.last_error is None:
