@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -289,10 +290,10 @@ class ChatScreen(Screen[None]):
         self.last_error = None
         ok = False
         try:
-            wait = self.retry_not_before - time.monotonic()
-            if text is None and wait > 0:  # the server asked for this much patience (Retry-After)
-                self.header.state, self.header.detail = "waiting", f"rate limited: retrying in {wait:.0f} s"
-                await asyncio.sleep(wait)
+            # the server asked for this much patience (Retry-After): count it down, then send
+            while text is None and (wait := self.retry_not_before - time.monotonic()) > 0:
+                self.header.state, self.header.detail = "waiting", f"rate limited: retrying in {math.ceil(wait)} s"
+                await asyncio.sleep(min(wait, 1.0))
             events = agent.run_turn(text, self._approve) if text is not None else agent.retry_turn(self._approve)
             async for event in events:
                 await self.draw(event)
