@@ -31,6 +31,7 @@ KNOWN_COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dsv-core", "generate text from a checkpoint, streaming tokens"),
     "train": ("dsv-train", "pretrain, DSA warm-up, sparse training and SFT"),
     "rl": ("dsv-rl", "GRPO with the V3.2 stabilisers"),
+    "quickstart": ("dsv-rl", "the whole V3.2 recipe end to end on the embedded default, one report card"),
     "synth": ("dsv-synth", "agentic environments, tasks and the synthesis pipeline"),
     "eval": ("dsv-synth", "score a checkpoint or an endpoint on task sets"),
     "serve": ("dsv-serve", "OpenAI-compatible server"),
