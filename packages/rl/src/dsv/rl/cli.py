@@ -7,7 +7,7 @@ Single process on CPU is the default; several processes go through accelerate wi
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m dsv.rl grpo --model ... --out runs/rl2
 
 torch is imported inside the command so ``dsv --help`` stays instant; user mistakes print one
-``error:`` line and exit 1.
+``error:`` line and exit with the codes of :mod:`dsv.cli.errors` (1 input, 2 usage, 130 Ctrl-C).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 
 console = Console()
-err = Console(stderr=True)
 
 rl_app = typer.Typer(
     help="Reinforcement learning: GRPO with the DeepSeek-V3.2 stabilisers, rollouts on the dsv engine.",
@@ -115,10 +114,11 @@ def grpo_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """GRPO (DeepSeek-V3.2): G rollouts per prompt on the dsv engine, verified rewards, clipped update."""
-    from dsv.core.errors import DSVError
+    from dsv.cli.errors import ExitCode, exit_for, fail, writable_dir
     from dsv.rl.trainer import GRPOConfig, grpo
 
     try:
+        writable_dir(out, "--out")
         cfg = GRPOConfig(
             model=model, out=out, tasks=list(tasks), rewards=list(reward), steps=steps, prompts=prompts,
             group_size=group_size, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
@@ -132,9 +132,11 @@ def grpo_command(
             library=library, progress=progress,
         )  # fmt: skip
         summary = grpo(cfg)
-    except DSVError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        fail(f"interrupted; `dsv rl grpo ... --out {out} --resume` continues from the newest checkpoint",
+             ExitCode.INTERRUPTED)  # fmt: skip
+    except Exception as exc:
+        exit_for(exc)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     parts = [f"grpo: {summary.steps} steps in {summary.seconds:.0f}s", f"reward {summary.reward:.3f}",
