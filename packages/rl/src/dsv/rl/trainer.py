@@ -254,13 +254,22 @@ def _kept_mask(rollouts: list[Any], T: int, vocab: int, device: torch.device) ->
     rollouts kept every token (no top-k/top-p)."""
     if all(k is None for r in rollouts for k in r.kept):
         return None
-    keep = torch.ones(len(rollouts), T, vocab, dtype=torch.bool)
+    rows: list[torch.Tensor] = []
+    cols: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
     for b, r in enumerate(rollouts):
-        for t, ids in enumerate(r.kept[1:]):
-            if ids is not None:
-                keep[b, t] = False
-                keep[b, t, ids.long()] = True
-    return keep.to(device)
+        for t, kept in enumerate(r.kept[1:]):
+            if kept is not None:
+                rows.append(torch.full((len(kept),), b))
+                cols.append(torch.full((len(kept),), t))
+                ids.append(kept.long())
+    b_idx, t_idx, v_idx = (torch.cat(x).to(device) for x in (rows, cols, ids))
+    # Positions with a recorded set keep only it; the others (padding, prompt, full-vocabulary
+    # samples) keep every token. One scatter instead of a [V] write per position.
+    keep = torch.ones(len(rollouts), T, vocab, dtype=torch.bool, device=device)
+    keep[b_idx, t_idx] = False
+    keep[b_idx, t_idx, v_idx] = True
+    return keep
 
 
 def _forced_routes(rollouts: list[Any], T: int, device: torch.device) -> list[torch.Tensor | None] | None:
