@@ -86,11 +86,14 @@ def _line_ranges(path: Path, functions: tuple[str, ...]) -> list[tuple[int, int]
     return [found[f] for f in functions]
 
 
-def _copy_tree(dest: Path) -> None:
-    """The committed tree (HEAD) into ``dest``."""
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
+def _copy_tree(dest: Path) -> str:
+    """The committed tree (HEAD) into ``dest``; returns its commit."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
+    return commit
 
 
 def _run_target(target: Target, work: Path, python: str, timeout_s: float) -> dict:
@@ -147,7 +150,7 @@ def _diff_body(diff: str) -> str:
     return "\n".join(line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
 
 
-def _write_report(results: list[dict], path: Path) -> None:
+def _write_report(results: list[dict], path: Path, commit: str) -> None:
     lines = [
         "# Surviving mutants",
         "",
@@ -156,7 +159,7 @@ def _write_report(results: list[dict], path: Path) -> None:
         "change no listed test notices: a missing test, or a change that does not alter behaviour (an",
         "equivalent mutant; say so here when one is judged to be).",
         "",
-        f"Commit: `{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}`",
+        f"Commit: `{commit}`",
         "",
         "| target | module | killed | survived | incompetent | minutes |",
         "|---|---|---|---|---|---|",
@@ -189,10 +192,10 @@ def main() -> None:
     chosen = [t for t in TARGETS if not args.target or t.name in args.target]
     with tempfile.TemporaryDirectory(prefix="dsv-mutants-") as tmp:
         work = Path(tmp)
-        _copy_tree(work)
+        commit = _copy_tree(work)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(lambda t: _run_target(t, work, args.python, args.timeout), chosen))
-    _write_report(results, args.report)
+    _write_report(results, args.report, commit)
     for r in results:
         print(r["target"].name, r["counts"])
 
