@@ -2,13 +2,14 @@
 
 Stages, each a function of the run folder (``OUT/``) and the recipe, in order:
 
-1. ``synth``: training and held-out task files of one exact-answer family (dsv-synth);
+1. ``synth``: training and held-out task files of one exact-answer family (dsv-synth), and solved
+   ``arithmetic`` episodes with a calculator tool call (verified) for the SFT stage;
 2. ``pretrain``: dense pretraining from fresh weights on the embedded corpus plus the task prompts
    (the tokenizer is trained on both, so the task text tokenizes well);
 3. ``dsa-warmup``: the lightning indexer learns the dense attention (recall before/after);
 4. ``dsa-sparse``: top-k selection on, every parameter trains;
-5. ``sft``: the verified reference answers of the training tasks as assistant turns (V3.2 chat
-   encoding, non-thinking);
+5. ``sft``: the verified reference answers of the training tasks as assistant turns and the tool
+   episodes (V3.2 chat encoding with DSML tool calls, non-thinking);
 6. ``grpo``: GRPO on the verifier's reward with the four V3.2 stabilisers (unbiased KL, off-policy
    sequence masking, Keep Routing, Keep Sampling Mask), held-out accuracy along the way;
 7. ``eval``: greedy held-out accuracy of the pretrained, SFT and GRPO models with thinking on and
@@ -83,8 +84,8 @@ class Recipe:
     grpo_steps: int
     micro_batch: int
     seq_len: int
-    sft_micro_batch: int  # SFT rows hold several short conversations; only the answers are targets
-    sft_seq_len: int
+    sft_micro_batch: int
+    sft_seq_len: int  # a row holds a whole tool episode (its prompt carries the tool schemas: ~900 tokens)
     sft_lr: float
     grpo_lr: float
     prompts: int  # GRPO prompts per step
@@ -114,8 +115,8 @@ PRESETS: dict[str, Recipe] = {
     # About ten minutes on two CPU cores.
     "tiny": Recipe(
         model="tiny", family="rg:aiw", difficulty=1, train_tasks=400, eval_tasks=100, pretrain_steps=300,
-        warmup_steps=100, sparse_steps=60, sft_steps=60, grpo_steps=30, micro_batch=8, seq_len=128, sft_micro_batch=16,
-        sft_seq_len=256, sft_lr=3e-3,
+        warmup_steps=100, sparse_steps=60, sft_steps=60, grpo_steps=30, micro_batch=8, seq_len=128, sft_micro_batch=4,
+        sft_seq_len=1024, sft_lr=3e-3,
         grpo_lr=1e-3, prompts=8, group_size=8, answer_tokens=8, thinking_tokens=32, grpo_eval_every=10,
         contexts=(256, 512, 1024, 2048, 4000),
     ),
@@ -123,7 +124,7 @@ PRESETS: dict[str, Recipe] = {
     "small": Recipe(
         model="small", family="rg:aiw", difficulty=1, train_tasks=2000, eval_tasks=200, pretrain_steps=2000,
         warmup_steps=300, sparse_steps=300, sft_steps=400, grpo_steps=100, micro_batch=16, seq_len=256,
-        sft_micro_batch=32, sft_seq_len=512, sft_lr=3e-4, grpo_lr=1e-5, prompts=16, group_size=8, answer_tokens=16, thinking_tokens=64,
+        sft_micro_batch=16, sft_seq_len=1024, sft_lr=3e-4, grpo_lr=1e-5, prompts=16, group_size=8, answer_tokens=16, thinking_tokens=64,
         grpo_eval_every=20, contexts=(1024, 2048, 4096, 8192, 16384),
     ),
 }  # fmt: skip
@@ -183,15 +184,48 @@ def _stage_synth(run: _Run) -> dict[str, Any]:
     held = TaskSource([r.family], seed=run.seed, difficulty=r.difficulty).held_out(r.eval_tasks)
     write_tasks(run.out / "tasks" / "train.jsonl", train_tasks)
     write_tasks(run.out / "tasks" / "held_out.jsonl", held)
+    traces = _tool_traces(r.train_tasks // 4)
+    from dsv.core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(run.out / "tasks" / "tool_traces.jsonl", "".join(json.dumps(x) + "\n" for x in traces).encode())
     env = registry.get(r.family)
     answers = Counter(str(env.solve(t)) for t in held)
     top, n = answers.most_common(1)[0]
     seconds = time.perf_counter() - t0
-    figures = {"family": r.family, "train_tasks": len(train_tasks), "held_out_tasks": len(held),
+    figures = {"family": r.family, "train_tasks": len(train_tasks), "held_out_tasks": len(held), "tool_traces": len(traces),
                "constant_answer": top, "constant_answer_accuracy": n / len(held), "distinct_answers": len(answers)}  # fmt: skip
     outcome = (f"{len(train_tasks)} training + {len(held)} held-out {r.family} tasks; the best constant answer "
-               f"({top}) passes {n / len(held):.0%} of the held-out ones")  # fmt: skip
+               f"({top}) passes {n / len(held):.0%} of the held-out ones; {len(traces)} solved arithmetic traces "
+               "with a calculator call")  # fmt: skip
     return _record(run, "synth", seconds, None, outcome, figures)
+
+
+TOOL_FAMILY = "arithmetic"
+
+
+def _tool_traces(n: int) -> list[dict[str, Any]]:
+    """Solved episodes of ``arithmetic`` with a tool: the question, a calculator call on the task's
+    expression, the calculator's result, the final answer; kept only when the verifier passes it."""
+    from dsv.synth import registry
+
+    env = registry.get(TOOL_FAMILY)
+    out = []
+    for seed in range(n):
+        t = env.generate(seed, 1)
+        expression = str(t.state["expression"])
+        result = _agent_tool(expression)
+        answer = f"Answer: {result}"
+        if not env.verify(t, env.parse_answer(answer)).passed:
+            continue
+        call = {"id": f"call_{seed}", "type": "function",
+                "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}  # fmt: skip
+        out.append({"messages": [
+            {"role": "user", "content": f"{t.prompt}\n\n{t.answer_format}".strip()},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": result},
+            {"role": "assistant", "content": answer},
+        ], "tools": _TOOLS})  # fmt: skip
+    return out
 
 
 def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
@@ -212,7 +246,8 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
         cfg = TrainConfig(stage=stage, model=str(run.final(before)), data=["default", train_file], **common)
     else:
         common.update(micro_batch_size=r.sft_micro_batch, seq_len=r.sft_seq_len)
-        cfg = TrainConfig(stage="sft", model=str(run.final("dsa-sparse")), data=[train_file], thinking=False,
+        traces = str(run.out / "tasks" / "tool_traces.jsonl")
+        cfg = TrainConfig(stage="sft", model=str(run.final("dsa-sparse")), data=[train_file, traces], thinking=False,
                           lr=r.sft_lr, schedule="constant", warmup_steps=max(1, r.sft_steps // 10), weight_decay=0.0,
                           **common)  # fmt: skip
     s = train(cfg)
@@ -226,12 +261,14 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
     return _record(run, stage, s.seconds, s.tokens_per_second, outcome, figures)
 
 
-def _first_loss(folder: Path) -> float:
-    import math
+def _loss_key(stage: str) -> str:
+    # The warm-up trains only the indexer: its loss is the indexer's KL to the dense attention.
+    return "indexer_loss" if stage == "dsa-warmup" else "loss"
 
-    # The warm-up logs no loss at its first step (NaN): the first finite one.
-    rows = _jsonl(folder / "metrics.jsonl")
-    return float(next((m["loss"] for m in rows if isinstance(m.get("loss"), float) and math.isfinite(m["loss"])), math.nan))
+
+def _first_loss(folder: Path) -> float:
+    key = _loss_key(folder.name)
+    return float(next((m[key] for m in _jsonl(folder / "metrics.jsonl") if key in m), float("nan")))
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -258,21 +295,39 @@ def _grpo_config(run: _Run) -> Any:
 def _stage_grpo(run: _Run) -> dict[str, Any]:
     from dsv.rl.trainer import grpo
 
+    t0 = time.perf_counter()
     summary = grpo(_grpo_config(run))
+    seconds = time.perf_counter() - t0  # this run's share when it resumed an interrupted one
     history = _jsonl(run.out / "grpo" / "metrics.jsonl")
     k = max(1, len(history) // 4)
     first = sum(m["reward"] for m in history[:k]) / k
     last = sum(m["reward"] for m in history[-k:]) / k
     tokens = sum(m.get("rollout_tokens", 0.0) for m in history)
-    seconds = sum(m.get("rollout_seconds", 0.0) + m.get("train_seconds", 0.0) for m in history)
+    rollout_seconds = sum(m.get("rollout_seconds", 0.0) for m in history)
     evals = [(m["step"], m["eval/accuracy"]) for m in history if "eval/accuracy" in m]
-    figures = {"steps": summary.steps, "reward_first": first, "reward_last": last, "eval_before": summary.eval_before,
+    before = summary.eval_before
+    if before is None:  # a resumed run starts past step 0: measure the starting model the same way
+        before = _held_out_accuracy(run)
+    figures = {"steps": summary.steps, "reward_first": first, "reward_last": last, "eval_before": before,
                "eval_after": summary.eval_after, "evals": evals, "rollout_tokens": tokens,
                "reward_errors": summary.reward_errors}  # fmt: skip
     outcome = f"mean reward of the first {k} steps {first:.3f} -> last {k} {last:.3f}"
-    if summary.eval_before is not None and summary.eval_after is not None:
-        outcome += f"; held-out greedy accuracy {summary.eval_before:.2f} -> {summary.eval_after:.2f}"
-    return _record(run, "grpo", seconds or summary.seconds, tokens / max(seconds, 1e-9), outcome, figures)
+    if before is not None and summary.eval_after is not None:
+        outcome += f"; held-out greedy accuracy {before:.2f} -> {summary.eval_after:.2f}"
+    return _record(run, "grpo", seconds, tokens / max(rollout_seconds, 1e-9), outcome, figures)
+
+
+def _held_out_accuracy(run: _Run) -> float:
+    """GRPO's own held-out greedy accuracy of the SFT model (what ``grpo`` measures at step 0)."""
+    from dsv.core.checkpoint import load_pretrained
+    from dsv.rl.data import TaskSource
+    from dsv.rl.trainer import build_engine, evaluate_accuracy
+
+    cfg = _grpo_config(run)
+    source = TaskSource(cfg.tasks, seed=cfg.seed, difficulty=cfg.difficulty, holdout=cfg.holdout)
+    model, tok = load_pretrained(cfg.model)
+    engine = build_engine(model.eval(), blocks=cfg.prompts * cfg.group_size * (-(-cfg.max_len // 16)) + 8)
+    return float(evaluate_accuracy(engine, tok, source, source.held_out(cfg.eval_tasks), cfg)["accuracy"])
 
 
 def _score(model_dir: Path, tasks: list[Any], *, thinking: bool, max_tokens: int, seed: int) -> list[dict[str, Any]]:
@@ -369,16 +424,17 @@ def _stage_bench(run: _Run) -> dict[str, Any]:
 
 
 def _agent_tool(expression: str) -> str:
-    """The calculator the served agent turn may call: integers, + - * // and parentheses only."""
+    """The calculator of the tool traces and the served agent turn: integers, + - * // % and parentheses."""
     import ast
 
     node = ast.parse(expression, mode="eval")
-    allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.UnaryOp, ast.USub)
+    allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.UnaryOp,
+               ast.USub)  # fmt: skip
     if not all(isinstance(n, allowed) for n in ast.walk(node)) or not all(
         isinstance(n.value, int) for n in ast.walk(node) if isinstance(n, ast.Constant)
     ):
         return f"error: not an integer expression: {expression!r}"
-    # Checked above: integer constants and + - * // only.
+    # Checked above: integer constants and + - * // % only.
     return str(eval(compile(node, "<calculator>", "eval")))
 
 
@@ -386,7 +442,7 @@ _TOOLS = [{
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an integer expression with + - * // and parentheses.",
+        "description": "Evaluate an integer expression with + - * // % and parentheses.",
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
     },
 }]  # fmt: skip
@@ -401,7 +457,6 @@ def _stage_serve(run: _Run) -> dict[str, Any]:
     import openai
 
     from dsv.serve.launch import free_port, wait_ready
-    from dsv.synth.tasks import read_tasks
 
     model_dir = run.final("grpo")
     port = free_port()
@@ -414,13 +469,16 @@ def _stage_serve(run: _Run) -> dict[str, Any]:
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)
         started = time.perf_counter() - t0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-        task = read_tasks(run.out / "tasks" / "held_out.jsonl")[0]
+        from dsv.rl.data import HELD_OUT_SEED
+        from dsv.synth import registry
+
+        task = registry.get(TOOL_FAMILY).generate(HELD_OUT_SEED, 1)  # a question no trace showed
         messages: list[dict[str, Any]] = [{"role": "user", "content": f"{task.prompt}\n\n{task.answer_format}".strip()}]
         transcript.append(messages[0])
         t1 = time.perf_counter()
         # tool_choice "required": the server forces the opening of a call and the model writes its arguments.
         first = client.chat.completions.create(model="quickstart", messages=messages, tools=_TOOLS,
-                                               tool_choice="required", max_tokens=24, temperature=0)  # type: ignore[arg-type]  # fmt: skip
+                                               tool_choice="required", max_tokens=48, temperature=0)  # type: ignore[arg-type]  # fmt: skip
         msg = first.choices[0].message
         calls = msg.tool_calls or []
         assistant = {"role": "assistant", "content": msg.content or "",
@@ -437,7 +495,7 @@ def _stage_serve(run: _Run) -> dict[str, Any]:
             transcript.append(tool_msg)
             messages.append(tool_msg)
         final = client.chat.completions.create(model="quickstart", messages=messages, tools=_TOOLS,  # type: ignore[arg-type]
-                                               max_tokens=run.recipe.answer_tokens, temperature=0)  # fmt: skip
+                                               max_tokens=16, temperature=0)  # fmt: skip
         answer = final.choices[0].message.content or ""
         transcript.append({"role": "assistant", "content": answer})
         turn_seconds = time.perf_counter() - t1
@@ -500,9 +558,10 @@ def _plots(run: _Run, records: dict[str, dict[str, Any]]) -> dict[str, str]:
     # Loss curves of the four training stages, one axis each.
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, stage in zip(axes, ("pretrain", "dsa-warmup", "dsa-sparse", "sft"), strict=True):
-        rows = [m for m in _jsonl(run.out / stage / "metrics.jsonl") if "loss" in m]
+        key = _loss_key(stage)
+        rows = [m for m in _jsonl(run.out / stage / "metrics.jsonl") if key in m]
         if rows:
-            ax.plot([m["step"] for m in rows], [m["loss"] for m in rows])
+            ax.plot([m["step"] for m in rows], [m[key] for m in rows])
         ax.set_title(f"{stage} loss" + (" (indexer KL)" if stage == "dsa-warmup" else ""))
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -698,10 +757,13 @@ def quickstart(
     settings_path = out / "quickstart.json"
     if settings_path.is_file():
         saved = json.loads(settings_path.read_text())
-        if saved != json.loads(json.dumps(settings)):
+        now = json.loads(json.dumps(settings))
+        if saved != now:
+            differ = [k for k in ("preset", "scale", "seed") if saved.get(k) != now[k]]
+            differ += [f"recipe.{k}" for k in now["recipe"] if saved.get("recipe", {}).get(k) != now["recipe"][k]]
             raise QuickstartError(
-                f"{out} holds a quickstart run with other settings (preset {saved.get('preset')}, scale "
-                f"{saved.get('scale')}, seed {saved.get('seed')}); choose a new --out or delete it"
+                f"{out} holds a quickstart run with other settings ({', '.join(differ)}: preset "
+                f"{saved.get('preset')}, scale {saved.get('scale')}, seed {saved.get('seed')}); choose a new --out or delete it"
             )
     else:
         from dsv.core.checkpoint import atomic_write_json
