@@ -10,27 +10,17 @@ Update after a deliberate UI change (then look at the SVGs before committing the
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tui_pilot
 
 from dsv.synth.eval._io import atomic_write_json
 from dsv.tui.screens import ApprovalScreen, SessionPickerScreen
 from dsv.tui.session import Session
 
-
-def _load(name: str) -> Any:
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"dsv_tui_tests_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-H = _load("tui_pilot")
+H = tui_pilot  # shared app-test helpers beside this file (on sys.path in prepend mode)
 SE = H.load_scripted_endpoint()
 Reply = SE.Reply
 SIZE = (130, 40)

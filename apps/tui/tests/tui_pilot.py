@@ -1,4 +1,4 @@
-"""Shared helpers of the dsv chat app tests (loaded by path: pytest runs them without a package).
+"""Shared helpers of the dsv chat app tests (imported by name: pytest puts this folder on sys.path).
 
 Every app here is the real ``ChatApp`` with the real agent core (``Agent``, ``ChatClient`` over the
 official openai client, ``ToolRegistry`` on a temporary workspace, ``SessionStore`` in a temporary
