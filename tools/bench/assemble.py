@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tools" / "bench" / "results"
-ORDER = ["core", "kernels", "train", "synth", "eval", "serve"]
+# The headline table first (the current figure of each area), then the recorded quickstart report card.
+ORDER = ["headline", "quickstart", "core", "kernels", "train", "synth", "eval", "serve"]
 
 HEADER = """# dsv benchmarks
 
