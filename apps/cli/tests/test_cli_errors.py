@@ -14,11 +14,11 @@ import pytest
 import typer
 
 from dsv.cli import errors
-from dsv.cli.errors import ExitCode, UserError, describe, install_hint, writable_dir
+from dsv.cli.errors import ExitCode, MissingExtra, UserError, describe, install_hint, writable_dir
 
 
 def test_public_api() -> None:
-    assert errors.__all__ == ["ExitCode", "UserError", "click_classes", "describe", "exit_for", "fail",
+    assert errors.__all__ == ["ExitCode", "MissingExtra", "UserError", "click_classes", "describe", "exit_for", "fail",
                               "install_hint", "print_error", "run", "user_errors", "writable_dir"]  # fmt: skip
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 130, 143]
 
@@ -28,6 +28,7 @@ def test_public_api() -> None:
     [
         (UserError("bad --x"), 1, "bad --x"),
         (UserError("no such flag", exit_code=ExitCode.USAGE), 2, "no such flag"),
+        (MissingExtra("rg:<dataset> families need reasoning_gym: pip install ..."), 2, "need reasoning_gym"),
         (PermissionError(errno.EACCES, "Permission denied", "/ro/f"), 1, "/ro/f: permission denied"),
         (FileNotFoundError(errno.ENOENT, "No such file", "/x"), 1, "/x: no such file or directory"),
         (OSError(errno.ENOSPC, "No space left on device", "/full"), 1, "no space left"),
@@ -36,7 +37,7 @@ def test_public_api() -> None:
         (RuntimeError("a bug"), None, None),
         (typer.Exit(2), None, None),
     ],
-    ids=["user", "usage", "permission", "missing", "disk-full", "network", "sigint", "bug", "typer-exit"],
+    ids=["user", "usage", "missing-extra", "permission", "missing", "disk-full", "network", "sigint", "bug", "typer-exit"],
 )
 def test_describe(exc: BaseException, code: int | None, needle: str | None) -> None:
     got = describe(exc)
@@ -78,3 +79,9 @@ def test_writable_dir(tmp_path: Path) -> None:
         writable_dir(tmp_path / "f")
     with pytest.raises(UserError, match=r"--data .*cannot create the folder"):
         writable_dir(tmp_path / "f" / "sub", "--data")
+
+
+def test_a_missing_extra_is_still_an_import_error() -> None:
+    """Code that probes for an optional package with ``except ImportError`` keeps working."""
+    with pytest.raises(ImportError):
+        raise MissingExtra("x needs y: pip install -e 'packages/synth[rg]'")

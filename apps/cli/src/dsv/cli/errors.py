@@ -40,6 +40,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "ExitCode",
+    "MissingExtra",
     "UserError",
     "click_classes",
     "describe",
@@ -77,6 +78,14 @@ class UserError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class MissingExtra(UserError, ImportError):
+    """A feature needs a package that is not installed (usually an extra of a dsv distribution); the
+    message says what to install. An ``ImportError`` too, so code that probes for the package with
+    ``except ImportError`` keeps working, and a usage error (exit 2) when it reaches the command line."""
+
+    exit_code = ExitCode.USAGE
 
 
 # Where each distribution lives in the dsv repository: none is published yet, so a hint must also

@@ -22,9 +22,9 @@ def _require() -> Any:
     try:
         import reasoning_gym
     except ImportError:
-        from dsv.cli.errors import install_hint
+        from dsv.cli.errors import MissingExtra, install_hint
 
-        raise ImportError(f"rg:<dataset> families need reasoning_gym: {install_hint('dsv-synth', 'rg')}") from None
+        raise MissingExtra(f"rg:<dataset> families need reasoning_gym: {install_hint('dsv-synth', 'rg')}") from None
     return reasoning_gym
 
 
