@@ -294,7 +294,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
     from dsv.rl.objective import group_advantages, grpo_loss, route_mismatch, sampling_logprobs
     from dsv.rl.rewards import RewardInput, RewardSet
     from dsv.rl.rollout import RolloutSettings, rollout
-    from dsv.train.trainer import release_accelerator, set_rng_state
+    from dsv.train.trainer import StepProgress, release_accelerator, set_rng_state
 
     out = cfg.out
     # Checks that need no model first: a bad reward file or family fails in a second.
@@ -401,7 +401,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
         eval_before = evaluate_accuracy(engine, tok, source, eval_tasks, cfg)["accuracy"]
         accelerator.print(f"held-out greedy accuracy before: {eval_before:.3f}")
 
-    progress = _Progress(cfg.steps, start_step, enabled=cfg.progress and main)
+    progress = StepProgress("grpo", cfg.steps, start_step, _PROGRESS_FIELDS, enabled=cfg.progress and main)
     t0 = time.perf_counter()
     record: dict[str, Any] = {}
     reward_errors = 0
@@ -594,35 +594,13 @@ def _reduce(accelerator: Any, metrics: dict[str, float], world: int) -> dict[str
     return out
 
 
-class _Progress:
-    """A rich progress bar with reward, accuracy and KL (main process only)."""
-
-    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]grpo"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]}"),
-            TextColumn("acc {task.fields[acc]}"), TextColumn("len {task.fields[len]}"),
-            TextColumn("{task.fields[tps]} rollout tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
-        )  # fmt: skip
-        self.task = self.bar.add_task("grpo", total=total, completed=start, reward="-", acc="-", len="-", tps="-")
-        self.bar.start()
-
-    def update(self, step: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.bar.update(
-            self.task, completed=step, reward=f"{record.get('reward', math.nan):.3f}",
-            acc=f"{record.get('accuracy', math.nan):.2f}", len=f"{record.get('response_length', math.nan):.0f}",
-            tps=f"{record.get('rollout_tokens_per_second', 0):,.0f}",
-        )  # fmt: skip
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
+# The GRPO progress bar's columns (dsv.train.trainer.StepProgress).
+_PROGRESS_FIELDS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "reward": ("reward {}", lambda r: f"{r.get('reward', math.nan):.3f}"),
+    "acc": ("acc {}", lambda r: f"{r.get('accuracy', math.nan):.2f}"),
+    "len": ("len {}", lambda r: f"{r.get('response_length', math.nan):.0f}"),
+    "tps": ("{} rollout tok/s", lambda r: f"{r.get('rollout_tokens_per_second', 0):,.0f}"),
+}
 
 
 _PANELS = (

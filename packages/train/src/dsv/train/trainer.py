@@ -46,7 +46,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -501,7 +501,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             total_targets_cache[step] = int((train_rows.labels[plan.step_rows(step)] != IGNORE_INDEX).sum())
         return total_targets_cache[step]
 
-    progress = _Progress(cfg.steps, start_step, enabled=cfg.progress and main)
+    progress = StepProgress("train", cfg.steps, start_step, _TRAIN_FIELDS, enabled=cfg.progress and main)
     t0 = time.perf_counter()
     tokens_seen = 0
     last_loss = float("nan")
@@ -683,33 +683,51 @@ def _save_sharded(
     return target
 
 
-class _Progress:
-    """A rich progress bar with loss, tokens/s and ETA (main process only)."""
+class StepProgress:
+    """A rich progress bar over optimiser steps (main process only): the stage's label, the bar,
+    ``step/total``, one column per entry of ``fields`` and the ETA.
 
-    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
+    ``fields`` maps a column's name to its text (``"loss {}"``, the value in place of ``{}``) and the
+    function that formats that value from a step's metrics record; dsv train and dsv rl show their own.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        start: int,
+        fields: Mapping[str, tuple[str, Callable[[dict[str, Any]], str]]],
+        *,
+        enabled: bool,
+    ) -> None:
         self.enabled = enabled
+        self.fields = dict(fields)
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        columns = [TextColumn(text.replace("{}", f"{{task.fields[{name}]}}")) for name, (text, _) in self.fields.items()]
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), *columns, TextColumn("ETA"),
+            TimeRemainingColumn(),
         )  # fmt: skip
-        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self.task = self.bar.add_task(label, total=total, completed=start, **dict.fromkeys(self.fields, "-"))
         self.bar.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        loss = record.get("loss", record.get("indexer_loss", math.nan))
-        self.bar.update(
-            self.task, completed=step, loss=f"{loss:.4f}", tps=f"{record['tokens_per_second']:,.0f}"
-        )
+        self.bar.update(self.task, completed=step, **{name: fmt(record) for name, (_, fmt) in self.fields.items()})
 
     def close(self) -> None:
         if self.enabled:
             self.bar.stop()
+
+
+_TRAIN_FIELDS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "loss": ("loss {}", lambda r: f"{r.get('loss', r.get('indexer_loss', math.nan)):.4f}"),
+    "tps": ("{} tok/s", lambda r: f"{r['tokens_per_second']:,.0f}"),
+}
 
 
 def _plot(history: list[dict[str, Any]], path: Path, stage: str) -> None:
