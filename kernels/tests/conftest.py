@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,15 +29,8 @@ finally:
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # dsv.core.attention caches whether the Triton kernels are usable; a test of another package that
-    # asked first (without the interpreter) would have cached "no CUDA device" for the whole process.
-    from dsv.core import attention
-
+def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    attention._kernels_module.cache_clear()
-    yield
-    attention._kernels_module.cache_clear()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -33,7 +33,6 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _before
 
-from dsv.core import attention  # noqa: E402
 from dsv.core.model import DSVForCausalLM  # noqa: E402
 from dsv.core.presets import tiny  # noqa: E402
 
@@ -49,13 +48,11 @@ def _step(monkeypatch: pytest.MonkeyPatch, backend: str, model: DSVForCausalLM, 
     """One training-style step on ``backend``: forward with the indexer loss, backward of LM-side
     ``logsumexp`` plus the indexer loss. Returns the output and every parameter's gradient."""
     monkeypatch.setenv("DSV_KERNELS", backend)
-    attention._kernels_module.cache_clear()
     model.zero_grad(set_to_none=True)
     out = model(ids, return_indices=True, indexer_loss=True)
     assert out.indexer_loss is not None
     (out.logits.float().logsumexp(-1).mean() + out.indexer_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    attention._kernels_module.cache_clear()
     return out, grads
 
 

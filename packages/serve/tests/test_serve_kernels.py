@@ -34,7 +34,6 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _before
 
-from dsv.core import attention  # noqa: E402
 from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -94,9 +93,7 @@ def test_staged_decode_through_the_kernels_matches_torch(monkeypatch: pytest.Mon
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("DSV_KERNELS", backend)
-        attention._kernels_module.cache_clear()
         results[backend] = _run(model, prompts)
-    attention._kernels_module.cache_clear()
     # prefill and the two decode steps of each layer, on the triton run only
     assert set(calls) == {"indexer_scores", "topk", "sparse_mla"} and min(calls.values()) >= 4, calls
     for (want_tokens, want_lp), (got_tokens, got_lp) in zip(results["torch"], results["triton"], strict=True):

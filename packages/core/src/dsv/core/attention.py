@@ -61,8 +61,15 @@ def _usable(name: str) -> tuple[ModuleType | None, str]:
     return (module if usable else None), why
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels_module() -> tuple[ModuleType | None, str]:
+    # Whether the Triton kernels run here depends on TRITON_INTERPRET (the CPU interpreter), which a
+    # process may set and unset: the answer is kept per value of it, so a lookup made without the
+    # interpreter is not reused with it (or the other way round).
+    return _kernels_module_for(os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _kernels_module_for(interpret: str) -> tuple[ModuleType | None, str]:
     return _usable("dsv.kernels")
 
 
