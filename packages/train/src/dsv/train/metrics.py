@@ -4,7 +4,8 @@
   as in the warm-up target) that the lightning indexer's top-k set captures, averaged over layers
   and over the queries that see more than ``index_topk`` keys (for the others the selection is
   every key and recall is 1 by construction, so they are left out). :func:`recall_stats` also
-  gives the oracle recall, that of the ideal top-k set (the ceiling of any indexer), per layer too.
+  gives the oracle recall, that of the ideal top-k set (the ceiling of any indexer), per layer too,
+  and both for the MTP layers, whose indexer selects keys for the MTP block.
 - :func:`validation_loss`: mean next-token cross-entropy over target tokens, dense or sparse.
 - :func:`passkey_accuracy`: greedy retrieval of a 5-digit pass key hidden at a random depth in
   filler text that, with the answer, fills ``context_tokens`` (needle in a haystack);
@@ -49,25 +50,34 @@ class RecallStats:
     ``indexer``: mean dense-attention mass inside the lightning indexer's top-k set. ``oracle``: the
     same for the ideal set, the top-k keys of the true head-summed attention of each query: the most
     any top-k selection can capture, so ``indexer / oracle`` is how close the indexer gets to the best
-    possible. ``per_layer``: ``(indexer, oracle)`` of each layer.
+    possible. ``per_layer``: ``(indexer, oracle)`` of each main layer (the two means are over these).
+    ``mtp``: ``(indexer, oracle)`` of each MTP depth, whose indexer selects keys for the MTP block
+    (empty for a model without MTP layers or rows too short for them to select).
     """
 
     indexer: float
     oracle: float
     per_layer: tuple[tuple[float, float], ...]
+    mtp: tuple[tuple[float, float], ...] = ()
 
     @property
     def ratio(self) -> float:
         """The indexer's recall as a fraction of the oracle's."""
         return self.indexer / self.oracle if self.oracle > 0 else float("nan")
 
+    @property
+    def mtp_indexer(self) -> float | None:
+        """Mean indexer recall of the MTP depths (None without any)."""
+        return sum(a for a, _ in self.mtp) / len(self.mtp) if self.mtp else None
+
 
 @torch.no_grad()
 def recall_stats(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> RecallStats:
-    """Indexer and oracle top-k recall over every layer, from one dense forward pass per batch.
+    """Indexer and oracle top-k recall of every main layer and every MTP depth, from one dense
+    forward pass per batch (with the MTP layers).
 
-    Only queries that see more than ``index_topk`` keys count (see the module docstring); layers are
-    weighted equally.
+    Only queries that see more than ``index_topk`` keys count (see the module docstring); main layers
+    are weighted equally in ``indexer`` and ``oracle``. MTP depth ``d`` sees ``S - 1 - d`` positions.
     """
     if not model.config.has_indexer:
         raise ValueError("indexer recall needs a deepseek_v32 model (it has no indexer)")
@@ -77,41 +87,46 @@ def recall_stats(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> Re
         raise ValueError(
             f"recall needs sequences longer than index_topk={topk} (got {S}): every key is selected"
         )
+    main = list(model.blocks)
+    # MTP depth d attends over S - 1 - d positions: it selects only when that exceeds top-k.
+    mtp = [m for d, m in enumerate(model.mtp_layers) if S - 1 - d > topk]
+    layers = main + mtp
     captured: dict[int, tuple[torch.Tensor, ...]] = {}
     hooks = []
-    for i, block in enumerate(model.blocks):
+    for i, layer in enumerate(layers):
 
         def grab(_mod: Any, args: tuple[Any, ...], i: int = i) -> None:
             captured[i] = args[:3]
 
-        hooks.append(block.self_attn.register_forward_pre_hook(grab))
-    n_layers = len(model.blocks)
-    sums = torch.zeros(n_layers, 2, dtype=torch.float64)  # per layer: indexer mass, oracle mass
-    count = 0
+        hooks.append(layer.self_attn.register_forward_pre_hook(grab))
+    sums = torch.zeros(len(layers), 2, dtype=torch.float64)  # per layer: indexer mass, oracle mass
+    counts = torch.zeros(len(layers), dtype=torch.float64)
     try:
         for b0 in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[b0 : b0 + batch_size].to(model.lm_head.weight.device)
-            out = model(ids, use_sparse=False, return_indices=True)
-            for i, block in enumerate(model.blocks):
+            out = model(ids, use_sparse=False, return_indices=True, return_mtp=bool(mtp))
+            selections = list(out.indices) + list(out.mtp_indices or [])[: len(mtp)]
+            for i, layer in enumerate(layers):
                 x, cos, sin = captured[i]
-                q_abs, latent = _absorbed_q_and_latent(block.self_attn, x, cos, sin)
-                p = attention_probs_summed_reference(q_abs, latent, block.self_attn.scale)  # (B, S, T)
-                idx = out.indices[i].long()
-                mass = torch.gather(p, -1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, S)
-                best = p.topk(topk, dim=-1).values.sum(-1)  # (B, S): the ideal selection
+                q_abs, latent = _absorbed_q_and_latent(layer.self_attn, x, cos, sin)
+                p = attention_probs_summed_reference(q_abs, latent, layer.self_attn.scale)  # (B, S', T)
+                idx = selections[i].long()
+                mass = torch.gather(p, -1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, S')
+                best = p.topk(topk, dim=-1).values.sum(-1)  # (B, S'): the ideal selection
                 # queries that see more than top-k keys
                 sums[i, 0] += float(mass[:, topk:].sum())
                 sums[i, 1] += float(best[:, topk:].sum())
-            count += ids.shape[0] * (S - topk)
+                counts[i] += ids.shape[0] * (p.shape[1] - topk)
     finally:
         for h in hooks:
             h.remove()
-    per = sums / max(1, count)
-    mean = per.mean(0)
+    per = sums / counts.clamp_min(1).unsqueeze(1)
+    mean = per[: len(main)].mean(0)
     return RecallStats(
         indexer=float(mean[0]),
         oracle=float(mean[1]),
-        per_layer=tuple((float(a), float(b)) for a, b in per.tolist()),
+        per_layer=tuple((float(a), float(b)) for a, b in per[: len(main)].tolist()),
+        mtp=tuple((float(a), float(b)) for a, b in per[len(main) :].tolist()),
     )
 
 

@@ -15,7 +15,14 @@ Stages (V3.2-Exp §2.1, spec §3):
 
 Per step: gradient accumulation (``no_sync`` until the last micro-batch), gradient clipping,
 an LR from :func:`dsv.train.schedule.lr_at`, then the aux-loss-free MoE bias update of DeepSeek-V3
-(``bias -= gamma * sign(load - mean_load)`` with the load summed over the global batch).
+(``bias -= gamma * sign(load - mean_load)`` with the load summed over the global batch), for the
+MTP layer's MoE too; gamma drops to 0 after ``bias_update_until`` of the steps (V3 §4.2: 0.001 for
+the first 14.3T of 14.8T tokens, then 0).
+
+The MTP layers are blocks with their own indexer and MoE: whenever the indexers learn (warm-up,
+sparse attention) the MTP layers run so their indexer learns the same KL, and their recall is
+reported beside the main layers'. ``--recipe v32`` (:mod:`dsv.train.recipes`) sets the published
+V3.2 values of a stage.
 
 Losses are sums over target tokens divided by the *global* number of targets in the step (known
 on every process, since every process knows the whole batch plan), times the world size to undo
@@ -71,7 +78,7 @@ _STAGE_DEFAULTS = {
 _RESUME_KEYS = (
     "stage", "steps", "micro_batch_size", "grad_accum", "seq_len", "lr", "schedule", "warmup_steps", "min_lr_ratio",
     "decay_fraction", "weight_decay", "max_grad_norm", "seed", "attention", "bias_update_speed", "aux_loss_alpha",
-    "mtp_loss_weight", "indexer_loss_weight", "thinking", "val_fraction",
+    "mtp_loss_weight", "indexer_loss_weight", "thinking", "val_fraction", "bias_update_until",
 )  # fmt: skip
 
 
@@ -102,6 +109,7 @@ class TrainConfig:
     mixed_precision: str | None = None  # no | bf16 | fp16; None = whatever `accelerate launch` set
     attention: str = "auto"  # dense | sparse | auto (sparse when the model has an indexer)
     bias_update_speed: float = 1e-3  # gamma of the aux-loss-free balance update
+    bias_update_until: float = 1.0  # share of the steps after which gamma is 0 (V3: 14.3T of 14.8T tokens)
     aux_loss_alpha: float = 1e-4  # weight of the sequence-wise balance loss
     mtp_loss_weight: float = 0.1
     indexer_loss_weight: float = 1.0
@@ -147,6 +155,7 @@ class TrainConfig:
             (self.seq_len >= 2, "--seq-len must be >= 2"),
             (self.lr > 0, "--lr must be > 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (0 <= self.bias_update_until <= 1, "--bias-update-until must be in [0, 1] (a share of the steps)"),
             (
                 self.mixed_precision in (None, "no", "bf16", "fp16"),
                 "--mixed-precision must be no, bf16 or fp16",
@@ -174,6 +183,8 @@ class TrainSummary:
     val_loss: float | None
     recall_before: float | None = None
     recall_after: float | None = None
+    mtp_recall_before: float | None = None  # the MTP layers' indexer, beside the main layers'
+    mtp_recall_after: float | None = None
     skipped_records: list[str] = field(default_factory=list)
 
 
@@ -250,6 +261,9 @@ def pick_resume_checkpoint(
 
 
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], ckpt: Path) -> None:
+    # A setting added after a checkpoint was written counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in now}
     diffs = [f"{k} (checkpoint {saved.get(k)!r}, now {now[k]!r})" for k in now if saved.get(k) != now[k]]
     if diffs:
         raise TrainError(
@@ -419,6 +433,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     sparse = _use_sparse(cfg, has_indexer)
     want_indexer_loss = has_indexer and (cfg.stage == "dsa-warmup" or sparse)
     use_mtp = cfg.stage != "dsa-warmup" and bool(model.mtp_layers) and cfg.mtp_loss_weight > 0
+    # The MTP layers' indexer selects keys like the others, so it learns whenever they do.
+    run_mtp = bool(model.mtp_layers) and (use_mtp or want_indexer_loss)
     _configure_trainable(model, cfg, sparse)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -459,19 +475,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     eval_ids = (
         val_rows.input_ids[: cfg.eval_rows] if val_rows is not None else train_rows.input_ids[: cfg.eval_rows]
     )
-    recall_before = None
+    recall_before = mtp_recall_before = None
     if (
         has_indexer
         and cfg.stage in ("dsa-warmup", "dsa-sparse")
         and cfg.seq_len > raw.config.index_topk
         and start_step == 0
     ):
-        from dsv.train.metrics import indexer_recall
-
         raw.eval()
-        recall_before = indexer_recall(raw, eval_ids)
+        recall_before, mtp_recall_before = _recalls(raw, eval_ids)
         raw.train()
-        accelerator.print(f"indexer recall before: {recall_before:.4f}")
+        accelerator.print(f"indexer recall before: {recall_before:.4f}" + (
+            f" (MTP layer {mtp_recall_before:.4f})" if mtp_recall_before is not None else ""))  # fmt: skip
 
     def save(step: int, folder_name: str, with_state: bool = True) -> Path:
         target = out / folder_name
@@ -527,7 +542,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                 last = micro == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not last else _nullcontext()
                 with ctx:
-                    o = model(ids, use_sparse=sparse, indexer_loss=want_indexer_loss, return_mtp=use_mtp)
+                    o = model(ids, use_sparse=sparse, indexer_loss=want_indexer_loss, return_mtp=run_mtp)
                     terms = lm_terms(
                         o, labels, lm=cfg.stage != "dsa-warmup", token_scale=world / n_targets, batch_scale=share,
                         mtp_weight=cfg.mtp_loss_weight, aux_weight=cfg.aux_loss_alpha,
@@ -536,18 +551,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                     sums += terms.stacked(logged_terms).to(device)
                     accelerator.backward(terms.total())
                 if o.expert_load:
-                    batch_load = torch.stack([x.float() for x in o.expert_load])
+                    batch_load = torch.stack([x.float() for x in o.expert_load + o.mtp_expert_load])
                     loads = batch_load if loads is None else loads + batch_load
             grad_norm = (
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if loads is not None and cfg.bias_update_speed > 0 and cfg.stage != "dsa-warmup":
+            gamma = cfg.bias_update_speed if step < cfg.bias_update_until * cfg.steps else 0.0
+            if loads is not None and gamma > 0 and cfg.stage != "dsa-warmup":
                 loads = accelerator.reduce(loads, reduction="sum")
+                balanced = raw.moe_layers + raw.mtp_moe_layers[: len(loads) - len(raw.moe_layers)]
                 with torch.no_grad():
-                    for moe, load in zip(raw.moe_layers, loads, strict=True):
-                        moe.gate.e_score_correction_bias -= cfg.bias_update_speed * torch.sign(
+                    for moe, load in zip(balanced, loads, strict=True):
+                        moe.gate.e_score_correction_bias -= gamma * torch.sign(
                             load - load.mean()
                         )
             # each term's values summed over micro-batches and processes, / world: the step's loss
@@ -595,18 +612,17 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     seconds = time.perf_counter() - t0
     if val_rows is not None and cfg.stage != "dsa-warmup":
         val_loss = _evaluate(raw, val_rows, cfg, sparse)
-    recall_after = None
+    recall_after = mtp_recall_after = None
     if has_indexer and cfg.stage in ("dsa-warmup", "dsa-sparse") and cfg.seq_len > raw.config.index_topk:
-        from dsv.train.metrics import indexer_recall
-
         raw.eval()
-        recall_after = indexer_recall(raw, eval_ids)
+        recall_after, mtp_recall_after = _recalls(raw, eval_ids)
         raw.train()
     final = save(cfg.steps, "final", with_state=True)
     summary = TrainSummary(
         stage=cfg.stage, steps=cfg.steps, final_dir=str(final), tokens=tokens_seen, seconds=seconds,
         tokens_per_second=tokens_seen / max(seconds, 1e-9), final_loss=last_loss, val_loss=val_loss,
-        recall_before=recall_before, recall_after=recall_after, skipped_records=problems,
+        recall_before=recall_before, recall_after=recall_after, mtp_recall_before=mtp_recall_before,
+        mtp_recall_after=mtp_recall_after, skipped_records=problems,
     )  # fmt: skip
     if main:
         atomic_write_json(out / "summary.json", dataclasses.asdict(summary))
@@ -617,6 +633,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         accelerator.end_training()  # closes the trackers (and, in accelerate >= 1.x, the process group)
     _release(accelerator)
     return summary
+
+
+def _recalls(raw: Any, ids: torch.Tensor) -> tuple[float, float | None]:
+    """Indexer recall of the main layers and of the MTP layers (None without them)."""
+    from dsv.train.metrics import recall_stats
+
+    st = recall_stats(raw, ids)
+    return st.indexer, st.mtp_indexer
 
 
 class _nullcontext:

@@ -7,6 +7,10 @@ The optional MTP modules live at ``model.layers.{num_hidden_layers + i}`` as on 
 Forward extras, each on request: per-layer MoE routes (and replaying them: Keep Routing), per-layer
 DSA selections, the indexer distillation loss, the MoE balance loss, MTP logits.
 
+The MTP layers are full blocks: their indexer selects keys like any other once a sequence is longer
+than ``index_topk``, so it is trained on the same KL loss (and its selections and expert loads are
+reported beside the main layers'), and their MoE takes part in load balancing.
+
 Run a forward::
 
     from dsv.core.model import DSVForCausalLM
@@ -38,10 +42,12 @@ class ModelOutput:
     hidden: torch.Tensor  # (B, S, d) final hidden state before the norm
     routes: list[torch.Tensor | None] | None = None  # per layer: (B, S, k) expert ids, None for dense layers
     indices: list[torch.Tensor | None] | None = None  # per layer: (B, S, K) int32 DSA selections
-    indexer_loss: torch.Tensor | None = None  # mean over layers of the indexer KL loss
-    aux_loss: torch.Tensor | None = None  # mean over MoE layers of the sequence-wise balance loss
-    expert_load: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: tokens per expert
+    indexer_loss: torch.Tensor | None = None  # mean over the indexers that ran (MTP's included) of the KL loss
+    aux_loss: torch.Tensor | None = None  # sum over the MoE layers that ran of the sequence-wise balance loss
+    expert_load: list[torch.Tensor] = field(default_factory=list)  # per main MoE layer: tokens per expert
     mtp_logits: list[torch.Tensor] | None = None  # per MTP depth d: (B, S-1-d, V), predicting token t+2+d
+    mtp_indices: list[torch.Tensor | None] | None = None  # per MTP depth d: (B, S-1-d, K) DSA selections
+    mtp_expert_load: list[torch.Tensor] = field(default_factory=list)  # per MTP MoE layer that ran
 
 
 class Block(nn.Module):
@@ -173,7 +179,13 @@ class DSVForCausalLM(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
+        """The main blocks' MoE layers (the ones ``routes`` and ``expert_load`` follow)."""
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @property
+    def mtp_moe_layers(self) -> list[MoE]:
+        """The MTP layers' MoE (``mtp_expert_load`` follows them when the MTP layers ran)."""
+        return [m.mlp for m in self.mtp_layers if isinstance(m.mlp, MoE)]
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         """Parameters of every lightning indexer (what the DSA warm-up trains)."""
@@ -201,7 +213,9 @@ class DSVForCausalLM(nn.Module):
         - ``use_sparse``: False forces dense attention even with an indexer (the DSA warm-up and the
           dense baseline); default True when the config has an indexer.
         - ``indexer_loss``: also compute the indexer KL loss (dense target when ``use_sparse`` is
-          False, selected-set target otherwise).
+          False, selected-set target otherwise), of the MTP layers' indexers too when they run.
+        - ``return_mtp``: run the MTP layers (``mtp_logits``; with ``return_indices`` their
+          selections in ``mtp_indices``).
         - ``logits_to_keep``: compute the LM head on the last N positions only (0: all, the
           default); ``logits`` is then ``[B, N, V]``. Prefill for generation needs one: the head over
           every prompt position can cost more than the layers of a small model.
@@ -246,27 +260,47 @@ class DSVForCausalLM(nn.Module):
             if extras.indexer_loss is not None:  # type: ignore[attr-defined]
                 index_losses.append(extras.indexer_loss)  # type: ignore[attr-defined]
 
-        mtp_logits = self._mtp(h, input_ids, cos, sin, sparse) if return_mtp and self.mtp_layers else None
+        # Balance losses are read here, right after the blocks ran, so an MTP MoE's value from an
+        # earlier forward never leaks in; the MTP layers add theirs in _mtp.
+        aux = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
+        expert_load = [m.expert_load for m in self.moe_layers if m.expert_load is not None]
+        mtp = _MTPOutputs()
+        if return_mtp and self.mtp_layers:
+            self._mtp(h, input_ids, cos, sin, sparse, indexer_loss, return_indices, mtp)
+            index_losses += mtp.index_losses
+            aux += mtp.aux
         if cache is not None:
             cache.advance(S)
         last = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = nn.functional.linear(self.model.norm(last).float(), self.lm_head.weight.float())
-        aux = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
         return ModelOutput(
             logits=logits,
             hidden=h,
             routes=routes if return_routes else None,
             indices=indices if return_indices else None,
             indexer_loss=torch.stack(index_losses).mean() if index_losses else None,
-            aux_loss=torch.stack(aux).mean() if aux else None,
-            expert_load=[m.expert_load for m in self.moe_layers if m.expert_load is not None],
-            mtp_logits=mtp_logits,
+            # Summed over layers: DeepSeek-V3 (arXiv:2412.19437, §2.1.2, eq. 17-20) defines
+            # L_Bal = alpha * sum_i f_i P_i for one MoE layer's router, and DeepSeek's own
+            # modeling_deepseek.py adds each MoE layer's term to the objective (AddAuxiliaryLoss in
+            # every layer's forward), so alpha is per layer and does not shrink with depth.
+            aux_loss=torch.stack(aux).sum() if aux else None,
+            expert_load=expert_load,
+            mtp_logits=mtp.logits if return_mtp and self.mtp_layers else None,
+            mtp_indices=mtp.indices if return_mtp and self.mtp_layers and return_indices else None,
+            mtp_expert_load=mtp.expert_load,
         )
 
     def _mtp(
-        self, h: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sparse: bool
-    ) -> list[torch.Tensor]:
-        outs = []
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        sparse: bool,
+        indexer_loss: bool,
+        want_indices: bool,
+        out: _MTPOutputs,
+    ) -> None:
         for d, mtp in enumerate(self.mtp_layers):
             n = h.shape[1] - 1
             if n <= 0:
@@ -274,15 +308,34 @@ class DSVForCausalLM(nn.Module):
             emb = mtp.embed_tokens(input_ids[:, 1 + d : 1 + d + n])
             x = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(h[:, :n])), dim=-1))
             zero = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
-            x, _, _ = mtp(
+            x, _, extras = mtp(
                 x, cos[:, :n], sin[:, :n], zero,
-                cache=None, use_sparse=sparse, want_indices=False, indexer_loss=False, forced_route=None,
+                cache=None, use_sparse=sparse, want_indices=want_indices, indexer_loss=indexer_loss,
+                forced_route=None,
             )  # fmt: skip
-            outs.append(
+            out.logits.append(
                 nn.functional.linear(mtp.shared_head.norm(x).float(), mtp.shared_head.head.weight.float())
             )
+            out.indices.append(extras.indices)  # type: ignore[attr-defined]
+            if extras.indexer_loss is not None:  # type: ignore[attr-defined]
+                out.index_losses.append(extras.indexer_loss)  # type: ignore[attr-defined]
+            if isinstance(mtp.mlp, MoE):
+                if mtp.mlp.aux_loss is not None:
+                    out.aux.append(mtp.mlp.aux_loss)
+                if mtp.mlp.expert_load is not None:
+                    out.expert_load.append(mtp.mlp.expert_load)
             h = x
-        return outs
+
+
+@dataclass
+class _MTPOutputs:
+    """What the MTP layers of one forward produced (gathered by :meth:`DSVForCausalLM._mtp`)."""
+
+    logits: list[torch.Tensor] = field(default_factory=list)
+    indices: list[torch.Tensor | None] = field(default_factory=list)
+    index_losses: list[torch.Tensor] = field(default_factory=list)
+    aux: list[torch.Tensor] = field(default_factory=list)
+    expert_load: list[torch.Tensor] = field(default_factory=list)
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
