@@ -4,6 +4,8 @@ One command per stage (pretrain, dsa-warmup, dsa-sparse, sft), all with the same
 runs go through accelerate with a config from ``configs/accelerate/``::
 
     dsv train pretrain --model tiny --out runs/tiny --steps 200
+    dsv train dsa-sparse --recipe v32 --model CKPT --out runs/sparse   # the published V3.2 values
+    dsv train recipe v32                                               # ...and where each comes from
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m dsv.train pretrain --out runs/tiny2
 
 torch is imported inside the command so ``dsv --help`` stays instant; user mistakes print one
@@ -28,11 +30,17 @@ train_app = typer.Typer(
 )
 
 
-def _run(stage: str, **flags: Any) -> None:
+def _run(stage: str, recipe: str | None, given: set[str], **flags: Any) -> None:
     from dsv.cli.errors import ExitCode, exit_for, fail, writable_dir
     from dsv.train.trainer import TrainConfig, train
 
     try:
+        if recipe is not None:
+            from dsv.train.recipes import apply_recipe, describe, get_recipe
+
+            chosen = get_recipe(recipe, stage)
+            flags = apply_recipe(chosen, {k: v for k, v in flags.items() if k in given or k not in chosen.settings})
+            console.print("\n".join(describe(chosen, given & set(chosen.settings))), highlight=False, soft_wrap=True)
         writable_dir(flags["out"], "--out")
         cfg = TrainConfig(stage=stage, **flags)
         summary = train(cfg)
@@ -55,6 +63,8 @@ def _run(stage: str, **flags: Any) -> None:
         parts.append(f"val loss {summary.val_loss:.4f}")
     if summary.recall_before is not None:
         parts.append(f"recall {summary.recall_before:.3f} -> {summary.recall_after:.3f}")
+    if summary.mtp_recall_before is not None:
+        parts.append(f"MTP layer recall {summary.mtp_recall_before:.3f} -> {summary.mtp_recall_after:.3f}")
     if summary.skipped_records:
         parts.append(f"{len(summary.skipped_records)} bad record(s) skipped")
     console.print(", ".join(parts) + f"; checkpoint {summary.final_dir}")
@@ -62,6 +72,7 @@ def _run(stage: str, **flags: Any) -> None:
 
 def _stage_command(stage: str, doc: str) -> Callable[..., None]:
     def command(
+        ctx: typer.Context,
         out: Path = typer.Option(
             ..., "--out", help="Run folder: checkpoints, metrics.jsonl, loss.png, final/."
         ),
@@ -90,6 +101,9 @@ def _stage_command(stage: str, doc: str) -> Callable[..., None]:
         ),
         attention: str = typer.Option("auto", help="pretrain/sft: dense | sparse | auto."),
         bias_update_speed: float = typer.Option(1e-3, help="MoE aux-loss-free bias update speed gamma."),
+        bias_update_until: float = typer.Option(
+            1.0, help="Share of the steps after which gamma is 0 (DeepSeek-V3: 14.3T of 14.8T tokens)."
+        ),
         aux_loss_alpha: float = typer.Option(1e-4, help="Weight of the sequence-wise balance loss."),
         mtp_loss_weight: float = typer.Option(0.1, help="Weight of the MTP loss (0 = off)."),
         indexer_loss_weight: float = typer.Option(1.0, help="Weight of the indexer KL loss."),
@@ -105,8 +119,16 @@ def _stage_command(stage: str, doc: str) -> Callable[..., None]:
         ),
         default_data_size: int = typer.Option(2000, help="Documents in the embedded 'default' data set."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        recipe: str | None = typer.Option(
+            None, "--recipe", help="Published settings of the stage: v32 (`dsv train recipe v32` lists them); "
+            "flags you give win."
+        ),
     ) -> None:
-        _run(stage, **{k: v for k, v in locals().items() if k != "stage"})
+        flags = {k: v for k, v in locals().items() if k not in ("stage", "ctx", "recipe")}
+        # Flags typed on the command line win over a recipe (by name: typer may vendor its own click).
+        sources = {k: ctx.get_parameter_source(k) for k in flags}
+        given = {k for k, src in sources.items() if src is not None and src.name != "DEFAULT"}
+        _run(stage, recipe, given, **flags)
 
     command.__doc__ = doc
     return command
@@ -120,3 +142,20 @@ _DOCS = {
 }
 for _stage, _doc in _DOCS.items():
     train_app.command(_stage, help=_doc)(_stage_command(_stage, _doc))
+
+
+@train_app.command("recipe")
+def recipe_command(
+    name: str = typer.Argument(..., help="Recipe name: v32."),
+    stage: list[str] = typer.Option([], "--stage", help="Only this stage (repeatable); default: every stage."),
+) -> None:
+    """Print a recipe's values and the source of each, stage by stage (what --recipe NAME sets)."""
+    from dsv.cli.errors import exit_for
+    from dsv.train.recipes import RECIPE_STAGES, describe, get_recipe
+
+    try:
+        stages = stage or list(RECIPE_STAGES.get(name, ("dsa-sparse",)))
+        recipes = [get_recipe(name, s) for s in stages]
+    except Exception as exc:
+        exit_for(exc)
+    console.print("\n\n".join("\n".join(describe(r)) for r in recipes), highlight=False, soft_wrap=True)
