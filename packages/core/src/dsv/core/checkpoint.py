@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,8 +255,13 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def _unreadable(f: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {exc}")
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (CPU); corrupt or truncated files are named."""
+    """All tensors of a checkpoint folder as stored (CPU; FP8 weights and their ``*_scale_inv``
+    stay as they are); corrupt or truncated files are named."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -264,10 +270,42 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{f}: cannot read safetensors file (truncated or corrupt?): {exc}"
-            ) from None
+            raise _unreadable(f, exc) from None
     return state
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where a stored tensor lives and what it is, read from the safetensors header only."""
+
+    file: Path
+    dtype: torch.dtype | None  # None: a dtype torch cannot hold (named in ``stored``)
+    shape: tuple[int, ...]
+    stored: str  # the safetensors dtype name ("BF16", "F8_E4M3", ...)
+
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensor_index(folder: Path) -> dict[str, TensorMeta]:
+    """Every tensor's file, dtype and shape from the shards' headers (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, TensorMeta] = {}
+    for f in _weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    sl = sf.get_slice(name)
+                    stored = sl.get_dtype()
+                    out[name] = TensorMeta(f, _ST_DTYPES.get(stored), tuple(sl.get_shape()), stored)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise _unreadable(f, exc) from None
+    return out
 
 
 def _describe(names: list[str], limit: int = 8) -> str:
@@ -275,15 +313,13 @@ def _describe(names: list[str], limit: int = 8) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_state_dict(model: DSVForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     misshaped = [
-        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
+        f"{k} (checkpoint {found[k]}, model {expected[k]})"
+        for k in sorted(set(expected) & set(found))
+        if found[k] != expected[k]
     ]
     problems = []
     if missing:
@@ -296,29 +332,41 @@ def check_state_dict(model: DSVForCausalLM, state: dict[str, torch.Tensor], sour
         raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
 
 
+def check_state_dict(model: DSVForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    _check_shapes(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+        source,
+    )
+
+
 # Weights the reference keeps in fp32 whatever the model dtype (router, its bias, the indexer's
 # weights_proj): a bf16 checkpoint may store them in fp32.
 _FP32_OK = torch.float32
 
 
-def check_dtypes(state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Raise one error naming every tensor whose dtype cannot be a weight of this checkpoint.
-
-    Every tensor must be floating point; when ``config.json`` names a ``torch_dtype`` (``dtype``),
-    every tensor is that dtype or float32. An integer ``embed_tokens`` would load and make junk.
-    """
-    stored = None
+def _raw_config(folder: Path) -> dict[str, Any]:
     try:
         raw = json.loads((folder / "config.json").read_text())
-        stored = raw.get("torch_dtype") or raw.get("dtype")
     except (OSError, ValueError):
-        pass
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _check_dtypes(dtypes: dict[str, tuple[torch.dtype | None, str]], folder: Path, fp8: set[str]) -> None:
+    stored = None
+    raw = _raw_config(folder)
+    stored = raw.get("torch_dtype") or raw.get("dtype")
     allowed = {getattr(torch, stored), _FP32_OK} if isinstance(stored, str) and hasattr(torch, stored) else None
-    bad = [
-        f"{k} ({str(t.dtype).removeprefix('torch.')})"
-        for k, t in sorted(state.items())
-        if not t.is_floating_point() or (allowed is not None and t.dtype not in allowed)
-    ]
+    bad = []
+    for k, (dt, name) in sorted(dtypes.items()):
+        if k in fp8:
+            continue  # FP8 weights and their scales are checked by fp8_pairs
+        if dt is None or not dt.is_floating_point or dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+            bad.append(f"{k} ({name if dt is None else str(dt).removeprefix('torch.')})")
+        elif allowed is not None and dt not in allowed:
+            bad.append(f"{k} ({str(dt).removeprefix('torch.')})")
     if bad:
         want = "a floating-point dtype"
         if allowed is not None:
@@ -327,6 +375,59 @@ def check_dtypes(state: dict[str, torch.Tensor], folder: Path) -> None:
             f"{folder}: {len(bad)} tensor(s) are not {want}: {_describe(bad)}; "
             "the checkpoint is damaged or was converted wrongly: write it again"
         )
+
+
+def check_dtypes(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Raise one error naming every tensor whose dtype cannot be a weight of this checkpoint.
+
+    Every tensor must be floating point; when ``config.json`` names a ``torch_dtype`` (``dtype``),
+    every tensor is that dtype or float32. An integer ``embed_tokens`` would load and make junk.
+    """
+    _check_dtypes({k: (t.dtype, str(t.dtype)) for k, t in state.items()}, folder, set())
+
+
+def fp8_pairs(index: dict[str, TensorMeta], folder: Path) -> tuple[dict[str, str], tuple[int, int]]:
+    """``{weight name: scale name}`` of the FP8 weights and the block size, checked against
+    ``quantization_config``: an FP8 weight without its scale, a scale without its weight or of the
+    wrong shape, or FP8 tensors without a supported ``quantization_config`` raise one error."""
+    from dsv.core.fp8 import SCALE_SUFFIX, Fp8Config, scale_shape
+
+    raw = _raw_config(folder)
+    qc = raw.get("quantization_config")
+    config = Fp8Config.from_hf(qc, f"{folder}/config.json") if qc is not None else None
+    fp8 = {k for k, m in index.items() if m.stored in ("F8_E4M3", "F8_E5M2")}
+    scales = {k for k in index if k.endswith(SCALE_SUFFIX)}
+    if not fp8 and not scales:
+        return {}, (config.weight_block_size if config else (0, 0))
+    if config is None:
+        raise CheckpointError(
+            f"{folder}: {len(fp8)} tensor(s) are stored in FP8 ({_describe(sorted(fp8), 3)}) but config.json "
+            "has no quantization_config; add the one the checkpoint was made with "
+            '({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], ...})'
+        )
+    block = config.weight_block_size
+    problems = []
+    if any(index[k].stored != "F8_E4M3" for k in fp8):
+        problems.append("FP8 tensors must be e4m3 (float8_e4m3fn)")
+    no_scale = sorted(k for k in fp8 if k + SCALE_SUFFIX not in index)
+    if no_scale:
+        problems.append(f"{len(no_scale)} FP8 weight(s) without their {SCALE_SUFFIX}: {_describe(no_scale)}")
+    orphans = sorted(s for s in scales if s.removesuffix(SCALE_SUFFIX) not in fp8)
+    if orphans:
+        problems.append(f"{len(orphans)} scale(s) without an FP8 weight: {_describe(orphans)}")
+    bad = []
+    for k in sorted(fp8 - set(no_scale)):
+        s, shape = index[k + SCALE_SUFFIX], index[k].shape
+        want = scale_shape(shape, block) if len(shape) == 2 else None
+        if s.shape != want or s.stored != "F32":
+            bad.append(f"{k + SCALE_SUFFIX} ({s.stored} {s.shape}, want F32 {want})")
+    if bad:
+        problems.append(
+            f"{len(bad)} scale(s) of the wrong shape or dtype for weight_block_size {list(block)}: {_describe(bad)}"
+        )
+    if problems:
+        raise CheckpointError(f"{folder}: FP8 weights do not match their scales: " + "; ".join(problems))
+    return {k: k + SCALE_SUFFIX for k in sorted(fp8)}, block
 
 
 def check_finite(model: DSVForCausalLM, source: str) -> None:
@@ -344,6 +445,46 @@ def check_finite(model: DSVForCausalLM, source: str) -> None:
         raise CheckpointError(f"{source}: the model's outputs on a probe batch are not finite ({why})")
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: CUDA's free memory, or the host's
+    ``MemAvailable`` plus free swap; None when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_fits(model: DSVForCausalLM, device: torch.device, source: str) -> None:
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = available_bytes(device)
+    if free is not None and need > free:
+        gib = 1024**3
+        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        raise CheckpointError(
+            f"{source}: the model needs {need / gib:.1f} GiB in {dtype} on {device}, but only "
+            f"{free / gib:.1f} GiB is free there; load it in a smaller dtype (--dtype bfloat16), "
+            "on a device with more memory, or free some"
+        )
+
+
+def _cast(model: DSVForCausalLM, dtype: torch.dtype) -> DSVForCausalLM:
+    """``model`` in ``dtype``, except the router and the indexer's ``weights_proj``, which stay in
+    fp32 as in the reference."""
+    model = model.to(dtype)
+    for moe in model.moe_layers:
+        moe.gate.float()
+    for block in model.blocks:
+        if block.self_attn.indexer is not None:
+            block.self_attn.indexer.weights_proj.float()
+    return model
+
+
 # Models up to this many parameters get the probe forward by default (milliseconds to a second).
 PROBE_MAX_PARAMETERS = 3_000_000_000
 
@@ -358,11 +499,17 @@ def load_pretrained(
 ) -> tuple[DSVForCausalLM, Tokenizer | None]:
     """Load ``(model, tokenizer)`` from a checkpoint folder or Hub repo id.
 
-    ``dtype=None`` keeps the stored dtype. The tokenizer is None when the folder has none. Every
-    tensor's dtype is checked against config.json (:func:`check_dtypes`); ``probe`` runs
+    ``dtype=None`` keeps the stored dtype (bf16 for an FP8 checkpoint). The model is built on the
+    meta device, checked against the shards' headers (names, shapes, dtypes, FP8 scales) before
+    any tensor is read, allocated once on ``device`` (an error says so when it cannot fit), and
+    filled shard by shard: FP8 weights are dequantised (:func:`dsv.core.fp8.dequantize_fp8`) one
+    tensor at a time, so host memory peaks at about the model plus one shard. ``probe`` runs
     :func:`check_finite` (default: for models up to ``PROBE_MAX_PARAMETERS`` parameters), so NaN
     weights are a :class:`CheckpointError` at load instead of junk or a sampling error later.
     """
+    from safetensors import SafetensorError, safe_open
+
+    from dsv.core.fp8 import dequantize_fp8
     from dsv.core.model import DSVForCausalLM
     from dsv.core.tokenizer import Tokenizer
 
@@ -371,27 +518,59 @@ def load_pretrained(
         config = load_config(folder)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    state = read_state_dict(folder)
     with torch.device("meta"):
         model = DSVForCausalLM(config)
-    check_state_dict(model, state, str(folder))
-    check_dtypes(state, folder)
-    target = dtype if dtype is not None else state["model.embed_tokens.weight"].dtype
-    model = model.to(target)
-    for moe in model.moe_layers:  # the router and its bias stay in fp32, as in the reference
-        moe.gate.float()
-    for block in model.blocks:
-        if block.self_attn.indexer is not None:
-            block.self_attn.indexer.weights_proj.float()
+    device = torch.device(device)
+    stored = _raw_config(folder).get("torch_dtype")
+    estimate = dtype
+    if estimate is None and isinstance(stored, str) and isinstance(getattr(torch, stored, None), torch.dtype):
+        estimate = getattr(torch, stored)  # an FP8 checkpoint says bfloat16: what its other tensors are
+    if estimate is not None:  # before any shard is opened: a model that cannot fit fails at once
+        _check_fits(_cast(model, estimate), device, str(folder))
+    index = tensor_index(folder)
+    pairs, block = fp8_pairs(index, folder)
+    scales = set(pairs.values())
+    _check_shapes(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: m.shape for k, m in index.items() if k not in scales},
+        str(folder),
+    )
+    _check_dtypes({k: (m.dtype, m.stored) for k, m in index.items()}, folder, set(pairs) | scales)
+    target = dtype if dtype is not None else index["model.embed_tokens.weight"].dtype
+    assert target is not None
+    model = _cast(model, target)
+    if target != estimate:
+        _check_fits(model, device, str(folder))
     # Fresh allocations on the target device, then copies: tensors handed out by the safetensors
     # reader may sit at unaligned offsets, and CPU kernels pick different (differently rounded)
     # code paths for them, which would make a resumed run drift from an uninterrupted one.
     model = model.to_empty(device=device)
+    params = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(index[name].file, []).append(name)
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            tensor.copy_(state[name])
+        for f, names in by_file.items():
+            # One shard mapped at a time; each tensor is read, converted and dropped in turn.
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for name in names:
+                        tensor = sf.get_tensor(name)
+                        if name in pairs:
+                            scale_meta = index[pairs[name]]
+                            if scale_meta.file == f:
+                                scale = sf.get_tensor(pairs[name])
+                            else:
+                                with safe_open(str(scale_meta.file), framework="pt") as other:
+                                    scale = other.get_tensor(pairs[name])
+                            tensor = dequantize_fp8(tensor, scale, block, dtype=params[name].dtype, name=name)
+                        params[name].copy_(tensor)
+                        del tensor
+            except (SafetensorError, OSError) as exc:
+                raise _unreadable(f, exc) from None
     model.eval()
-    if probe if probe is not None else sum(t.numel() for t in state.values()) <= PROBE_MAX_PARAMETERS:
+    n_params = sum(t.numel() for t in params.values())
+    if probe if probe is not None else n_params <= PROBE_MAX_PARAMETERS:
         check_finite(model, str(folder))
     tokenizer = Tokenizer.load(folder) if with_tokenizer and (folder / "tokenizer.json").exists() else None
     return model, tokenizer

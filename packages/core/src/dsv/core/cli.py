@@ -322,10 +322,26 @@ class _ChatStream(_RawStream):
 @model_app.command("convert")
 @user_errors
 def convert(
-    src: str = typer.Argument(..., help="deepseek_v3 checkpoint folder or Hub repo id."),
-    out: Path = typer.Argument(..., help="Folder to write the deepseek_v32 checkpoint into."),
+    src: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    out: Path = typer.Argument(..., help="Folder to write the converted checkpoint into."),
     add_indexer: bool = typer.Option(
-        False, "--add-indexer", help="Add a freshly initialised lightning indexer."
+        False,
+        "--add-indexer",
+        help="deepseek_v3 -> deepseek_v32: add a freshly initialised lightning indexer.",
+    ),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="FP8 -> --dtype (bf16): dequantise every weight, drop the scales."
+    ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", help="Write DeepSeek's FP8 layout: 'fp8' (e4m3, 128x128 block scales)."
+    ),
+    scale_fmt: str = typer.Option(
+        "float", "--scale-fmt", help="--quantize: 'float' (V3) or 'ue8m0' (power-of-two scales, V3.1/V3.2)."
+    ),
+    dtype: str = typer.Option(
+        "bfloat16",
+        "--dtype",
+        help="--dequantize: output dtype; --quantize: dtype of the unquantised tensors.",
     ),
     index_n_heads: int = typer.Option(64, help="Indexer heads (V3.2: 64)."),
     index_head_dim: int = typer.Option(128, help="Indexer head dim (V3.2: 128)."),
@@ -333,13 +349,39 @@ def convert(
     seed: int = typer.Option(0, help="Seed of the indexer initialisation."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT folder."),
 ) -> None:
-    """Convert a DeepSeek-V3-architecture checkpoint into a DeepSeek-V3.2 one (then run `dsv train dsa-warmup`)."""
-    from dsv.core.convert import add_indexer as run
-    from dsv.core.errors import DSVError
+    """Convert a checkpoint: add V3.2's indexer to a V3 one, or write it in / out of DeepSeek's FP8 layout."""
+    from dsv.core import convert as conv
+    from dsv.core.errors import UsageError
 
-    if not add_indexer:
-        raise DSVError("nothing to do: pass --add-indexer (the only conversion available)")
-    r = run(src, out, index_n_heads=index_n_heads, index_head_dim=index_head_dim, index_topk=index_topk,
-            seed=seed, overwrite=force)  # fmt: skip
-    console.print(f"wrote {r.out}: indexer added to {r.layers} layers ({r.new_parameters:,} new parameters); "
-                  f"next: dsv train dsa-warmup --model {r.out} --out RUN")  # fmt: skip
+    chosen = [flag for flag, on in (("--add-indexer", add_indexer), ("--dequantize", dequantize),
+                                    ("--quantize", quantize is not None)) if on]  # fmt: skip
+    if len(chosen) != 1:
+        raise UsageError(
+            "pass exactly one of --add-indexer, --dequantize, --quantize fp8"
+            + (f" (got {' and '.join(chosen)}; run them one after the other)" if chosen else "")
+        )
+    try:
+        torch_dtype = parse_dtype(dtype)
+    except ValueError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
+    if add_indexer:
+        r = conv.add_indexer(src, out, index_n_heads=index_n_heads, index_head_dim=index_head_dim,
+                             index_topk=index_topk, seed=seed, overwrite=force)  # fmt: skip
+        console.print(f"wrote {r.out}: indexer added to {r.layers} layers ({r.new_parameters:,} new parameters); "
+                      f"next: dsv train dsa-warmup --model {r.out} --out RUN")  # fmt: skip
+        return
+    if quantize is not None:
+        if quantize != "fp8":
+            raise UsageError(
+                f"--quantize {quantize!r}: the only method is fp8 (DeepSeek's e4m3 block layout)"
+            )
+        if scale_fmt not in ("float", "ue8m0"):
+            raise UsageError(f"--scale-fmt {scale_fmt!r}: use float or ue8m0")
+        q = conv.quantize(src, out, scale_fmt=None if scale_fmt == "float" else scale_fmt, dtype=torch_dtype,
+                          overwrite=force)  # fmt: skip
+        console.print(f"wrote {q.out}: {q.tensors} weights in FP8 ({q.bytes_in / 2**20:,.1f} MiB -> "
+                      f"{q.bytes_out / 2**20:,.1f} MiB)")  # fmt: skip
+        return
+    d = conv.dequantize(src, out, dtype=torch_dtype, overwrite=force)
+    console.print(f"wrote {d.out}: {d.tensors} weights dequantised to {dtype_name(torch_dtype)} "
+                  f"({d.bytes_in / 2**20:,.1f} MiB -> {d.bytes_out / 2**20:,.1f} MiB)")  # fmt: skip
