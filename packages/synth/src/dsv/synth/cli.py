@@ -192,6 +192,7 @@ def generate(
 
 
 # `dsv synth build` lives with the pipeline (dsv.synth.pipeline.cli); registered here so it sits under `dsv synth`.
-from dsv.synth.pipeline.cli import build_command  # noqa: E402
+from dsv.synth.pipeline.cli import build_command, repo_envs_command  # noqa: E402
 
 synth_app.command("build")(build_command)
+synth_app.command("repo-envs")(repo_envs_command)

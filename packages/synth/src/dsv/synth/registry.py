@@ -28,6 +28,12 @@ __all__ = ["UnknownFamilyError", "families", "get", "library_names", "register"]
 
 _FAMILIES: dict[str, type[Environment]] = {}
 _LOADED = False
+# Families whose tasks exist only in the task files a pipeline writes (no seed-driven generator):
+# `get` finds them for `dsv eval --tasks` and `dsv rl`, `families()` does not list them.
+_TASK_FILE_FAMILIES: dict[str, tuple[str, str]] = {
+    "repo_issue": ("dsv.synth.repo_env", "RepoIssueEnv"),  # dsv synth repo-envs
+    "search_qa": ("dsv.synth.searchqa_env", "SearchQaEnv"),  # dsv synth search-qa
+}
 
 
 class UnknownFamilyError(KeyError):
@@ -95,7 +101,10 @@ def get(name: str, *, library: str | os.PathLike[str] | None = None) -> Environm
     known = families()
     if name in known:
         return known[name]()
-    candidates = list(known)
+    if name in _TASK_FILE_FAMILIES:
+        module, cls = _TASK_FILE_FAMILIES[name]
+        return getattr(importlib.import_module(module), cls)()
+    candidates = [*known, *_TASK_FILE_FAMILIES]
     if library is not None:
         from dsv.synth.pipeline.library import Library
 

@@ -14,13 +14,14 @@ Re-running the same command resumes: finished proposals are skipped. Exit codes
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from dsv.cli.errors import ExitCode, UserError, fail, writable_dir
 
-__all__ = ["build_command"]
+__all__ = ["build_command", "repo_envs_command"]
 
 _err = Console(stderr=True)
 
@@ -142,3 +143,131 @@ def build_command(
             f"{c['accepted']} of {c['total']} proposal(s) accepted, under --fail-under {fail_under:g}",
             ExitCode.BELOW_THRESHOLD,
         )
+
+
+def _progress(label: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=_err,
+        transient=False,
+    )
+
+
+def _finish(report: dict[str, Any], out: Path, what: str, fail_under: float | None) -> None:
+    """Print the counts; exit 3 on endpoint errors, 4 under --fail-under (as `dsv synth build` does)."""
+    c = report["counts"]
+    console = Console()
+    console.print(
+        f"[green]{c['accepted']} accepted[/], {c['rejected']} rejected, {c['error']} endpoint errors "
+        f"-> {out / 'tasks.jsonl'} (report: {out / 'report.md'})"
+    )
+    for category, count in report["by_category"].items():
+        console.print(f"  {category}: {count}")
+    if c["error"]:
+        rows = report.get("candidates") or report.get("items") or []
+        first = next((r["reason"] for r in rows if r["status"] == "error"), "")
+        fail(
+            f"{c['error']} of {c['total']} {what} could not be finished for endpoint errors ({first}); fix the "
+            "endpoint or --model and re-run the same command to retry them",
+            ExitCode.ENDPOINT,
+        )
+    if fail_under is not None and not c["accepted"] / max(1, c["total"]) >= fail_under:
+        fail(f"{c['accepted']} of {c['total']} {what} accepted, under --fail-under {fail_under:g}",
+             ExitCode.BELOW_THRESHOLD)  # fmt: skip
+
+
+def repo_envs_command(
+    repos: Path = typer.Argument(..., help="A git repository, or a folder of them."),
+    issues: Path = typer.Option(..., "--issues", help="JSON list of GitHub issue objects (the issues API's shape)."),
+    pulls: Path | None = typer.Option(
+        None, "--pulls", help="JSON list of GitHub pull-request objects; 'Fixes #N' pairs a PR's merge commit with N."
+    ),
+    base_url: str = typer.Option(
+        ..., "--endpoint", "--base-url", help="OpenAI-compatible endpoint of the setup agent."
+    ),
+    model: str = typer.Option(..., "--model", help="Model name to request from the endpoint."),
+    api_key: str | None = typer.Option(None, "--api-key", help="API key (default: $DSV_API_KEY, $OPENAI_API_KEY)."),
+    out: Path = typer.Option(Path("runs/repo-envs"), "--out", help="Output dir: tasks.jsonl, envs/, state.json, report.*"),
+    existing: list[Path] = typer.Option([], "--existing", help="Task files whose environments are not built again."),
+    reruns: int = typer.Option(3, "--reruns", min=1, help="Suite runs per side (before/after the fix)."),
+    setup_attempts: int = typer.Option(3, "--setup-attempts", min=1, help="Recipes the setup agent may try."),
+    language: str | None = typer.Option(None, "--language", help="python or javascript (default: detected)."),
+    sandbox_wall: float = typer.Option(120.0, "--sandbox-wall", min=1.0, help="Wall-clock seconds per suite run."),
+    max_snapshot_mb: float = typer.Option(20.0, "--max-snapshot-mb", min=0.1, help="Largest parent tree kept."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for one endpoint reply."),
+    fail_under: float | None = typer.Option(
+        None, "--fail-under", min=0.0, max=1.0, help="Exit 4 when the share of candidates accepted is under this."
+    ),
+) -> None:
+    """Build executable environments from issues and their fix commits: the tests that the fix makes pass decide."""
+    import dataclasses
+
+    from dsv.synth.eval.client import EndpointClient
+    from dsv.synth.pipeline.repo_envs import (
+        RepoEnvsConfig,
+        RepoEnvsError,
+        build_repo_envs,
+        discover_candidates,
+        find_repositories,
+    )
+    from dsv.synth.repo_env import REPO_LIMITS
+    from dsv.synth.repo_langs import adapter_for
+
+    try:
+        writable_dir(out, "--out")
+        if language is not None:
+            adapter_for(language)
+        found = find_repositories(repos)
+        discover_candidates(found, issues, pulls)  # bad input files end here, before any work
+    except (UserError, RepoEnvsError) as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(f"--language: {exc}", ExitCode.USAGE)
+    limits = dataclasses.replace(REPO_LIMITS, wall_s=sandbox_wall, cpu_s=max(1.0, sandbox_wall / 2))
+    config = RepoEnvsConfig(
+        out_dir=out, issues=issues, pulls=pulls, existing=tuple(existing), reruns=reruns,
+        setup_attempts=setup_attempts, language=language, limits=limits, max_snapshot_mb=max_snapshot_mb,
+    )  # fmt: skip
+    try:
+        client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
+    except ImportError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    with _progress("synth repo-envs") as progress:
+        bar = progress.add_task("repo-envs", total=None, last="finding candidates")
+
+        def on_start(total: int, done: int) -> None:
+            progress.update(bar, total=total, completed=done, last=f"{done} done earlier" if done else "")
+
+        def on_begin(c: Any) -> None:
+            progress.update(bar, last=f"{c.id}: setting up and running tests")
+
+        def on_candidate(o: Any) -> None:
+            progress.update(bar, advance=1 if o.finished else 0, last=f"{o.id} {o.status}: {o.category}")
+
+        try:
+            report = build_repo_envs(client, config, found, on_start=on_start, on_candidate=on_candidate,
+                                     on_begin=on_begin)  # fmt: skip
+        except RepoEnvsError as exc:
+            progress.stop()
+            fail(str(exc))
+        except KeyboardInterrupt:
+            progress.stop()
+            fail(f"interrupted; the report of the candidates finished so far is in {out / 'report.md'}: re-run "
+                 "the same command to go on", ExitCode.INTERRUPTED)  # fmt: skip
+        finally:
+            client.close()
+    _finish(report, out, "candidate(s)", fail_under)
