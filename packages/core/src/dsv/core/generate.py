@@ -12,7 +12,10 @@ under that same sampling distribution (temperature applied, renormalised over th
 Presence and frequency penalties are OpenAI's: before sampling, the logit of every token already
 generated (the prompt does not count) is lowered by ``frequency_penalty * count + presence_penalty``
 (:func:`apply_penalties`); negative values favour repetition instead. :func:`generate` samples
-from the penalised logits, so its logprobs are those of the distribution it drew from.
+from the penalised logits, so its logprobs are those of the distribution it drew from. A training
+forward cannot replay that distribution (it has no penalties), so :func:`generate` refuses
+penalties together with ``return_sampling_masks``, the request of an RL rollout whose kept sets
+and logprobs the update replays.
 
 Run::
 
@@ -162,9 +165,18 @@ def generate(
 
     ``on_token`` is called with every new id as soon as it is drawn (for streaming).
     ``return_routes`` records the MoE routes of every step (prompt routes first), for Keep Routing.
+    ``return_sampling_masks`` records the kept sets (Keep Sampling Mask); it refuses presence and
+    frequency penalties, which shift the sampling distribution away from what a training forward
+    computes (the masks and logprobs would describe a distribution the update cannot reproduce).
     """
     if len(prompt_ids) == 0:
         raise ValueError("prompt_ids is empty: give at least one token (e.g. the BOS id)")
+    if return_sampling_masks and (params.presence_penalty != 0 or params.frequency_penalty != 0):
+        raise ValueError(
+            "return_sampling_masks records a distribution for a training forward to replay, and that "
+            "forward has no presence/frequency penalties: set presence_penalty and frequency_penalty "
+            "to 0 for replayed rollouts, or do not request the masks"
+        )
     config = model.config  # type: ignore[attr-defined]
     if len(prompt_ids) + params.max_new_tokens > config.max_position_embeddings:
         raise ValueError(
