@@ -33,4 +33,19 @@ _EXPORTS = {
 }
 
 
+__all__ = [
+    "attention_probs_summed",
+    "availability",
+    "dequantize_fp8_rows",
+    "flat_indices_cu_seqlens",
+    "flat_indices_paged",
+    "indexer_kl_loss",
+    "indexer_scores",
+    "indexer_scores_fp8",
+    "quantize_fp8_rows",
+    "sparse_mla",
+    "sparse_mla_varlen",
+    "topk",
+]
+
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS, cache=True)

@@ -2,6 +2,11 @@
 
 Heavy submodules (torch) are imported on first attribute access so that ``import dsv.core`` and the
 CLI stay fast.
+
+``generate`` is the sampling module (:func:`dsv.core.generate.generate`, ``SamplingParams``,
+``sample_next``): Python binds a package attribute to a submodule of that name as soon as it is
+imported anywhere, so a function exported under the module's name would turn into the module
+depending on what ran before. ``SamplingParams`` is exported as well.
 """
 
 from __future__ import annotations
@@ -37,4 +42,14 @@ _LAZY = {
 }
 
 
-__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
+_lazy_getattr, __dir__ = lazy_exports(globals(), _LAZY)
+
+
+def __getattr__(name: str) -> object:
+    # The module, never the function of the same name (see the module docstring): the import binds
+    # dsv.core.generate to it, and every later access finds the same object.
+    if name == "generate":
+        import importlib
+
+        return importlib.import_module("dsv.core.generate")
+    return _lazy_getattr(name)

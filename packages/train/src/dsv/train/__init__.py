@@ -2,7 +2,9 @@
 
 Stages ``pretrain``, ``dsa-warmup``, ``dsa-sparse`` and ``sft`` (see :mod:`dsv.train.trainer`);
 data sources and packing in :mod:`dsv.train.data`; measures (indexer recall, validation loss,
-pass-key retrieval) in :mod:`dsv.train.metrics`. torch is imported on first attribute access.
+pass-key retrieval) in :mod:`dsv.train.metrics`; named loss terms in :mod:`dsv.train.losses`;
+published recipes (``--recipe v32``) in :mod:`dsv.train.recipes`. torch is imported on first
+attribute access.
 
     from dsv.train import TrainConfig, train
     train(TrainConfig(stage="pretrain", model="tiny", out="runs/tiny", steps=50))
@@ -17,13 +19,17 @@ __all__ = [
     "BatchPlan",
     "DataError",
     "Document",
+    "LossTerms",
     "PackedData",
+    "Recipe",
     "TrainConfig",
     "TrainError",
     "TrainSummary",
     "default_documents",
     "encode_chat",
+    "get_recipe",
     "indexer_recall",
+    "lm_terms",
     "load_documents",
     "lr_at",
     "pack",
@@ -54,6 +60,10 @@ _LAZY = {
     "recall_stats": "dsv.train.metrics",
     "validation_loss": "dsv.train.metrics",
     "lr_at": "dsv.train.schedule",
+    "LossTerms": "dsv.train.losses",
+    "lm_terms": "dsv.train.losses",
+    "Recipe": "dsv.train.recipes",
+    "get_recipe": "dsv.train.recipes",
 }
 
 
