@@ -279,3 +279,43 @@ def test_cli_quantize_dequantize_and_errors(tmp_path: Path) -> None:
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_add_indexer_on_fp8_v3_then_dsa_warmup(tmp_path: Path) -> None:
+    pytest.importorskip("dsv.train")
+    from dsv.core.convert import add_indexer
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    torch.manual_seed(0)
+    cfg = tiny(model_type="deepseek_v3")
+    v3 = save_pretrained(DSVForCausalLM(cfg), train_bpe(default_corpus(300), cfg.vocab_size), tmp_path / "v3")
+    fp8 = quantize(v3, tmp_path / "v3-fp8").out
+    r = add_indexer(fp8, tmp_path / "v32-fp8", index_n_heads=4, index_head_dim=16, index_topk=8)
+    stored = read_state_dict(r.out)
+    for layer in range(r.layers):  # main + MTP layers, in V3.2's layout: projections FP8, the rest bf16
+        p = f"model.layers.{layer}.self_attn.indexer."
+        for name in ("wq_b.weight", "wk.weight"):
+            assert stored[p + name].dtype == torch.float8_e4m3fn
+            assert tuple(stored[p + name + "_scale_inv"].shape) == scale_shape(tuple(stored[p + name].shape))
+        for name in ("weights_proj.weight", "k_norm.weight", "k_norm.bias"):
+            assert stored[p + name].dtype == torch.bfloat16 and p + name + "_scale_inv" not in stored
+    assert json.loads((r.out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    model, tok = load_pretrained(r.out)
+    assert tok is not None and model.config.model_type == "deepseek_v32"
+    run = tmp_path / "warm"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv.train", "dsa-warmup", "--model", str(r.out), "--out", str(run),
+         "--steps", "2", "--seq-len", "32", "--micro-batch-size", "2", "--default-data-size", "120",
+         "--save-every", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = read_state_dict(run / "final")
+    assert not any(k.endswith("_scale_inv") for k in after)  # the trained copy is plain (dequantised)
+    w = "model.layers.0.self_attn.indexer.wq_b.weight"
+    start = dequantize_fp8(stored[w], stored[w + "_scale_inv"], dtype=torch.float32)
+    assert not torch.equal(after[w].float(), start)  # the indexer trained
+    q = "model.layers.0.self_attn.q_a_proj.weight"
+    assert torch.equal(
+        after[q].float(), dequantize_fp8(stored[q], stored[q + "_scale_inv"], dtype=torch.float32)
+    )
