@@ -192,7 +192,8 @@ def generate(
 
 
 # `dsv synth build` lives with the pipeline (dsv.synth.pipeline.cli); registered here so it sits under `dsv synth`.
-from dsv.synth.pipeline.cli import build_command, repo_envs_command  # noqa: E402
+from dsv.synth.pipeline.cli import build_command, repo_envs_command, search_qa_command  # noqa: E402
 
 synth_app.command("build")(build_command)
 synth_app.command("repo-envs")(repo_envs_command)
+synth_app.command("search-qa")(search_qa_command)

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from dsv.cli.errors import ExitCode, UserError, fail, writable_dir
 
-__all__ = ["build_command", "repo_envs_command"]
+__all__ = ["build_command", "repo_envs_command", "search_qa_command"]
 
 _err = Console(stderr=True)
 
@@ -271,3 +271,73 @@ def repo_envs_command(
         finally:
             client.close()
     _finish(report, out, "candidate(s)", fail_under)
+
+
+def search_qa_command(
+    corpus: Path = typer.Argument(..., help="Folder of documents (.txt, .md, .html) to ask about."),
+    base_url: str = typer.Option(
+        ..., "--endpoint", "--base-url", help="OpenAI-compatible endpoint of the proposer and solver agents."
+    ),
+    model: str = typer.Option(..., "--model", help="Model name to request from the endpoint."),
+    api_key: str | None = typer.Option(None, "--api-key", help="API key (default: $DSV_API_KEY, $OPENAI_API_KEY)."),
+    n: int = typer.Option(10, "-n", "--n", min=1, help="Number of items to propose (indices 0..n-1)."),
+    out: Path = typer.Option(Path("runs/search-qa"), "--out", help="Output dir: tasks.jsonl, corpus.jsonl, report.*"),
+    existing: list[Path] = typer.Option([], "--existing", help="Task files whose questions are not asked again."),
+    min_hops: int = typer.Option(2, "--min-hops", min=1, help="Documents the evidence must span."),
+    max_turns: int = typer.Option(12, "--max-turns", min=1, help="Turns of each agent (proposer, solver)."),
+    thinking: bool = typer.Option(False, "--thinking/--no-thinking", help="Ask the endpoint to think."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature of both agents."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for one endpoint reply."),
+    fail_under: float | None = typer.Option(
+        None, "--fail-under", min=0.0, max=1.0, help="Exit 4 when the share of items accepted is under this."
+    ),
+) -> None:
+    """Search-QA by simulation: a proposer asks with evidence, a solver answers with search; agreeing answers stay."""
+    from dsv.synth.eval.client import EndpointClient
+    from dsv.synth.pipeline.search_qa import SearchQaConfig, build_search_qa
+    from dsv.synth.searchqa_env import load_documents
+
+    try:
+        writable_dir(out, "--out")
+        load_documents(corpus)
+        import tantivy  # noqa: F401
+    except UserError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    except ImportError:
+        from dsv.cli.errors import install_hint
+
+        fail(f"search-qa needs the tantivy search library: {install_hint('dsv-synth', 'search')}", ExitCode.USAGE)
+    config = SearchQaConfig(
+        out_dir=out, corpus_dir=corpus, n=n, min_hops=min_hops, proposer_turns=max_turns, solver_turns=max_turns,
+        existing=tuple(existing), thinking=thinking, temperature=temperature,
+    )  # fmt: skip
+    try:
+        client = EndpointClient(base_url, model, api_key=api_key, timeout_s=timeout)
+    except ImportError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    with _progress("synth search-qa") as progress:
+        bar = progress.add_task("search-qa", total=n, last="")
+
+        def on_start(total: int, done: int) -> None:
+            progress.update(bar, total=total, completed=done, last=f"{done} done earlier" if done else "")
+
+        def on_begin(i: int) -> None:
+            progress.update(bar, last=f"#{i}: proposer and solver at work")
+
+        def on_item(o: Any) -> None:
+            progress.update(bar, advance=1 if o.finished else 0, last=f"#{o.index} {o.status}: {o.category}")
+
+        try:
+            report = build_search_qa(client, config, on_start=on_start, on_item=on_item, on_begin=on_begin)
+        except ValueError as exc:
+            progress.stop()
+            fail(str(exc))
+        except KeyboardInterrupt:
+            progress.stop()
+            fail(f"interrupted; the report of the items finished so far is in {out / 'report.md'}: re-run "
+                 "the same command to go on", ExitCode.INTERRUPTED)  # fmt: skip
+        finally:
+            client.close()
+    _finish(report, out, "item(s)", fail_under)
