@@ -366,3 +366,43 @@ def test_cli_builds_and_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert "1 accepted" in r.output and "no_tests: 1" in r.output
     assert len(read_tasks(tmp_path / "cli" / "tasks.jsonl")) == 1
     assert re.search(r"acceptance_rate: `0\.5`", (tmp_path / "cli" / "report.md").read_text())
+
+
+def test_dsv_eval_reads_the_task_file_and_scores_in_the_sandbox(built, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from dsv.synth.eval.cli import eval_command
+
+    tasks = {t.state["repo"]: t for t in read_tasks(built["out"] / "tasks.jsonl")}
+
+    def model(body: dict) -> se.Reply:  # solves calc with the reference fix, submits nothing for jsutil
+        prompt = str(body["messages"][0]["content"])
+        answer = tasks["calc"].state["solution"] if "repository calc." in prompt else {}
+        return se.Reply(content=f"Answer: {json.dumps(answer)}")
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    with se.ScriptedEndpoint(model) as endpoint:
+        args = ["--endpoint", endpoint.base_url, "--model", endpoint.model, "--tasks", str(built["out"] / "tasks.jsonl"),
+                "--no-thinking", "--out", str(tmp_path / "eval")]  # fmt: skip
+        r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    results = {rec["task_id"]: rec for rec in map(json.loads, (tmp_path / "eval" / "results.jsonl").open())}
+    assert results[tasks["calc"].id]["passed"] and not results[tasks["jsutil"].id]["passed"]
+    assert "fail-to-pass" in results[tasks["jsutil"].id]["reason"]
+
+
+def test_fixes_in_existing_task_files_are_not_built_again(built, tmp_path: Path) -> None:
+    only = tmp_path / "only"
+    only.mkdir()
+    subprocess.run(["git", "clone", "-q", str(built["root"] / "calc"), str(only / "calc")], check=True)
+    config = RepoEnvsConfig(out_dir=tmp_path / "out", issues=built["root"] / "issues.json",
+                            existing=(built["out"] / "tasks.jsonl",))  # fmt: skip
+    with se.ScriptedEndpoint(setup_agent) as endpoint:
+        client = EndpointClient(endpoint.base_url, endpoint.model, max_retries=0)
+        report = build_repo_envs(client, config, find_repositories(only / "calc"))
+        client.close()
+        assert endpoint.requests == []
+    assert _by_issue(report)["calc", 1]["category"] == "duplicate"
+    assert read_tasks(tmp_path / "out" / "tasks.jsonl") == []

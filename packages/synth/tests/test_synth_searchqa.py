@@ -204,3 +204,24 @@ def test_cli_runs_and_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     # an unreachable endpoint: the items are endpoint errors (exit 3), kept for a re-run
     r = runner.invoke(synth_app, ["search-qa", str(docs), *base[:-2], "--out", str(tmp_path / "dead"), "-n", "1"])
     assert r.exit_code == 3 and "re-run the same command" in r.output and "Traceback" not in r.output
+
+
+def test_dsv_eval_scores_the_kept_items_and_existing_questions_are_not_kept_again(built, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from dsv.synth.eval.cli import eval_command
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    with se.ScriptedEndpoint(agents) as endpoint:  # the solver script answers the kept question
+        args = ["--endpoint", endpoint.base_url, "--model", endpoint.model, "--tasks", str(built["out"] / "tasks.jsonl"),
+                "--no-thinking", "--out", str(tmp_path / "eval"), "--fail-under", "1.0"]  # fmt: skip
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        config = SearchQaConfig(out_dir=tmp_path / "again", corpus_dir=built["root"] / "docs", n=1,
+                                existing=(built["out"] / "tasks.jsonl",))  # fmt: skip
+        client = EndpointClient(endpoint.base_url, endpoint.model, max_retries=0)
+        report = build_search_qa(client, config)
+        client.close()
+    assert report["items"][0]["category"] == "duplicate"
