@@ -64,10 +64,8 @@ garbage = st.lists(st.one_of(st.sampled_from(SPECIALS + DSML_PIECES), st.text(ma
 
 def _same_message(parsed: dict, msg: dict, thinking: bool) -> None:
     assert parsed["content"] == msg["content"]
-    if thinking:
-        assert parsed["reasoning_content"] == msg["reasoning_content"]
-    else:
-        assert "reasoning_content" not in parsed
+    # chat mode parses to "" like the official parser (parse_message_from_completion_text)
+    assert parsed["reasoning_content"] == (msg["reasoning_content"] if thinking else "")
     got = parsed.get("tool_calls", [])
     assert [c["function"]["name"] for c in got] == [c["function"]["name"] for c in msg["tool_calls"]]
     for g, m in zip(got, msg["tool_calls"], strict=True):
@@ -103,7 +101,7 @@ def test_examples() -> None:
         True,
     )
     p = parse_assistant("Hi<｜User｜> there", thinking=False)  # special token inside content is dropped
-    assert (p.content, p.reasoning_content, p.finished) == ("Hi there", None, False)
+    assert (p.content, p.reasoning_content, p.finished) == ("Hi there", "", False)
     p = parse_assistant(
         'ok\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n'
         '<｜DSML｜parameter name="n" string="false">not json</｜DSML｜parameter>\n</｜DSML｜invoke>\n'

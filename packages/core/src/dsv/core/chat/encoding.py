@@ -14,6 +14,23 @@ The rendering follows the V3.2 encoder rule for rule (spec §6.2):
 (an empty one is added at the front when there is none); a developer message carries its own
 ``tools``/``response_format`` keys, like the official encoder.
 
+Two rules of the official encoder (``encoding_dsv32.py``) that are easy to miss, both matched:
+
+- in thinking mode, an assistant message after the last user message must carry
+  ``reasoning_content`` or ``tool_calls`` (the official encoder raises, and DeepSeek's API answers
+  "Missing `reasoning_content` field in the assistant message at message index N";
+  :class:`ChatFormatError` names the index the same way). An explicit ``reasoning_content: ""`` is
+  accepted, where the official encoder refuses it too: it is what the parser gives for a
+  generation that closed its ``<think>`` at once, and re-encoding a parsed turn must render it as
+  generated (RL rollouts and in-process eval re-encode each step);
+- in thinking mode with ``drop_thinking``, a developer message before the last user/developer
+  message is removed from the history (the official ``drop_thinking_messages`` keeps only user,
+  system, tool and stripped assistant turns there). dsv matches the output rather than keeping the
+  message: a real checkpoint was trained on the official prompts, and the same history must give
+  the same tokens on dsv and on the reference servers (vLLM, SGLang), or prefix caches and RL
+  replays of a conversation would diverge. A developer message's instructions therefore hold for
+  its own turn; repeat them (or use a system message) to keep them in force.
+
 Run the checks: ``pytest packages/core/tests/test_chat_encoding.py``.
 """
 
@@ -157,6 +174,12 @@ def encode_assistant_completion(
     )
 
 
+def _original_index(messages: Sequence[Mapping[str, Any]], i: int, kept: int) -> int:
+    """Index in the caller's list of message ``i`` of the rendered list (developer messages may have
+    been removed before it; messages after the last user one keep their offset from the end)."""
+    return len(messages) - (kept - i)
+
+
 def encode_messages(
     messages: Sequence[Mapping[str, Any]],
     *,
@@ -177,13 +200,15 @@ def encode_messages(
         tools: OpenAI ``tools`` list, rendered in the first system message.
         response_format: JSON schema object rendered as the "## Response Format:" section.
         drop_thinking: in thinking mode, drop ``reasoning_content`` of assistant turns before the
-            last user message (:func:`apply_thinking_context`).
+            last user message (:func:`apply_thinking_context`) and, as the official encoder does,
+            developer messages before the last user/developer message.
         add_bos: start with the BOS string.
         templates: the checkpoint's templates (``Templates.from_checkpoint``); dsv's by default.
 
     Raises:
         ChatFormatError: an unknown role, a tool result with no matching call, unparsable tool
-            arguments or unsupported content parts.
+            arguments, unsupported content parts, or (thinking mode) an assistant message after the
+            last user message with neither reasoning nor tool calls.
     """
     t = templates or Templates()
     msgs = [dict(m) for m in messages]
@@ -202,8 +227,19 @@ def encode_messages(
         if response_format:
             msgs[first_system]["response_format"] = response_format
     if thinking and drop_thinking:
+        last = last_user_index(msgs)
+        msgs = [m for i, m in enumerate(msgs) if not (m["role"] == "developer" and i < last)]
         msgs = apply_thinking_context(msgs)
     last_user = last_user_index(msgs)
+    if thinking:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and i > last_user and m.get("reasoning_content") is None and not m.get("tool_calls"):
+                raise ChatFormatError(
+                    f"missing reasoning_content in the assistant message at message index "
+                    f"{_original_index(messages, i, len(msgs))}: in thinking mode an assistant message after the "
+                    "last user message needs its reasoning_content or tool_calls; send the message back as "
+                    "it was returned, or use chat mode"
+                )
 
     out = [t.bos_token] if add_bos else []
     for i, m in enumerate(msgs):

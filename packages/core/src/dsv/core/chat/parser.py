@@ -64,18 +64,17 @@ class ChatDelta:
 
 @dataclass
 class ParsedAssistant:
-    """A parsed assistant turn. ``reasoning_content`` is None in chat mode."""
+    """A parsed assistant turn. ``reasoning_content`` is ``""`` in chat mode, as the official
+    parser (``parse_message_from_completion_text``) gives it."""
 
     content: str = ""
-    reasoning_content: str | None = None
+    reasoning_content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     finished: bool = False
 
     def to_message(self) -> dict[str, Any]:
         """The OpenAI-style assistant message (round-trips through ``encode_messages``)."""
-        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.reasoning_content is not None:
-            msg["reasoning_content"] = self.reasoning_content
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content, "reasoning_content": self.reasoning_content}
         if self.tool_calls:
             msg["tool_calls"] = [c.to_openai() for c in self.tool_calls]
         return msg
@@ -233,7 +232,7 @@ def collect(deltas: list[ChatDelta], *, thinking: bool, finished: bool) -> Parse
     reasoning = [d.text for d in deltas if d.kind == "reasoning"]
     return ParsedAssistant(
         content="".join(d.text for d in deltas if d.kind == "content"),
-        reasoning_content="".join(reasoning) if thinking else None,
+        reasoning_content="".join(reasoning) if thinking else "",
         tool_calls=[d.tool_call() for d in deltas if d.kind == "tool_call"],
         finished=finished,
     )
