@@ -87,7 +87,7 @@ def test_tool_episode_through_the_engine_reaches_the_update(tool_model: Path, tm
     from dsv.rl import GRPOConfig, grpo
     from dsv.rl.data import TaskSource
     from dsv.rl.rollout import RolloutSettings, rollout
-    from dsv.rl.trainer import _pad_batch, build_engine
+    from dsv.rl.trainer import build_engine, update_batch
     from dsv.synth.env import Task
 
     task_json, _, _ = _transcripts()
@@ -112,8 +112,8 @@ def test_tool_episode_through_the_engine_reaches_the_update(tool_model: Path, tm
         text = tok.decode(r.tokens[r.prompt_len :])
         assert text.index("Check Cy on Monday.") < text.index("<function_results>") < text.index("Cy is free then.")
         # What the update trains: the sampled tokens of both steps; the tool result is masked out.
-        pad = _pad_batch([r], torch.device("cpu"))
-        targets, mask = pad["targets"][0], pad["mask"][0]
+        pad = update_batch([r], torch.device("cpu"))
+        targets, mask = pad.targets[0], pad.mask[0]
         trained = tok.decode(targets[mask].tolist())
         untrained = tok.decode(targets[~mask].tolist())
         assert "Check Cy on Monday." in trained and "Cy is free then." in trained and "get_calendar" in trained

@@ -17,6 +17,7 @@ import torch
 
 from dsv.core.generate import SamplingParams, sample_next
 from dsv.rl.objective import (
+    KeptSets,
     group_advantages,
     grpo_loss,
     kl_k3,
@@ -374,6 +375,60 @@ def test_sampling_logprobs_follow_sample_next() -> None:
     torch.testing.assert_close(mine.logp[0], drawn.logprobs)
 
 
+def test_sparse_kept_sets_mask_like_the_dense_mask() -> None:
+    """KeptSets (ids per position) give the values and gradients of the dense [B, T, V] mask."""
+    # row 0: position 0 kept {1, 3}, position 1 every token (None), position 2 an empty set (every
+    # token); row 1: position 0 kept {0}, then padding (the row is shorter than T)
+    sets = [[torch.tensor([3, 1]), None, torch.tensor([], dtype=torch.long)], [torch.tensor([0])]]
+    kept = KeptSets.from_ids(sets, 3)
+    assert kept.shape == (2, 3) and kept.rows.tolist() == [0, 3]
+    assert kept.pos.tolist() == [0, 0, 3] and kept.ids.tolist() == [3, 1, 0]
+    dense = kept.dense(4)
+    assert dense[0, 0].tolist() == [False, True, False, True] and dense[1, 0].tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert dense[0, 1:].all() and dense[1, 1:].all()
+    # by hand at row 0, position 0: logits (2, 1, 0, -1), kept {1, 3}: p_1 = e^1 / (e^1 + e^-1) -> ln = -0.1269280
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]] * 3, [[0.5, 0.0, 0.0, 0.0]] * 3], requires_grad=True)
+    tokens = torch.tensor([[1, 2, 2], [0, 1, 1]])
+    sparse = sampling_logprobs(logits, tokens, 1.0, kept)
+    assert sparse.logp[0, 0].item() == pytest.approx(-0.1269280, abs=1e-6)
+    assert sparse.logp[1, 0].item() == 0.0  # the only kept token: probability 1
+    (g_sparse,) = torch.autograd.grad(sparse.logp.sum(), logits)
+    full = sampling_logprobs(logits, tokens, 1.0, dense)
+    (g_dense,) = torch.autograd.grad(full.logp.sum(), logits)
+    torch.testing.assert_close(sparse.logp, full.logp, rtol=0, atol=0)
+    assert sparse.entropy is not None and full.entropy is not None
+    torch.testing.assert_close(sparse.entropy, full.entropy, rtol=0, atol=0)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=0, atol=0)
+    assert g_sparse[0, 0, 0].item() == 0.0 and g_sparse[0, 0, 2].item() == 0.0  # outside the kept set
+    assert logits.detach()[0, 0].tolist() == [2.0, 1.0, 0.0, -1.0]  # the caller's logits are untouched
+    # a token outside its kept set could not have been sampled
+    assert (
+        sampling_logprobs(logits, torch.tensor([[0, 2, 2], [0, 1, 1]]), 1.0, kept).logp[0, 0].item() == -INF
+    )
+    with pytest.raises(ValueError, match="keep covers positions"):
+        sampling_logprobs(logits[:, :2], tokens[:, :2], 1.0, kept)
+    with pytest.raises(ValueError, match="more than T=2"):
+        KeptSets.from_ids(sets, 2)
+
+
+def test_sparse_kept_sets_match_the_sampler_on_a_large_batch() -> None:
+    """Top-k/top-p sets drawn by sample_next, as ids: the sampler's own log-probs come back."""
+    B, T, V = 3, 20, 64
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(5)) * 2
+    params = SamplingParams(temperature=0.9, top_k=12, top_p=0.8)
+    drawn = sample_next(logits.view(-1, V), params, torch.Generator().manual_seed(6))
+    ids = [[drawn.kept_mask[b * T + t].nonzero().squeeze(1) for t in range(T)] for b in range(B)]
+    mine = sampling_logprobs(logits, drawn.tokens.view(B, T), 0.9, KeptSets.from_ids(ids, T))
+    torch.testing.assert_close(mine.logp.flatten(), drawn.logprobs)
+    dense = sampling_logprobs(logits, drawn.tokens.view(B, T), 0.9, drawn.kept_mask.view(B, T, V))
+    torch.testing.assert_close(mine.logp, dense.logp, rtol=0, atol=0)
+
+
 def test_sampling_logprobs_padding_and_bad_input() -> None:
     logits = torch.randn(1, 2, 5)
     keep = torch.zeros(1, 2, 5, dtype=torch.bool)
@@ -407,3 +462,13 @@ def test_sampling_logprobs_keep_one_vocabulary_sized_copy_for_backward() -> None
     assert logits.untyped_storage().data_ptr() not in big
     out.logp.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    # the same with the kept sets as ids: no [B, T, V] mask at all, still one copy
+    sets = [[keep[b, t].nonzero().squeeze(1) for t in range(T)] for b in range(B)]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sparse = sampling_logprobs(
+            logits, torch.zeros(B, T, dtype=torch.long), 0.7, KeptSets.from_ids(sets, T)
+        )
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() == B * T * V}
+    assert len(big) == 1 and logits.untyped_storage().data_ptr() not in big
+    torch.testing.assert_close(sparse.logp, out.logp, rtol=0, atol=0)

@@ -18,7 +18,15 @@ import torch
 from dsv.core import presets
 from dsv.core.generate import SamplingParams, generate
 from dsv.core.model import DSVForCausalLM
-from dsv.rl.objective import forced_routes_batch, route_mismatch, routes_from_steps, sampling_logprobs
+from dsv.rl.objective import (
+    forced_routes_batch,
+    free_routes_of,
+    route_mismatch,
+    routes_from_steps,
+    sampling_logprobs,
+)
+from dsv.rl.rollout import Rollout
+from dsv.rl.trainer import _forced_routes, _kept_sets, policy_logits, update_batch
 
 
 @pytest.fixture
@@ -99,6 +107,42 @@ def test_after_a_router_change_free_routes_differ_and_forced_routes_hold(model: 
         assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
 
 
+def test_free_routes_come_from_the_forced_forward_itself(model: DSVForCausalLM) -> None:
+    """free_routes_of: the gates of one forced training forward also give their own top-k, equal
+    to a free forward's routes where the layers before agree, and the forced output is unchanged."""
+    ids = _ids(6, 2, 20)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    with torch.no_grad():
+        recorded = model(ids, return_routes=True)
+    assert recorded.routes is not None
+    # unchanged weights: the gates would choose what was recorded
+    with free_routes_of(model) as free:
+        out = model(ids, forced_routes=recorded.routes)
+    assert free[0] is None and all(f is not None and f.shape == (2, 20, 2) for f in free[1:])
+    assert route_mismatch(free, recorded.routes, mask) == 0.0
+    with torch.no_grad():  # the routers move, as in test_after_a_router_change_...
+        for moe in model.moe_layers:
+            moe.gate.weight.add_(
+                torch.randn(moe.gate.weight.shape, generator=torch.Generator().manual_seed(7)) * 0.005
+            )
+        plain = model(ids, forced_routes=recorded.routes)
+        free_forward = model(ids, return_routes=True)
+    assert free_forward.routes is not None
+    with free_routes_of(model) as free:
+        out = model(ids, forced_routes=recorded.routes)
+    assert torch.equal(out.logits, plain.logits)  # asking the gates changes nothing in the forward
+    # the first MoE layer sees the same input either way: its free choice is the free forward's
+    assert free[1] is not None and torch.equal(free[1], free_forward.routes[1])
+    assert route_mismatch(free, recorded.routes, mask) > 0.0
+    out.logits.logsumexp(-1).mean().backward()  # the extra gate call kept no graph
+    assert all(moe.gate.weight.grad is not None for moe in model.moe_layers)
+    # without forced routes the gates' own choice is what ran; the hooks are gone after the block
+    with torch.no_grad(), free_routes_of(model) as free:
+        model(ids)
+    assert all(torch.equal(f, r) for f, r in zip(free[1:], free_forward.routes[1:], strict=True))
+    assert all(not moe._forward_hooks for moe in model.moe_layers)
+
+
 def test_forced_routes_batch_pads_recorded_sequences(model: DSVForCausalLM) -> None:
     seqs = [_ids(4, 9), _ids(5, 14)]
     singles, recorded = [], []
@@ -151,3 +195,79 @@ def test_route_mismatch_compares_expert_sets() -> None:
     assert route_mismatch(free, rec, torch.zeros(1, 3)) == 0.0
     with pytest.raises(ValueError, match="dense in one route list"):
         route_mismatch(free, [rec[1], rec[1], rec[2]], mask)
+
+
+def _recorded_rollouts(model: DSVForCausalLM) -> list[Rollout]:
+    """Two groups of three samples drawn by ``generate`` (top-k, routes recorded): prompts of 40
+    and 9 tokens (the first longer than the indexer's top-32, so DSA selects), completions of
+    4 to 14 tokens; in one sample three middle tokens are not trained, like a tool result."""
+    from dsv.synth.env import Score, Task
+    from dsv.synth.episode import EpisodeResult
+
+    out = []
+    for group, prompt in enumerate([_ids(8, 40).tolist(), _ids(9, 9).tolist()]):
+        task = Task(id=f"t-{group}", family="replay", seed=group, difficulty=1, prompt="", tools=[], state={}, answer_format="")
+        for i in range(3):
+            params = SamplingParams(temperature=0.9, top_k=40, max_new_tokens=4 + 5 * i, seed=10 * group + i)
+            gen = generate(model, prompt, params, return_sampling_masks=True, return_routes=True)
+            assert gen.routes is not None and gen.sampling_masks is not None
+            n = len(gen.tokens)
+            trained = [False] * len(prompt) + [True] * n
+            if i == 2:
+                trained[len(prompt) + 4 : len(prompt) + 7] = [False] * 3
+            kept = [None] * len(prompt) + [m.nonzero().squeeze(1) for m in gen.sampling_masks]
+            out.append(Rollout(
+                task=task, group=group, tokens=prompt + gen.tokens, prompt_len=len(prompt), trained=trained,
+                sample_logprobs=[0.0] * len(prompt) + gen.logprobs, logprobs=[0.0] * (len(prompt) + n), kept=kept,
+                routes=routes_from_steps(gen.routes), result=EpisodeResult([], [], None, Score(0.0, False, ""), 0, 1),
+                finish_reason=gen.finish_reason, steps=1, completion_text="",
+            ))  # fmt: skip
+    return out
+
+
+def test_the_update_runs_each_prompt_once_and_matches_the_full_forward(model: DSVForCausalLM) -> None:
+    """update_batch + policy_logits (each group's prompt forwarded once, the rows' rests on top of
+    it) give the log-probs and the gradients of one forward over every full row, and the
+    sampler's own log-probs, with routes replayed and kept sets applied."""
+    model.train()
+    rolls = _recorded_rollouts(model)
+    batch = update_batch(rolls, torch.device("cpu"))
+    lengths = [len(r.tokens) - 1 for r in rolls]
+    assert batch.lengths == lengths and max(lengths) == batch.T
+    assert batch.prefix.shape == (2, 39) and batch.split.tolist() == [39] * 3 + [8] * 3
+    assert batch.group.tolist() == [0, 0, 0, 1, 1, 1]
+    R = batch.inputs.shape[1]
+    assert max(n - s for n, s in zip(lengths, batch.split.tolist(), strict=True)) == R
+    assert 2 * 39 + 6 * R == 162 < 6 * batch.T == 318  # the layers run about half the positions
+    assert int(batch.mask.sum()) == sum(sum(r.trained) for r in rolls)
+    forced = _forced_routes(rolls, batch.T, torch.device("cpu"))
+    keep = _kept_sets(rolls, batch, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    shared = sampling_logprobs(policy_logits(model, batch, forced), batch.targets, 0.9, keep).logp
+    shared_grads = torch.autograd.grad(shared[batch.mask].sum(), params, allow_unused=True)
+
+    # The reference: every full row in one right-padded forward, the kept sets as a dense mask.
+    full_in = torch.zeros(6, batch.T, dtype=torch.long)
+    for b, r in enumerate(rolls):
+        full_in[b, : lengths[b]] = torch.tensor(r.tokens[:-1])
+    full_logits = model(full_in, forced_routes=forced).logits
+    # the rest's position t of row b is the full row's position split[b] + t
+    at = (batch.split[:, None] + torch.arange(R)[None]).clamp(max=batch.T - 1)
+    picked = full_logits.gather(1, at[..., None].expand(6, R, full_logits.shape[-1]))
+    assert keep is not None
+    full = sampling_logprobs(picked, batch.targets, 0.9, keep.dense(1024)).logp
+    full_grads = torch.autograd.grad(full[batch.mask].sum(), params, allow_unused=True)
+    torch.testing.assert_close(shared[batch.mask], full[batch.mask], rtol=0, atol=2e-5)
+    # ... and the sampler's log-probs (generate's KV-cache decode, the same routes and kept sets)
+    torch.testing.assert_close(shared[batch.mask], batch.old[batch.mask], rtol=0, atol=1e-4)
+    for g_shared, g_full in zip(shared_grads, full_grads, strict=True):
+        assert (g_shared is None) == (g_full is None)
+        if g_shared is not None:
+            torch.testing.assert_close(g_shared, g_full, rtol=1e-3, atol=1e-6)
+    # the prompt's own weights learn through the rows that attend to it: the embedding of a token
+    # only in the long prompt gets a gradient
+    emb = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], shared_grads, strict=True))
+    only_prompt = sorted(set(rolls[0].tokens[:39]) - {t for r in rolls for t in r.tokens[39:]} - set(rolls[3].tokens))
+    grad = emb["model.embed_tokens.weight"]
+    assert grad is not None and grad[only_prompt[0]].abs().sum() > 0

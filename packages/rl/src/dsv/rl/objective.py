@@ -17,8 +17,8 @@ with the four V3.2 stabilisers:
    sequence whose mean log(π_old/π_θ) exceeds δ; it multiplies the policy-gradient term only.
 3. **Keep Routing** (:func:`forced_routes_batch`, :func:`route_mismatch`): the MoE experts chosen at
    sampling time are forced in the training forward (``DSVForCausalLM(forced_routes=...)``).
-4. **Keep Sampling Mask** (:func:`sampling_logprobs`): π_θ is renormalised over the token set the
-   sampler kept (top-k / top-p), so π_θ and π_old share one action space.
+4. **Keep Sampling Mask** (:func:`sampling_logprobs`, :class:`KeptSets`): π_θ is renormalised over
+   the token set the sampler kept (top-k / top-p), so π_θ and π_old share one action space.
 
 Variants, each a keyword of :func:`grpo_loss`: DAPO's asymmetric clip (``eps_high > eps_low``) and
 token-sum aggregation (``aggregation="dapo"``), Dr. GRPO's constant normaliser (``"dr_grpo"``),
@@ -34,7 +34,8 @@ weight for the gap between the rollout engine's and the trainer's log-probs (``t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import torch
@@ -92,22 +93,67 @@ class SamplingLogprobs(NamedTuple):
     entropy: torch.Tensor | None  # (B, T) entropy of that distribution, detached (None when not asked)
 
 
+class KeptSets(NamedTuple):
+    """The kept sets of a ``[B, T]`` batch of positions, sparse: the ids each position kept.
+
+    A dense ``[B, T, V]`` bool mask costs ``B·T·V`` bytes (a 32 x 4096 batch over V3's 129k
+    vocabulary is 17 GB); the kept sets of top-k/top-p sampling are a few dozen ids each. A position
+    without a set (padding, prompt, a sample from the full vocabulary) keeps every token.
+    Build with :meth:`from_ids`; :func:`sampling_logprobs` masks the logits with it in place.
+    """
+
+    shape: tuple[int, int]  # (B, T)
+    rows: torch.Tensor  # (R,) long: flat positions ``b * T + t`` that have a kept set
+    pos: torch.Tensor  # (K,) long: the flat position of each kept id
+    ids: torch.Tensor  # (K,) long: the kept token ids
+
+    @classmethod
+    def from_ids(
+        cls, sets: Sequence[Sequence[torch.Tensor | None]], T: int, device: torch.device | str = "cpu"
+    ) -> KeptSets:
+        """``sets[b][t]``: the token ids position ``t`` of row ``b`` kept (None or empty: every
+        token); rows shorter than ``T`` are padding after their end."""
+        rows: list[int] = []
+        sizes: list[int] = []
+        ids: list[torch.Tensor] = []
+        for b, row in enumerate(sets):
+            if len(row) > T:
+                raise ValueError(f"row {b} has {len(row)} positions, more than T={T}")
+            for t, kept in enumerate(row):
+                if kept is not None and kept.numel():
+                    rows.append(b * T + t)
+                    sizes.append(kept.numel())
+                    ids.append(kept.reshape(-1))
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        pos = rows_t.repeat_interleave(torch.tensor(sizes, dtype=torch.long)) if rows else rows_t
+        flat = torch.cat(ids).long() if ids else torch.zeros(0, dtype=torch.long)
+        return cls((len(sets), T), rows_t.to(device), pos.to(device), flat.to(device))
+
+    def dense(self, vocab: int) -> torch.Tensor:
+        """The same sets as a ``[B, T, V]`` bool mask (every token at positions without a set)."""
+        B, T = self.shape
+        keep = torch.ones(B * T, vocab, dtype=torch.bool, device=self.rows.device)
+        keep[self.rows] = False
+        keep[self.pos, self.ids] = True
+        return keep.view(B, T, vocab)
+
+
 def sampling_logprobs(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     temperature: float,
-    keep: torch.Tensor | None = None,
+    keep: torch.Tensor | KeptSets | None = None,
     *,
     with_entropy: bool = True,
 ) -> SamplingLogprobs:
     """Log-probabilities of ``tokens [B, T]`` under the distribution the sampler drew from.
 
     The rule is :func:`dsv.core.generate.sample_next`'s: ``logits [B, T, V]`` divided by the
-    temperature (:func:`~dsv.core.generate.scaled_logits`) and, with ``keep [B, T, V]`` (the
-    recorded kept sets: Keep Sampling Mask), every token outside the kept set at ``-inf`` before the
-    log-softmax, so the probabilities renormalise over the kept set. A position whose kept set is
-    empty (padding) is left unmasked so its value stays finite; a token outside a non-empty kept
-    set gets ``-inf`` (it could not have been sampled).
+    temperature (:func:`~dsv.core.generate.scaled_logits`) and, with ``keep`` (the recorded kept
+    sets: Keep Sampling Mask; a ``[B, T, V]`` bool mask or :class:`KeptSets`), every token outside
+    the kept set at ``-inf`` before the log-softmax, so the probabilities renormalise over the kept
+    set. A position whose kept set is empty (padding) is left unmasked so its value stays finite; a
+    token outside a non-empty kept set gets ``-inf`` (it could not have been sampled).
 
     Memory: one fp32 ``[B, T, V]`` copy of the logits, the only vocabulary-sized tensor kept for
     backward (the temperature and the masking are applied in place on it, the log-softmax is
@@ -118,7 +164,12 @@ def sampling_logprobs(
         raise ValueError(
             f"logits must be [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and {tuple(tokens.shape)}"
         )
-    if keep is not None and (keep.shape != logits.shape or keep.dtype != torch.bool):
+    if isinstance(keep, KeptSets):
+        if tuple(keep.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"keep covers positions {tuple(keep.shape)}, the logits {tuple(logits.shape[:2])}"
+            )
+    elif keep is not None and (keep.shape != logits.shape or keep.dtype != torch.bool):
         raise ValueError(f"keep must be a bool tensor shaped like logits {tuple(logits.shape)}, got "
                          f"{keep.dtype} {tuple(keep.shape)}")  # fmt: skip
     if not temperature > 0:
@@ -127,7 +178,14 @@ def sampling_logprobs(
             "(temperature 0) give every sampled token probability 1, with no ratio to optimise"
         )
     scaled = scaled_logits(logits, temperature)  # (B, T, V) fp32, the one copy
-    if keep is not None:
+    if isinstance(keep, KeptSets):
+        if keep.rows.numel():
+            # Positions with a set: save the kept values, fill the row with -inf, put them back.
+            flat = scaled.view(-1, scaled.shape[-1])
+            kept = flat[keep.pos, keep.ids]
+            flat.index_fill_(0, keep.rows, float("-inf"))
+            flat.index_put_((keep.pos, keep.ids), kept)
+    elif keep is not None:
         scaled.masked_fill_(~(keep | ~keep.any(-1, keepdim=True)), float("-inf"))
     lse = scaled.logsumexp(-1)  # (B, T)
     logp = scaled.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse
@@ -378,6 +436,46 @@ def forced_routes_batch(
     return out
 
 
+@contextmanager
+def free_routes_of(model: torch.nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Within the block, a forward of ``model`` (a ``DSVForCausalLM``) also fills the yielded list
+    with, per layer, the experts its gate would choose itself (``[B, S, k]``; None for dense
+    layers): the gate's own top-k on the layer's actual input. With several forwards, the last one's.
+
+    With ``forced_routes`` the forward runs the forced experts and the gate is asked once more,
+    without them and without a graph (one ``[B·S, E]`` product per MoE layer, no second forward);
+    without, its own choice is what ran. So one training forward yields both the replayed update and
+    :func:`route_mismatch`'s free routes; each MoE layer's free choice is taken on the hidden states
+    the forced layers before it produced, which isolates every layer's own disagreement.
+    """
+    from dsv.core.model.moe import MoE
+
+    blocks = list(model.blocks)  # type: ignore[attr-defined]
+    free: list[torch.Tensor | None] = [None] * len(blocks)
+    handles = []
+
+    def hook_for(layer: int) -> Callable[[torch.nn.Module, tuple, tuple], None]:
+        def hook(moe: torch.nn.Module, args: tuple, out: tuple) -> None:
+            x, forced = args[0], args[1] if len(args) > 1 else None
+            if forced is None:
+                idx = out[1]
+            else:
+                with torch.no_grad():
+                    idx = moe.gate(x.detach().reshape(-1, x.shape[-1]))[1].view(*x.shape[:-1], -1)
+            free[layer] = idx.detach()
+
+        return hook
+
+    for layer, block in enumerate(blocks):
+        if isinstance(block.mlp, MoE):
+            handles.append(block.mlp.register_forward_hook(hook_for(layer)))
+    try:
+        yield free
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def route_mismatch(
     free_routes: Sequence[torch.Tensor | None], recorded: Sequence[torch.Tensor | None], mask: torch.Tensor
 ) -> float:
@@ -454,8 +552,10 @@ def _check_shapes(logp: torch.Tensor, **others: torch.Tensor | None) -> tuple[in
 
 
 __all__ = [
+    "KeptSets",
     "SamplingLogprobs",
     "forced_routes_batch",
+    "free_routes_of",
     "group_advantages",
     "grpo_loss",
     "kl_k3",

@@ -34,6 +34,7 @@ Library use::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -227,49 +228,183 @@ def evaluate_accuracy(engine: Any, tokenizer: Any, source: Any, tasks: list[Any]
     return result
 
 
-def _pad_batch(rollouts: list[Any], device: torch.device) -> dict[str, Any]:
-    """Input/target tensors of the update: inputs ``tokens[:-1]``, targets ``tokens[1:]``, right-padded."""
-    T = max(len(r.tokens) for r in rollouts) - 1
+@dataclass
+class UpdateBatch:
+    """The rollouts of one step laid out for the update's forward (:func:`update_batch`).
+
+    The G samples of a prompt share their prompt, so the update runs it once per group: ``prefix``
+    (``[P, Lp]``, right-padded) holds each group's shared inputs, up to (not including) the input
+    that predicts the group's first sampled token; ``inputs`` (``[B, R]``, right-padded) holds the
+    rest of each row (``tokens[split_b : -1]``), which attends to its group's prefix through
+    :class:`PrefixCache`. Every per-target tensor is ``[B, R]``, aligned with ``inputs``: the
+    target of ``inputs[b, t]`` is ``targets[b, t]``. So the layers run ``P·Lp + B·R`` positions
+    instead of ``B·T``, and the LM head and the log-softmax only the ``B·R`` that can be trained.
+    """
+
+    prefix: torch.Tensor  # (P, Lp) long: each group's shared inputs (Lp may be 0: nothing shared)
+    group: torch.Tensor  # (B,) long: the prefix row of each row
+    split: torch.Tensor  # (B,) long: where each row's rest starts (its group's prefix length)
+    inputs: torch.Tensor  # (B, R) long: the rest of each row's inputs
+    targets: torch.Tensor  # (B, R) long
+    mask: torch.Tensor  # (B, R) bool: the target is trained (a token the policy sampled)
+    old: torch.Tensor  # (B, R) the engine's log-probs under the sampling distribution (π_old)
+    lengths: list[int]  # per row: its number of inputs, len(tokens) - 1
+
+    @property
+    def T(self) -> int:
+        """The longest row's number of inputs."""
+        return max(self.lengths)
+
+
+def update_batch(rollouts: list[Any], device: torch.device) -> UpdateBatch:
+    """Lay ``rollouts`` out for the update (:class:`UpdateBatch`): inputs ``tokens[:-1]``, targets
+    ``tokens[1:]``; a group's prefix is the longest common start of its rows' inputs that precedes
+    every row's first sampled token."""
     B = len(rollouts)
-    inputs = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    old = torch.zeros(B, T)
-    engine_own = torch.zeros(B, T)
+    order: dict[int, int] = {}
+    for r in rollouts:
+        order.setdefault(r.group, len(order))
+    group = [order[r.group] for r in rollouts]
+    first = [rows[0] for rows in (
+        [b for b in range(B) if group[b] == g] for g in range(len(order))
+    )]  # fmt: skip
+    shared = [0] * len(order)
+    for g, head in enumerate(first):
+        members = [rollouts[b] for b in range(B) if group[b] == g]
+        # Up to the input before each row's first sampled token, and only while every row agrees.
+        n = min(max(0, r.prompt_len - 1) for r in members)
+        for r in members[1:]:
+            same = 0
+            ref = rollouts[head].tokens
+            while same < n and r.tokens[same] == ref[same]:
+                same += 1
+            n = same
+        shared[g] = n
+    split = [shared[g] for g in group]
+    lengths = [len(r.tokens) - 1 for r in rollouts]
+    R = max(max(1, n - s) for n, s in zip(lengths, split, strict=True))
+    Lp = max(shared)
+    prefix = torch.zeros(len(order), Lp, dtype=torch.long)
+    for g, head in enumerate(first):
+        prefix[g, : shared[g]] = torch.tensor(rollouts[head].tokens[: shared[g]], dtype=torch.long)
+    inputs = torch.zeros(B, R, dtype=torch.long)
+    targets = torch.zeros(B, R, dtype=torch.long)
+    mask = torch.zeros(B, R, dtype=torch.bool)
+    old = torch.zeros(B, R)
     for b, r in enumerate(rollouts):
-        n = len(r.tokens) - 1
-        inputs[b, :n] = torch.tensor(r.tokens[:-1])
-        targets[b, :n] = torch.tensor(r.tokens[1:])
-        mask[b, :n] = torch.tensor(r.trained[1:], dtype=torch.bool)
-        old[b, :n] = torch.tensor(r.sample_logprobs[1:])
-        engine_own[b, :n] = torch.tensor(r.logprobs[1:])
-    return {
-        "inputs": inputs.to(device), "targets": targets.to(device), "mask": mask.to(device),
-        "old": old.to(device), "engine_own": engine_own.to(device), "T": T,
-    }  # fmt: skip
+        s, n = split[b], lengths[b] - split[b]
+        if n > 0:
+            inputs[b, :n] = torch.tensor(r.tokens[s:-1])
+            targets[b, :n] = torch.tensor(r.tokens[s + 1 :])
+            mask[b, :n] = torch.tensor(r.trained[s + 1 :], dtype=torch.bool)
+            old[b, :n] = torch.tensor(r.sample_logprobs[s + 1 :])
+    return UpdateBatch(
+        prefix=prefix.to(device), group=torch.tensor(group, device=device), split=torch.tensor(split, device=device),
+        inputs=inputs.to(device), targets=targets.to(device), mask=mask.to(device), old=old.to(device), lengths=lengths,
+    )  # fmt: skip
 
 
-def _kept_mask(rollouts: list[Any], T: int, vocab: int, device: torch.device) -> torch.Tensor | None:
-    """``[B, T, V]`` bool: the kept set of each sampled target (every token elsewhere); None when the
+class PrefixCache:
+    """A :class:`dsv.core.cache.KVCache` that keeps the graph: the update's two forwards share it.
+
+    First the prefix forward (``[P, Lp]`` at offset 0) stores each layer's latent rows and indexer
+    keys as computed (with their graph); :meth:`attach` then points each of the ``B`` rows at its
+    group's prefix, and the rest forward (``[B, R]`` at offsets ``split``) reads, per row, the
+    prefix's keys before ``split[b]`` and its own after. The causal rule of every cache (key ``s``
+    visible to query ``t`` of row ``b`` only when ``s <= split[b] + t``) hides the prefix padding of
+    shorter groups and the rest padding of shorter rows. Gradients reach the prefix's positions
+    through every row that attended to them, summed over the group.
+    """
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self._offsets = torch.zeros(rows, dtype=torch.long, device=device)
+        self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._group: torch.Tensor | None = None
+
+    def attach(self, group: torch.Tensor, split: torch.Tensor) -> None:
+        """Switch from storing the prefix to serving rows ``b`` from prefix row ``group[b]``."""
+        self._group = group
+        self._offsets = split.clone()
+
+    def offsets(self) -> torch.Tensor:
+        return self._offsets
+
+    def update(
+        self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._group is None:
+            self._prefix[layer] = (kv, index_k)
+            return kv, index_k
+        kv_p, ik_p = self._prefix[layer]
+        return self._place(kv_p, kv), (None if index_k is None or ik_p is None else self._place(ik_p, index_k))
+
+    def _place(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        assert self._group is not None
+        B, S = new.shape[:2]
+        rows = prefix.index_select(0, self._group)  # (B, Lp, D)
+        rows = torch.cat((rows, new.new_zeros(B, S, new.shape[-1])), 1)
+        pos = self._offsets[:, None] + torch.arange(S, device=new.device)[None]
+        return rows.index_put((torch.arange(B, device=new.device)[:, None].expand(B, S), pos), new)
+
+    def advance(self, n: int) -> None:
+        if self._group is not None:
+            self._offsets = self._offsets + n
+
+
+def _split_routes(
+    routes: list[torch.Tensor | None] | None, batch: UpdateBatch
+) -> tuple[list[torch.Tensor | None] | None, list[torch.Tensor | None] | None]:
+    """Full-length per-layer routes ``[B, T, k]`` -> the prefix's ``[P, Lp, k]`` (from each group's
+    first row) and the rest's ``[B, R, k]`` (padding positions repeat the row's last routes)."""
+    if routes is None:
+        return None, None
+    P, Lp = batch.prefix.shape
+    B, R = batch.inputs.shape
+    first = torch.zeros(P, dtype=torch.long, device=batch.group.device)
+    first.scatter_reduce_(0, batch.group, torch.arange(B, device=batch.group.device), "amin", include_self=False)
+    prefix: list[torch.Tensor | None] = []
+    rest: list[torch.Tensor | None] = []
+    for r in routes:
+        if r is None:
+            prefix.append(None)
+            rest.append(None)
+            continue
+        prefix.append(r[first, :Lp])
+        at = (batch.split.to(r.device)[:, None] + torch.arange(R, device=r.device)[None]).clamp(max=r.shape[1] - 1)
+        rest.append(r.gather(1, at[..., None].expand(B, R, r.shape[-1])))
+    return prefix, rest
+
+
+def policy_logits(
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    forced_routes: list[torch.Tensor | None] | None = None,
+    *,
+    prefix_model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """``[B, R, V]`` logits of ``batch``'s rest positions: the prefix forward (on ``prefix_model``,
+    default ``model``: a DDP wrapper runs one forward per backward, so the caller passes the
+    unwrapped module there), then the rest forward on ``model`` over the prefix's keys.
+    ``forced_routes``: full-length per-layer ``[B, T, k]`` (Keep Routing), split here."""
+    prefix_routes, rest_routes = _split_routes(forced_routes, batch)
+    if batch.prefix.shape[1] == 0:
+        return model(batch.inputs, forced_routes=rest_routes).logits
+    cache = PrefixCache(batch.prefix.shape[0], batch.prefix.device)
+    (prefix_model or model)(batch.prefix, cache=cache, forced_routes=prefix_routes, logits_to_keep=1)
+    cache.attach(batch.group, batch.split)
+    return model(batch.inputs, cache=cache, forced_routes=rest_routes).logits
+
+
+def _kept_sets(rollouts: list[Any], batch: UpdateBatch, device: torch.device) -> Any:
+    """The rollouts' kept sets at the batch's target positions (:class:`KeptSets`); None when the
     rollouts kept every token (no top-k/top-p)."""
+    from dsv.rl.objective import KeptSets
+
     if all(k is None for r in rollouts for k in r.kept):
         return None
-    rows: list[torch.Tensor] = []
-    cols: list[torch.Tensor] = []
-    ids: list[torch.Tensor] = []
-    for b, r in enumerate(rollouts):
-        for t, kept in enumerate(r.kept[1:]):
-            if kept is not None:
-                rows.append(torch.full((len(kept),), b))
-                cols.append(torch.full((len(kept),), t))
-                ids.append(kept.long())
-    b_idx, t_idx, v_idx = (torch.cat(x).to(device) for x in (rows, cols, ids))
-    # Positions with a recorded set keep only it; the others (padding, prompt, full-vocabulary
-    # samples) keep every token. One scatter instead of a [V] write per position.
-    keep = torch.ones(len(rollouts), T, vocab, dtype=torch.bool, device=device)
-    keep[b_idx, t_idx] = False
-    keep[b_idx, t_idx, v_idx] = True
-    return keep
+    R = batch.inputs.shape[1]
+    split = batch.split.tolist()
+    return KeptSets.from_ids([r.kept[1 + s : 1 + s + R] for r, s in zip(rollouts, split, strict=True)], R, device)
 
 
 def _forced_routes(rollouts: list[Any], T: int, device: torch.device) -> list[torch.Tensor | None] | None:
@@ -291,7 +426,13 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
     from accelerate.utils import DistributedDataParallelKwargs
 
     from dsv.rl.data import TaskSource
-    from dsv.rl.objective import group_advantages, grpo_loss, route_mismatch, sampling_logprobs
+    from dsv.rl.objective import (
+        free_routes_of,
+        group_advantages,
+        grpo_loss,
+        route_mismatch,
+        sampling_logprobs,
+    )
     from dsv.rl.rewards import RewardInput, RewardSet
     from dsv.rl.rollout import RolloutSettings, rollout
     from dsv.train.trainer import StepProgress, release_accelerator, set_rng_state
@@ -443,41 +584,41 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             metrics["reward_errors"] = step_errors
             reward_errors += step_errors
             t_train = time.perf_counter()
-            pad = _pad_batch(batch, device)
-            keep = _kept_mask(batch, pad["T"], int(raw.config.vocab_size), device) if cfg.keep_sampling_mask else None
-            forced = _forced_routes(batch, pad["T"], device) if cfg.keep_routing else None
+            pad = update_batch(batch, device)
+            keep = _kept_sets(batch, pad, device) if cfg.keep_sampling_mask else None
+            recorded = _forced_routes(batch, pad.T, device)
+            forced = recorded if cfg.keep_routing else None
             beta = torch.tensor([cfg.beta_for(r.task.family) for r in batch], device=device)
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
-                    ref_logits = ref(pad["inputs"], forced_routes=forced).logits
-                    ref_logp = sampling_logprobs(ref_logits, pad["targets"], cfg.temperature, keep,
-                                                 with_entropy=False).logp  # fmt: skip
+                    ref_logits = policy_logits(ref, pad, forced)
+                    ref_logp = sampling_logprobs(ref_logits, pad.targets, cfg.temperature, keep, with_entropy=False).logp
                     del ref_logits
-            # Free routing before the update (the gate's own top-k, same weights as the rollout) against
-            # the rollout's routes: what Keep Routing corrects.
-            recorded = forced if forced is not None else _forced_routes(batch, pad["T"], device)
-            if recorded is not None:
-                with torch.no_grad():
-                    free_routes = raw(pad["inputs"], return_routes=True).routes
-                metrics["route_mismatch"] = route_mismatch(free_routes, recorded, pad["mask"])
-                del free_routes
             trainer_old: torch.Tensor | None = None
             entropy: torch.Tensor | None = None
             for epoch in range(cfg.ppo_epochs):
-                o = model(pad["inputs"], forced_routes=forced)
-                sampled = sampling_logprobs(o.logits, pad["targets"], cfg.temperature, keep, with_entropy=epoch == 0)
+                # Free routing before the update (the gate's own top-k, same weights as the rollout)
+                # against the rollout's routes, what Keep Routing corrects: the gates of the first
+                # training forward also report their own choice, so no second forward is run.
+                # (Only the rest forward is measured: the prefix positions are never trained.)
+                measure = epoch == 0 and recorded is not None
+                with free_routes_of(raw) if measure else contextlib.nullcontext() as free:
+                    logits = policy_logits(model, pad, forced, prefix_model=raw)
+                if measure:
+                    metrics["route_mismatch"] = route_mismatch(free, _split_routes(recorded, pad)[1], pad.mask)
+                sampled = sampling_logprobs(logits, pad.targets, cfg.temperature, keep, with_entropy=epoch == 0)
                 logp = sampled.logp
-                del o
+                del logits
                 if epoch == 0:
                     trainer_old = logp.detach()
                     entropy = sampled.entropy
                 terms = grpo_loss(
-                    logp, trainer_old if cfg.tis_cap is not None else pad["old"], adv_b, pad["mask"],
+                    logp, trainer_old if cfg.tis_cap is not None else pad.old, adv_b, pad.mask,
                     ref_logp=ref_logp, beta=beta if ref is not None else 0.0, kl=cfg.kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     aggregation=cfg.aggregation, max_len=cfg.max_tokens * cfg.max_turns, level=cfg.level,
                     opsm_delta=cfg.opsm_delta, tis_cap=cfg.tis_cap,
-                    behaviour_logp=pad["old"] if cfg.tis_cap is not None else None,
+                    behaviour_logp=pad.old if cfg.tis_cap is not None else None,
                 )  # fmt: skip
                 loss = terms.total()
                 # Every process learns of a non-finite loss on any of them, so all stop together.
@@ -493,14 +634,14 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                 if epoch == 0:
                     metrics.update({f"loss/{k}": v for k, v in terms.metrics().items()})
                     if entropy is not None:
-                        metrics["entropy"] = float(entropy[pad["mask"]].mean()) if pad["mask"].any() else 0.0
+                        metrics["entropy"] = float(entropy[pad.mask].mean()) if pad.mask.any() else 0.0
                     metrics["loss"] = float(loss.detach())
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
             assert trainer_old is not None
-            m = pad["mask"]
+            m = pad.mask
             # Engine vs trainer on the same tokens, both under the sampling distribution.
-            diff = (trainer_old - pad["old"])[m]
+            diff = (trainer_old - pad.old)[m]
             metrics["rollout_train_kl"] = float((diff.exp() - 1 - diff).mean()) if diff.numel() else 0.0
             metrics["rollout_train_logp_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
             metrics["train_tokens_per_second"] = int(m.sum()) * cfg.ppo_epochs / max(time.perf_counter() - t_train, 1e-9)
