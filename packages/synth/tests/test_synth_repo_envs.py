@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from dsv.synth import registry
 from dsv.synth.eval.client import EndpointClient
 from dsv.synth.pipeline.repo_envs import RepoEnvsConfig, build_repo_envs, classify, find_repositories
 from dsv.synth.repo_langs import parse_tap, parse_unittest
-from dsv.synth.sandbox import Limits, sandbox_python
+from dsv.synth.sandbox import Limits, isolation_report
 from dsv.synth.tasks import read_tasks
 
 
@@ -90,10 +91,12 @@ class TestCalc(unittest.TestCase):
 
 def _order_dependent_words() -> tuple[str, str]:
     """Two words whose set order differs between the Python reruns (PYTHONHASHSEED 1, 2, 3) in the sandbox."""
+    python3 = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")  # what the sandbox's PATH finds
+    assert python3, "no python3 on the sandbox's PATH"
     for a, b in (("red", "blue"), ("ham", "egg"), ("cat", "dog"), ("sun", "moon"), ("oak", "elm"), ("x1", "y2")):
         orders = {
             subprocess.run(
-                [sandbox_python(), "-c", f"print(list({{{a!r}, {b!r}}}))"],
+                [python3, "-c", f"print(list({{{a!r}, {b!r}}}))"],
                 env={"PYTHONHASHSEED": str(seed)}, capture_output=True, text=True, check=True,
             ).stdout
             for seed in (1, 2, 3)
@@ -297,6 +300,10 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         return
 
 
+@pytest.mark.skipif(
+    not (isolation_report()["network_namespace"] and isolation_report()["private_filesystem"]),
+    reason="containing network access and writes needs network namespaces and a private root (root host)",
+)
 def test_hostile_setup_agent_is_contained_and_reported(tmp_path: Path) -> None:
     root = tmp_path / "repos"
     make_repos(root)
@@ -310,7 +317,7 @@ def test_hostile_setup_agent_is_contained_and_reported(tmp_path: Path) -> None:
     hostile = [
         {"install": f"python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/x')\"",
          "test": "true"},
-        {"install": f"touch /dsv-escape-root && echo pwned > {escape}", "test": "true"},
+        {"install": f"echo pwned > {escape}; touch /dsv-escape-root", "test": "true"},
         {"install": "sleep 600", "test": "true"},
         {"install": "true", "test": "python3 -m unittest discover -v"},
     ]  # fmt: skip
