@@ -330,7 +330,7 @@ def test_hostile_setup_agent_is_contained_and_reported(tmp_path: Path) -> None:
         with se.ScriptedEndpoint(agent) as endpoint:
             client = EndpointClient(endpoint.base_url, endpoint.model, max_retries=0)
             config = RepoEnvsConfig(out_dir=tmp_path / "out", issues=root / "issues.json", reruns=1, setup_attempts=4,
-                                    limits=Limits(cpu_s=10, wall_s=3, memory_mb=4096, max_processes=64))  # fmt: skip
+                                    limits=Limits(cpu_s=10, wall_s=5, memory_mb=4096, max_processes=64))  # fmt: skip
             report = build_repo_envs(client, config, find_repositories(only_calc / "calc"))
             client.close()
     finally:
