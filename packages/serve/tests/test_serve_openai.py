@@ -325,8 +325,11 @@ def test_errors_in_openai_shape(script: SimpleNamespace, client: openai.OpenAI, 
         client.completions.create(model="dsv-tiny", prompt=[5, 10**6], max_tokens=2)
     assert e.value.body["param"] == "prompt" and "1000000" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="dsv-tiny", prompt=[[5, 6], [7]], max_tokens=2)
-    assert e.value.body["param"] == "prompt" and "one request per prompt" in e.value.body["message"]
+        client.completions.create(model="dsv-tiny", prompt=[[5, 6], [7, 10**6]], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "1000000" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="dsv-tiny", prompt=[[5, 6], []], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "empty" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="dsv-tiny", messages=script.GREET, top_logprobs=2)
     assert e.value.body["param"] == "top_logprobs" and "logprobs: true" in e.value.body["message"]

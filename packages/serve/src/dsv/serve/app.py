@@ -46,8 +46,19 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv.core.chat import ChatDelta, ChatFormatError, StreamParser, encode_messages
-from dsv.serve.backend import Backend, Piece, TokenLogprob
+from dsv.serve.backend import Backend, LocalBackend, Piece, TokenLogprob
 from dsv.serve.engine import GenParams
+from dsv.serve.grammar import (
+    GrammarError,
+    check_grammar,
+    choice_grammar,
+    json_object_grammar,
+    json_schema_grammar,
+    lark_grammar,
+    parse_guided_json,
+    regex_grammar,
+    schema_of,
+)
 from dsv.serve.metrics import Metrics
 from dsv.serve.schemas import (
     APIError,
@@ -78,6 +89,8 @@ class ServerSettings:
     # Log a status line (token rates, running and waiting sequences, cache use) this often while
     # there is work, to the ``dsv.serve`` logger; 0 turns it off.
     stats_interval_s: float = 0.0
+    # Accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400.
+    allow_unknown_fields: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_in_flight"):
@@ -91,10 +104,11 @@ class ServerSettings:
 
 
 class _StopScanner:
-    """Cut generated text at the first stop string, holding back a possible stop prefix."""
+    """Cut generated text at the first stop string (after it with ``include``, vLLM's
+    ``include_stop_str_in_output``), holding back a possible stop prefix."""
 
-    def __init__(self, stops: list[str]) -> None:
-        self.stops, self.buf, self.stopped = stops, "", False
+    def __init__(self, stops: list[str], include: bool = False) -> None:
+        self.stops, self.buf, self.stopped, self.include = stops, "", False, include
 
     def feed(self, text: str, final: bool = False) -> str:
         if not self.stops:
@@ -102,8 +116,9 @@ class _StopScanner:
         self.buf += text
         hits = [(self.buf.find(s), s) for s in self.stops if s in self.buf]
         if hits:
-            pos = min(hits)[0]
-            out, self.buf, self.stopped = self.buf[:pos], "", True
+            pos, stop = min(hits)
+            end = pos + len(stop) if self.include else pos
+            out, self.buf, self.stopped = self.buf[:end], "", True
             return out
         keep = (
             0
@@ -176,6 +191,33 @@ class _ChoiceEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What a choice asks of the backend and the text layer beyond ``GenParams``."""
+
+    stops: list[str]
+    include_stop: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = False
+    thinking: bool = False  # count reasoning tokens (up to the first ``</think>``)
+
+
+def _usage(prompt_tokens: int, events: Iterable[_ChoiceEvent]) -> dict[str, Any]:
+    """OpenAI's usage object, with the reasoning and prefix-cached token counts."""
+    done = list(events)
+    completion = sum(e.completion_tokens for e in done)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": max((e.cached_tokens for e in done), default=0)},
+        "completion_tokens_details": {"reasoning_tokens": sum(e.reasoning_tokens for e in done)},
+    }
 
 
 def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
@@ -242,15 +284,22 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             )
         try:
             obj = json.loads(raw)
+        except RecursionError:
+            obj = _TOO_DEEP
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if obj is _TOO_DEEP or _depth_over(obj, _MAX_DEPTH):
+            raise APIError(400, f"the JSON body is nested more than {_MAX_DEPTH} levels deep; flatten it",
+                           code="invalid_json")  # fmt: skip
         if not isinstance(obj, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
-            return model.model_validate(obj)
+            return model.model_validate(obj, context={"allow_unknown_fields": settings.allow_unknown_fields})
         except ValidationError as e:
             first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
+            param = ".".join(str(p) for p in first["loc"]) or (first.get("ctx") or {}).get("field")
+            if param and not first["loc"]:  # the message names the field already
+                raise APIError(400, first["msg"], param=param, code="invalid_value") from None
             kind = "invalid_tool_schema" if param and param.startswith("tools") else "invalid_value"
             raise APIError(
                 400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code=kind
@@ -294,20 +343,36 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         return max_tokens
 
     async def run_choice(
-        index: int, prompt: str | list[int], params: GenParams, stops: list[str],
+        index: int, prompt: str | list[int], params: GenParams, extras: _Extras,
         parser: StreamParser | None, forced: str, out: asyncio.Queue[_ChoiceEvent], one_call: bool = False,
     ) -> None:  # fmt: skip
         """Generate one choice into ``out``; ``one_call`` ends it after its first complete tool call
         (``parallel_tool_calls: false``): later text is dropped and the engine stops at once."""
-        scanner = _StopScanner(stops)
+        scanner = _StopScanner(extras.stops, extras.include_stop)
         start, last = time.monotonic(), None
-        stream = backend.stream(prompt, params)
+        stream = backend.stream(prompt, params, ignore_eos=extras.ignore_eos,
+                                skip_special_tokens=extras.skip_special_tokens)  # fmt: skip
         finish = None
         generated = 0  # the engine's count arrives with its last piece; a stop string ends earlier
+        # Reasoning tokens: up to and including the first `</think>` (by id when the backend reports
+        # ids, else by the pieces the parser still reads as reasoning).
+        reasoning, thinking = 0, extras.thinking
+        end_ids = backend.encode(backend.templates.thinking_end_token) if thinking else []
+        end_id = end_ids[0] if len(end_ids) == 1 else None
         try:
             if forced and parser is not None:
                 await out.put(_ChoiceEvent(index, parser.feed(forced), "", []))
             async for piece in stream:
+                if piece.prompt_logprobs is not None:
+                    await out.put(_ChoiceEvent(index, [], "", [], prompt_logprobs=piece.prompt_logprobs))
+                if thinking and piece.ids and end_id is not None:
+                    for t in piece.ids:
+                        reasoning += 1
+                        if t == end_id:
+                            thinking = False
+                            break
+                elif thinking:
+                    reasoning += piece.tokens
                 text = scanner.feed(piece.text, final=piece.finish_reason is not None)
                 now = time.monotonic()
                 if piece.tokens or piece.text:
@@ -320,6 +385,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     tps_window.append((now, piece.tokens or 1))
                 generated += piece.tokens
                 deltas = parser.feed(text) if parser is not None else []
+                if thinking and end_id is None and any(d.kind != "reasoning" for d in deltas):
+                    thinking = False
                 called = (
                     next((k for k, d in enumerate(deltas) if d.kind == "tool_call"), None)
                     if one_call
@@ -328,7 +395,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 if called is not None:
                     finish = "stop"
                     await out.put(_ChoiceEvent(index, deltas[: called + 1], text, piece.logprobs, finish,
-                                               piece.prompt_tokens, generated))  # fmt: skip
+                                               piece.prompt_tokens, generated, reasoning_tokens=reasoning,
+                                               cached_tokens=piece.cached_tokens))  # fmt: skip
                     return
                 if piece.finish_reason is not None or scanner.stopped:
                     if parser is not None:
@@ -336,7 +404,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                     finish = "stop" if scanner.stopped else piece.finish_reason
                     used = piece.completion_tokens if piece.finish_reason is not None else generated
                     await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs, finish, piece.prompt_tokens,
-                                               used, piece.error))  # fmt: skip
+                                               used, piece.error, min(reasoning, used), piece.cached_tokens))  # fmt: skip
                     return
                 await out.put(_ChoiceEvent(index, deltas, text, piece.logprobs))
         finally:
@@ -400,8 +468,64 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                            f"{backend.vocab_size - 1}", param=param, code="invalid_value")  # fmt: skip
 
     def thinking_mode(req: Any, alias: bool | None) -> bool:
-        """Thinking as the DeepSeek API switches it: ``thinking.type``, else the ``-reasoner`` alias."""
-        return req.thinking.type == "enabled" if req.thinking is not None else bool(alias)
+        """Thinking as the DeepSeek API switches it (``thinking.type``), else as vLLM does
+        (``chat_template_kwargs.thinking``), else the ``-reasoner`` alias."""
+        if req.thinking is not None:
+            return bool(req.thinking.type == "enabled")
+        kwargs = getattr(req, "chat_template_kwargs", None) or {}
+        for key in ("thinking", "enable_thinking"):
+            if key in kwargs:
+                return bool(kwargs[key])
+        return bool(alias)
+
+    def output_grammar(req: Any) -> str:
+        """The grammar the request's structured-output field asks for ("" for none); a 400 naming
+        the field and the unsupported feature otherwise."""
+        rf, so = req.response_format, req.structured_outputs
+        param, build = "", None
+        if rf is not None and rf.type == "json_object":
+            param, build = "response_format", json_object_grammar
+        elif rf is not None and rf.type == "json_schema":
+            schema = schema_of(rf.json_schema)
+            if schema is None:
+                raise APIError(400, "response_format.json_schema needs a schema", param="response_format",
+                               code="invalid_value")  # fmt: skip
+            param, build = "response_format", lambda: json_schema_grammar(schema)
+        elif req.guided_json is not None:
+            param, build = "guided_json", lambda: json_schema_grammar(parse_guided_json(req.guided_json))
+        elif req.guided_regex is not None:
+            param, build = "guided_regex", lambda: regex_grammar(req.guided_regex)
+        elif req.guided_choice is not None:
+            param, build = "guided_choice", lambda: choice_grammar(req.guided_choice)
+        elif req.guided_grammar is not None:
+            param, build = "guided_grammar", lambda: lark_grammar(req.guided_grammar)
+        elif so is not None:
+            param = "structured_outputs"
+            if so.json_ is not None:
+                build = lambda: json_schema_grammar(parse_guided_json(so.json_))  # noqa: E731
+            elif so.regex is not None:
+                build = lambda: regex_grammar(so.regex)  # noqa: E731
+            elif so.choice is not None:
+                build = lambda: choice_grammar(so.choice)  # noqa: E731
+            elif so.grammar is not None:
+                build = lambda: lark_grammar(so.grammar)  # noqa: E731
+            elif so.json_object:
+                build = json_object_grammar
+        if build is None:
+            return ""
+        if not isinstance(backend, LocalBackend):
+            raise APIError(400, f"{param}: structured outputs are enforced by the native engine only; this server "
+                           "proxies another engine", param=param, code="invalid_value")  # fmt: skip
+        try:
+            grammar = build()
+            check_grammar(grammar)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code="unsupported_schema") from None
+        return grammar
+
+    def extras(req: Any, thinking: bool = False) -> _Extras:
+        return _Extras(req.stops(), req.include_stop_str_in_output, req.ignore_eos, req.skip_special_tokens,
+                       thinking)  # fmt: skip
 
     def chat_text(req: Any, thinking: bool, tools: list[dict[str, Any]] | None, schema: Any = None) -> str:
         """``req.messages`` in the V3.2 prompt format (a 400 for a conversation the encoding refuses)."""
@@ -415,13 +539,18 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     def sampling(
         req: Any, max_tokens: int, i: int, top_logprobs: int,
         prefix_choices: tuple[tuple[int, ...], ...] = (), prefix_after: tuple[int, ...] = (),
+        grammar: str = "", grammar_after: tuple[int, ...] = (), prompt_logprobs: int | None = None,
     ) -> GenParams:  # fmt: skip
         seed = None if req.seed is None else req.seed + i
         bias = req.bias()
-        return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
-                         seed=seed, top_logprobs=top_logprobs, presence_penalty=req.presence_penalty,
-                         frequency_penalty=req.frequency_penalty, logit_bias=bias,
-                         prefix_choices=prefix_choices, prefix_after=prefix_after)  # fmt: skip
+        return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                         max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs,
+                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                         logit_bias=bias, prefix_choices=prefix_choices, prefix_after=prefix_after,
+                         min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                         min_tokens=min(req.min_tokens, max_tokens), stop_token_ids=tuple(req.stop_token_ids or ()),
+                         grammar=grammar, grammar_after=grammar_after if grammar else (),
+                         prompt_logprobs=prompt_logprobs)  # fmt: skip
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -483,7 +612,12 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         alias = resolve_model(req.model)
         check_token_ids("logit_bias", (t for t, _ in req.bias()))
+        check_token_ids("stop_token_ids", req.stop_token_ids or ())
         thinking = thinking_mode(req, alias)
+        grammar = output_grammar(req)
+        if grammar and req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
+            raise APIError(400, "a forced tool call and a structured output cannot both shape one answer: drop "
+                           "tool_choice or the output format", param="tool_choice", code="invalid_value")  # fmt: skip
         if thinking and (req.logprobs or req.top_logprobs):
             raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode", param="logprobs",
                            code="invalid_value")  # fmt: skip
@@ -531,11 +665,14 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
         prefix = f"call_{secrets.token_hex(6)}"
 
+        # In thinking mode the reasoning stays free: the grammar starts after `</think>`.
+        grammar_after = tuple(backend.encode(backend.templates.thinking_end_token)) if thinking else ()
+
         def job(i: int) -> Any:
             parser = StreamParser(thinking, templates=backend.templates, id_prefix=f"{prefix}{i}")
+            params = sampling(req, max_tokens, i, top, choices, after, grammar, grammar_after)
             return lambda out: run_choice(
-                i, prompt, sampling(req, max_tokens, i, top, choices, after), req.stops(), parser, forced, out,
-                one_call=not req.parallel_tool_calls,
+                i, prompt, params, extras(req, thinking), parser, forced, out, one_call=not req.parallel_tool_calls,
             )  # fmt: skip
 
         jobs = [job(i) for i in range(req.n)]
@@ -569,6 +706,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             }
             for i in range(len(jobs))
         }
+        finals: list[_ChoiceEvent] = []
         async for ev in fan_in(jobs, request, stream=False):
             a = acc[ev.index]
             for d in ev.deltas:
@@ -579,6 +717,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             a["lp"] += ev.logprobs
             if ev.finish is not None:
                 a["finish"], a["tokens"], a["error"] = ev.finish, ev.completion_tokens, ev.error
+                finals.append(ev)
         if any(a["finish"] == "error" for a in acc.values()):
             msg = next(a["error"] for a in acc.values() if a["finish"] == "error")
             raise APIError(503, f"generation failed: {msg}", type="server_error", code="engine_error")
@@ -596,11 +735,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             }
             choice["logprobs"] = {"content": [_chat_lp(x) for x in a["lp"]]} if req.logprobs else None
             choices.append(choice)
-        completion = sum(a["tokens"] for a in acc.values())
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
+            "usage": _usage(prompt_tokens, finals),
         }  # fmt: skip
 
     async def chat_stream(request: Request, req: ChatCompletionRequest, jobs: list[Any], rid: str, created: int,
@@ -615,7 +752,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         for i in range(len(jobs)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         n_calls = dict.fromkeys(range(len(jobs)), 0)
-        completion = 0
+        finals: list[_ChoiceEvent] = []
         try:
             async for ev in fan_in(jobs, request, stream=True):
                 lp = {"content": [_chat_lp(x) for x in ev.logprobs]} if req.logprobs and ev.logprobs else None
@@ -631,7 +768,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 if lp is not None:
                     yield chunk([{"index": ev.index, "delta": {}, "logprobs": lp, "finish_reason": None}])
                 if ev.finish is not None:
-                    completion += ev.completion_tokens
+                    finals.append(ev)
                     reason = finish_reason(ev.finish, n_calls[ev.index] > 0)
                     if ev.finish == "error":
                         yield f"data: {json.dumps(error_body(ev.error or 'generation failed', 'server_error'))}\n\n"
@@ -639,8 +776,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                             "total_tokens": prompt_tokens + completion})  # fmt: skip
+            yield chunk([], _usage(prompt_tokens, finals))
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
@@ -648,84 +784,150 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         req: CompletionRequest = await read_json(request, CompletionRequest)
         resolve_model(req.model)
         check_token_ids("logit_bias", (t for t, _ in req.bias()))
-        prompt: str | list[int] = (
-            req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
-        )  # type: ignore[assignment]
-        if isinstance(prompt, list):
-            check_token_ids("prompt", prompt)
-        prompt_tokens = backend.count(prompt)
-        max_tokens = budget(prompt_tokens, req.max_tokens)
+        check_token_ids("stop_token_ids", req.stop_token_ids or ())
+        prompts = CompletionRequest.batch(req.prompt)
+        for p in prompts:
+            if isinstance(p, list):
+                check_token_ids("prompt", p)
+        counts = [backend.count(p) for p in prompts]
+        max_tokens = max(budget(c, req.max_tokens) for c in counts)
+        grammar = output_grammar(req)
         top = req.logprobs if req.logprobs is not None else 0
         want_lp = req.logprobs is not None
+        # Prompt logprobs: asked for (vLLM's prompt_logprobs) or part of an echo with logprobs (what
+        # lm-eval's loglikelihood requests read).
+        echo_lp = req.echo and want_lp
+        prompt_top = req.prompt_logprobs if req.prompt_logprobs is not None else top if echo_lp else None
+        if prompt_top is not None and not isinstance(backend, LocalBackend):
+            raise APIError(400, "prompt logprobs (echo with logprobs) need the native engine", param="echo",
+                           code="invalid_value")  # fmt: skip
         admit()
+        prompt_tokens = sum(counts)
         metrics.prompt_tokens.inc(prompt_tokens)
         created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
+        n = req.n
+        # Choice k is prompt k // n's (k % n)-th sample, as OpenAI and vLLM number a batch.
+        choice_prompt = [prompts[k // n] for k in range(len(prompts) * n)]
 
-        def job(i: int) -> Any:
-            params = sampling(req, max_tokens, i, max(top, 1) if want_lp else 0)
-            return lambda out: run_choice(i, prompt, params, req.stops(), None, "", out)
+        def job(k: int) -> Any:
+            params = sampling(req, max_tokens, k % n, max(top, 1) if want_lp else 0, grammar=grammar,
+                              prompt_logprobs=prompt_top)  # fmt: skip
+            return lambda out: run_choice(k, choice_prompt[k], params, extras(req), None, "", out)
 
-        jobs = [job(i) for i in range(req.n)]
-        echo = "" if not req.echo else prompt if isinstance(prompt, str) else backend.decode(prompt)
+        jobs = [job(k) for k in range(len(choice_prompt))]
+        echoes = [("" if not req.echo else p if isinstance(p, str) else backend.decode(p)) for p in prompts]
         state["in_flight"] += 1
 
-        def lp_obj(entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        def lp_obj(k: int, entries: list[TokenLogprob], prompt_lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+            """OpenAI's completion logprobs; with an echo, the prompt's entries first (its first token
+            has none: null, as OpenAI gives it)."""
             if not want_lp:
                 return None
-            return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-                    "top_logprobs": [dict(e.top[:top]) for e in entries], "text_offset": []}  # fmt: skip
+            tokens = [e.token for e in entries]
+            logprobs: list[float | None] = [e.logprob for e in entries]
+            tops: list[dict[str, float] | None] = [dict(e.top[:top]) for e in entries]
+            if prompt_lps is not None:
+                p = choice_prompt[k]
+                first = backend.decode((p if isinstance(p, list) else backend.encode(p))[:1])
+                tokens = [first, *(e.token for e in prompt_lps), *tokens]
+                logprobs = [None, *(e.logprob for e in prompt_lps), *logprobs]
+                tops = [None, *(dict(e.top[: max(top, 1)]) for e in prompt_lps), *tops]
+            offsets, at = [], 0
+            for t in tokens:
+                offsets.append(at)
+                at += len(t)
+            return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+        def batch_usage(finals: list[_ChoiceEvent]) -> dict[str, Any]:
+            usage = _usage(prompt_tokens, finals)
+            cached = [0] * len(prompts)  # per prompt, its best-served choice's prefix-cached tokens
+            for ev in finals:
+                cached[ev.index // n] = max(cached[ev.index // n], ev.cached_tokens)
+            usage["prompt_tokens_details"]["cached_tokens"] = sum(cached)
+            return usage
 
         if req.stream:
 
             async def gen() -> AsyncIterator[str]:
-                completion = 0
-                first = dict.fromkeys(range(req.n), True)
+                finals: list[_ChoiceEvent] = []
+                first = dict.fromkeys(range(len(jobs)), True)
+                plps: dict[int, list[TokenLogprob]] = {}
                 try:
                     async for ev in fan_in(jobs, request, stream=True):
-                        text = (echo if first[ev.index] else "") + ev.text
+                        if ev.prompt_logprobs is not None:
+                            plps[ev.index] = ev.prompt_logprobs
+                            continue
+                        text = (echoes[ev.index // n] if first[ev.index] else "") + ev.text
+                        echoed = plps.pop(ev.index, None) if first[ev.index] and echo_lp else None
                         first[ev.index] = False
-                        completion += ev.completion_tokens
+                        if ev.finish is not None:
+                            finals.append(ev)
                         if ev.finish == "error":
                             err_body = error_body(ev.error or "generation failed", "server_error")
                             yield f"data: {json.dumps(err_body)}\n\n"
                         body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                                "choices": [{"index": ev.index, "text": text, "logprobs": lp_obj(ev.logprobs),
+                                "choices": [{"index": ev.index, "text": text, "logprobs": lp_obj(ev.index, ev.logprobs, echoed),
                                              "finish_reason": ev.finish}]}  # fmt: skip
                         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
                 except APIError as e:  # headers are sent: the error travels as an event, then [DONE]
                     yield f"data: {json.dumps(e.body())}\n\n"
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                      "total_tokens": prompt_tokens + completion}}  # fmt: skip
+                    body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                            "choices": [], "usage": batch_usage(finals)}  # fmt: skip
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(_tracked(state, gen()), media_type="text/event-stream")
         try:
-            acc = {i: {"text": [echo], "lp": [], "finish": None, "tokens": 0} for i in range(req.n)}
+            acc: dict[int, dict[str, Any]] = {
+                k: {"text": [echoes[k // n]], "lp": [], "plp": None, "finish": None} for k in range(len(jobs))
+            }
+            finals: list[_ChoiceEvent] = []
             async for ev in fan_in(jobs, request, stream=False):
                 a = acc[ev.index]
+                if ev.prompt_logprobs is not None:
+                    a["plp"] = ev.prompt_logprobs
+                    continue
                 a["text"].append(ev.text)
                 a["lp"] += ev.logprobs
                 if ev.finish is not None:
-                    a["finish"], a["tokens"] = ev.finish, ev.completion_tokens
+                    a["finish"] = ev.finish
+                    finals.append(ev)
                     if ev.finish == "error":
                         raise APIError(
                             503, f"generation failed: {ev.error}", type="server_error", code="engine_error"
                         )
-            completion = sum(a["tokens"] for a in acc.values())
-            return {
-                "id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": "".join(a["text"]), "logprobs": lp_obj(a["lp"]),
-                             "finish_reason": a["finish"]} for i, a in acc.items()],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": prompt_tokens + completion},
-            }  # fmt: skip
+            choices = []
+            for k, a in acc.items():
+                choice = {"index": k, "text": "".join(a["text"]),
+                          "logprobs": lp_obj(k, a["lp"], a["plp"] if echo_lp else None), "finish_reason": a["finish"]}  # fmt: skip
+                if req.prompt_logprobs is not None:  # vLLM's shape: null, then {id: {logprob, rank, decoded_token}}
+                    choice["prompt_logprobs"] = _vllm_prompt_logprobs(choice_prompt[k], a["plp"] or [], backend)
+                choices.append(choice)
+            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": choices, "usage": batch_usage(finals)}  # fmt: skip
         finally:
             state["in_flight"] -= 1
 
     return app
+
+
+# Deeper bodies are refused before validation: pydantic and the chat encoding recurse per level, and
+# no request dsv takes (tool schemas included) needs this many.
+_MAX_DEPTH = 64
+_TOO_DEEP = object()
+
+
+def _depth_over(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests lists and objects more than ``limit`` levels deep (iterative)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 async def _tracked(state: dict[str, Any], gen: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -736,6 +938,19 @@ async def _tracked(state: dict[str, Any], gen: AsyncIterator[str]) -> AsyncItera
     finally:
         state["in_flight"] -= 1
         await gen.aclose()  # type: ignore[attr-defined]
+
+
+def _vllm_prompt_logprobs(
+    prompt: str | list[int], entries: list[TokenLogprob], backend: Backend
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: null for the first token, then per token ``{id: {"logprob",
+    "rank", "decoded_token"}}`` (rank among the alternatives reported, 1 = most likely)."""
+    ids = prompt if isinstance(prompt, list) else backend.encode(prompt)
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for tid, e in zip(ids[1:], entries, strict=False):
+        rank = 1 + sum(1 for _, v in e.top if v > e.logprob)
+        out.append({str(tid): {"logprob": e.logprob, "rank": rank, "decoded_token": e.token}})
+    return out
 
 
 def _chat_lp(e: TokenLogprob) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dsv.core.chat import Templates
 from dsv.core.tokenizer import IncrementalDetokenizer
-from dsv.serve.engine import Engine, Finish, GenParams, TokenEvent
+from dsv.serve.engine import Engine, Finish, GenParams, PromptLogprobs, TokenEvent
 
 if TYPE_CHECKING:
     from dsv.serve.worker import EngineProcess
@@ -49,7 +49,10 @@ class Piece:
     """A stretch of generated text; the last piece carries ``finish_reason`` and usage.
 
     ``tokens`` counts the generated tokens the piece covers (``logprobs`` is only filled when the
-    request asked for logprobs).
+    request asked for logprobs; ``ids`` are their ids where the backend knows them).
+    ``prompt_logprobs`` (``GenParams.prompt_logprobs``) comes once, before the first token: one
+    entry per prompt token after the first. The last piece's ``cached_tokens`` counts the prompt
+    tokens served from the prefix cache.
     """
 
     text: str = ""
@@ -59,6 +62,9 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Backend(Protocol):
@@ -72,7 +78,10 @@ class Backend(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]: ...
+    def stream(
+        self, prompt: str | list[int], params: GenParams, *, ignore_eos: bool = False,
+        skip_special_tokens: bool = False,
+    ) -> AsyncIterator[Piece]: ...  # fmt: skip
 
     def stats(self) -> dict[str, float]: ...
 
@@ -159,10 +168,16 @@ class LocalBackend(_Tokens):
     def close(self) -> None:
         self.engine.stop()
 
-    async def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]:
-        queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
+    async def stream(
+        self, prompt: str | list[int], params: GenParams, *, ignore_eos: bool = False,
+        skip_special_tokens: bool = False,
+    ) -> AsyncIterator[Piece]:  # fmt: skip
+        """Generate from ``prompt``; the end-of-sequence token stops it unless ``ignore_eos``; stop
+        tokens never reach the text, nor do special tokens with ``skip_special_tokens``."""
+        queue: asyncio.Queue[TokenEvent | PromptLogprobs | Finish] = asyncio.Queue()
         ids = self.ids(prompt)
-        params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
+        if not ignore_eos:
+            params = GenParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, self.eos_id)})
         stops = params.stop_token_ids
         # The HTTP layer checks requests first; an engine refusal still ends the choice cleanly.
         try:
@@ -171,7 +186,7 @@ class LocalBackend(_Tokens):
             yield Piece(finish_reason="error", prompt_tokens=len(ids), error=str(e))
             return
         done = False
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special_tokens)
         decode = self.tokenizer.decode
         want_lp = params.top_logprobs > 0
         try:
@@ -182,8 +197,15 @@ class LocalBackend(_Tokens):
                     events.append(queue.get_nowait())
                 text: list[str] = []
                 lps: list[TokenLogprob] = []
+                got: list[int] = []
                 n = 0
                 for ev in events:
+                    if isinstance(ev, PromptLogprobs):
+                        yield Piece(prompt_logprobs=[
+                            TokenLogprob(decode([t]), v, [(decode([a]), w) for a, w in top])
+                            for t, v, top in zip(ids[1:], ev.logprobs, ev.top, strict=True)
+                        ])  # fmt: skip
+                        continue
                     if isinstance(ev, Finish):
                         done = True
                         text.append(detok.flush())
@@ -195,9 +217,12 @@ class LocalBackend(_Tokens):
                             prompt_tokens=ev.prompt_tokens,
                             completion_tokens=ev.completion_tokens,
                             error=ev.error,
+                            ids=got,
+                            cached_tokens=ev.cached_tokens,
                         )
                         return
                     n += 1
+                    got.append(ev.token)
                     if want_lp:
                         lps.append(
                             TokenLogprob(
@@ -206,7 +231,7 @@ class LocalBackend(_Tokens):
                         )
                     if ev.token not in stops:
                         text.append(detok.push(ev.token))
-                yield Piece(text="".join(text), logprobs=lps, tokens=n)
+                yield Piece(text="".join(text), logprobs=lps, tokens=n, ids=got)
         finally:
             if not done:
                 self.engine.cancel(sid)
@@ -240,7 +265,10 @@ class ProxyBackend(_Tokens):
     def close(self) -> None:
         pass
 
-    async def stream(self, prompt: str | list[int], params: GenParams) -> AsyncIterator[Piece]:
+    async def stream(
+        self, prompt: str | list[int], params: GenParams, *, ignore_eos: bool = False,
+        skip_special_tokens: bool = False,
+    ) -> AsyncIterator[Piece]:  # fmt: skip
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
@@ -250,7 +278,7 @@ class ProxyBackend(_Tokens):
             "stream": True,
             "stream_options": {"include_usage": True},
             # Both engines accept these extensions; special tokens must survive for the parser.
-            "skip_special_tokens": False,
+            "skip_special_tokens": skip_special_tokens,
             "spaces_between_special_tokens": False,
         }
         if params.top_k:
@@ -264,6 +292,14 @@ class ProxyBackend(_Tokens):
             body["frequency_penalty"] = params.frequency_penalty
         if params.logit_bias:
             body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
+        # vLLM's extensions (SGLang takes the same names).
+        for name, unset in (("min_p", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0)):
+            if getattr(params, name) != unset:
+                body[name] = getattr(params, name)
+        if params.stop_token_ids:
+            body["stop_token_ids"] = list(params.stop_token_ids)
+        if ignore_eos:
+            body["ignore_eos"] = True
         finish: str | None = None
         usage: dict[str, int] = {}
         self._inflight += 1

@@ -56,17 +56,20 @@ packages/serve/tests/test_serve_engine_rl.py``.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from dsv.serve.grammar import GrammarVocab, Matcher, fill_masks
 from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, prefix_keys
 
-__all__ = ["Completion", "Engine", "EngineStats", "Finish", "GenParams", "TokenEvent"]
+__all__ = ["Completion", "Engine", "EngineStats", "Finish", "GenParams", "PromptLogprobs", "TokenEvent"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,10 +94,27 @@ class GenParams:
     prefix_after: tuple[int, ...] = ()
     # Record what an RL update replays: TokenEvent.sample_logprob and .kept, Finish.routes.
     record: bool = False
+    # vLLM's sampling extensions: drop tokens under ``min_p`` times the top token's probability
+    # (after temperature); HF/vLLM's multiplicative penalty on tokens of the prompt and the output;
+    # the stop tokens masked until ``min_tokens`` tokens are generated.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    # A grammar (``dsv.serve.grammar``'s text form) the output follows token by token, from its
+    # start or from just after the first time it ends with ``grammar_after`` (``</think>``).
+    grammar: str = ""
+    grammar_after: tuple[int, ...] = ()
+    # Report the prompt's own logprobs (with this many alternatives per position) before the first
+    # token: a PromptLogprobs event. Such a prompt is prefilled in full (no prefix-cache reuse).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         from dsv.core.generate import SamplingParams
 
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p",
+                     "repetition_penalty"):  # fmt: skip
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         # The sampling rules' own checks (temperature, top_p, top_k, penalties), then the rest.
         SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)  # fmt: skip
@@ -114,6 +134,18 @@ class GenParams:
                 )
         if self.prefix_after and (not self.prefix_choices or min(self.prefix_after) < 0):
             raise ValueError("prefix_after takes token ids >= 0 and needs prefix_choices")
+        if self.grammar_after and (not self.grammar or min(self.grammar_after) < 0):
+            raise ValueError("grammar_after takes token ids >= 0 and needs a grammar")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
 
     @property
     def penalised(self) -> bool:
@@ -154,6 +186,16 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own logprobs (``GenParams.prompt_logprobs``), sent before the first token: for
+    prompt positions 1..P-1 the model's log-softmax of that token given the ones before it, and
+    the ``top`` alternatives asked for. Position 0 has none (nothing predicts it)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
 class Finish:
     """The end of a request. With ``GenParams.record``, ``routes`` holds one entry per model layer
     (MTP layers excluded; None for dense layers): the MoE expert ids ``[P + C - 1, k]`` (int64, CPU)
@@ -165,6 +207,7 @@ class Finish:
     completion_tokens: int
     error: str = ""
     routes: list[torch.Tensor | None] | None = None
+    cached_tokens: int = 0  # prompt tokens whose cache rows came from the prefix cache
 
 
 @dataclass
@@ -180,9 +223,22 @@ class Completion:
     finish_reason: str
     error: str
     prompt_tokens: int
+    prompt_logprobs: list[float] | None = None  # with GenParams.prompt_logprobs: positions 1..P-1
 
 
-Event = TokenEvent | Finish
+Event = TokenEvent | PromptLogprobs | Finish
+
+
+def _repetition_penalty(logits: torch.Tensor, seq: _Seq, penalty: float) -> torch.Tensor:
+    """HF/vLLM's repetition penalty: the logit of every token of the prompt or the output so far is
+    divided by ``penalty`` when positive and multiplied by it when negative (a new tensor)."""
+    if seq.seen is None:
+        seq.seen = set(seq.prompt) | set(seq.generated)
+    ids = torch.tensor(sorted(seq.seen), dtype=torch.long, device=logits.device)
+    out = logits.clone()
+    v = out[ids]
+    out[ids] = torch.where(v > 0, v / penalty, v * penalty)
+    return out
 
 # A recording sequence's per-step routes are concatenated every this many forwards: one small
 # tensor per layer per step would otherwise pile up (60 layers x 8k tokens = 480k tensors).
@@ -206,6 +262,12 @@ class _Seq:
     choice_done: bool = False  # a choice is complete (or there are none): no more masking
     # With params.record: per forward (or cached prompt block), the per-layer routes of its positions.
     route_chunks: list[list[torch.Tensor | None]] = field(default_factory=list)
+    matcher: Matcher | None = None  # with params.grammar
+    grammar_from: int | None = None  # where the grammar starts, once it has
+    seen: set[int] | None = None  # prompt and output tokens, with a repetition penalty
+    reused: int = 0  # prompt tokens taken from the prefix cache
+    prompt_lps: list[float] = field(default_factory=list)  # with params.prompt_logprobs
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -221,12 +283,16 @@ class _Collect:
         self.sample_logprobs: list[float] | None = [] if record else None
         self.kept: list[torch.Tensor | None] | None = [] if record else None
         self.finish: Finish | None = None
+        self.prompt_logprobs: list[float] | None = None
         self.done = threading.Event()
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, Finish):
             self.finish = ev
             self.done.set()
+            return
+        if isinstance(ev, PromptLogprobs):
+            self.prompt_logprobs = ev.logprobs
             return
         self.tokens.append(ev.token)
         self.logprobs.append(ev.logprob)
@@ -246,6 +312,7 @@ class _Collect:
             finish_reason=f.reason,
             error=f.error,
             prompt_tokens=f.prompt_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -290,6 +357,7 @@ class Engine:
         staging: bool = True,
         vocab_size: int | None = None,
         share_prefill: bool = True,
+        tokenizer: Any = None,
     ) -> None:
         sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_batch": max_batch,
                  "prefill_chunk": prefill_chunk, "prefill_budget": 1 if prefill_budget is None else prefill_budget}  # fmt: skip
@@ -334,6 +402,9 @@ class Engine:
         self._outbox: list[tuple[Callable[[Event], None], Event]] = []
         self.weights_version = 0  # bumped by every update_weights
         self._updates: list[_WeightUpdate] = []
+        # The checkpoint's tokenizer (dsv.core.tokenizer.Tokenizer): grammars are compiled against it.
+        self.tokenizer = tokenizer
+        self._grammar_vocab: GrammarVocab | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: object, **kwargs: object) -> Engine:
@@ -367,16 +438,26 @@ class Engine:
                     )
         if self.blocks_needed(len(prompt), params.max_tokens) > self.pool.num_blocks:
             raise ValueError("request needs more cache blocks than the pool holds")
+        matcher = Matcher(self.grammar_vocab(), params.grammar) if params.grammar else None
         # On the model's device: multinomial draws with a generator on the logits' own device.
         g = torch.Generator(device=self.device)
         g.manual_seed(params.seed if params.seed is not None else int(time.time_ns()) & 0x7FFFFFFF)
         seq = _Seq(
             next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size)
         )
+        seq.matcher = matcher
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()
         return seq.id
+
+    def grammar_vocab(self) -> GrammarVocab:
+        """The tokenizer as the grammar engine sees it (built on first use)."""
+        if self._grammar_vocab is None:
+            if self.tokenizer is None:
+                raise ValueError("grammar-constrained requests need an Engine built with tokenizer=")
+            self._grammar_vocab = GrammarVocab.from_tokenizer(self.tokenizer, self.vocab_size)
+        return self._grammar_vocab
 
     def cancel(self, seq_id: int) -> None:
         """Stop a request; its blocks are freed on the engine's next iteration (no more events)."""
@@ -591,6 +672,8 @@ class Engine:
             record = seq.params.record
             # Keep at least one prompt token to compute, so the first logits exist.
             keys = seq.keys[: (len(seq.prompt) - 1) // self.pool.block_size]
+            if seq.params.prompt_logprobs is not None:
+                keys = []  # every prompt position's logits are needed: prefill it all
             have = self.pool.cached_prefix(keys, routed=record)
             if have < len(keys) and any(
                 have < len(s.keys) and s.keys[have] == keys[have] and (s.params.record or not record)
@@ -606,7 +689,7 @@ class Engine:
                 self._waiting.appendleft(seq)
                 break
             seq.blocks = reused + self.pool.allocate(need)
-            seq.cached = len(reused) * self.pool.block_size
+            seq.cached = seq.reused = len(reused) * self.pool.block_size
             if record:
                 seq.route_chunks = [self.pool.routes_of(key) for key in keys[:have]]  # type: ignore[misc]
             self._running.append(seq)
@@ -632,17 +715,48 @@ class Engine:
             self._rows[seq.row] = last
         seq.row = None
 
-    def _forward(self, seqs: list[_Seq], inputs: list[list[int]], staged: bool = False) -> torch.Tensor:
+    def _run(self, seqs: list[_Seq], inputs: list[list[int]], staged: bool = False) -> tuple[list[_Seq], torch.Tensor]:
+        """One forward; when it raises, each row again alone, so only the request that causes the
+        error ends with it (the others of the step go on). Returns the rows that went through and
+        their last-position logits."""
+        try:
+            return seqs, self._forward(seqs, inputs, staged)
+        except Exception as e:
+            if len(seqs) == 1:
+                failed = [(seqs[0], e)]
+                kept: list[_Seq] = []
+                rows: list[torch.Tensor] = []
+            else:
+                failed, kept, rows = [], [], []
+                for seq, inp in zip(seqs, inputs, strict=True):
+                    try:
+                        rows.append(self._forward([seq], [inp], staged, alone=True))
+                        kept.append(seq)
+                    except Exception as e1:  # this one's own fault
+                        failed.append((seq, e1))
+        with self._cv:
+            for seq, err in failed:
+                self._finish(seq, "error", f"{type(err).__name__}: {err}")
+        return kept, torch.cat(rows) if rows else torch.empty(0)
+
+    def _forward(
+        self, seqs: list[_Seq], inputs: list[list[int]], staged: bool = False, alone: bool = False
+    ) -> torch.Tensor:
         S = len(inputs[0])
         lengths = [s.cached for s in seqs]
-        if staged:
+        if staged and alone:
+            assert self.staging is not None and seqs[0].row is not None
+            view: Any = self.staging.batch(lengths, S, rows=[seqs[0].row])
+        elif staged:
             assert self.staging is not None and all(s.row == b for b, s in enumerate(seqs))
             view = self.staging.batch(lengths, S)
         else:
             view = PagedBatchView(self.pool, [s.blocks for s in seqs], lengths, S)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
+        # Prompt logprobs need every position's logits (prefill only).
+        keep = 0 if not staged and any(s.params.prompt_logprobs is not None for s in seqs) else 1
         if any(s.params.record for s in seqs):
-            out = self.model(ids, cache=view, logits_to_keep=1, return_routes=True)
+            out = self.model(ids, cache=view, logits_to_keep=keep, return_routes=True)
             routes = [None if r is None else r.cpu() for r in out.routes]  # per layer (B, S, k)
             for b, s in enumerate(seqs):
                 if s.params.record:
@@ -650,11 +764,33 @@ class Engine:
                     if len(s.route_chunks) >= _MERGE_ROUTES_EVERY:
                         self._merged_routes(s)
         else:
-            out = self.model(ids, cache=view, logits_to_keep=1)
+            out = self.model(ids, cache=view, logits_to_keep=keep)
+        if keep == 0:
+            self._keep_prompt_logprobs(seqs, inputs, out.logits)
         logits = out.logits[:, -1].float()  # (B, V)
         for s in seqs:
             s.cached += S
         return logits
+
+    @staticmethod
+    def _keep_prompt_logprobs(seqs: list[_Seq], inputs: list[list[int]], logits: torch.Tensor) -> None:
+        """Per prompt-logprob row: the logprob of each next prompt token this chunk predicts."""
+        for b, seq in enumerate(seqs):
+            top = seq.params.prompt_logprobs
+            if top is None:
+                continue
+            start = seq.cached  # the chunk covers prompt[start : start + S]
+            n = min(len(inputs[b]), len(seq.prompt) - 1 - start)  # positions whose next token is a prompt token
+            if n <= 0:
+                continue
+            logp = torch.log_softmax(logits[b, :n].float(), dim=-1)  # (n, V)
+            nxt = torch.tensor(seq.prompt[start + 1 : start + 1 + n], device=logp.device)
+            seq.prompt_lps += logp.gather(1, nxt[:, None]).squeeze(1).tolist()
+            if top:
+                v, i = logp.topk(min(top, logp.shape[-1]), dim=-1)
+                seq.prompt_top += [list(zip(ii, vv, strict=True)) for ii, vv in zip(i.tolist(), v.tolist(), strict=True)]
+            else:
+                seq.prompt_top += [[] for _ in range(n)]
 
     def step(self) -> None:
         """One engine iteration: one batched prefill chunk, then one decode step for all."""
@@ -668,7 +804,7 @@ class Engine:
             width = min(self.prefill_chunk, len(waiting[0].prompt) - waiting[0].cached)
             group = [s for s in waiting if min(self.prefill_chunk, len(s.prompt) - s.cached) == width]
             group = group[: max(1, self.prefill_budget // width)]
-            logits = self._forward(group, [s.prompt[s.cached : s.cached + width] for s in group])
+            group, logits = self._run(group, [s.prompt[s.cached : s.cached + width] for s in group])
             bs = self.pool.block_size
             for seq in group:
                 for i in range(seq.cached // bs):
@@ -677,20 +813,31 @@ class Engine:
                     self._keep_block_routes(seq)
                 prefilled.add(seq.id)
             done = [row for row, seq in enumerate(group) if seq.cached == len(seq.prompt)]
+            for row in done:
+                seq = group[row]
+                if seq.params.prompt_logprobs is not None:
+                    self._emit(seq, PromptLogprobs(seq.prompt_lps, seq.prompt_top))
             if done:
                 self._sample([group[row] for row in done], logits[done])
-        decode = [s for s in running if s.cached >= len(s.prompt) and s.id not in prefilled and s.generated]
+        with self._cv:  # a forward's failure may have ended some
+            alive = set(map(id, self._running))
+        decode = [
+            s for s in running
+            if id(s) in alive and s.cached >= len(s.prompt) and s.id not in prefilled and s.generated
+        ]  # fmt: skip
         if decode and self.staging is not None:
             for seq in decode:
                 if seq.row is None:
                     self._take_row(seq)
             # Every staged sequence decodes (one still prefilling has no row), in row order.
             decode = list(self._rows)
-            logits = self._forward(decode, [[s.generated[-1]] for s in decode], staged=True)
-            self._sample(decode, logits)
+            decode, logits = self._run(decode, [[s.generated[-1]] for s in decode], staged=True)
+            if decode:
+                self._sample(decode, logits)
         elif decode:
-            logits = self._forward(decode, [[s.generated[-1]] for s in decode])
-            self._sample(decode, logits)
+            decode, logits = self._run(decode, [[s.generated[-1]] for s in decode])
+            if decode:
+                self._sample(decode, logits)
 
     def _keep_block_routes(self, seq: _Seq) -> None:
         """Hand the routes of ``seq``'s full prompt blocks to the prefix cache (those it lacks)."""
@@ -716,23 +863,46 @@ class Engine:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         from dsv.core.generate import SamplingParams, apply_logit_bias, apply_penalties, sample_next
 
-        # Logit bias, penalties and prefix choices on a copy: the logprobs below stay the model's own.
+        # Logit bias, penalties, prefix choices, grammars and vLLM's extensions on a copy: the
+        # logprobs below stay the model's own.
         chosen_from = logits
-        constrained: set[int] = set()  # rows whose prefix choices masked tokens (-inf)
+        constrained: set[int] = set()  # rows where something masked tokens (-inf)
+        grammar_rows: list[int] = []
         for row, seq in enumerate(seqs):
             p = seq.params
             allowed = self._allowed(seq) if p.prefix_choices and not seq.choice_done else None
-            if allowed is not None:
+            in_grammar = seq.matcher is not None and self._grammar_started(seq)
+            early = p.min_tokens > len(seq.generated) and bool(p.stop_token_ids)
+            if allowed is not None or in_grammar or early or (p.min_p > 0 and p.temperature > 0):
                 constrained.add(row)
-            if p.logit_bias or (p.penalised and seq.counts) or allowed is not None:
+            if in_grammar:
+                grammar_rows.append(row)
+            if (
+                p.logit_bias or (p.penalised and seq.counts) or allowed is not None or early
+                or p.repetition_penalty != 1 or row in constrained
+            ):  # fmt: skip
                 if chosen_from is logits:
                     chosen_from = logits.clone()
                 adjusted = apply_logit_bias(chosen_from[row], dict(p.logit_bias))
                 adjusted = apply_penalties(adjusted, seq.counts, p.presence_penalty, p.frequency_penalty)
+                if p.repetition_penalty != 1:
+                    adjusted = _repetition_penalty(adjusted, seq, p.repetition_penalty)
                 if allowed is not None:
                     keep = torch.tensor(sorted(allowed), device=adjusted.device)
                     adjusted = torch.full_like(adjusted, float("-inf")).index_copy_(0, keep, adjusted[keep])
+                if early:  # no stop token before min_tokens
+                    adjusted = adjusted.clone()
+                    adjusted[list(p.stop_token_ids)] = float("-inf")
                 chosen_from[row] = adjusted
+        if grammar_rows:
+            fill_masks([seqs[r].matcher for r in grammar_rows], chosen_from, grammar_rows)  # type: ignore[misc]
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.min_p > 0 and p.temperature > 0:
+                # p_i >= min_p * p_max  <=>  l_i >= l_max + T * ln(min_p), on the adjusted logits.
+                r = chosen_from[row]
+                floor = r.max() + p.temperature * math.log(p.min_p) if p.min_p < 1 else r.max()
+                chosen_from[row] = r.masked_fill(r < floor, float("-inf"))
         # Greedy rows in one argmax; sampled rows one by one (each has its own settings and generator).
         # A row whose sampling fails ends with an error; the other rows go on.
         tokens = chosen_from.argmax(-1).tolist()
@@ -786,7 +956,13 @@ class Engine:
             seq.generated.append(token)
             if p.penalised:
                 seq.counts[token] += 1
+            if seq.seen is not None:
+                seq.seen.add(token)
             if seq.id in cancelled:
+                continue
+            if row in grammar_rows and not seq.matcher.consume(token):  # type: ignore[union-attr]
+                # Only when every token was masked (an empty grammar step): nothing valid can follow.
+                ended.append((seq, "error", f"the output left its grammar: {seq.matcher.error}"))  # type: ignore[union-attr]
                 continue
             top: list[tuple[int, float]] = []
             if p.top_logprobs:
@@ -801,6 +977,16 @@ class Engine:
             with self._cv:
                 for seq, reason, error in ended:
                     self._finish(seq, reason, error)
+
+    @staticmethod
+    def _grammar_started(seq: _Seq) -> bool:
+        """Whether ``seq``'s grammar applies to its next token (it waits for ``grammar_after``)."""
+        if seq.grammar_from is None:
+            after = seq.params.grammar_after
+            if after and tuple(seq.generated[-len(after) :]) != after:
+                return False
+            seq.grammar_from = len(seq.generated)
+        return True
 
     @staticmethod
     def _allowed(seq: _Seq) -> set[int] | None:
@@ -826,4 +1012,4 @@ class Engine:
             # Ordinary tensors, not inference ones: an RL update forces them under autograd.
             with torch.inference_mode(False):
                 routes = self._merged_routes(seq)
-        self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error, routes))
+        self._emit(seq, Finish(reason, len(seq.prompt), len(seq.generated), error, routes, seq.reused))

@@ -186,7 +186,8 @@ def load_native_app(
         if threads is not None:
             torch.set_num_threads(threads)
         model, _ = load_pretrained(str(folder), device=device, dtype=dtype, with_tokenizer=False)
-        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, **kwargs)
+        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, tokenizer=tokenizer,
+                                  **kwargs)  # fmt: skip
     engine.start()
     backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len, vocab_size=vocab)
     return create_app(backend, server_settings)

@@ -293,10 +293,14 @@ class DecodeStaging:
         if self.index_k is not None:
             self.index_k[:, dst, :length] = self.index_k[:, src, :length]
 
-    def batch(self, lengths: Sequence[int], new_tokens: int) -> StagedBatchView:
-        """The cache of rows ``0..len(lengths)-1`` (row b holds ``lengths[b]`` tokens) for one forward."""
-        self.reserve(len(lengths), max(lengths) + new_tokens)
-        return StagedBatchView(self, lengths, new_tokens)
+    def batch(
+        self, lengths: Sequence[int], new_tokens: int, rows: Sequence[int] | None = None
+    ) -> StagedBatchView:
+        """The cache of rows ``0..len(lengths)-1`` (row b holds ``lengths[b]`` tokens) for one forward,
+        or of the given ``rows`` (gathered, not a view: the engine's slow path that retries a failed
+        decode step row by row)."""
+        self.reserve(len(lengths) if rows is None else max(rows) + 1, max(lengths) + new_tokens)
+        return StagedBatchView(self, lengths, new_tokens, rows)
 
 
 class StagedBatchView:
@@ -308,13 +312,17 @@ class StagedBatchView:
     when ``s <= offsets[b] + t``).
     """
 
-    def __init__(self, staging: DecodeStaging, lengths: Sequence[int], new_tokens: int) -> None:
+    def __init__(
+        self, staging: DecodeStaging, lengths: Sequence[int], new_tokens: int, rows: Sequence[int] | None = None
+    ) -> None:
         self.staging = staging
         device = staging.kv.device
         B, S = len(lengths), new_tokens
         self._offsets = torch.tensor(list(lengths), dtype=torch.long, device=device)
         self._T = max(lengths) + S
-        self._rows = torch.arange(B, device=device).view(B, 1).expand(B, S)
+        self._picked = None if rows is None else torch.tensor(list(rows), dtype=torch.long, device=device)
+        order = torch.arange(B, device=device) if self._picked is None else self._picked
+        self._rows = order.view(B, 1).expand(B, S)
         self._pos = self._offsets.view(B, 1) + torch.arange(S, device=device).view(1, S)  # (B, S)
 
     def offsets(self) -> torch.Tensor:
@@ -331,7 +339,9 @@ class StagedBatchView:
             assert self.staging.index_k is not None, "staging built without indexer storage"
             istore = self.staging.index_k[layer]
             istore[self._rows, self._pos] = index_k.to(istore.dtype)
-            ik_all = istore[:B, : self._T]
+            ik_all = istore[:B, : self._T] if self._picked is None else istore[self._picked, : self._T]
+        if self._picked is not None:
+            return store[self._picked, : self._T], ik_all
         return store[:B, : self._T], ik_all
 
     def advance(self, n: int) -> None:

@@ -75,8 +75,9 @@ def _child_main(
 
     try:
         dtype = dtype or torch.float32
-        model, _ = load_pretrained(folder, device=device, dtype=dtype, with_tokenizer=False)
-        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, **engine_kwargs)
+        model, tokenizer = load_pretrained(folder, device=device, dtype=dtype, with_tokenizer=True)
+        engine = Engine.for_model(model.eval(), model.config, device=device, dtype=dtype, tokenizer=tokenizer,
+                                  **engine_kwargs)  # fmt: skip
     except Exception as e:  # reported to the server, which raises it to the user
         send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -193,7 +194,8 @@ class EngineProcess:
             self._proc.join(timeout=5)
             raise RuntimeError(f"the engine process exited with code {self._proc.exitcode}") from None
         if msg[0] == "error":
-            self._proc.join(timeout=5)
+            # The child exits right after its message; on a loaded host tearing down torch takes a while.
+            self._proc.join(timeout=30)
             raise RuntimeError(f"the engine process could not start: {msg[1]}")
         self.num_blocks, self.block_size = msg[1]["num_blocks"], msg[1]["block_size"]
         self.threads, self.dtype = msg[1]["threads"], msg[1]["dtype"]
