@@ -251,6 +251,8 @@ def test_reference_fix_passes_the_verifier_and_the_parent_fails_it(built, repo: 
     test_path = next(p for p in task.state["hidden_tests"])
     cheat = {test_path: "// nothing to see\n" if repo == "jsutil" else "pass\n"}
     assert not env.verify(task, cheat).passed
+    for path in ("../outside.py", "/etc/passwd", ".git/config", "ok.py\n../../x"):
+        assert "not a relative path inside the repository" in env.verify(task, {path: ""}).reason
 
 
 def test_episode_with_the_code_tools_solves_the_python_task(built) -> None:

@@ -85,7 +85,7 @@ def decode_snapshot(snapshot: str) -> dict[str, bytes]:
 
 def safe_repo_path(path: str) -> str | None:
     """``path`` normalised if it is a relative path inside the repository (not .git), else None."""
-    if not isinstance(path, str) or not path or "\\" in path or "\0" in path:
+    if not isinstance(path, str) or not path or "\\" in path or any(ord(ch) < 32 for ch in path):
         return None
     p = PurePosixPath(path)
     if p.is_absolute() or ".." in p.parts or p.parts[0] in _SKIP_DIRS:
