@@ -1,5 +1,8 @@
 """Every family: deterministic, JSON round-trip, reference accepted, perturbations rejected,
-random and trivial answers pass rarely (< 5% over 100 seeds at the default difficulty).
+random, trivial and constant answers pass rarely (< 5% over 100 seeds at the default difficulty).
+
+The constant answer is the strongest answer-blind policy: the most common reference answer over the
+seeds, what a policy that learned the answer distribution but not the task would give.
 
 Run: pytest packages/synth/tests/test_synth_families.py
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -81,3 +85,18 @@ def test_tool_schemas_match_bound_tools(family: str) -> None:
         assert entry["function"]["description"]
         # A bad call is answered with a readable error, never an exception.
         assert call_tool(fns, entry["function"]["name"], "{not json").startswith("error:")
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f == "code_repair" else f for f in FAMILIES]
+)
+def test_the_most_common_answer_passes_rarely(family: str) -> None:
+    env = registry.get(family)
+    tasks = [env.generate(seed, DEFAULT_DIFFICULTY) for seed in range(N_SEEDS)]
+    answers = Counter(json.dumps(env.solve(t), sort_keys=True) for t in tasks)
+    common, share = answers.most_common(1)[0]
+    passes = sum(safe_verify(env, t, json.loads(common)).passed for t in tasks)
+    assert passes / N_SEEDS < 0.05, (
+        f"{family}: the most common reference answer {common[:80]} ({share} of {N_SEEDS} seeds) passes "
+        f"{passes}/{N_SEEDS}"
+    )

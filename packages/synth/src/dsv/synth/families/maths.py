@@ -158,7 +158,7 @@ class AlgebraWordEnv(Environment):
     domain = "maths"
     description = "Word problems that reduce to a system of linear equations with a unique rational solution."
     difficulty_knobs = (
-        "unknowns = 1 + ceil(difficulty/2) (2..4 people); coefficient size grows with difficulty"
+        "unknowns = 1 + ceil(difficulty/2) (2..4 people); counts (3..100 x difficulty) and coefficients grow with it"
     )
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
@@ -167,7 +167,9 @@ class AlgebraWordEnv(Environment):
         n = 1 + (d + 1) // 2
         people = rng.sample(_NAMES, n)
         item = rng.choice(_ITEMS)
-        values = [rng.randint(3, 20 * d) for _ in range(n)]
+        # 3..100d: wide enough that no count is the answer of more than a few seeds in a hundred
+        # (3..20d made the most common reference answer pass 6% of the tasks at difficulty 2).
+        values = [rng.randint(3, 100 * d) for _ in range(n)]
         facts: list[str] = []
         # Chain of relations guarantees a unique solution: total + pairwise relations.
         facts.append(f"Together {', '.join(people[:-1])} and {people[-1]} have {sum(values)} {item}.")
@@ -231,7 +233,8 @@ class CombinatoricsEnv(Environment):
                 answer -= math.comb(men - 2, k_m - 2) * math.comb(women, k_w)
                 text += " Two particular juniors refuse to serve together."
         elif kind == "strings":
-            alphabet, length = rng.randint(3, 4 + d), rng.randint(4, 5 + 2 * d)
+            # (3..4+d letters, 4..5+2d long gave 24 questions at difficulty 2: one answer passed 5%)
+            alphabet, length = rng.randint(3, 6 + 2 * d), rng.randint(4, 7 + 2 * d)
             banned = rng.randint(0, 1) if d >= 3 else 0
             # no two equal adjacent letters; optionally the first letter may not be the banned letter 'A'
             answer = (alphabet - banned) * (alphabet - 1) ** (length - 1)

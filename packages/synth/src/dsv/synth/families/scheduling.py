@@ -43,14 +43,19 @@ class MeetingEnv(Environment):
     domain = "planning"
     description = "Find the earliest common free slot for a meeting across several busy calendars."
     difficulty_knobs = (
-        "attendees = 2 + difficulty; busy blocks per person and days searched grow with difficulty"
+        "attendees = 2 + difficulty; busy blocks per person and days searched (consecutive, from a random "
+        "weekday) grow with difficulty"
     )
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
         d = self._check_difficulty(difficulty)
         rng = self._rng(seed, d)
         people = rng.sample(_PEOPLE, 2 + d)
-        days = _DAYS[: min(5, 1 + d)]
+        # Consecutive weekdays from a random first one: Monday-first weeks made Monday the answer of
+        # half the tasks, a narrow space for a constant answer to hit.
+        n_days = min(5, 1 + d)
+        first = rng.randrange(0, len(_DAYS) - n_days + 1)
+        days = _DAYS[first : first + n_days]
         length = rng.choice([30, 45, 60, 90])
         calendars: dict[str, dict[str, list[list[int]]]] = {}
         away = {day: rng.choice(people) for day in days if rng.random() < 0.35}
@@ -78,9 +83,17 @@ class MeetingEnv(Environment):
             "window": [540, 1080],
         }
         if self._earliest(state) is None:
-            calendars[people[0]][days[-1]] = []
+            # Open one slot at a random day and time. (Clearing the last morning instead made "last
+            # day, 09:00" the answer of a fifth of the tasks: a constant answer passed them.)
+            # Busy blocks are trimmed, not dropped, so the first-thing block still rules out 09:00.
+            day = rng.choice(days)
+            start = rng.randrange(9 * 60 + 15, 18 * 60 - length + 1, 15)
+            end = start + length
             for p in people:
-                calendars[p][days[-1]] = [b for b in calendars[p][days[-1]] if b[0] >= 12 * 60]
+                kept = []
+                for s0, e0 in calendars[p][day]:
+                    kept += [[s0, e0]] if e0 <= start or s0 >= end else [b for b in ([s0, start], [end, e0]) if b[0] < b[1]]
+                calendars[p][day] = kept
         prompt = (
             f"Schedule a {length}-minute meeting with {', '.join(people)} on one of {', '.join(days)} between "
             f"09:00 and 18:00. Find the EARLIEST slot (earliest day, then earliest start time, on a 15-minute grid) "
