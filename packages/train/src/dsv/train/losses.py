@@ -10,7 +10,8 @@ The pretraining / SFT terms (:func:`lm_terms`), from one :class:`~dsv.core.model
 
 - ``lm``: next-token cross-entropy, a sum over target tokens times ``token_scale``;
 - ``mtp``: the multi-token-prediction cross-entropy, averaged over the MTP depths, same scale;
-- ``aux``: the sequence-wise balance loss (DeepSeek-V3 eq. 17-20, unweighted in the model);
+- ``aux``: the sequence-wise balance loss (DeepSeek-V3 eq. 17-20, unweighted in the model),
+  summed over the MoE layers that ran, the MTP layer's included;
 - ``indexer``: the lightning indexer's KL loss (spec §3), dense or on the selected set.
 
 The two scales exist for data parallelism: with ``token_scale = world / n_targets`` (targets of

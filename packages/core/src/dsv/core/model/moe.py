@@ -10,7 +10,8 @@ current gate at the forced experts), so an RL update can replay the routes used 
 
 Training extras, recorded on every forward: ``expert_load`` (tokens per expert, for the
 bias update of DeepSeek-V3) and, in training mode, the sequence-wise balance loss
-``sum_i f_i * P_i`` (V3 eq. 17-20) in ``aux_loss`` (unweighted; the trainer applies alpha).
+``sum_i f_i * P_i`` (V3 eq. 17-20) of this layer in ``aux_loss`` (unweighted; the model sums the
+layers' values and the trainer applies alpha).
 """
 
 from __future__ import annotations
