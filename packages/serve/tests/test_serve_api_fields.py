@@ -205,3 +205,25 @@ def test_cached_tokens_count_prefix_cache_hits(client: openai.OpenAI) -> None:
     cached = again.usage.prompt_tokens_details
     assert cached is not None and cached.cached_tokens >= 16 and cached.cached_tokens % 16 == 0
     assert cached.cached_tokens < again.usage.prompt_tokens
+
+
+def test_dsv_eval_client_switches_thinking_both_ways(server: Any) -> None:
+    """``dsv eval``'s client sends the switch as DeepSeek and as vLLM read it, and reads the usage
+    details back (here from dsv serve, which takes either form)."""
+    from dsv.synth.eval.client import EndpointClient
+
+    seen: list[dict[str, Any]] = []
+
+    def record(request: httpx.Request) -> None:
+        seen.append(__import__("json").loads(request.content))
+
+    c = EndpointClient(server.url + "/v1", "m", api_key="sk-t")
+    c._client._client.event_hooks["request"].append(record)  # the SDK's httpx client
+    msgs = [{"role": "user", "content": "hi there, a prompt long enough for one cache block"}]
+    for thinking in (True, False):
+        reply = c.chat(msgs, thinking=thinking, max_tokens=4, temperature=0)
+        assert seen[-1]["thinking"] == {"type": "enabled" if thinking else "disabled"}
+        assert seen[-1]["chat_template_kwargs"] == {"thinking": thinking}
+        assert reply.usage.reasoning_tokens == (4 if thinking else 0)
+        assert reply.usage.cached_tokens is not None
+    c.close()

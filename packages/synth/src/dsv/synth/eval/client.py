@@ -6,8 +6,10 @@ assistant message dict (``role``, ``content``, ``reasoning_content``, ``tool_cal
 in the OpenAI shape with JSON-string arguments) plus token usage, so the rest of dsv
 never touches SDK objects.
 
-Thinking mode is sent the way DeepSeek's API takes it: ``extra_body={"thinking":
-{"type": "enabled" | "disabled"}}``. ``reasoning_content`` is not an OpenAI field, so
+Thinking mode is sent in the forms each kind of server reads, at once: DeepSeek's API and
+``dsv serve`` take ``"thinking": {"type": "enabled" | "disabled"}``, vLLM and SGLang pass
+``"chat_template_kwargs": {"thinking": bool}`` to the chat template; each ignores or accepts the
+other (``dsv serve`` reads both). ``reasoning_content`` is not an OpenAI field, so
 it is read from the SDK's extra fields; assistant messages passed back keep it, which
 DeepSeek requires inside a tool-calling loop.
 
@@ -49,11 +51,14 @@ class ClientNotInstalledError(ImportError):
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of one completion. ``reasoning_tokens`` is None when the server did not report it."""
+    """Token counts of one completion. ``reasoning_tokens`` (``completion_tokens_details``) and
+    ``cached_tokens`` (``prompt_tokens_details``: prompt tokens served from the prefix cache) are None
+    when the server did not report them."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,13 @@ def _usage(usage: Any) -> Usage:
         return Usage()
     details = getattr(usage, "completion_tokens_details", None)
     reasoning = getattr(details, "reasoning_tokens", None) if details is not None else None
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(prompt_details, "cached_tokens", None) if prompt_details is not None else None
     return Usage(
         prompt_tokens=int(usage.prompt_tokens or 0),
         completion_tokens=int(usage.completion_tokens or 0),
         reasoning_tokens=None if reasoning is None else int(reasoning),
+        cached_tokens=None if cached is None else int(cached),
     )
 
 
@@ -173,7 +181,10 @@ class EndpointClient:
         if seed is not None:
             kwargs["seed"] = seed
         if thinking is not None:
-            kwargs["extra_body"] = {"thinking": {"type": "enabled" if thinking else "disabled"}}
+            kwargs["extra_body"] = {
+                "thinking": {"type": "enabled" if thinking else "disabled"},
+                "chat_template_kwargs": {"thinking": thinking},
+            }
         try:
             if stream:
                 return self._stream(kwargs)
