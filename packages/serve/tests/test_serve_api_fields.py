@@ -227,3 +227,22 @@ def test_dsv_eval_client_switches_thinking_both_ways(server: Any) -> None:
         assert reply.usage.reasoning_tokens == (4 if thinking else 0)
         assert reply.usage.cached_tokens is not None
     c.close()
+
+
+def test_vllm_metric_names(server: Any, client: openai.OpenAI) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prompt = "Metrics: a prompt sent twice so the second is served from the prefix cache. " * 2
+    for _ in range(2):
+        client.completions.create(model="m", prompt=prompt, max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    values = {(s.name, s.labels.get("model_name")): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
+                 "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_count",
+                 "vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count"):  # fmt: skip
+        assert (name, "m") in values, name
+    assert values[("vllm:prefix_cache_hits_total", "m")] >= 16
+    assert values[("vllm:prefix_cache_queries_total", "m")] > values[("vllm:prefix_cache_hits_total", "m")]
+    assert values[("vllm:generation_tokens_total", "m")] >= 6
+    assert values[("vllm:time_to_first_token_seconds_count", "m")] >= 2

@@ -222,7 +222,7 @@ def _usage(prompt_tokens: int, events: Iterable[_ChoiceEvent]) -> dict[str, Any]
 
 def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     """The FastAPI application serving ``backend`` under ``settings``."""
-    metrics = Metrics(backend)
+    metrics = Metrics(backend, settings.model_name)
     state = {"in_flight": 0, "draining": False}
     tps_window: deque[tuple[float, int]] = deque(maxlen=512)
 
@@ -377,11 +377,11 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                 now = time.monotonic()
                 if piece.tokens or piece.text:
                     if last is None:
-                        metrics.ttft.observe(now - start)
+                        metrics.first_token(now - start)
                     else:
-                        metrics.itl.observe(now - last)
+                        metrics.next_token(now - last)
                     last = now
-                    metrics.tokens.inc(piece.tokens or 1)
+                    metrics.generated(piece.tokens or 1)
                     tps_window.append((now, piece.tokens or 1))
                 generated += piece.tokens
                 deltas = parser.feed(text) if parser is not None else []
@@ -398,6 +398,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                                                piece.prompt_tokens, generated, reasoning_tokens=reasoning,
                                                cached_tokens=piece.cached_tokens))  # fmt: skip
                     return
+                if piece.finish_reason is not None:
+                    metrics.prefix_lookup(piece.prompt_tokens, piece.cached_tokens)
                 if piece.finish_reason is not None or scanner.stopped:
                     if parser is not None:
                         deltas += parser.finish()
@@ -661,7 +663,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         max_tokens = budget(prompt_tokens, req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 1) if req.logprobs else 0
         admit()
-        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.prompt(prompt_tokens)
         created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
         prefix = f"call_{secrets.token_hex(6)}"
 
@@ -803,7 +805,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                            code="invalid_value")  # fmt: skip
         admit()
         prompt_tokens = sum(counts)
-        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.prompt(prompt_tokens)
         created, rid = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
         n = req.n
         # Choice k is prompt k // n's (k % n)-th sample, as OpenAI and vLLM number a batch.

@@ -28,7 +28,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="port to listen on"),
     engine: str = typer.Option("native", help="native, vllm or sglang"),
-    model_name: str = typer.Option(None, help="served model name (default: the folder name)"),
+    model_name: str = typer.Option(
+        None, "--model-name", "--served-model-name", help="served model name (default: the folder name)"
+    ),
     api_key: str = typer.Option(None, envvar="DSV_API_KEY", help="require this bearer key (or DSV_API_KEY)"),
     max_model_len: int = typer.Option(None, min=1, help="context length limit (default: the config's)"),
     max_tokens_limit: int = typer.Option(4096, min=1, help="largest max_tokens a request may ask for"),
@@ -51,6 +53,9 @@ def serve(
     request_timeout: float = typer.Option(600.0, help="per-request timeout in seconds"),
     stats_interval: float = typer.Option(
         10.0, min=0.0, help="seconds between status lines (token rates, queue, cache) while busy; 0: none"
+    ),
+    allow_unknown_fields: bool = typer.Option(
+        False, help="accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400"
     ),
     engine_args: str = typer.Option(
         "", help='more arguments for --engine vllm|sglang, as one string (e.g. "--tensor-parallel-size 8")'
@@ -94,7 +99,7 @@ def serve(
         fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host", 2)
     settings = {"api_key": api_key or os.environ.get("DSV_API_KEY") or None, "max_tokens_limit": max_tokens_limit,
                 "max_in_flight": max_in_flight, "request_timeout_s": request_timeout,
-                "stats_interval_s": stats_interval}  # fmt: skip
+                "stats_interval_s": stats_interval, "allow_unknown_fields": allow_unknown_fields}  # fmt: skip
     proc = None
     tune_cpu_allocator()  # for the thread engine; the engine process sets its own
     try:

@@ -5,6 +5,13 @@ usage ratio and prefix-cache hits. Histograms: time to first token, inter-token 
 choice's duration. Counters: prompt and output tokens, finished choices by finish reason
 (``stop``, ``length``, ``error``, ``cancelled`` for a client gone or a timeout), and error
 responses by HTTP status. ``dsv_tokens_per_second`` is the output rate over the last 10 s.
+
+Beside them, the names vLLM exports (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:gpu_cache_usage_perc`` and ``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries`` and
+``vllm:prefix_cache_hits`` in tokens, ``vllm:time_to_first_token_seconds``,
+``vllm:inter_token_latency_seconds`` and ``vllm:time_per_output_token_seconds``,
+``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``), labelled ``model_name``, so
+dashboards and autoscalers written for vLLM read a dsv server unchanged.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class Metrics:
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, model_name: str = "") -> None:
         self.registry = r = CollectorRegistry()
         self.backend = backend
+        self.model_name = model_name
         self.ttft = Histogram(
             "dsv_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -59,6 +67,47 @@ class Metrics:
             registry=r,
         )
 
+        # vLLM's names (see the module docstring); the histograms are observed with dsv's.
+        m = ["model_name"]
+        self.v_running = Gauge("vllm:num_requests_running", "Requests running on the engine", m, registry=r)
+        self.v_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for the engine", m, registry=r)
+        self.v_cache = Gauge("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full)", m, registry=r)
+        self.v_kv_cache = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", m, registry=r)
+        self.v_prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m, registry=r
+        )
+        self.v_prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", m, registry=r)
+        self.v_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", m,
+                                buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.v_itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", m,
+                               buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.v_tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token", m,
+                                buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.v_prompt = Counter("vllm:prompt_tokens", "Prompt tokens", m, registry=r)
+        self.v_generation = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.v_ttft.labels(self.model_name).observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.v_itl.labels(self.model_name).observe(seconds)
+        self.v_tpot.labels(self.model_name).observe(seconds)
+
+    def generated(self, n: int) -> None:
+        self.tokens.inc(n)
+        self.v_generation.labels(self.model_name).inc(n)
+
+    def prompt(self, n: int) -> None:
+        """``n`` prompt tokens admitted."""
+        self.prompt_tokens.inc(n)
+        self.v_prompt.labels(self.model_name).inc(n)
+
+    def prefix_lookup(self, queried: int, hit: int) -> None:
+        self.v_prefix_queries.labels(self.model_name).inc(queried)
+        self.v_prefix_hits.labels(self.model_name).inc(hit)
+
     def totals(self) -> dict[str, float]:
         """Prompt and output tokens counted since start."""
         get = self.registry.get_sample_value
@@ -84,6 +133,11 @@ class Metrics:
         self.used.set(s.get("used_blocks", 0))
         self.usage.set(_cache_usage(s))
         self.prefix_hits.set(s.get("prefix_hit_blocks", 0))
+        name = self.model_name
+        self.v_running.labels(name).set(s.get("running", 0))
+        self.v_waiting.labels(name).set(s.get("waiting", 0))
+        self.v_cache.labels(name).set(_cache_usage(s))
+        self.v_kv_cache.labels(name).set(_cache_usage(s))
         return generate_latest(self.registry)
 
 
