@@ -6,8 +6,9 @@ Benchmark (default): a random tiny checkpoint (dsv's ``tiny`` preset with a trai
 dsv and by transformers (``DeepseekV32ForCausalLM``). Both run GRPO on the same ``combinatorics``
 prompts in the V3.2 chat encoding, ``--prompts`` x G completions of exactly ``--max-tokens`` tokens
 per step (EOS is never drawn by the random model before the limit), temperature 1, beta 0, one
-optimiser step per batch. Measured per step after ``--warmup`` steps: the whole GRPO step (rollout +
-rewards + update) and rollout tokens/s (completion tokens over the rollout's own time; TRL's is timed
+optimiser step per batch. Measured per step after ``--warmup`` steps: the whole GRPO step, wall clock
+(rollout + rewards + update + weights into the engine; TRL's from its step-begin to its step-end
+callback) and rollout tokens/s (completion tokens over the rollout's own time; TRL's is timed
 around its ``generate`` calls). Runs alternate between the two; medians over ``--runs`` runs, and the
 ratio inside each run::
 
@@ -65,10 +66,14 @@ def run_dsv(ckpt: Path, out: Path, args: argparse.Namespace) -> list[dict[str, f
     from dsv.rl import GRPOConfig, grpo
 
     rows: list[dict[str, float]] = []
+    last = [time.perf_counter()]
 
     def on_step(r: dict[str, Any]) -> None:
-        rows.append({"step_s": r["rollout_seconds"] + r["train_seconds"], "rollout_tok_s": r["rollout_tokens_per_second"],
-                     "tokens": r["rollout_tokens"]})  # fmt: skip
+        # The whole step, wall clock from the end of the previous one: rollout, rewards, update,
+        # weights into the engine, metrics (the first step also the start-up: a warm-up step).
+        now = time.perf_counter()
+        rows.append({"step_s": now - last[0], "rollout_tok_s": r["rollout_tokens_per_second"], "tokens": r["rollout_tokens"]})
+        last[0] = now
 
     grpo(GRPOConfig(model=str(ckpt), out=out, tasks=["combinatorics"], steps=args.steps, prompts=args.prompts,
                     group_size=args.group_size, max_tokens=args.max_tokens, lr=1e-6, temperature=1.0,

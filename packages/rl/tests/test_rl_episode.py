@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 FAMILY = "meeting"
-CALL = {"person": "Cy", "day": "Mon"}
+THOUGHT = "Check Cy on the first day."
 
 
 def _transcripts() -> tuple[list[dict], list[dict], list[list[dict]]]:
@@ -27,15 +27,18 @@ def _transcripts() -> tuple[list[dict], list[dict], list[list[dict]]]:
 
     env = registry.get(FAMILY)
     task = env.generate(0, 1)
-    result = call_tool(env.tools(task), "get_calendar", json.dumps(CALL))
-    call = {"id": "call_0", "type": "function", "function": {"name": "get_calendar", "arguments": json.dumps(CALL)}}
+    day = task.state["days"][0]  # the task's week starts on a day of its own
+    args = json.dumps({"person": "Cy", "day": day})
+    result = call_tool(env.tools(task), "get_calendar", args)
+    call = {"id": "call_0", "type": "function", "function": {"name": "get_calendar", "arguments": args}}
     user = {"role": "user", "content": f"{task.prompt}\n\n{task.answer_format}".strip()}
-    first = {"role": "assistant", "content": "", "reasoning_content": "Check Cy on Monday.", "tool_calls": [call]}
+    first = {"role": "assistant", "content": "", "reasoning_content": THOUGHT, "tool_calls": [call]}
     tool = {"role": "tool", "tool_call_id": "call_0", "content": result}
-    good = json.dumps(env.solve(task))
+    good, bad = env.solve(task), {"day": day, "start": "09:00"}
+    assert good != bad
     endings = [
-        {"role": "assistant", "content": f"Answer: {good}", "reasoning_content": "Cy is free then."},
-        {"role": "assistant", "content": 'Answer: {"day": "Mon", "start": "09:00"}', "reasoning_content": "Cy is free then."},
+        {"role": "assistant", "content": f"Answer: {json.dumps(good)}", "reasoning_content": "Cy is free then."},
+        {"role": "assistant", "content": f"Answer: {json.dumps(bad)}", "reasoning_content": "Cy is free then."},
     ]
     return [task.to_json()], task.tools, [[user, first, tool, end] for end in endings]
 
@@ -108,15 +111,15 @@ def test_tool_episode_through_the_engine_reaches_the_update(tool_model: Path, tm
         msgs = r.result.messages
         assert msgs[1]["tool_calls"] and msgs[2]["role"] == "tool"
         # Thinking with tools: the first step's reasoning stays in the context of the second.
-        assert msgs[1].get("reasoning_content") == "Check Cy on Monday."
+        assert msgs[1].get("reasoning_content") == THOUGHT
         text = tok.decode(r.tokens[r.prompt_len :])
-        assert text.index("Check Cy on Monday.") < text.index("<function_results>") < text.index("Cy is free then.")
+        assert text.index(THOUGHT) < text.index("<function_results>") < text.index("Cy is free then.")
         # What the update trains: the sampled tokens of both steps; the tool result is masked out.
         pad = update_batch([r], torch.device("cpu"))
         targets, mask = pad.targets[0], pad.mask[0]
         trained = tok.decode(targets[mask].tolist())
         untrained = tok.decode(targets[~mask].tolist())
-        assert "Check Cy on Monday." in trained and "Cy is free then." in trained and "get_calendar" in trained
+        assert THOUGHT in trained and "Cy is free then." in trained and "get_calendar" in trained
         assert msgs[2]["content"] in untrained and msgs[2]["content"] not in trained
         assert "<function_results>" in untrained
         # The engine's recorded routes cover every position the training forward sees.

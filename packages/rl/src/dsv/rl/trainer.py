@@ -15,6 +15,13 @@ One step:
    truncated importance sampling against the engine's probabilities;
 5. the new weights go into the engine (``Engine.update_weights``), no restart.
 
+The update's forward (:func:`update_batch`, :func:`policy_logits`) runs the prompt a group's G
+samples share once, then each sample's own tokens over the prompt's keys (:class:`PrefixCache`, one
+graph through both), and the LM head only where a token can be trained; the kept sets travel as
+ids per position (:class:`dsv.rl.objective.KeptSets`), never as a ``[B, T, V]`` mask; the free
+routes of the route mismatch come from the gates of that same forward
+(:func:`dsv.rl.objective.free_routes_of`), not from a second one.
+
 Measured every step: reward and accuracy per family, KL to the reference, clip fraction, the masked
 share, the route mismatch of free routing, the rollout-vs-train KL (engine vs trainer logprobs on the
 same tokens), response length, rollout and train tokens/s. Written to ``OUT/metrics.jsonl``,
@@ -597,6 +604,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                     del ref_logits
             trainer_old: torch.Tensor | None = None
             entropy: torch.Tensor | None = None
+            stepped: set[int] = set()
             for epoch in range(cfg.ppo_epochs):
                 # Free routing before the update (the gate's own top-k, same weights as the rollout)
                 # against the rollout's routes, what Keep Routing corrects: the gates of the first
@@ -630,6 +638,9 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                 optimizer.step()
                 if not all(bool(torch.isfinite(p).all()) for p in params):
                     _diverged(out, step, "the weights became non-finite in the update")
+                # AdamW skips a parameter without a gradient (the MTP layers, experts no token
+                # used): only the others changed and go into the engine.
+                stepped.update(id(p) for p in params if p.grad is not None)
                 optimizer.zero_grad(set_to_none=True)
                 if epoch == 0:
                     metrics.update({f"loss/{k}": v for k, v in terms.metrics().items()})
@@ -645,7 +656,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
             metrics["rollout_train_kl"] = float((diff.exp() - 1 - diff).mean()) if diff.numel() else 0.0
             metrics["rollout_train_logp_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
             metrics["train_tokens_per_second"] = int(m.sum()) * cfg.ppo_epochs / max(time.perf_counter() - t_train, 1e-9)
-            engine.update_weights({k: v.detach() for k, v in raw.state_dict().items()})
+            engine.update_weights({k: p.detach() for k, p in raw.named_parameters() if id(p) in stepped})
             metrics["train_seconds"] = time.perf_counter() - t_train
             record = {"step": step + 1, **_reduce(accelerator, metrics, world)}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_tasks:
