@@ -45,6 +45,7 @@ Library use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -53,7 +54,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs], log_with=log_with or None,
         project_dir=str(out),
     )  # fmt: skip
+    _fsdp_on_cpu(accelerator)
     main = accelerator.is_main_process
     world = accelerator.num_processes
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -437,6 +439,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     run_mtp = bool(model.mtp_layers) and (use_mtp or want_indexer_loss)
     _configure_trainable(model, cfg, sparse)
     model.train()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _prepare_fsdp(accelerator, model)  # before the optimizer: it must hold the sharded parameters
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -445,6 +449,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
     )  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        params = [p for p in model.parameters() if p.requires_grad]  # the sharded ones, for clipping
     raw = accelerator.unwrap_model(model)
     start_step = 0
     if resume_from is not None:
@@ -556,6 +562,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             grad_norm = (
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             )
+            if accelerator.distributed_type == DistributedType.FSDP:
+                _drop_idle_expert_grads(raw)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             gamma = cfg.bias_update_speed if step < cfg.bias_update_until * cfg.steps else 0.0
@@ -639,8 +647,30 @@ def _recalls(raw: Any, ids: torch.Tensor) -> tuple[float, float | None]:
     """Indexer recall of the main layers and of the MTP layers (None without them)."""
     from dsv.train.metrics import recall_stats
 
-    st = recall_stats(raw, ids)
+    with _full_params(raw):  # the metric recomputes attention from the layers' weights
+        st = recall_stats(raw, ids)
     return st.indexer, st.mtp_indexer
+
+
+@contextlib.contextmanager
+def _full_params(model: Any) -> Iterator[None]:
+    """FSDP2: every unit's parameters stay gathered inside the block (code that reads weights
+    outside a forward would meet their shards); elsewhere a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [u._get_fsdp_state()._fsdp_param_group for u in units]
+    saved = [g.post_forward_mesh_info if g is not None else None for g in groups]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u, g, info in zip(units, groups, saved, strict=True):
+            if g is not None:
+                g.post_forward_mesh_info = info  # back to the plan's setting
+            u.reshard()
 
 
 class _nullcontext:
@@ -676,6 +706,79 @@ def _evaluate(raw: Any, rows: PackedData, cfg: TrainConfig, sparse: bool) -> flo
         )
     finally:
         raw.train(was_training)
+
+
+def _fsdp_on_cpu(accelerator: Any) -> None:
+    """Honour an FSDP launch on CPU processes: accelerate (1.16) turns on FSDP only for GPU-type
+    process groups, so ``cpu=True`` with an FSDP config silently ran DDP over gloo. torch's
+    ``fully_shard`` itself works on a gloo group, so the state is switched to FSDP with the
+    plugin the launch configured (its env vars), and ``prepare`` shards the model as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    # Every AcceleratorState() copies PartialState's fields back; accelerate records FSDP there too.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _prepare_fsdp(accelerator: Any, model: Any) -> None:
+    """What FSDP2 needs from this model before ``prepare`` shards it.
+
+    - A rank reduce-scatters only the gradients its unit's parameters have, and an expert that no
+      token of the rank's batch picked has none: the ranks' collectives then differ in size (gloo:
+      "Received data size doesn't match expected size"). Each MoE adds 0 x its experts' weights to
+      its output, so every expert gets a (zero) gradient on every rank, as DDP's
+      ``find_unused_parameters`` does for DDP.
+    - MTP layers are Blocks, so wrapping every Block made each its own unit, but the model calls
+      their embedding, ``eh_proj`` and shared head outside ``MTPLayer.forward``, where a unit's
+      parameters are still sharded. With the shipped plan (``Block``) the main Blocks are wrapped
+      here with the plugin's settings and the MTP layers stay in the root unit, whose parameters
+      are gathered for the whole forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from dsv.core.model.moe import MoE
+
+    def every_expert(moe: Any, _inputs: Any, output: Any) -> Any:
+        weights = [p for p in moe.experts.parameters() if p.requires_grad]
+        if not weights or not torch.is_grad_enabled():
+            return output
+        zero = torch.stack([w.view(-1)[0] for w in weights]).sum() * 0
+        return (output[0] + zero.to(output[0].dtype), *output[1:])
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.register_forward_hook(every_expert)
+    plugin = accelerator.state.fsdp_plugin
+    if accelerator.is_fsdp2 and model.mtp_layers and plugin.transformer_cls_names_to_wrap == ["Block"]:
+        kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+                  "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}  # fmt: skip
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        plugin.transformer_cls_names_to_wrap = []  # accelerate wraps the root only
+
+
+def _drop_idle_expert_grads(model: Any) -> None:
+    """FSDP: an expert that no token on any rank picked holds the explicit zero gradient of
+    :func:`_prepare_fsdp`'s hook; dropping it lets AdamW skip the expert (no weight decay, no
+    step on its old moments), as one process does for an expert without a gradient."""
+    from dsv.core.model.moe import MoE
+
+    def local(g: torch.Tensor) -> torch.Tensor:
+        return g.to_local() if hasattr(g, "to_local") else g
+
+    for moe in model.modules():
+        if not isinstance(moe, MoE):
+            continue
+        for expert in moe.experts:
+            grads = [p.grad for p in expert.parameters() if p.grad is not None]
+            if grads and not any(bool(local(g).any()) for g in grads):
+                for p in expert.parameters():
+                    p.grad = None
 
 
 def _save_sharded(
