@@ -43,20 +43,16 @@ class MeetingEnv(Environment):
     domain = "planning"
     description = "Find the earliest common free slot for a meeting across several busy calendars."
     difficulty_knobs = (
-        "attendees = 2 + difficulty; busy blocks per person and days searched (consecutive, from a random "
-        "weekday) grow with difficulty"
+        "attendees = 2 + difficulty; busy blocks per person and days searched grow with difficulty"
     )
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
         d = self._check_difficulty(difficulty)
         rng = self._rng(seed, d)
         people = rng.sample(_PEOPLE, 2 + d)
-        # Consecutive weekdays from a random first one: Monday-first weeks made Monday the answer of
-        # half the tasks, a narrow space for a constant answer to hit.
-        n_days = min(5, 1 + d)
-        first = rng.randrange(0, len(_DAYS) - n_days + 1)
-        days = _DAYS[first : first + n_days]
-        length = rng.choice([30, 45, 60, 90])
+        days = _DAYS[: min(5, 1 + d)]
+        # Seven lengths: the day's last free slot (a common answer) then starts at seven times.
+        length = rng.choice([30, 45, 60, 75, 90, 105, 120])
         calendars: dict[str, dict[str, list[list[int]]]] = {}
         away = {day: rng.choice(people) for day in days if rng.random() < 0.35}
         for p in people:
