@@ -473,6 +473,26 @@ def _check_fits(model: DSVForCausalLM, device: torch.device, source: str) -> Non
         )
 
 
+def _without_mtp(config: ModelConfig, index: dict[str, TensorMeta], folder: Path) -> bool:
+    """Whether the checkpoint has none of the MTP layers config.json counts, as every checkpoint
+    saved by transformers (which has no MTP module) does: then it loads without them, said once.
+    A checkpoint with some of their tensors keeps the missing-tensor error."""
+    n = config.num_nextn_predict_layers
+    if n == 0:
+        return False
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + i}." for i in range(n))
+    if any(k.startswith(prefixes) for k in index):
+        return False
+    import warnings
+
+    warnings.warn(
+        f"{folder}: config.json has num_nextn_predict_layers: {n} but the weights hold no MTP layer "
+        f"({prefixes[0]}*), as in checkpoints saved by transformers; loading without the MTP module",
+        stacklevel=3,
+    )
+    return True
+
+
 def _cast(model: DSVForCausalLM, dtype: torch.dtype) -> DSVForCausalLM:
     """``model`` in ``dtype``, except the router and the indexer's ``weights_proj``, which stay in
     fp32 as in the reference."""
@@ -528,6 +548,10 @@ def load_pretrained(
     if estimate is not None:  # before any shard is opened: a model that cannot fit fails at once
         _check_fits(_cast(model, estimate), device, str(folder))
     index = tensor_index(folder)
+    if _without_mtp(config, index, folder):
+        config = config.replace(num_nextn_predict_layers=0)
+        with torch.device("meta"):
+            model = DSVForCausalLM(config)
     pairs, block = fp8_pairs(index, folder)
     scales = set(pairs.values())
     _check_shapes(
