@@ -1,0 +1,30 @@
+"""The HTTP routes, one module per endpoint family; each exposes ``router`` (a FastAPI
+``APIRouter``) and reads the server's :class:`~dsv.serve.state.ServerState` from
+``request.app.state.server``. A new endpoint is a new module here, listed in :data:`ROUTERS`.
+
+- :mod:`.monitoring`: ``/health``, ``/metrics`` (open without the API key)
+- :mod:`.models`: ``/v1/models``, ``/v1/models/{id}``
+- :mod:`.tokenize`: ``/tokenize``, ``/detokenize`` (as vLLM has them)
+- :mod:`.chat`: ``/v1/chat/completions``
+- :mod:`.completions`: ``/v1/completions``
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+__all__ = ["ROUTERS", "server"]
+
+
+def server(request: Request) -> object:
+    """The :class:`~dsv.serve.state.ServerState` of the app serving ``request``."""
+    return request.app.state.server
+
+
+def _routers() -> list[APIRouter]:
+    from dsv.serve.routes import chat, completions, models, monitoring, tokenize
+
+    return [monitoring.router, models.router, tokenize.router, chat.router, completions.router]
+
+
+ROUTERS = _routers
