@@ -166,6 +166,13 @@ def test_dequantize_writes_a_plain_checkpoint(
     b, _ = load_pretrained(fp8, dtype=torch.bfloat16)
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        r.out, dtype=torch.float32, attn_implementation="eager"
+    )
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert float((hf.eval()(ids).logits - a(ids).logits).abs().max()) < 1e-4
     with pytest.raises(CheckpointError, match="not quantised"):
         dequantize(r.out, tmp_path / "again")
     with pytest.raises(CheckpointError, match="already quantised"):
@@ -300,6 +307,9 @@ def test_add_indexer_on_fp8_v3_then_dsa_warmup(tmp_path: Path) -> None:
         for name in ("weights_proj.weight", "k_norm.weight", "k_norm.bias"):
             assert stored[p + name].dtype == torch.bfloat16 and p + name + "_scale_inv" not in stored
     assert json.loads((r.out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert r.new_parameters == sum(
+        t.numel() for k, t in stored.items() if ".indexer." in k and not k.endswith("_scale_inv")
+    )
     model, tok = load_pretrained(r.out)
     assert tok is not None and model.config.model_type == "deepseek_v32"
     run = tmp_path / "warm"

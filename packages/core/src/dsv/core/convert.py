@@ -58,7 +58,7 @@ class ConversionResult:
 
     out: Path
     layers: int  # layers that got an indexer (main + MTP)
-    new_tensors: int
+    new_tensors: int  # FP8 scales included
     new_parameters: int
     linked_files: int  # weight shards hard-linked rather than copied
 
@@ -227,7 +227,7 @@ def add_indexer(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConversionResult(
-        out=out, layers=layers, new_tensors=len(new), new_parameters=sum(t.numel() for t in new.values()),
+        out=out, layers=layers, new_tensors=len(new), new_parameters=sum(t.numel() for k, t in new.items() if not k.endswith(SCALE_SUFFIX)),
         linked_files=linked,
     )  # fmt: skip
 
