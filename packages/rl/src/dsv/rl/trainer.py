@@ -60,7 +60,10 @@ import torch
 from dsv.core.checkpoint import atomic_write_bytes, atomic_write_json, load_pretrained, save_pretrained
 from dsv.core.errors import DSVError
 
-__all__ = ["GRPOConfig", "GRPOSummary", "RLError", "evaluate_accuracy", "grpo"]
+__all__ = [
+    "GRPOConfig", "GRPOSummary", "PrefixCache", "RLError", "UpdateBatch", "evaluate_accuracy", "grpo", "policy_logits",
+    "update_batch",
+]  # fmt: skip
 
 AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
 ADVANTAGE_SCALES = ("none", "group", "batch")
