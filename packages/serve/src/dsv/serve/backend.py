@@ -163,6 +163,7 @@ class LocalBackend(_Tokens):
             "cached_blocks": s.cached_blocks,
             "num_blocks": s.num_blocks,
             "prefix_hit_blocks": s.prefix_hit_blocks,
+            "preemptions": s.preemptions,
         }
 
     def close(self) -> None:

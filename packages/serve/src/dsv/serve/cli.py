@@ -54,6 +54,9 @@ def serve(
     stats_interval: float = typer.Option(
         10.0, min=0.0, help="seconds between status lines (token rates, queue, cache) while busy; 0: none"
     ),
+    staging: bool = typer.Option(
+        True, help="native engine: decode from dense per-request rows (fastest on a CPU; their memory is outside "
+        "--num-blocks); --no-staging decodes from the pool's blocks, so --num-blocks bounds the cache"),
     allow_unknown_fields: bool = typer.Option(
         False, help="accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400"
     ),
@@ -107,7 +110,7 @@ def serve(
             app = load_native_app(path_or_repo, model_name=model_name, max_model_len=max_model_len,
                                   max_batch=max_batch, threads=threads, device=device, dtype=torch_dtype,
                                   num_blocks=num_blocks, block_size=block_size, prefill_chunk=prefill_chunk,
-                                  **settings)  # fmt: skip
+                                  staging=staging, **settings)  # fmt: skip
         else:
             if not Path(path_or_repo).is_dir():
                 fail(f"--engine {engine} needs a local checkpoint folder; `{path_or_repo}` is not one")

@@ -5,7 +5,12 @@ One background thread owns the model. Each iteration it
 1. drops cancelled sequences (their blocks go back to the pool at once),
 2. admits waiting requests while blocks and batch slots allow (prefix-cache hits skip prefill; a
    prompt whose next blocks another prompt is prefilling right now waits for them, so n > 1
-   choices or one system prompt sent by many clients at once are prefilled once),
+   choices or one system prompt sent by many clients at once are prefilled once); a request takes
+   the blocks of its prompt and first token, and one more each time its output crosses a block
+   boundary. When the pool is out of blocks the newest running request is preempted: its blocks
+   go back, and it waits at the head of the queue to be recomputed (prefill of its prompt and its
+   output so far; its prompt blocks usually come back from the prefix cache) and then goes on, so
+   no request fails because others are long (``EngineStats.preemptions`` counts them),
 3. runs one prefill forward: the next chunk (at most ``prefill_chunk`` tokens) of the waiting
    prompts whose chunk has the same length, batched up to ``prefill_budget`` tokens, so many new
    requests start together and long prompts never stall decoding for long, and
@@ -26,9 +31,14 @@ presence/frequency penalties (over the tokens generated so far; :mod:`dsv.core.g
 or continue after ``prefix_after``, with one of these token sequences: the other tokens are masked
 until one is complete) change what is sampled, not the reported logprobs: those are the model's
 own log-softmax, before bias, penalties, constraints, temperature and filtering.
-``GenParams`` are checked when built (the sampling rules' own checks); a request whose sampling
-still fails ends with an error by itself, while an exception in a forward ends every request of
-that step (the server stays up).
+``GenParams`` are checked when built (the sampling rules' own checks, finite numbers, 64-bit
+seeds); a request whose sampling still fails ends with an error by itself, and a forward that
+raises is run again row by row, so only the request that causes it ends with the error. vLLM's
+``min_p``, ``repetition_penalty`` and ``min_tokens`` apply to the same copy of the logits as the
+penalties; ``GenParams.grammar`` (:mod:`dsv.serve.grammar`) masks, each step, the tokens that
+would leave the output's grammar, from its start or from just after ``grammar_after`` (the
+reasoning stays free until ``</think>``); ``prompt_logprobs`` reports the prompt's own logprobs
+(a ``PromptLogprobs`` event before the first token).
 
 Events go back through each request's callback. With ``deliver`` set, the events of one iteration
 are handed over as ONE list at its end instead (``deliver([(callback, event), ...])``): a server
@@ -266,6 +276,11 @@ class _Seq:
     grammar_from: int | None = None  # where the grammar starts, once it has
     seen: set[int] | None = None  # prompt and output tokens, with a repetition penalty
     reused: int = 0  # prompt tokens taken from the prefix cache
+    # What prefill computes: the prompt, or after a preemption the prompt and the tokens generated
+    # so far (recompute); set at submit.
+    fill: list[int] = field(default_factory=list)
+    admitted: int = 0  # admission order: the newest running request is preempted first
+    prompt_lp_sent: bool = False
     prompt_lps: list[float] = field(default_factory=list)  # with params.prompt_logprobs
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)
 
@@ -335,6 +350,7 @@ class EngineStats:
     num_blocks: int = 0
     generated_tokens: int = 0
     prefix_hit_blocks: int = 0
+    preemptions: int = 0
 
 
 class Engine:
@@ -386,6 +402,8 @@ class Engine:
         # prompt tokens per prefill forward
         self.prefill_budget = 4 * prefill_chunk if prefill_budget is None else prefill_budget
         self._ids = itertools.count()
+        self._admissions = itertools.count()
+        self.preemptions = 0  # requests preempted (recomputed later) because blocks ran out
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._cancel: set[int] = set()
@@ -446,6 +464,7 @@ class Engine:
             next(self._ids), list(prompt), params, on_event, g, prefix_keys(prompt, self.pool.block_size)
         )
         seq.matcher = matcher
+        seq.fill = seq.prompt
         with self._cv:
             self._waiting.append(seq)
             self._cv.notify()
@@ -475,6 +494,7 @@ class Engine:
                 num_blocks=self.pool.num_blocks,
                 generated_tokens=self.generated_tokens,
                 prefix_hit_blocks=self.pool.prefix_hits,
+                preemptions=self.preemptions,
             )
 
     def update_weights(self, state: Mapping[str, torch.Tensor]) -> int:
@@ -658,21 +678,25 @@ class Engine:
         self._cancel.clear()
 
     def _admit(self) -> None:
-        if self._updates:
+        if self._updates and not any(s.generated for s in self._waiting):
             return  # new weights wait for the running requests; nothing new starts on the old ones
         # Prompts being prefilled now. A waiting prompt whose next uncached block one of them is
         # computing waits for it (n > 1 choices, a shared system prompt arriving at once): it is then
         # admitted with those blocks from the prefix cache instead of prefilling them again.
         # A recording prompt reuses only cached blocks that carry their routes, so it waits only for
         # a leader that records them.
-        leaders = [s for s in self._running if s.cached < len(s.prompt)] if self.share_prefill else []
+        leaders = [s for s in self._running if s.cached < len(s.fill)] if self.share_prefill else []
         deferred: list[_Seq] = []
         while self._waiting and len(self._running) < self.max_batch:
             seq = self._waiting.popleft()
+            if self._updates and not seq.generated:
+                # Only preempted requests resume before new weights: they started on the old ones.
+                deferred.append(seq)
+                continue
             record = seq.params.record
             # Keep at least one prompt token to compute, so the first logits exist.
-            keys = seq.keys[: (len(seq.prompt) - 1) // self.pool.block_size]
-            if seq.params.prompt_logprobs is not None:
+            keys = seq.keys[: (len(seq.fill) - 1) // self.pool.block_size]
+            if seq.params.prompt_logprobs is not None and not seq.prompt_lp_sent:
                 keys = []  # every prompt position's logits are needed: prefill it all
             have = self.pool.cached_prefix(keys, routed=record)
             if have < len(keys) and any(
@@ -682,14 +706,20 @@ class Engine:
                 deferred.append(seq)
                 continue
             reused = self.pool.match_prefix(keys[:have])
-            need = self.blocks_needed(len(seq.prompt), seq.params.max_tokens) - len(reused)
-            if need > self.pool.available:
+            # Blocks are taken as the output grows (see _grow): here the prefill and the first token.
+            # Headroom of one block per running request keeps a new admission from forcing an
+            # immediate preemption.
+            need = self.blocks_needed(len(seq.fill), 1) - len(reused)
+            if need > self.pool.available - (len(self._running) if self._running else 0):
                 self.pool.release(reused)
                 self.pool.prefix_hits -= len(reused)
                 self._waiting.appendleft(seq)
                 break
             seq.blocks = reused + self.pool.allocate(need)
-            seq.cached = seq.reused = len(reused) * self.pool.block_size
+            seq.cached = len(reused) * self.pool.block_size
+            if not seq.generated:  # a resumed request reports its first admission's reuse
+                seq.reused = seq.cached
+            seq.admitted = next(self._admissions)
             if record:
                 seq.route_chunks = [self.pool.routes_of(key) for key in keys[:have]]  # type: ignore[misc]
             self._running.append(seq)
@@ -754,7 +784,8 @@ class Engine:
             view = PagedBatchView(self.pool, [s.blocks for s in seqs], lengths, S)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
         # Prompt logprobs need every position's logits (prefill only).
-        keep = 0 if not staged and any(s.params.prompt_logprobs is not None for s in seqs) else 1
+        keep = 0 if not staged and any(s.params.prompt_logprobs is not None and not s.prompt_lp_sent
+                                       for s in seqs) else 1  # fmt: skip
         if any(s.params.record for s in seqs):
             out = self.model(ids, cache=view, logits_to_keep=keep, return_routes=True)
             routes = [None if r is None else r.cpu() for r in out.routes]  # per layer (B, S, k)
@@ -777,7 +808,7 @@ class Engine:
         """Per prompt-logprob row: the logprob of each next prompt token this chunk predicts."""
         for b, seq in enumerate(seqs):
             top = seq.params.prompt_logprobs
-            if top is None:
+            if top is None or seq.prompt_lp_sent:
                 continue
             start = seq.cached  # the chunk covers prompt[start : start + S]
             n = min(len(inputs[b]), len(seq.prompt) - 1 - start)  # positions whose next token is a prompt token
@@ -797,14 +828,14 @@ class Engine:
         with self._cv:
             running = list(self._running)
         prefilled: set[int] = set()
-        waiting = [s for s in running if s.cached < len(s.prompt)]
+        waiting = [s for s in running if s.cached < len(s.fill)]
         if waiting:
             # Rows of one forward need the same number of new tokens: batch the prompts whose next
             # chunk has the first one's length, within the prefill token budget.
-            width = min(self.prefill_chunk, len(waiting[0].prompt) - waiting[0].cached)
-            group = [s for s in waiting if min(self.prefill_chunk, len(s.prompt) - s.cached) == width]
+            width = min(self.prefill_chunk, len(waiting[0].fill) - waiting[0].cached)
+            group = [s for s in waiting if min(self.prefill_chunk, len(s.fill) - s.cached) == width]
             group = group[: max(1, self.prefill_budget // width)]
-            group, logits = self._run(group, [s.prompt[s.cached : s.cached + width] for s in group])
+            group, logits = self._run(group, [s.fill[s.cached : s.cached + width] for s in group])
             bs = self.pool.block_size
             for seq in group:
                 for i in range(seq.cached // bs):
@@ -812,10 +843,11 @@ class Engine:
                 if seq.params.record:
                     self._keep_block_routes(seq)
                 prefilled.add(seq.id)
-            done = [row for row, seq in enumerate(group) if seq.cached == len(seq.prompt)]
+            done = [row for row, seq in enumerate(group) if seq.cached == len(seq.fill)]
             for row in done:
                 seq = group[row]
-                if seq.params.prompt_logprobs is not None:
+                if seq.params.prompt_logprobs is not None and not seq.prompt_lp_sent:
+                    seq.prompt_lp_sent = True
                     self._emit(seq, PromptLogprobs(seq.prompt_lps, seq.prompt_top))
             if done:
                 self._sample([group[row] for row in done], logits[done])
@@ -823,8 +855,9 @@ class Engine:
             alive = set(map(id, self._running))
         decode = [
             s for s in running
-            if id(s) in alive and s.cached >= len(s.prompt) and s.id not in prefilled and s.generated
+            if id(s) in alive and s.cached >= len(s.fill) and s.id not in prefilled and s.generated
         ]  # fmt: skip
+        decode = self._grow(decode)
         if decode and self.staging is not None:
             for seq in decode:
                 if seq.row is None:
@@ -838,6 +871,34 @@ class Engine:
             decode, logits = self._run(decode, [[s.generated[-1]] for s in decode])
             if decode:
                 self._sample(decode, logits)
+
+    def _grow(self, decode: list[_Seq]) -> list[_Seq]:
+        """Give every decoding request the block its next token needs; when the pool is out of
+        blocks, preempt the newest running request (its blocks go back to the pool, and it waits
+        at the head of the queue to be recomputed from its prompt and output so far). Returns the
+        requests that still decode this step."""
+        bs = self.pool.block_size
+        for seq in sorted(decode, key=lambda s: s.admitted):
+            while seq in self._running and len(seq.blocks) * bs < seq.cached + 1:
+                if self.pool.available:
+                    seq.blocks += self.pool.allocate(1)
+                    continue
+                with self._cv:
+                    victim = max(self._running, key=lambda s: s.admitted)
+                    self._preempt(victim)
+        return [s for s in decode if s in self._running]
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Stop ``seq`` and queue it first for recompute (with ``self._cv`` held)."""
+        self._running.remove(seq)
+        self._free_row(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.cached = [], 0
+        seq.fill = seq.prompt + seq.generated
+        seq.keys = prefix_keys(seq.fill, self.pool.block_size)
+        seq.route_chunks = []  # the recompute records the routes of every position again
+        self._waiting.appendleft(seq)
+        self.preemptions += 1
 
     def _keep_block_routes(self, seq: _Seq) -> None:
         """Hand the routes of ``seq``'s full prompt blocks to the prefix cache (those it lacks)."""

@@ -132,6 +132,7 @@ def load_native_app(
     dtype: Any = None,
     engine_process: bool = True,
     threads: int | None = None,
+    staging: bool = True,
     **settings: object,
 ) -> object:
     """The FastAPI app serving a checkpoint with the native engine (engine started).
@@ -141,7 +142,8 @@ def load_native_app(
     keeps it in a thread of this process. ``threads`` sets the engine's torch threads (default:
     torch's own choice, which follows ``OMP_NUM_THREADS``). ``dtype`` (a ``torch.dtype`` or a name
     such as ``"bfloat16"``; default: bfloat16 on a GPU, float32 on the CPU) is the weights' and the
-    cache's.
+    cache's. ``staging=False`` decodes from the pool's blocks (``--num-blocks`` then bounds the
+    cache) instead of the dense per-request rows.
     """
     from dsv.core.checkpoint import resolve
     from dsv.core.cli import resolve_dtype
@@ -171,6 +173,7 @@ def load_native_app(
         "block_size": block_size,
         "max_batch": max_batch,
         "prefill_chunk": prefill_chunk,
+        "staging": staging,
     }
     engine: Any
     if engine_process:

@@ -61,6 +61,10 @@ class Metrics:
         self.running = Gauge("dsv_running_requests", "Sequences being generated", registry=r)
         self.used = Gauge("dsv_cache_used_blocks", "KV cache blocks in use", registry=r)
         self.usage = Gauge("dsv_cache_usage_ratio", "Fraction of KV cache blocks in use", registry=r)
+        self.preemptions = Counter(
+            "dsv_preemptions", "Requests preempted (recomputed later) because cache blocks ran out", registry=r
+        )
+        self._preempted_seen = 0
         self.prefix_hits = Gauge(
             "dsv_prefix_cache_hit_blocks",
             "Prompt blocks served from the prefix cache since start",
@@ -83,6 +87,7 @@ class Metrics:
                                buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.v_tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token", m,
                                 buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.v_preemptions = Counter("vllm:num_preemptions", "Requests preempted", m, registry=r)
         self.v_prompt = Counter("vllm:prompt_tokens", "Prompt tokens", m, registry=r)
         self.v_generation = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
 
@@ -124,7 +129,7 @@ class Metrics:
         out = (after["generated_tokens"] - before["generated_tokens"]) / seconds
         return (f"prompt {prompt:,.1f} tok/s · output {out:,.1f} tok/s · running {s.get('running', 0):.0f} · "
                 f"waiting {s.get('waiting', 0):.0f} · cache {used:.1%} used · "
-                f"prefix hits {s.get('prefix_hit_blocks', 0):.0f} blocks")  # fmt: skip
+                f"prefix hits {s.get('prefix_hit_blocks', 0):.0f} blocks · preempted {s.get('preemptions', 0):.0f}")  # fmt: skip
 
     def render(self) -> bytes:
         s = self.backend.stats()
@@ -133,6 +138,12 @@ class Metrics:
         self.used.set(s.get("used_blocks", 0))
         self.usage.set(_cache_usage(s))
         self.prefix_hits.set(s.get("prefix_hit_blocks", 0))
+        # The engine counts preemptions; the counters take what happened since the last scrape.
+        total = int(s.get("preemptions", 0))
+        if total > self._preempted_seen:
+            self.preemptions.inc(total - self._preempted_seen)
+            self.v_preemptions.labels(self.model_name).inc(total - self._preempted_seen)
+            self._preempted_seen = total
         name = self.model_name
         self.v_running.labels(name).set(s.get("running", 0))
         self.v_waiting.labels(name).set(s.get("waiting", 0))

@@ -1,0 +1,104 @@
+"""Blocks are taken as outputs grow, and when the pool runs out the newest request is preempted
+and recomputed later: a pool that fits three long requests serves eight submitted at once, each
+with the output it gets alone (greedy), and the preemptions are counted.
+
+Run: ``pytest packages/serve/tests/test_serve_preemption.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dsv.serve.engine import Engine, GenParams
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt: Path) -> Any:
+    from dsv.core.checkpoint import load_pretrained
+
+    m, _ = load_pretrained(str(tiny_ckpt), with_tokenizer=False)
+    return m.eval()
+
+
+@pytest.mark.parametrize("staging", [True, False], ids=["staged", "paged"])
+def test_eight_long_requests_in_a_pool_for_three(model: Any, staging: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (20,), generator=g).tolist() for _ in range(8)]
+    greedy = GenParams(temperature=0.0, max_tokens=76)  # 20 + 76 tokens: 6 blocks of 16
+    alone = [Engine.for_model(model, model.config, num_blocks=64, staging=staging).generate_many([p], greedy)[0]
+             for p in prompts]  # fmt: skip
+    engine = Engine.for_model(model, model.config, num_blocks=18, staging=staging)  # three requests' worth
+    out = engine.generate_many(prompts, greedy)
+    assert [o.finish_reason for o in out] == ["length"] * 8
+    assert [o.tokens for o in out] == [a.tokens for a in alone]
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.used_blocks == 0
+    assert [o.prompt_tokens for o in out] == [20] * 8
+
+
+def test_a_preempted_recording_request_keeps_every_route(model: Any) -> None:
+    """RL's record survives a preemption: the routes cover prompt + output - 1 positions, equal to
+    the ones recorded without preemption."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 1000, (20,), generator=g).tolist() for _ in range(5)]
+    params = GenParams(temperature=0.0, max_tokens=60, record=True)
+    roomy = Engine.for_model(model, model.config, num_blocks=64).generate_many(prompts, params)
+    tight_engine = Engine.for_model(model, model.config, num_blocks=12)
+    tight = tight_engine.generate_many(prompts, params)
+    assert tight_engine.stats().preemptions > 0
+    for a, b in zip(roomy, tight, strict=True):
+        assert a.tokens == b.tokens
+        assert a.routes is not None and b.routes is not None
+        for ra, rb in zip(a.routes, b.routes, strict=True):
+            assert (ra is None) == (rb is None)
+            if ra is not None:
+                assert ra.shape[0] == 20 + 60 - 1 and torch.equal(ra, rb)
+
+
+def test_64_requests_in_a_small_pool_stay_within_it(model: Any) -> None:
+    """Decoding from the pool (no staging rows): the cache is the pool's tensors and nothing else,
+    64 requests that would need four times its blocks all finish, each as in a roomy pool."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(10, 1000, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(64)]  # fmt: skip
+    greedy = GenParams(temperature=0.0, max_tokens=24)
+    roomy = Engine.for_model(model, model.config, num_blocks=512, staging=False).generate_many(prompts, greedy)
+    engine = Engine.for_model(model, model.config, num_blocks=48, staging=False, max_batch=64)
+    pool_bytes = engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0)
+    out = engine.generate_many(prompts, greedy)
+    assert [o.tokens for o in out] == [r.tokens for r in roomy]
+    assert engine.staging is None and engine.stats().used_blocks == 0
+    assert engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0) == pool_bytes
+    need = sum(-(-(len(p) + 24) // 16) for p in prompts)
+    assert need > 4 * engine.pool.num_blocks
+
+
+def test_preemptions_show_in_metrics_and_the_status_line(tiny_ckpt: Path, live_server: Any) -> None:
+    import threading
+
+    import httpx
+
+    from dsv.serve import load_native_app
+
+    app: Any = load_native_app(str(tiny_ckpt), model_name="m", max_model_len=128, num_blocks=8, staging=False,
+                               engine_process=False)  # fmt: skip
+    with live_server(app) as server:
+        def one(i: int) -> None:
+            body = {"model": "m", "prompt": [10 + i] * 20, "max_tokens": 100, "temperature": 0}
+            assert httpx.post(server.url + "/v1/completions", json=body, timeout=300).status_code == 200
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = httpx.get(server.url + "/metrics").text
+        line = app.state.metrics.status_line({"prompt_tokens": 0, "generated_tokens": 0},
+                                             {"prompt_tokens": 0, "generated_tokens": 0}, 1.0)  # fmt: skip
+    assert app.state.backend.stats()["preemptions"] > 0
+    assert "dsv_preemptions_total" in text and 'vllm:num_preemptions_total{model_name="m"}' in text
+    assert "preempted" in line and "preempted 0" not in line
