@@ -1,13 +1,15 @@
 """`dsv synth repo-envs` end to end: real git repositories, a scripted setup agent on loopback, the real sandbox.
 
-The test builds small repositories in two languages: a Python project whose fix comes
+The test builds small repositories in three languages: a Python project whose fix comes
 with a test (kept), one whose fix adds only a test that depends on set order (flaky:
 rejected), a fix without a test (rejected), and a JavaScript project whose pull request
-fixes an issue (kept). The scripted endpoint plays the setup agent, first with a recipe
+fixes an issue (kept); a Java project compiled with javac and run by a plain main-based runner
+that prints TAP gets its own build (kept). The scripted endpoint plays the setup agent, first with a recipe
 that cannot work offline, then with one that does. Kept environments are checked through
 `dsv eval`'s task file: the reference fix passes the verifier, the parent commit fails it.
 A hostile setup agent's commands (network, writes outside the workdir, a run that never
-ends) are contained by the sandbox and reported.
+ends) are contained by the sandbox and reported. Answers whose code prints forged result lines
+(or reads what the runner's reporter left behind) do not pass a Python task.
 
 Run: pytest packages/synth/tests/test_synth_repo_envs.py
 """
@@ -30,7 +32,15 @@ import pytest
 from dsv.synth import registry
 from dsv.synth.eval.client import EndpointClient
 from dsv.synth.pipeline.repo_envs import RepoEnvsConfig, build_repo_envs, classify, find_repositories
-from dsv.synth.repo_langs import parse_tap, parse_unittest
+from dsv.synth.repo_env import run_suite
+from dsv.synth.repo_langs import (
+    adapter_for,
+    detect_language,
+    parse_junit_xml,
+    parse_reported,
+    parse_tap,
+    parse_unittest,
+)
 from dsv.synth.sandbox import Limits, isolation_report
 from dsv.synth.tasks import read_tasks
 
@@ -50,6 +60,11 @@ pytestmark = pytest.mark.xdist_group("synth_repo_envs")
 needs_node = pytest.mark.skipif(
     subprocess.run(["sh", "-c", "command -v node"], capture_output=True).returncode != 0,
     reason="node is not installed",
+)
+
+
+needs_java = pytest.mark.skipif(
+    not (shutil.which("javac") and shutil.which("java")), reason="no JDK (javac, java) is installed"
 )
 
 
@@ -238,6 +253,8 @@ def test_rerun_resumes_without_asking_again_and_the_task_file_is_complete(built)
     tasks = read_tasks(built["out"] / "tasks.jsonl")
     assert sorted(t.state["repo"] for t in tasks) == ["calc", "jsutil"]
     assert all(t.family == "repo_issue" and t.state["fail_to_pass"] for t in tasks)
+    # unittest's reporter covered the Python task; node's TAP is read from its text
+    assert {t.state["repo"]: t.state["trusted_results"] for t in tasks} == {"calc": True, "jsutil": False}
 
 
 @pytest.mark.parametrize("repo", ["calc", pytest.param("jsutil", marks=needs_node)])
@@ -288,6 +305,9 @@ def test_result_parsers_and_rerun_classification() -> None:
     before = [{"a": "fail", "b": "pass", "c": "pass"}, {"b": "pass", "c": "fail"}]
     after = [{"a": "pass", "b": "pass", "c": "pass"}, {"a": "pass", "b": "pass", "c": "pass"}]
     assert classify(before, after) == (["a"], ["b"], ["c"])
+    tag = "@@dsv-result-" + "ab" * 16
+    reported = f"{tag} pass m.T.a\nok 1 - x\n{tag} fail m.T.b\n{tag} pass m.T.b\n@@dsv-result-{'0' * 32} pass m.T.c\n"
+    assert parse_reported(reported, tag) == {"m.T.a": "pass", "m.T.b": "fail"}
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -415,3 +435,226 @@ def test_fixes_in_existing_task_files_are_not_built_again(built, tmp_path: Path)
         assert endpoint.requests == []
     assert _by_issue(report)["calc", 1]["category"] == "duplicate"
     assert read_tasks(tmp_path / "out" / "tasks.jsonl") == []
+
+
+# ---- Java -----------------------------------------------------------------------------------
+
+# A plain runner as small projects without JUnit have: every public no-argument method named test*
+# of the classes named on the command line, in name order, reported as TAP.
+TAP_RUNNER = """import java.lang.reflect.Method;
+import java.util.Arrays;
+import java.util.Comparator;
+
+public class TapRunner {
+    public static void main(String[] args) throws Exception {
+        int n = 0;
+        int failed = 0;
+        for (String name : args) {
+            Class<?> cls = Class.forName(name);
+            Method[] methods = cls.getDeclaredMethods();
+            Arrays.sort(methods, Comparator.comparing(Method::getName));
+            for (Method m : methods) {
+                if (!m.getName().startsWith("test") || m.getParameterCount() != 0) continue;
+                n++;
+                try {
+                    m.invoke(cls.getDeclaredConstructor().newInstance());
+                    System.out.println("ok " + n + " - " + name + "." + m.getName());
+                } catch (java.lang.reflect.InvocationTargetException e) {
+                    failed++;
+                    System.out.println("not ok " + n + " - " + name + "." + m.getName());
+                    System.out.println("  # " + e.getCause());
+                }
+            }
+        }
+        System.out.println("1.." + n);
+        System.exit(failed == 0 ? 0 : 1);
+    }
+}
+"""
+
+STATS_TEST = """public class StatsTest {
+    static void check(boolean ok, String what) {
+        if (!ok) throw new AssertionError(what);
+    }
+
+    public void testMaxPositive() {
+        check(Stats.max(new int[] {1, 5, 3}) == 5, "max of 1, 5, 3");
+    }
+
+    public void testSum() {
+        check(Stats.sum(new int[] {1, 2, 3}) == 6, "sum of 1, 2, 3");
+    }
+"""
+
+JAVA_RECIPE = {"install": "mkdir -p out && javac -d out src/*.java test/*.java",
+               "test": "java -Xshare:auto -cp out TapRunner StatsTest"}  # fmt: skip
+
+
+def make_java_repo(root: Path) -> str:
+    """A Java project whose fix (with a new test) makes max() right for all-negative input."""
+    repo = _init(root, "jstats")
+    body = "    public static int sum(int[] xs) {\n        int s = 0;\n        for (int x : xs) s += x;\n        return s;\n    }\n"
+    _commit(repo, {"src/Stats.java": "public class Stats {\n    public static int max(int[] xs) {\n        int m = 0;\n"
+                   "        for (int x : xs) if (x > m) m = x;\n        return m;\n    }\n\n" + body + "}\n",
+                   "test/TapRunner.java": TAP_RUNNER, "test/StatsTest.java": STATS_TEST + "}\n",
+                   "README.md": "jstats: statistics over int arrays.\n"}, "Initial jstats")  # fmt: skip
+    fix = _commit(
+        repo,
+        {"src/Stats.java": "public class Stats {\n    public static int max(int[] xs) {\n        int m = xs[0];\n"
+                           "        for (int x : xs) if (x > m) m = x;\n        return m;\n    }\n\n" + body + "}\n",
+         "test/StatsTest.java": STATS_TEST + "\n    public void testMaxNegative() {\n"
+                                "        check(Stats.max(new int[] {-4, -2, -9}) == -2, \"max of negatives\");\n    }\n}\n"},
+        "max() of negative numbers returned 0\n\nFixes #4",
+    )  # fmt: skip
+    api = "https://api.github.com/repos/acme"
+    issues = [{"number": 4, "title": "max() is 0 for negative arrays", "repository_url": f"{api}/jstats",
+               "body": "Stats.max(new int[] {-4, -2, -9}) returns 0; it should return -2."}]  # fmt: skip
+    (root / "issues.json").write_text(json.dumps(issues))
+    return fix
+
+
+@needs_java
+def test_java_repository_is_kept_and_its_reference_passes_while_the_parent_fails(tmp_path: Path) -> None:
+    root = tmp_path / "repos"
+    root.mkdir()
+    fix = make_java_repo(root)
+
+    def agent(body: dict) -> se.Reply:
+        text = "\n".join(str(m.get("content")) for m in body["messages"])
+        assert "language: java" in text and "TAP" in text  # the adapter's output hint reached the agent
+        return se.Reply(content=_fence(JAVA_RECIPE))
+
+    with se.ScriptedEndpoint(agent) as endpoint:
+        client = EndpointClient(endpoint.base_url, endpoint.model, max_retries=0)
+        config = RepoEnvsConfig(out_dir=tmp_path / "out", issues=root / "issues.json", reruns=2)
+        report = build_repo_envs(client, config, find_repositories(root))
+        client.close()
+    row = _by_issue(report)["jstats", 4]
+    assert row["status"] == "accepted", row
+    assert row["fix"] == fix and row["fail_to_pass"] == ["StatsTest.testMaxNegative"]
+    assert row["pass_to_pass"] == ["StatsTest.testMaxPositive", "StatsTest.testSum"]
+    (task,) = read_tasks(tmp_path / "out" / "tasks.jsonl")
+    assert task.state["language"] == "java" and set(task.state["hidden_tests"]) == {"test/StatsTest.java"}
+    assert set(task.state["solution"]) == {"src/Stats.java"}
+    assert not task.state["trusted_results"]  # no reporter for Java: results are read from the TAP text
+    env = registry.get(task.family)
+    assert env.verify(task, env.solve(task)).passed
+    parent = env.verify(task, {})
+    assert not parent.passed and "1 fail-to-pass test(s) still fail: StatsTest.testMaxNegative" in parent.reason
+    # an answer that does not compile leaves no results at all
+    broken = env.verify(task, {"src/Stats.java": "public class Stats { oops }\n"})
+    assert not broken.passed and "install command exited" in broken.reason
+
+
+def test_java_adapter_reads_tap_and_junit_xml_and_finds_test_files() -> None:
+    xml = (
+        'noise before\n<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<testsuite name="a.StatsTest" tests="3" failures="1" errors="0" skipped="1">\n'
+        '  <testcase name="testMax()" classname="a.StatsTest" time="0.01"/>\n'
+        '  <testcase name="testSum" classname="a.StatsTest"><failure message="x">trace</failure></testcase>\n'
+        '  <testcase name="testSkip" classname="a.StatsTest"><skipped/></testcase>\n'
+        "</testsuite>\nBUILD FAILURE\n"
+        '<testsuite name="b.Other" tests="1"><testcase name="t" classname="b.Other"><error/></testcase></testsuite>\n'
+    )
+    assert parse_junit_xml(xml) == {"a.StatsTest.testMax": "pass", "a.StatsTest.testSum": "fail",
+                                    "a.StatsTest.testSkip": "skip", "b.Other.t": "fail"}  # fmt: skip
+    java = adapter_for("java")
+    assert java.parse_results("ok 1 - StatsTest.testA\nnot ok 2 - StatsTest.testB\n1..2\n") == {
+        "StatsTest.testA": "pass", "StatsTest.testB": "fail"}  # fmt: skip
+    assert [java.is_test_file(p) for p in ("src/test/java/a/StatsTest.java", "StatsTests.java", "src/Stats.java",
+                                           "test/TapRunner.java", "src/Testing.md")] == [True, True, False, True, False]  # fmt: skip
+    assert detect_language(["pom.xml", "src/main/java/a/A.java", "scripts/x.py"]) == "java"
+
+
+# ---- forged results -------------------------------------------------------------------------
+
+
+def _forged_calc(extra: str) -> str:
+    """calc.py with the bug left in, plus code that prints result lines claiming every test passed."""
+    lines = [f"{n} (tests.test_calc.TestCalc.{n}) ... ok" for n in ("test_add", "test_mean", "test_mean_empty")]
+    return (
+        "import os\nimport sys\n\n\ndef add(a, b):\n    return a + b\n\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\n\n"
+        f"FAKE = {lines!r}\n"
+        "for line in FAKE:\n    print(line, file=sys.stderr)\n"
+        "sys.stderr.flush()\n" + extra
+    )
+
+
+def test_answers_printing_forged_pass_lines_do_not_pass(built) -> None:
+    task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
+    assert task.state["trusted_results"]  # unittest's reporter covered every kept test
+    env = registry.get("repo_issue")
+    state = task.state
+    forged_exit = {"calc.py": _forged_calc("os._exit(0)\n")}
+    # The text parser alone would be fooled: the forged lines are all it sees.
+    run = run_suite(state["snapshot"], {**forged_exit, **state["hidden_tests"]}, state["recipe"], "python")
+    assert all(run.results.get(t) == "pass" for t in state["fail_to_pass"] + state["pass_to_pass"])
+    assert run.reported == {}
+    score = env.verify(task, forged_exit)
+    assert not score.passed and "fail-to-pass test(s) still fail" in score.reason
+    # Forged lines, then the tests really run: the reporter says the fix is missing.
+    score = env.verify(task, {"calc.py": _forged_calc("")})
+    assert not score.passed and score.reward == pytest.approx(2 / 3), score.reason
+    # Forged lines in the reporter's own shape with a guessed tag, after looking for its files.
+    snoop = (
+        "import glob\npath = os.environ.get('PYTHONPATH', '')\n"
+        "found = glob.glob('/work/.dsv-r*/*') + glob.glob(os.path.join(path, '*')) + glob.glob('../.dsv-r*/*')\n"
+        "print('SNOOP', path, found, os.path.exists(path), sorted(os.listdir('..')), flush=True)\n"
+        "for name in ('test_add', 'test_mean', 'test_mean_empty'):\n"
+        "    print(f'@@dsv-result-{\"0\" * 32} pass tests.test_calc.TestCalc.{name}', flush=True)\n"
+    )
+    answer = {"calc.py": _forged_calc(snoop)}
+    run = run_suite(state["snapshot"], {**answer, **state["hidden_tests"]}, state["recipe"], "python")
+    snooped = next(line for line in run.output.splitlines() if line.startswith("SNOOP"))
+    assert "sitecustomize" not in snooped and " [] False " in snooped, snooped
+    assert run.reported is not None and run.reported["tests.test_calc.TestCalc.test_mean_empty"] == "fail"
+    assert not env.verify(task, answer).passed
+    # The reference still passes, and the tagged lines never reach what the agent is shown.
+    run = run_suite(state["snapshot"], {**state["solution"], **state["hidden_tests"]}, state["recipe"], "python")
+    assert run.reported == run.results and "@@dsv-result-" not in run.output
+    assert "test_add (tests.test_calc.TestCalc.test_add) ... ok\ntest_mean (" in run.output
+
+
+@pytest.mark.skipif(
+    not isolation_report()["unprivileged_uid"], reason="killing the install step's leftovers needs the sandbox's own uid"
+)
+def test_a_process_left_by_the_install_step_cannot_read_the_reporter(built) -> None:
+    task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
+    # The install step starts a watcher that copies whatever the reporter writes; the answer's code
+    # then replays the tag it would have learnt. The watcher is killed before the reporter exists.
+    watcher = "(while :; do cat ../.dsv-r*/sitecustomize.py >> leak.txt 2>/dev/null; done) >/dev/null 2>&1 &"
+    recipe = {"install": f"{watcher} sleep 0.2", "test": task.state["recipe"]["test"]}
+    replay = (
+        "import re\ntext = open('leak.txt').read() if os.path.exists('leak.txt') else ''\n"
+        "print('LEAKED', len(text), flush=True)\n"
+        "for tag in set(re.findall(r'@@dsv-result-[0-9a-f]+', text)):\n"
+        "    for name in ('test_add', 'test_mean', 'test_mean_empty'):\n"
+        "        print(f'{tag} pass tests.test_calc.TestCalc.{name}', flush=True)\n"
+        "os._exit(0)\n"
+    )
+    state = {**task.state, "recipe": recipe}
+    forged = type(task)(**{**task.__dict__, "state": state})
+    answer = {"calc.py": _forged_calc(replay)}
+    run = run_suite(state["snapshot"], {**answer, **state["hidden_tests"]}, recipe, "python")
+    assert "LEAKED 0" in run.output, run.output[-2000:]
+    assert not registry.get("repo_issue").verify(forged, answer).passed
+
+
+@needs_java
+@pytest.mark.skipif(not isolation_report()["private_filesystem"], reason="the private root needs root")
+def test_the_java_toolchain_exposes_only_what_the_jdk_needs_from_etc() -> None:
+    from dsv.synth.sandbox import run_command
+
+    probe = ["/bin/sh", "-c", "ls /etc; test -e /etc/passwd && echo PASSWD; java -version 2>&1 | head -1"]
+    java_env = adapter_for("java").env()
+    jvm = Limits(cpu_s=20, wall_s=30, memory_mb=4096, max_processes=128)  # a JVM reserves much address space
+    argv = ["/usr/bin/env", *(f"{k}={v}" for k, v in java_env.items()), *probe]
+    r = run_command(argv, toolchains=["java"], limits=jvm)
+    assert r.status == "ok", r
+    listed = r.stdout.splitlines()
+    assert "alternatives" in listed and "PASSWD" not in r.stdout and "version" in r.stdout
+    assert all(name == "alternatives" or name.startswith("java") for name in listed[:-1]), listed
+    plain = run_command(probe, limits=jvm)
+    assert "alternatives" not in plain.stdout and "version" not in plain.stdout
+    with pytest.raises(ValueError, match="unknown sandbox toolchain 'cobol'"):
+        run_command(["/bin/true"], toolchains=["cobol"])

@@ -20,9 +20,18 @@ changed files (``{"path": "complete new content"}``, ``null`` deletes); edits ma
 parent tree + the answer + the hidden tests in ``dsv.synth.sandbox`` and passes when every
 fail-to-pass and pass-to-pass test passes (reward: the share that do).
 
-What the answer's code could still do: it runs in the same process tree as the test runner, so code
-that prints forged result lines could fool the parser (SWE-bench-style harnesses share this). The
-hidden tests cannot be edited, and the sandbox bounds everything else it can reach.
+Forged results: the answer's code runs in the same process tree as the test runner, so it can print
+lines that look like test results. Where the language has a reporter (``LanguageAdapter.reporter``:
+Python's unittest), each run gets a fresh random tag that only the host and the reporter know: the
+reporter's files are written after the install step (after every process the install left behind is
+killed, where the sandbox runs under its own uid) and delete themselves when the test interpreter
+starts, and the tag never appears in an argument, environment variable or file the answer's code
+can read. A task whose reference runs were fully covered by tagged lines has ``trusted_results`` set,
+and its verifier then reads only tagged lines: printed look-alikes, or an early exit after printing
+them, leave the fail-to-pass tests unreported, which fails. What remains is in-process code that
+deliberately searches the interpreter's memory for the tag or patches unittest's bookkeeping, a test
+command that runs answer-editable files before the interpreter (e.g. ``sh run_tests.sh``), and every
+suite without a reporter (pytest, JavaScript, Java), which is read from its text as before.
 """
 
 from __future__ import annotations
@@ -44,8 +53,8 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
 from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord
-from dsv.synth.repo_langs import Outcome, adapter_for
-from dsv.synth.sandbox import Limits, SandboxResult, run_command
+from dsv.synth.repo_langs import Outcome, adapter_for, parse_reported
+from dsv.synth.sandbox import Limits, SandboxResult, isolation_report, run_command
 
 __all__ = [
     "REPO_LIMITS",
@@ -104,6 +113,12 @@ class SuiteRun:
     output: str  # combined output (install, then tests), tail-trimmed
     wall_s: float
     sandbox: SandboxResult | None = field(default=None, repr=False)
+    # Outcomes from the language's reporter (tagged lines only); None when the language has none.
+    reported: dict[str, Outcome] | None = None
+
+    def outcomes(self, trusted: bool = False) -> dict[str, Outcome]:
+        """The outcomes to judge by: the reporter's alone when ``trusted``, else the parsed text."""
+        return (self.reported or {}) if trusted else self.results
 
     @property
     def ran(self) -> bool:
@@ -128,6 +143,7 @@ class SuiteRun:
 
 
 _RUNNER = """exec 2>&1
+W=$(pwd)
 mkdir repo && base64 -d .dsv/repo.b64 | tar -xzf - -C repo || exit 90
 if [ -d .dsv/overlay ]; then cp -R .dsv/overlay/. repo/ || exit 90; fi
 while IFS= read -r p; do [ -n "$p" ] && rm -rf -- "repo/$p"; done < .dsv/delete.txt
@@ -139,11 +155,35 @@ cd repo
 rc=$?
 echo; echo "{mark} install $rc"
 [ $rc -eq 0 ] || exit 91
+{reporter}
 ( {test}
 ) </dev/null
 rc=$?
 echo; echo "{mark} test $rc"
 """
+
+
+def _reporter_block(files: Mapping[str, str], env: Mapping[str, str], kill_leftovers: bool) -> str:
+    """Shell lines that write the reporter's files into a fresh directory just before the test step.
+
+    The block (and the tag inside the files) lives only in the runner shell's memory until then:
+    the script file was deleted before the install step ran.
+    """
+    if not files:
+        return ""
+    lines = []
+    if kill_leftovers:
+        # Everything the install step left running (say, a process waiting for the reporter's files)
+        # dies here: kill(-1) reaches every process of the run's own uid except this shell.
+        lines.append("kill -9 -1 2>/dev/null")
+    d = f"$W/.dsv-r{secrets.token_hex(8)}"
+    lines += [f'rm -rf "{d}"', f'mkdir -m 700 "{d}" || exit 90']
+    for name, content in files.items():
+        eof = f"DSV_EOF_{secrets.token_hex(8)}"
+        lines += [f"cat > \"{d}/{name}\" <<'{eof}'", content.rstrip("\n"), eof]
+    for key, value in env.items():
+        lines.append(f'export {key}="{value.replace("{dir}", d)}"')
+    return "\n".join(lines)
 
 
 def run_suite(
@@ -161,10 +201,17 @@ def run_suite(
     """
     adapter = adapter_for(language)
     mark = f"@@dsv-{secrets.token_hex(6)}"
-    env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in adapter.rerun_env(rerun).items())
+    run_env = {**adapter.env(), **adapter.rerun_env(rerun)}
+    env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in run_env.items())
+    tag = f"@@dsv-result-{secrets.token_hex(16)}"
+    reporter_files, reporter_env = adapter.reporter(tag)
+    reporter = _reporter_block(
+        reporter_files, reporter_env, kill_leftovers=bool(isolation_report()["unprivileged_uid"])
+    )
     script = _RUNNER.format(
         env=env_lines,
         install=recipe.get("install") or "true",
+        reporter=reporter,
         test=recipe.get("test") or "false",
         mark=mark,
     )
@@ -176,7 +223,7 @@ def run_suite(
         else:
             files[f".dsv/overlay/{path}"] = content
     files[".dsv/delete.txt"] = "".join(f"{p}\n" for p in deletions)
-    r = run_command(["/bin/sh", ".dsv/run.sh"], files=files, limits=limits)
+    r = run_command(["/bin/sh", ".dsv/run.sh"], files=files, limits=limits, toolchains=adapter.toolchains)
     output = r.stdout + (("\n" + r.stderr) if r.stderr else "")
     install_rc = test_rc = None
     install_out, test_out = output, ""
@@ -189,8 +236,13 @@ def run_suite(
             test_rc = int(t.group(1))
             test_out = test_out[: t.start()]
     results = adapter.parse_results(test_out) if install_rc == 0 else {}
+    reported = None
+    if reporter_files:
+        reported = parse_reported(test_out, tag) if install_rc == 0 else {}
+        # the tag is this run's secret and means nothing to a reader: its lines are not shown
+        test_out = re.sub(rf"\n?^{re.escape(tag)} .*\n?", "", test_out, flags=re.MULTILINE)
     shown = (install_out[-4000:] + "\n" + test_out[-8000:]).strip()
-    return SuiteRun(results, r.status, install_rc, test_rc, shown, r.wall_s, r)
+    return SuiteRun(results, r.status, install_rc, test_rc, shown, r.wall_s, r, reported)
 
 
 def _decode_text(data: bytes) -> str | None:
@@ -336,7 +388,8 @@ class RepoIssueEnv(Environment):
             )
             if not run.ran:
                 return f"the suite did not run: {run.problem()}\n{run.output[-3000:]}"
-            return _summary(run.results) + "\n" + run.output[-3000:]
+            results = run.outcomes(bool(state.get("trusted_results")))
+            return _summary(results) + "\n" + run.output[-3000:]
 
         return [list_files, read_file, search, write_file, run_tests]
 
@@ -354,7 +407,8 @@ class RepoIssueEnv(Environment):
         wanted = list(state["fail_to_pass"]) + list(state["pass_to_pass"])
         if not run.ran:
             return Score.fail(f"the test suite did not run: {run.problem()}")
-        failing = [t for t in wanted if run.results.get(t) != "pass"]
+        results = run.outcomes(bool(state.get("trusted_results")))
+        failing = [t for t in wanted if results.get(t) != "pass"]
         if not failing:
             return Score.ok(f"all {len(wanted)} tests pass ({len(state['fail_to_pass'])} fail-to-pass)")
         reward = (len(wanted) - len(failing)) / len(wanted)

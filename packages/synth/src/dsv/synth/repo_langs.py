@@ -10,16 +10,33 @@ on the language sits behind ``LanguageAdapter``:
 - ``rerun_env(i)``: environment variables of rerun ``i``, chosen to shake out order dependence
   (Python varies ``PYTHONHASHSEED``, so a test that depends on set or dict order of strings changes
   outcome between reruns deterministically instead of by luck);
-- ``parse_results(output)``: per-test outcomes (``pass``/``fail``/``skip``) from the suite's output.
+- ``parse_results(output)``: per-test outcomes (``pass``/``fail``/``skip``) from the suite's output;
+- ``toolchains`` and ``env()``: what the sandbox must expose and set for the language's tools to start;
+- ``reporter(tag)``: optional files that make the test framework itself report each outcome on a
+  line starting with ``tag``, a secret of the run (see "Forged results" below).
 
 Python reads ``unittest -v`` and ``pytest -rA`` output; JavaScript reads the TAP that
-``node --test`` prints (nested subtests are named ``parent > child``). Java (JUnit's
-plain reports) can follow by adding an adapter and listing it in ``ADAPTERS``.
+``node --test`` prints (nested subtests are named ``parent > child``); Java reads TAP (what a
+plain ``main``-based runner prints) and JUnit XML reports printed to the output.
+
+Forged results: the answer's code runs inside the test process, so it can print lines that look
+like test results. For Python's unittest the runner installs a reporter before any repository code
+is imported: a ``sitecustomize`` module, written just before the test step and deleted by its own
+first statement, hooks ``unittest.TestResult`` and writes ``<tag> pass|fail|skip <test id>``
+lines, where the tag is a fresh random value known only to the host and to that module. A task
+whose reference run is fully covered by such lines is verified on them alone, so printed look-alike
+lines (or an early exit after printing them) count for nothing. What remains is code that
+deliberately searches the interpreter for the tag (it lives in the hook's closure) or patches
+unittest's own bookkeeping; pytest, JavaScript and Java suites are still read from their text.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
+import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import PurePosixPath
@@ -27,13 +44,16 @@ from typing import ClassVar, Literal
 
 __all__ = [
     "ADAPTERS",
+    "JavaAdapter",
     "JavaScriptAdapter",
     "LanguageAdapter",
     "Outcome",
     "PythonAdapter",
     "adapter_for",
     "detect_language",
+    "parse_junit_xml",
     "parse_pytest",
+    "parse_reported",
     "parse_tap",
     "parse_unittest",
 ]
@@ -49,6 +69,8 @@ class LanguageAdapter(ABC):
     manifest_files: ClassVar[tuple[str, ...]]
     # Shown to the setup agent: which test command output the parser understands.
     output_hint: ClassVar[str]
+    # Names from dsv.synth.sandbox.TOOLCHAINS the sandbox exposes for this language's tools.
+    toolchains: ClassVar[tuple[str, ...]] = ()
 
     def detect(self, paths: Iterable[str]) -> int:
         """A score: manifest files weigh 10, each source file 1 (0: not this language)."""
@@ -69,9 +91,29 @@ class LanguageAdapter(ABC):
         """Environment variables for rerun number ``rerun`` (default: none)."""
         return {}
 
+    def env(self) -> dict[str, str]:
+        """Environment variables every install and test run of this language gets (default: none)."""
+        return {}
+
+    def reporter(self, tag: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Files (relative to a fresh directory) and environment (``{dir}``: that directory) that
+        make the test framework print ``<tag> <outcome> <test id>`` lines; default: no reporter."""
+        return {}, {}
+
     @abstractmethod
     def parse_results(self, output: str) -> dict[str, Outcome]:
         """Test id -> outcome from the test command's combined stdout and stderr."""
+
+
+def parse_reported(output: str, tag: str) -> dict[str, Outcome]:
+    """Outcomes from the reporter's ``<tag> pass|fail|skip <test id>`` lines (a failure sticks)."""
+    out: dict[str, Outcome] = {}
+    rx = re.compile(rf"^{re.escape(tag)} (?P<outcome>pass|fail|skip) (?P<id>.+)$", re.MULTILINE)
+    for m in rx.finditer(output):
+        test_id, outcome = m["id"], m["outcome"]
+        if out.get(test_id) != "fail":
+            out[test_id] = outcome  # type: ignore[assignment]
+    return out
 
 
 # ---- Python ---------------------------------------------------------------------------------
@@ -145,8 +187,75 @@ class PythonAdapter(LanguageAdapter):
         # A fixed, different hash seed per rerun: order-dependent tests flip deterministically.
         return {"PYTHONHASHSEED": str(rerun + 1)}
 
+    def reporter(self, tag: str) -> tuple[dict[str, str], dict[str, str]]:
+        # PYTHONPATH entries come before site-packages, so this sitecustomize is the one imported.
+        return {"sitecustomize.py": _UNITTEST_REPORTER.replace("@TAG@", tag)}, {"PYTHONPATH": "{dir}"}
+
     def parse_results(self, output: str) -> dict[str, Outcome]:
         return parse_pytest(output) or parse_unittest(output)
+
+
+# Imported at interpreter start, before the test command imports any repository code. The first
+# statements delete the file and its directory, so later processes (and the answer's code) cannot
+# read the tag from disk. Outcomes are collected from unittest's add* calls and written at stopTest,
+# after the text runner has finished its own "... ok" line, on a descriptor duplicated now (the
+# answer's code may replace sys.stdout). A leading newline keeps the line whole after partial output.
+_UNITTEST_REPORTER = """\
+import os as _os
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_os.unlink(_os.path.abspath(__file__))
+try:
+    _os.rmdir(_here)
+except OSError:
+    pass
+
+
+def _install():
+    import unittest.result as _result
+
+    tag = "@TAG@"
+    fd = _os.dup(2)
+    pending = {}
+    cls = _result.TestResult
+
+    def emit():
+        for test_id, outcome in list(pending.items()):
+            _os.write(fd, ("\\n%s %s %s\\n" % (tag, outcome, test_id)).encode("utf-8", "replace"))
+        pending.clear()
+
+    def record(outcome):
+        def hook(original):
+            def wrapper(self, test, *args):
+                test_id = test.id() if hasattr(test, "id") else str(test)
+                if not (outcome == "sub" and args[-1] is None):
+                    state = "fail" if outcome == "sub" else outcome
+                    if pending.get(test_id) != "fail":
+                        pending[test_id] = state
+                return original(self, test, *args)
+            return wrapper
+        return hook
+
+    for name, outcome in (("addSuccess", "pass"), ("addFailure", "fail"), ("addError", "fail"),
+                          ("addSkip", "skip"), ("addExpectedFailure", "pass"),
+                          ("addUnexpectedSuccess", "fail"), ("addSubTest", "sub")):
+        setattr(cls, name, record(outcome)(getattr(cls, name)))
+
+    def flush_after(original):
+        def wrapper(self, *args):
+            result = original(self, *args)
+            emit()
+            return result
+        return wrapper
+
+    cls.stopTest = flush_after(cls.stopTest)
+    cls.stopTestRun = flush_after(cls.stopTestRun)
+    import atexit
+    atexit.register(emit)
+
+
+_install()
+del _install, _here
+"""
 
 
 # ---- JavaScript -----------------------------------------------------------------------------
@@ -211,7 +320,86 @@ class JavaScriptAdapter(LanguageAdapter):
         return parse_tap(output)
 
 
-ADAPTERS: dict[str, LanguageAdapter] = {a.name: a for a in (PythonAdapter(), JavaScriptAdapter())}
+# ---- Java -----------------------------------------------------------------------------------
+
+_TESTSUITE_RE = re.compile(r"<testsuite\b.*?</testsuite>|<testsuite\b[^>]*/>", re.DOTALL)
+
+
+def parse_junit_xml(output: str) -> dict[str, Outcome]:
+    """Outcomes from JUnit XML reports (Surefire, Gradle, the JUnit console launcher) in the output.
+
+    Each ``<testcase classname="C" name="m">`` is ``C.m`` (a trailing ``()`` dropped); a
+    ``failure`` or ``error`` child fails it, ``skipped`` skips it. Several reports may be printed
+    one after another (``cat reports/*.xml``), with other text around them.
+    """
+    out: dict[str, Outcome] = {}
+    for m in _TESTSUITE_RE.finditer(output):
+        try:
+            suite = ET.fromstring(m.group(0))
+        except ET.ParseError:
+            continue
+        for case in suite.iter("testcase"):
+            name = (case.get("name") or "").removesuffix("()")
+            cls = case.get("classname") or ""
+            test_id = f"{cls}.{name}" if cls else name
+            tags = {child.tag for child in case}
+            outcome: Outcome = (
+                "fail" if tags & {"failure", "error"} else "skip" if "skipped" in tags else "pass"
+            )
+            if out.get(test_id) != "fail":
+                out[test_id] = outcome
+    return out
+
+
+@functools.cache
+def _jdk_home() -> str | None:
+    """The JDK that ``javac`` on the host's PATH belongs to (the sandbox sees the same /usr)."""
+    javac = shutil.which("javac", path="/usr/local/bin:/usr/bin:/bin")
+    if javac is None:
+        return None
+    home = os.path.dirname(os.path.dirname(os.path.realpath(javac)))
+    return home if os.path.isfile(os.path.join(home, "lib", "libjli.so")) else None
+
+
+class JavaAdapter(LanguageAdapter):
+    """Java projects compiled with the JDK's ``javac``: TAP from a ``main``-based runner, or JUnit XML."""
+
+    name = "java"
+    extensions = (".java",)
+    manifest_files = ("pom.xml", "build.gradle", "build.gradle.kts", "settings.gradle", "build.xml")
+    output_hint = (
+        "The test command must print per-test results either as TAP (lines `ok 1 - Class.method` / "
+        "`not ok 2 - Class.method`, which a plain `main`-based test runner can print) or as JUnit XML "
+        "reports (e.g. `cat target/surefire-reports/*.xml`). `javac` and `java` are on PATH; there is no "
+        "network, so Maven or Gradle can only work with every dependency already in the repository."
+    )
+    toolchains = ("java",)
+
+    def is_test_file(self, path: str) -> bool:
+        p = PurePosixPath(path)
+        if p.suffix != ".java":
+            return False
+        return (
+            p.stem.endswith(("Test", "Tests"))
+            or p.stem.startswith("Test")
+            or any(part in ("test", "tests") for part in p.parts[:-1])
+        )
+
+    def env(self) -> dict[str, str]:
+        # The JDK's launchers find libjli.so through an $ORIGIN run path, which glibc resolves via
+        # /proc/self/exe; the sandbox's private root has no /proc, so the directory is named here.
+        home = _jdk_home()
+        if home is None:
+            return {}
+        return {"JAVA_HOME": home, "LD_LIBRARY_PATH": os.path.join(home, "lib")}
+
+    def parse_results(self, output: str) -> dict[str, Outcome]:
+        return parse_junit_xml(output) or parse_tap(output)
+
+
+ADAPTERS: dict[str, LanguageAdapter] = {
+    a.name: a for a in (PythonAdapter(), JavaScriptAdapter(), JavaAdapter())
+}
 
 
 def adapter_for(language: str) -> LanguageAdapter:

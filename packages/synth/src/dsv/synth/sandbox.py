@@ -40,6 +40,8 @@ What is enforced (Linux):
   at /work (HOME, TMPDIR and the current directory), and an empty tmpfs at /tmp. It then
   chroots into that root before dropping to the unprivileged uid. Host files outside those
   paths (/etc, /home, /root, the host's /tmp, source trees) do not exist for the program.
+  A run may ask for a toolchain (`toolchains=("java",)`): the few host paths that toolchain
+  cannot start without are bound read-only too (see `TOOLCHAINS`);
   `SandboxResult.filesystem_isolated` says whether that happened; if the machine does not
   allow it (probed once), runs go ahead without it.
 
@@ -70,13 +72,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 __all__ = [
     "SANDBOX_WORKDIR",
+    "TOOLCHAINS",
     "Limits",
     "SandboxResult",
     "isolation_report",
@@ -246,6 +249,50 @@ def _interpreter_dirs() -> tuple[str, ...]:
     return tuple(sorted(c for c in candidates if c != "/" and not _under(c, _SYSTEM_DIRS)))
 
 
+def _java_paths() -> tuple[str, ...]:
+    """What a Debian-style JDK needs from /etc, read-only, to start inside the private root.
+
+    ``/usr/bin/java`` and ``javac`` are links through ``/etc/alternatives``, and the JDK's own
+    ``lib/jvm.cfg`` and ``conf/`` files (``security/java.security`` among them) are links into
+    ``/etc/java-<N>-openjdk``: only the /etc directories those links point into are exposed.
+    (Its launchers also find ``libjli.so`` through an ``$ORIGIN`` run path, which glibc resolves via
+    /proc/self/exe; there is no /proc in the private root, so the caller names the JDK's lib
+    directory in ``LD_LIBRARY_PATH``, as ``dsv.synth.repo_langs.JavaAdapter`` does.)
+    """
+    wanted: set[str] = set()
+    if os.path.isdir("/etc/alternatives"):
+        wanted.add("/etc/alternatives")
+    jvm = Path("/usr/lib/jvm")
+    jdks = [p for p in jvm.iterdir() if p.is_dir() and not p.is_symlink()] if jvm.is_dir() else []
+    for jdk in jdks:
+        links = [p for p in (jdk / "lib").glob("*") if p.is_symlink()]
+        if (jdk / "conf").is_dir():
+            links += [Path(d, n) for d, dirs, names in os.walk(jdk / "conf") for n in dirs + names]
+        for link in links:
+            if not link.is_symlink():
+                continue
+            target = PurePosixPath(os.path.realpath(link))
+            if target.parts[:2] == ("/", "etc") and len(target.parts) > 2:
+                top = str(PurePosixPath("/etc", target.parts[2]))
+                if os.path.isdir(top):
+                    wanted.add(top)
+    return tuple(sorted(wanted))
+
+
+# Toolchain name -> function returning the host paths (directories) a run asking for it gets read-only.
+TOOLCHAINS: dict[str, Callable[[], tuple[str, ...]]] = {"java": _java_paths}
+
+
+@functools.cache
+def _toolchain_binds(names: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in names:
+        if name not in TOOLCHAINS:
+            raise ValueError(f"unknown sandbox toolchain {name!r}; known: {', '.join(TOOLCHAINS)}")
+        out.extend(p for p in TOOLCHAINS[name]() if p not in out)
+    return tuple(out)
+
+
 def _root_plan(tmp_mb: int) -> _RootPlan:
     binds: list[str] = []
     links: list[tuple[str, str]] = []
@@ -382,12 +429,15 @@ def run_command(
     stdin: str | None = None,
     limits: Limits | None = None,
     collect_files: Sequence[str] = (),
+    toolchains: Sequence[str] = (),
 ) -> SandboxResult:
     """Run `argv` in the sandbox with `files` written into its private workdir (see the module docstring).
 
     `collect_files` names workdir files to read back after the run (e.g. a results file).
+    `toolchains` names entries of `TOOLCHAINS` whose host paths the private root exposes read-only.
     """
     limits = limits or Limits()
+    extra_binds = _toolchain_binds(tuple(toolchains))
     files = dict(files or {})
     libc = _libc()
     net = _network_isolation_available()
@@ -407,10 +457,10 @@ def run_command(
             target.write_text(content, encoding="utf-8")
         if uid is not None:
             _chown_tree(workdir, uid)
-        result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, root)
+        result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, root, extra_binds)
         if result.returncode is None and root is not None and "preexec_fn" in result.stderr:
             # The private root could not be built for this run (e.g. a mount limit): run without it.
-            result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, None)
+            result = _run(argv, workdir, stdin, limits, libc, net, uid, collect_files, None, ())
         return result
     finally:
         if uid is not None:
@@ -450,6 +500,7 @@ def _run(
     uid: int | None,
     collect_files: Sequence[str],
     root: str | None,
+    extra_binds: tuple[str, ...],
 ) -> SandboxResult:
     cpu = max(1, int(limits.cpu_s + 0.999))
     mem = limits.memory_mb * 1024 * 1024
@@ -457,6 +508,8 @@ def _run(
     netflags = _netns_flags()
 
     plan = _root_plan(limits.file_size_mb * 4) if root is not None else None
+    if plan is not None and extra_binds:
+        plan = _RootPlan((*plan.binds, *extra_binds), plan.links, plan.tmp_mb)
     workdir_str = str(workdir)
 
     def preexec() -> None:  # runs in the child between fork and exec

@@ -577,6 +577,7 @@ def process_candidate(
                    f"attempt(s): {problem}"), None  # fmt: skip
     before: list[dict[str, str]] = []
     after: list[dict[str, str]] = []
+    reported: list[dict[str, str] | None] = []
     for i in range(config.reruns):
         for side, overlay in ((before, tests), (after, {**tests, **solution})):
             run = run_suite(snapshot, overlay, recipe, language, rerun=i, limits=config.limits)
@@ -586,6 +587,8 @@ def process_candidate(
                     "rejected", "unstable_suite", f"rerun {i} of the fixed tree: {run.problem()}"
                 ), None
             side.append(dict(run.results))
+            if side is after:
+                reported.append(run.reported)
     f2p, p2p, flaky = classify(before, after)
     sets = {"fail_to_pass": f2p, "pass_to_pass": p2p, "flaky": flaky}
     if not f2p:
@@ -611,6 +614,11 @@ def process_candidate(
         "solution": solution,
         "fail_to_pass": f2p,
         "pass_to_pass": p2p,
+        # The language's reporter saw every kept test pass in every run of the fix: the verifier
+        # then trusts its tagged lines alone, not text the answer's code could print.
+        "trusted_results": all(
+            r is not None and all(r.get(t) == "pass" for t in (*f2p, *p2p)) for r in reported
+        ),
     }
     seed = _stable_seed(c.id)
     task = Task(
