@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 pytest.importorskip("tantivy")
 
-from dsv.synth import registry
+from dsv.synth import registry, searchqa_env
 from dsv.synth.episode import run_episode
 from dsv.synth.eval.client import EndpointClient
 from dsv.synth.pipeline.search_qa import SearchQaConfig, build_search_qa, long_tail_order
@@ -225,3 +226,57 @@ def test_dsv_eval_scores_the_kept_items_and_existing_questions_are_not_kept_agai
         report = build_search_qa(client, config)
         client.close()
     assert report["items"][0]["category"] == "duplicate"
+
+
+def _forget_indexes() -> None:
+    """Drop the indexes this process built, so a task's corpus is read again from where it says."""
+    searchqa_env._EMBEDDED.clear()
+    searchqa_env._index_for.cache_clear()
+
+
+def test_moving_the_output_folder_keeps_the_tasks_working(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from dsv.synth.eval.cli import eval_command
+
+    docs = _write_docs(tmp_path / "docs")
+    with se.ScriptedEndpoint(agents) as endpoint:
+        client = EndpointClient(endpoint.base_url, endpoint.model, max_retries=0)
+        build_search_qa(client, SearchQaConfig(out_dir=tmp_path / "first", corpus_dir=docs, n=1))
+        build_search_qa(
+            client, SearchQaConfig(out_dir=tmp_path / "bypath", corpus_dir=docs, n=1, embed_corpus_mb=0.0)
+        )
+        client.close()
+        moved = tmp_path / "elsewhere" / "moved"
+        moved.parent.mkdir()
+        shutil.move(tmp_path / "first", moved)
+        shutil.rmtree(docs)  # neither the collection nor the old folder exists any more
+        _forget_indexes()
+        (task,) = read_tasks(moved / "tasks.jsonl")
+        assert task.state["corpus"]["path"] == "corpus.jsonl" and "data" in task.state["corpus"]
+        env = registry.get(task.family)
+        search = env.tools(task)[0]
+        assert "ilse_varn.txt" in search("Ilse Varn") and env.verify(task, env.solve(task)).passed
+        _forget_indexes()
+        app = typer.Typer()
+        app.command()(eval_command)
+        args = ["--endpoint", endpoint.base_url, "--model", endpoint.model, "--tasks", str(moved / "tasks.jsonl"),
+                "--no-thinking", "--out", str(tmp_path / "eval"), "--fail-under", "1.0"]  # fmt: skip
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+    assert "embedded in every task" in (moved / "report.md").read_text()
+    assert "data" not in json.loads((moved / "report.json").read_text())["corpus"]
+    # A corpus over --embed-corpus-mb is named by path: moving it away is a clear error, not a crash.
+    (by_path,) = read_tasks(tmp_path / "bypath" / "tasks.jsonl")
+    assert "data" not in by_path.state["corpus"] and Path(by_path.state["corpus"]["path"]).is_absolute()
+    shutil.move(tmp_path / "bypath", tmp_path / "elsewhere" / "bypath")
+    _forget_indexes()
+    with pytest.raises(ValueError, match=r"corpus file .* cannot be read"):
+        registry.get("search_qa").tools(by_path)
+    # An embedded corpus edited after the fact no longer matches its sha256.
+    tampered = json.loads(json.dumps(task.state))
+    tampered["corpus"]["data"] = searchqa_env.embed_corpus(load_documents(_write_docs(tmp_path / "other"))[:3])
+    _forget_indexes()
+    with pytest.raises(ValueError, match="embedded in the task changed since the tasks were made"):
+        registry.get("search_qa").tools(type(task)(**{**task.__dict__, "state": tampered}))

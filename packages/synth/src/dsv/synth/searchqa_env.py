@@ -3,8 +3,10 @@
 Tasks of the ``search_qa`` family are made by ``dsv synth search-qa``
 (``dsv.synth.pipeline.search_qa``): a question about long-tail entities of a corpus whose answer
 a proposer claimed with evidence and a solver found independently. There is no seed-driven
-generator. The task's state names the corpus file (``corpus.jsonl`` written by the pipeline: one
-``{"id", "title", "text"}`` per line) with its sha256, the answer and the evidence.
+generator. The task's state holds the answer, the evidence and the corpus (one
+``{"id", "title", "text"}`` JSON line per document) with its sha256: embedded (gzip, base64), so
+a task file works wherever it is moved, or, for collections too big to repeat in every task, the
+path of the ``corpus.jsonl`` the pipeline wrote.
 
 The corpus is indexed with Tantivy (a maintained Rust search engine; BM25 ranking over title and
 text) in memory, once per corpus file and process. ``load_documents`` reads a folder of ``.txt``,
@@ -18,7 +20,9 @@ Needs the ``search`` extra (``tantivy``).
 
 from __future__ import annotations
 
+import base64
 import functools
+import gzip
 import hashlib
 import html.parser
 import json
@@ -35,6 +39,8 @@ __all__ = [
     "Document",
     "SearchIndex",
     "SearchQaEnv",
+    "corpus_bytes",
+    "embed_corpus",
     "load_corpus_file",
     "load_documents",
     "normalize_answer",
@@ -121,16 +127,32 @@ def load_documents(folder: str | Path) -> list[Document]:
     return docs
 
 
+def corpus_bytes(docs: list[Document]) -> bytes:
+    """The corpus as JSONL bytes (what ``corpus.jsonl`` holds and the sha256 is taken over)."""
+    return "".join(
+        json.dumps({"id": d.id, "title": d.title, "text": d.text}, ensure_ascii=False, sort_keys=True) + "\n"
+        for d in docs
+    ).encode("utf-8")
+
+
 def write_corpus_file(path: str | Path, docs: list[Document]) -> str:
     """Write ``docs`` as JSONL atomically; returns the file's sha256 (tasks name the corpus by it)."""
     from dsv.synth.eval._io import atomic_write_bytes
 
-    data = "".join(
-        json.dumps({"id": d.id, "title": d.title, "text": d.text}, ensure_ascii=False, sort_keys=True) + "\n"
-        for d in docs
-    ).encode("utf-8")
+    data = corpus_bytes(docs)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def embed_corpus(docs: list[Document]) -> str:
+    """The corpus as a task embeds it: JSONL, gzipped (mtime 0, so the same corpus gives the same text), base64."""
+    return base64.b64encode(gzip.compress(corpus_bytes(docs), mtime=0)).decode("ascii")
+
+
+def _parse_corpus(data: bytes, where: str, sha256: str | None) -> list[Document]:
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"corpus {where} changed since the tasks were made (sha256 differs)")
+    return [Document(**json.loads(line)) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 def load_corpus_file(path: str | Path, sha256: str | None = None) -> list[Document]:
@@ -141,9 +163,7 @@ def load_corpus_file(path: str | Path, sha256: str | None = None) -> list[Docume
     except OSError as exc:
         raise ValueError(f"corpus file {path} cannot be read ({exc.strerror or exc}); "
                          "tasks of search_qa need the corpus.jsonl `dsv synth search-qa` wrote") from None  # fmt: skip
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"corpus file {path} changed since the tasks were made (sha256 differs)")
-    return [Document(**json.loads(line)) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return _parse_corpus(data, f"file {path}", sha256)
 
 
 def _tantivy() -> Any:
@@ -191,9 +211,29 @@ def _index_for(path: str, sha256: str | None) -> SearchIndex:
     return SearchIndex(load_corpus_file(path, sha256))
 
 
+# sha256 -> index of an embedded corpus: every task of a file carries the same text, decoded once.
+_EMBEDDED: dict[str, SearchIndex] = {}
+_EMBEDDED_KEEP = 4
+
+
 def index_for(corpus: dict[str, Any]) -> SearchIndex:
-    """The (cached) index of a task's ``corpus`` entry ``{"path", "sha256"}``."""
-    return _index_for(str(corpus["path"]), corpus.get("sha256"))
+    """The (cached) index of a task's ``corpus`` entry: ``{"data", "sha256"}`` embedded, else ``{"path"}``."""
+    sha = corpus.get("sha256")
+    data = corpus.get("data")
+    if data is None:
+        return _index_for(str(corpus["path"]), sha)
+    if sha is not None and sha in _EMBEDDED:
+        return _EMBEDDED[sha]
+    try:
+        raw = gzip.decompress(base64.b64decode(data, validate=True))
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"the task's embedded corpus cannot be decoded ({exc})") from None
+    index = SearchIndex(_parse_corpus(raw, "embedded in the task", sha))
+    if sha is not None:
+        while len(_EMBEDDED) >= _EMBEDDED_KEEP:
+            _EMBEDDED.pop(next(iter(_EMBEDDED)))
+        _EMBEDDED[sha] = index
+    return index
 
 
 def snippet(doc: Document, query: str, width: int = 200) -> str:

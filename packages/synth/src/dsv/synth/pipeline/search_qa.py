@@ -21,8 +21,9 @@ HTML, indexed with BM25), item ``i`` (``0..n-1``) goes through
    ``answer_not_supported``, ``not_multi_hop``, ``answer_in_question``, ``duplicate``,
    ``solver_not_found``, ``answers_disagree``, ``malformed``).
 
-Kept items become ``search_qa`` tasks in ``OUT/tasks.jsonl`` (they name ``OUT/corpus.jsonl`` and
-its sha256). ``OUT/state.json`` is written after each item, so a re-run skips finished items and
+Kept items become ``search_qa`` tasks in ``OUT/tasks.jsonl``. Each carries the corpus (gzip, base64)
+and its sha256, so the task file keeps working wherever it is moved; a corpus over
+``embed_corpus_mb`` is named by the absolute path of ``OUT/corpus.jsonl`` instead. ``OUT/state.json`` is written after each item, so a re-run skips finished items and
 retries those that failed to reach the endpoint; ``OUT/report.json`` / ``.md`` count the reasons.
 """
 
@@ -47,6 +48,7 @@ from dsv.synth.searchqa_env import (
     Document,
     SearchIndex,
     SearchQaEnv,
+    embed_corpus,
     load_documents,
     normalize_answer,
     search_tools,
@@ -98,6 +100,9 @@ class SearchQaConfig:
     thinking: bool | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    # Tasks carry the corpus (gzip, base64) when it is at most this big, so the task file can be
+    # moved or shared alone; a bigger corpus is named by the path of OUT/corpus.jsonl instead.
+    embed_corpus_mb: float = 2.0
 
 
 @dataclass
@@ -343,7 +348,10 @@ def build_search_qa(
     docs = load_documents(config.corpus_dir)
     corpus_path = (out_dir / "corpus.jsonl").resolve()
     sha = write_corpus_file(corpus_path, docs)
-    corpus = {"path": str(corpus_path), "sha256": sha, "documents": len(docs)}
+    corpus: dict[str, Any] = {"path": str(corpus_path), "sha256": sha, "documents": len(docs)}
+    embedded = embed_corpus(docs)
+    if len(embedded) <= config.embed_corpus_mb * 1e6:
+        corpus = {**corpus, "path": corpus_path.name, "data": embedded}
     index = SearchIndex(docs)
     order = long_tail_order(docs)
     state_path = out_dir / "state.json"
@@ -403,7 +411,7 @@ def _write_report(
     report = {
         "endpoint": client.base_url,
         "model": client.model,
-        "corpus": corpus,
+        "corpus": {k: v for k, v in corpus.items() if k != "data"} | {"embedded": "data" in corpus},
         "tasks": str(out_dir / "tasks.jsonl"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "counts": {
@@ -422,7 +430,8 @@ def _write_report(
     for key in ("endpoint", "model", "tasks", "finished", "acceptance_rate"):
         lines.append(f"- {key}: `{report[key]}`")
     c = report["counts"]
-    lines += [f"- corpus: `{corpus['path']}` ({corpus['documents']} documents)", "",
+    where = "embedded in every task" if "data" in corpus else "named by path in the tasks"
+    lines += [f"- corpus: `{corpus['path']}` ({corpus['documents']} documents, {where})", "",
               f"{c['accepted']} accepted, {c['rejected']} rejected, {c['error']} endpoint errors (of {c['total']}).",
               "", "| reason | count |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v} |" for k, v in report["by_category"].items()]
