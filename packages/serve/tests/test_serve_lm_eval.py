@@ -4,7 +4,8 @@ prompts, batches of prompts and ``echo`` with prompt logprobs.
 Against uvicorn on 127.0.0.1 with the random tiny checkpoint: the request shapes lm-eval sends give
 the logprobs of dsv's own in-process forward, and lm-eval's ``local-completions`` model runs a
 small loglikelihood task and a small generation task (their data are local JSON files written here,
-nothing is downloaded) and gets the numbers dsv computes in process for the same token ids.
+nothing is downloaded) and gets the numbers dsv computes in process for the same token ids; its
+``local-chat-completions`` model runs the generation task through ``/v1/chat/completions``.
 
 Run: ``pytest packages/serve/tests/test_serve_lm_eval.py``.
 """
@@ -150,3 +151,36 @@ def test_lm_eval_local_completions_matches_in_process_scoring(
                                                              stop_token_ids=(tok.eos_id,)))[0]  # fmt: skip
         text = tok.decode([t for t in out.tokens if t != tok.eos_id]).split("\n")[0]
         assert sample["resps"][0][0] == text, (context, sample["resps"], text)
+
+
+@pytest.mark.slow
+def test_lm_eval_local_chat_completions(server: Any, model: Any, tiny_ckpt: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``local-chat-completions`` (lm-eval's chat model) runs the generation task; each answer is
+    the greedy content dsv generates in process for the same encoded chat."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dsv.core.chat import Templates, encode_messages
+    from dsv.core.tokenizer import Tokenizer
+
+    _write_tasks(tmp_path)
+    args = f"base_url={server.url}/v1/chat/completions,model=m,num_concurrent=1,max_retries=1"
+    res = simple_evaluate(model="local-chat-completions", model_args=args, tasks=["dsv_local_gen"],
+                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                          apply_chat_template=True)  # fmt: skip
+    assert res is not None and len(res["samples"]["dsv_local_gen"]) == 4
+    tok = Tokenizer.load(tiny_ckpt)
+    templates = Templates.from_checkpoint(tiny_ckpt)
+    engine = Engine.for_model(model, model.config, num_blocks=64)
+    for sample in res["samples"]["dsv_local_gen"]:
+        raw = sample["arguments"][0][0]  # lm-eval logs the chat as its JSON text (in a 1-tuple)
+        messages = json.loads(raw[0] if isinstance(raw, tuple | list) else raw)
+        prompt = encode_messages(messages, thinking=False, templates=templates)
+        out = engine.generate_many([tok.encode(prompt)], GenParams(temperature=0.0, max_tokens=8,
+                                                                    stop_token_ids=(tok.eos_id,)))[0]  # fmt: skip
+        text = tok.decode([t for t in out.tokens if t != tok.eos_id]).split("\n")[0]
+        assert sample["resps"][0][0] == text, (messages, sample["resps"], text)
