@@ -405,6 +405,8 @@ class TokenizeRequest(_Base):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
     thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None  # lm-eval's probe sends it; prompts are encoded as given
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
