@@ -354,7 +354,11 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous-batching engine around a ``DSVForCausalLM``-like model (callable with ``cache=``)."""
+    """Continuous-batching engine around a ``DSVForCausalLM``-like model (callable with ``cache=``).
+
+    ``tokenizer`` (the checkpoint's :class:`dsv.core.tokenizer.Tokenizer`) is needed only by
+    requests with a ``GenParams.grammar``; ``staging=False`` decodes from the pool's blocks, so
+    ``num_blocks`` bounds the whole cache."""
 
     def __init__(
         self,
