@@ -278,7 +278,7 @@ def test_episode_with_the_code_tools_solves_the_python_task(built) -> None:
     task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
     env = registry.get("repo_issue")
     names = [t["function"]["name"] for t in task.tools]
-    assert names == ["list_files", "read_file", "search", "write_file", "run_tests"]
+    assert names == ["list_files", "read_file", "search", "write_file", "run_tests"] == list(type(env).tool_names)
     fixed = task.state["solution"]["calc.py"]
     script = iter([
         {"tool_calls": [{"id": "1", "function": {"name": "search", "arguments": json.dumps({"pattern": "def mean"})}}]},

@@ -175,7 +175,7 @@ def test_kept_items_are_a_family_for_eval_and_rl_with_the_same_search_tools(buil
     (task,) = read_tasks(built["out"] / "tasks.jsonl")
     env = registry.get(task.family)
     assert task.family == "search_qa" and task.prompt == GOOD_Q and task.difficulty == 2
-    assert [t["function"]["name"] for t in task.tools] == ["search", "read"]
+    assert [t["function"]["name"] for t in task.tools] == ["search", "read"] == list(type(env).tool_names)
     assert env.verify(task, env.solve(task)).passed and env.verify(task, "the quoran.").passed
     assert not env.verify(task, "Tolbury").passed and not env.verify(task, ["Quoran"]).passed
     assert all(not env.verify(task, w).passed for w in env.perturb(task, "Quoran", None))
@@ -280,3 +280,21 @@ def test_moving_the_output_folder_keeps_the_tasks_working(tmp_path: Path) -> Non
     _forget_indexes()
     with pytest.raises(ValueError, match="embedded in the task changed since the tasks were made"):
         registry.get("search_qa").tools(type(task)(**{**task.__dict__, "state": tampered}))
+
+
+def test_synth_list_names_the_task_file_families_and_the_commands_that_make_them() -> None:
+    from typer.testing import CliRunner
+
+    from dsv.synth.cli import synth_app
+
+    r = CliRunner().invoke(synth_app, ["list"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    tail = r.output[r.output.index("made into task files by a pipeline") :]
+    assert "repo_issue (code; tools: list_files, read_file, search, write_file, run_tests)" in tail
+    assert "dsv synth repo-envs REPO --issues issues.json --endpoint URL --model M" in tail
+    assert "search_qa (search; tools: search, read)" in tail and "dsv synth search-qa DOCS_FOLDER" in tail
+    payload = json.loads(CliRunner().invoke(synth_app, ["list", "--json"]).output)
+    made = {row["family"]: row for row in payload["task_file_families"]}
+    assert set(made) == {"repo_issue", "search_qa"} and made["search_qa"]["tools"] == ["search", "read"]
+    assert made["repo_issue"]["made_by"].startswith("dsv synth repo-envs")
+    assert not {"repo_issue", "search_qa"} & {row["family"] for row in payload["families"]}

@@ -5,6 +5,8 @@
     dsv synth generate arithmetic sql --n 100 --seed 0 --difficulty 2 --out tasks.jsonl
     dsv synth generate sudoku --n 50 --format hf --out sudoku_ds
     dsv synth list --library runs/synth/library                 # plus environments from `dsv synth build`
+    dsv synth repo-envs REPOS --issues issues.json --endpoint URL --model M   # repo_issue task files
+    dsv synth search-qa DOCS --endpoint URL --model M -n 20                   # search_qa task files
     dsv synth generate vowel_count arithmetic --library runs/synth/library --n 20 --out tasks.jsonl
 
 Thin by design: each command parses, calls one library function and prints with
@@ -41,7 +43,11 @@ def list_families(
     library: Path | None = typer.Option(None, "--library", help=_LIBRARY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the families as JSON (for scripts)."),
 ) -> None:
-    """Table of families: domain, tools, difficulty range (and a library's accepted environments)."""
+    """Table of families: domain, tools, difficulty range (and a library's accepted environments).
+
+    Families made only by a pipeline (``repo_issue``, ``search_qa``) are listed apart, with the
+    command that writes their task file.
+    """
     from dsv.synth import registry
     from dsv.synth.families._reasoning_gym import available_datasets
 
@@ -56,15 +62,24 @@ def list_families(
         task = cls().generate(0)
         rows.append({"family": name, "domain": cls.domain, "tools": [t["function"]["name"] for t in task.tools],
                      "max_difficulty": cls.max_difficulty, "description": cls.description})  # fmt: skip
+    made = [{"family": name, "domain": cls.domain, "tools": list(getattr(cls, "tool_names", ())),
+             "made_by": getattr(cls, "made_by", ""), "description": cls.description}
+            for name, cls in registry.task_file_families().items()]  # fmt: skip
     lib_rows = [_library_row(library, name) for name in lib_names] if library is not None else []
     rg = available_datasets()
     if as_json:
-        payload = {"families": rows, "library": lib_rows, "reasoning_gym": [f"rg:{d}" for d in rg]}
+        payload = {"families": rows, "task_file_families": made, "library": lib_rows,
+                   "reasoning_gym": [f"rg:{d}" for d in rg]}  # fmt: skip
         print(json.dumps(payload, indent=1))
         return
     _out.print(_table("dsv synth families", ("family", "domain", "levels", "tools", "description"),
                       [(r["family"], r["domain"], f"1..{r['max_difficulty']}", ", ".join(r["tools"]) or "-",
                         r["description"]) for r in rows]))  # fmt: skip
+    # Plain lines, not a table: the command is the point, and a table would cut it to fit.
+    _out.print("made into task files by a pipeline (use them with dsv eval --tasks, dsv rl):")
+    for r in made:
+        _out.print(f"  {r['family']} ({r['domain']}; tools: {', '.join(r['tools'])})", highlight=False)
+        _out.print(f"    {r['made_by']}", highlight=False, markup=False)
     if library is not None:
         _out.print(_table(f"accepted environments in {library} ({len(lib_rows)})",
                           ("family", "domain", "checked", "tools", "description"),

@@ -24,7 +24,7 @@ import pkgutil
 
 from dsv.synth.env import Environment
 
-__all__ = ["UnknownFamilyError", "families", "get", "library_names", "register"]
+__all__ = ["UnknownFamilyError", "families", "get", "library_names", "register", "task_file_families"]
 
 _FAMILIES: dict[str, type[Environment]] = {}
 _LOADED = False
@@ -75,6 +75,14 @@ def families() -> dict[str, type[Environment]]:
     """All built-in families by name, sorted."""
     _load_builtin()
     return dict(sorted(_FAMILIES.items()))
+
+
+def task_file_families() -> dict[str, type[Environment]]:
+    """Families made by a pipeline into task files (no seed-driven generator), by name."""
+    return {
+        name: getattr(importlib.import_module(module), cls)
+        for name, (module, cls) in sorted(_TASK_FILE_FAMILIES.items())
+    }
 
 
 def library_names(library: str | os.PathLike[str]) -> list[str]:

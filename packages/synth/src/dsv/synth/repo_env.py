@@ -300,6 +300,9 @@ class RepoIssueEnv(Environment):
     description = "Resolve a real issue in a real repository; the fix's hidden tests run in the sandbox."
     difficulty_knobs = "set by the pipeline from the size of the reference fix (1: one small file .. 5: many)"
     limits: ClassVar[Limits] = REPO_LIMITS
+    # For `dsv synth list`: the family has no generator, so it says which command makes its tasks.
+    made_by: ClassVar[str] = "dsv synth repo-envs REPO --issues issues.json --endpoint URL --model M"
+    tool_names: ClassVar[tuple[str, ...]] = ("list_files", "read_file", "search", "write_file", "run_tests")
 
     def generate(self, seed: int, difficulty: int = DEFAULT_DIFFICULTY) -> Task:
         raise ValueError(

@@ -291,6 +291,9 @@ class SearchQaEnv(Environment):
     domain = "search"
     description = "Multi-hop questions about long-tail entities of a document collection, with BM25 search."
     difficulty_knobs = "the number of documents the verified evidence spans (hops), 1..5"
+    # For `dsv synth list`: the family has no generator, so it says which command makes its tasks.
+    made_by: ClassVar[str] = "dsv synth search-qa DOCS_FOLDER --endpoint URL --model M -n 20"
+    tool_names: ClassVar[tuple[str, ...]] = ("search", "read")
     _unavailable: ClassVar[str] = (
         "search_qa tasks are made from a document collection by `dsv synth search-qa`; "
         "use its task file (`dsv eval --tasks OUT/tasks.jsonl`)"
