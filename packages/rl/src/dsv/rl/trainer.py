@@ -501,6 +501,9 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
+    # DDP expects one forward per backward: the update's prefix forward goes through the module it
+    # wraps (its gradients still reach the wrapper's hooks). Other wrappers take both forwards.
+    prefix_model = raw if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     start_step = 0
     if resume_from is not None:
         start_step = int(state["step"])
@@ -615,7 +618,7 @@ def grpo(cfg: GRPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = 
                 # (Only the rest forward is measured: the prefix positions are never trained.)
                 measure = epoch == 0 and recorded is not None
                 with free_routes_of(raw) if measure else contextlib.nullcontext() as free:
-                    logits = policy_logits(model, pad, forced, prefix_model=raw)
+                    logits = policy_logits(model, pad, forced, prefix_model=prefix_model)
                 if measure:
                     metrics["route_mismatch"] = route_mismatch(free, _split_routes(recorded, pad)[1], pad.mask)
                 sampled = sampling_logprobs(logits, pad.targets, cfg.temperature, keep, with_entropy=epoch == 0)
