@@ -8,7 +8,8 @@ Reports:
 
 - indexer recall (dense attention mass inside the indexer's top-k set) next to the *oracle* recall
   (mass inside the ideal top-k set, the top-k keys of the true head-summed attention: the ceiling
-  of any indexer) and their ratio, for every model;
+  of any indexer) and their ratio, for every model, for the main layers and for the MTP layer
+  (whose indexer selects keys for the MTP block and is warmed up like the others);
 - the warm-up curve: indexer/oracle recall at every ``--recall-every`` warm-up steps (from the
   run's checkpoints) and the KL loss, as a table and a PNG (``results/train_quality_recall.png``);
 - validation loss of each model (the DSA ones evaluated with sparse attention);
@@ -60,6 +61,8 @@ def _warmup_curve(run: Path, dense_dir: Path, ids: torch.Tensor) -> list[dict[st
         st = recall_stats(model.eval(), ids)
         window = [kl[s] for s in range(prev + 1, step + 1) if s in kl]
         curve.append({"step": step, "indexer": st.indexer, "oracle": st.oracle,
+                      "mtp": st.mtp[0][0] if st.mtp else float("nan"),
+                      "mtp_oracle": st.mtp[0][1] if st.mtp else float("nan"),
                       "kl": sum(window) / len(window) if window else float("nan")})  # fmt: skip
         prev = step
     return curve
@@ -76,6 +79,8 @@ def _plot(curve: list[dict[str, float]], kl_steps: list[tuple[int, float]], path
     steps = [c["step"] for c in curve]
     ax.plot(steps, [c["indexer"] for c in curve], "o-", markersize=3, label="indexer recall")
     ax.plot(steps, [c["oracle"] for c in curve], "--", color="grey", label="oracle (ideal top-k)")
+    if all("mtp" in c for c in curve):
+        ax.plot(steps, [c["mtp"] for c in curve], "s-", markersize=2, color="tab:green", label="MTP layer recall")
     ax.set_xlabel("dsa-warmup step")
     ax.set_ylabel(f"attention mass in top-{topk}")
     ax.set_ylim(0, 1)
@@ -216,6 +221,7 @@ def main() -> None:
         return {
             "val_loss": validation_loss(model, ids, labels, use_sparse=sparse),
             "recall": st.indexer, "oracle": st.oracle, "ratio": st.ratio, "per_layer": st.per_layer,
+            "mtp": st.mtp,
             **{f"passkey_{k}" if k != "exact" else "passkey": v for k, v in dataclasses.asdict(
                 passkey_scores(model, tok, context_tokens=seq, n=args.passkey_n, use_sparse=sparse,
                            distinct=distinct)).items()},
@@ -330,6 +336,19 @@ def write_report(out: Path) -> None:
             "the dense models did not learn the task within this budget, so the comparison says nothing "
             "about sparse attention."
         )
+    if all(r.get("mtp") for r in table.values()):
+        lines += [
+            "",
+            "MTP layer (its indexer selects the keys of the MTP block's attention: trained on the same KL "
+            "in both stages; rows of the same 16 validation sequences, its queries past position "
+            f"{topk} of the {seq - 1} it sees):",
+            "",
+            "| model | MTP indexer recall | MTP oracle recall | indexer / oracle |",
+            "|---|---|---|---|",
+        ]
+        for name, r in table.items():
+            a_, b_ = r["mtp"][0]
+            lines.append(f"| {name} | {a_:.3f} | {b_:.3f} | {a_ / b_:.2f} |")
     lines += [
         "",
         f"DSA vs dense control validation loss: {100 * rel:+.3f}% (target: within 2%). The validation rows "
@@ -345,13 +364,15 @@ def write_report(out: Path) -> None:
         "Warm-up curve (recall on 16 validation rows from the run's checkpoints; KL = mean of the steps "
         f"since the previous point), plotted in `results/{PLOT.name}`:",
         "",
-        "| warm-up step | indexer recall | oracle | indexer / oracle | mean KL |",
-        "|---|---|---|---|---|",
+        "| warm-up step | indexer recall | oracle | indexer / oracle | MTP indexer / oracle | mean KL |",
+        "|---|---|---|---|---|---|",
     ]
     for c in curve:
         kl = "-" if c["kl"] != c["kl"] else f"{c['kl']:.4f}"
+        mtp = "-" if c.get("mtp", float("nan")) != c.get("mtp") else f"{c['mtp']:.3f} / {c['mtp_oracle']:.3f}"
         lines.append(
-            f"| {c['step']} | {c['indexer']:.3f} | {c['oracle']:.3f} | {c['indexer'] / c['oracle']:.2f} | {kl} |"
+            f"| {c['step']} | {c['indexer']:.3f} | {c['oracle']:.3f} | {c['indexer'] / c['oracle']:.2f} | {mtp} "
+            f"| {kl} |"
         )
     lines.append("")
     old = RESULTS.read_text() if RESULTS.exists() else "# dsv train benchmarks\n\n"
