@@ -18,6 +18,11 @@ from dsv.core.lazy import lazy_exports
 # entry point (or ``dsv --help``) does not import torch and triton, and so a caller can still set
 # TRITON_INTERPRET before triton is first imported.
 _EXPORTS = {
+    "act_quant": "dsv.kernels._api",
+    "fp8_gemm": "dsv.kernels._api",
+    "fp8_linear": "dsv.kernels._api",
+    "Fp8Linear": "dsv.kernels.fp8_linear",
+    "quantize_linears": "dsv.kernels.fp8_linear",
     "attention_probs_summed": "dsv.kernels._api",
     "availability": "dsv.kernels._api",
     "indexer_kl_loss": "dsv.kernels._api",
@@ -34,15 +39,20 @@ _EXPORTS = {
 
 
 __all__ = [
+    "Fp8Linear",
+    "act_quant",
     "attention_probs_summed",
     "availability",
     "dequantize_fp8_rows",
     "flat_indices_cu_seqlens",
     "flat_indices_paged",
+    "fp8_gemm",
+    "fp8_linear",
     "indexer_kl_loss",
     "indexer_scores",
     "indexer_scores_fp8",
     "quantize_fp8_rows",
+    "quantize_linears",
     "sparse_mla",
     "sparse_mla_varlen",
     "topk",

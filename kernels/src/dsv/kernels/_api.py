@@ -18,6 +18,7 @@ from dsv.kernels._checks import (
     check_tensor,
     offsets_tensor,
 )
+from dsv.kernels.ops.fp8_gemm.triton import QUANT_BLOCK, launch_act_quant, launch_fp8_gemm
 from dsv.kernels.ops.indexer.triton import IndexerScores, launch_indexer
 from dsv.kernels.ops.indexer_kl.triton import IndexerKL, head_summed_probs
 from dsv.kernels.ops.sparse_mla.triton import SparseMLA
@@ -229,3 +230,67 @@ def indexer_kl_loss(
         index_scores, q.detach(), kv.detach(), None if idx is None else idx.to(torch.int32),
         _check_scale(sm_scale), offsets, None if lse is None else lse.detach(),
     )  # fmt: skip
+
+
+def act_quant(x: torch.Tensor, *, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-channel FP8 quantisation of activations, as the reference inference code's
+    ``act_quant``: ``x [..., K]`` -> ``(x_fp8 [..., K] e4m3, scale [..., ceil(K/128)] fp32)`` with
+    ``scale = max(amax, 1e-4) / 448`` (a power of two with ``ue8m0``). Equal to
+    ``dsv.kernels.ops.fp8_gemm.reference.act_quant_reference``."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x: expected a torch.Tensor of shape [..., K], got {type(x).__name__}")
+    check_tensor("x", x, "[..., K]", ndim=x.dim(), dtypes=FLOAT_DTYPES)
+    check_same_device(x=x)
+    lead, K = x.shape[:-1], x.shape[-1]
+    y, s = launch_act_quant(x.reshape(-1, K).contiguous(), bool(ue8m0))
+    return y.view(*lead, K), s.view(*lead, s.shape[-1])
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled FP8 GEMM ``(a_fp8 * a_scale) @ (w_fp8 * w_scale).T`` -> ``[..., N]`` in ``out_dtype``.
+
+    ``a_fp8 [..., K]`` e4m3 with ``a_scale [..., ceil(K/128)]`` (from :func:`act_quant`); ``w_fp8 [N, K]``
+    e4m3 with ``w_scale [ceil(N/128), ceil(K/128)]`` fp32, the checkpoint's ``weight_scale_inv`` for
+    ``weight_block_size = [128, 128]``. Accumulates in fp32; equal to dequantise-then-matmul up to
+    summation order."""
+    if not isinstance(a_fp8, torch.Tensor) or a_fp8.dim() < 1:
+        raise TypeError(f"a_fp8: expected a torch.Tensor of shape [..., K], got {type(a_fp8).__name__}")
+    check_tensor("a_fp8", a_fp8, "[..., K]", ndim=a_fp8.dim(), dtypes=FP8_DTYPES)
+    lead, K = a_fp8.shape[:-1], a_fp8.shape[-1]
+    G = -(-K // QUANT_BLOCK)
+    check_tensor("a_scale", a_scale, "[..., ceil(K/128)]", ndim=a_fp8.dim(), dtypes=(torch.float32,),
+                 shape=(*lead, G))  # fmt: skip
+    check_tensor("w_fp8", w_fp8, "[N, K]", ndim=2, dtypes=FP8_DTYPES, shape=(None, K))
+    N = w_fp8.shape[0]
+    check_tensor("w_scale", w_scale, "[ceil(N/128), ceil(K/128)]", ndim=2, dtypes=(torch.float32,),
+                 shape=(-(-N // QUANT_BLOCK), G))  # fmt: skip
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of float16, bfloat16, float32, got {out_dtype}")
+    check_same_device(a_fp8=a_fp8, a_scale=a_scale, w_fp8=w_fp8, w_scale=w_scale)
+    out = launch_fp8_gemm(
+        a_fp8.reshape(-1, K).contiguous(), a_scale.reshape(-1, G).contiguous(), w_fp8.contiguous(),
+        w_scale.contiguous(), out_dtype,
+    )  # fmt: skip
+    return out.view(*lead, N)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ue8m0: bool = False,
+) -> torch.Tensor:
+    """``F.linear`` with an FP8 block-quantised weight: :func:`act_quant` on ``x [..., K]``, then
+    :func:`fp8_gemm`; the output ``[..., N]`` has ``x``'s dtype. Inference only (no autograd)."""
+    x_fp8, x_scale = act_quant(x, ue8m0=ue8m0)
+    out = fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype=x.dtype)
+    return out if bias is None else out + bias.to(out.dtype)

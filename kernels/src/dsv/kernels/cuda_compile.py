@@ -76,7 +76,7 @@ def compile_kernel(
     )
     seconds = time.perf_counter() - t0
     regs, spill = _resource_usage(compiled.asm["ptx"], arch)
-    shown = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPARSE", "FP8")}
+    shown = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SPARSE", "FP8", "UE8M0")}
     return CompileResult(
         name=name or kernel.__name__,
         config=", ".join(f"{k}={v}" for k, v in shown.items()) + f", warps={num_warps}, stages={num_stages}",
@@ -174,6 +174,23 @@ def _specs() -> list[tuple[str, Any, dict[str, Any]]]:
         dict(pointers={"p_ptr": "*fp32", "x_ptr": "*fp32", "kl_ptr": "*fp32", "grad_ptr": "*fp32"},
              constexprs=dict(WRITE_GRAD=True, BLOCK_N=kl.KL_BLOCK_N), floats=("inv_rows", "eps")),
     ))  # fmt: skip
+    from dsv.kernels.ops.fp8_gemm import triton as fg
+
+    specs.append((
+        "fp8 act_quant (ue8m0)", fg._act_quant_kernel,
+        dict(pointers={"x_ptr": bf16, "y_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+             constexprs=dict(UE8M0=True, BLOCK=fg.QUANT_BLOCK)),
+    ))  # fmt: skip
+    for rows in (1, 4096):  # a decode step, a prefill chunk
+        bm, bn, gm, warps, stages = fg._blocks(rows)
+        specs.append((
+            f"fp8 gemm (M={rows})", fg._fp8_gemm_kernel,
+            dict(pointers={"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "c_ptr": bf16, "as_ptr": "*fp32",
+                           "ws_ptr": "*fp32"},
+                 constexprs=dict(PREC="tf32", UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=fg.QUANT_BLOCK,
+                                 GROUP_M=gm),
+                 num_warps=warps, num_stages=stages),
+        ))  # fmt: skip
     assert next_pow2(D_V) == D_V
     return specs
 

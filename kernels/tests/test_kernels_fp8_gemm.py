@@ -1,0 +1,151 @@
+"""FP8 linear layer: the Triton act-quant against its torch twin (bit for bit), the block-scaled GEMM
+against dequantise-then-matmul, and :class:`Fp8Linear` in a model. Shapes are small and ragged (K and N
+not multiples of 128, a row count below the tile) so partial groups and edge blocks are exercised.
+
+Run: ``pytest kernels/tests/test_kernels_fp8_gemm.py`` (the conftest turns on Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv.kernels as kern
+from dsv.core.fp8 import dequantize_fp8, is_quantized_name, quantize_fp8
+from dsv.kernels.ops.fp8_gemm.reference import act_quant_reference, dequantize_act, fp8_gemm_reference
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_quant_matches_reference_bit_for_bit(dtype: torch.dtype, ue8m0: bool) -> None:
+    x = (torch.randn(2, 3, 300) * torch.logspace(-3, 2, 300)).to(dtype)
+    x[1, 2] = 0.0  # an all-zero row: the amax floor (1e-4) keeps its scale finite
+    q, s = kern.act_quant(x, ue8m0=ue8m0)
+    q_ref, s_ref = act_quant_reference(x, ue8m0=ue8m0)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.shape == (2, 3, 3) and s.dtype == torch.float32  # ceil(300 / 128) groups, the last of 44
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=0, atol=0)
+    assert s[1, 2].eq(2.0**-22 if ue8m0 else 1e-4 / 448).all()
+    if ue8m0:
+        assert torch.equal(s, torch.exp2(torch.log2(s).round()))
+    # the round trip is within e4m3's half-ulp (2^-4 relative) of every value
+    err = (dequantize_act(q, s) - x.float()).abs()
+    assert (err <= x.float().abs() * 2**-4 + s.repeat_interleave(128, -1)[..., :300] * 2**-9).all()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_matches_dequantize_then_matmul(out_dtype: torch.dtype) -> None:
+    M, N, K = 19, 200, 300  # 2 row tiles, N and K with partial 128-blocks
+    w_q, w_s = quantize_fp8(torch.randn(N, K) * 0.05)
+    a_q, a_s = act_quant_reference(torch.randn(M, K) * 3)
+    got = kern.fp8_gemm(a_q, a_s, w_q, w_s, out_dtype=out_dtype)
+    want = fp8_gemm_reference(a_q, a_s, w_q, w_s, out_dtype=torch.float32)
+    assert got.shape == (M, N) and got.dtype == out_dtype
+    tol = 1e-5 if out_dtype == torch.float32 else 8e-3  # summation order / one bf16 rounding
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_fp8_linear_is_close_to_the_full_precision_layer() -> None:
+    x = torch.randn(2, 7, 256, dtype=torch.bfloat16)
+    w = torch.randn(136, 256) * 0.02
+    bias = torch.randn(136, dtype=torch.bfloat16)
+    w_q, w_s = quantize_fp8(w)
+    got = kern.fp8_linear(x, w_q, w_s, bias, ue8m0=True)
+    a_q, a_s = act_quant_reference(x, ue8m0=True)
+    exact = fp8_gemm_reference(a_q, a_s, w_q, w_s, out_dtype=torch.float32) + bias.float()
+    assert got.shape == (2, 7, 136) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+    # and the whole FP8 path stays within a few percent of the unquantised layer
+    full = x.float() @ w.T + bias.float()
+    assert ((got.float() - full).norm() / full.norm()).item() < 0.06
+
+
+def test_bad_arguments_are_named_before_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    w_q, w_s = quantize_fp8(torch.randn(200, 300))
+    a_q, a_s = act_quant_reference(torch.randn(4, 300))
+    with pytest.raises(
+        ValueError, match=r"w_scale: expected shape \[ceil\(N/128\), ceil\(K/128\)\] = \(2, 3\)"
+    ):
+        kern.fp8_gemm(a_q, a_s, w_q, w_s[:1])
+    with pytest.raises(TypeError, match="a_fp8: expected dtype in \\(float8_e4m3fn\\)"):
+        kern.fp8_gemm(a_q.float(), a_s, w_q, w_s)
+    with pytest.raises(ValueError, match=r"w_fp8: expected shape \[N, K\]"):
+        kern.fp8_gemm(a_q, a_s, w_q[:, :256], w_s)
+    with pytest.raises(ValueError, match=r"a_scale: expected shape"):
+        kern.fp8_gemm(a_q, a_s[:, :2], w_q, w_s)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        kern.act_quant(torch.randn(4, 300))
+
+
+def test_fp8_linear_module_paths_and_errors() -> None:
+    lin = torch.nn.Linear(300, 200, bias=True)
+    fp8 = kern.Fp8Linear.from_linear(lin, backend="torch")
+    x = torch.randn(3, 300)
+    w = dequantize_fp8(fp8.qweight, fp8.weight_scale_inv, dtype=torch.float32)
+    # the CPU path is exact with respect to the stored FP8 values
+    torch.testing.assert_close(fp8(x), torch.nn.functional.linear(x, w, lin.bias), rtol=0, atol=0)
+    torch.testing.assert_close(fp8.weight, w, rtol=0, atol=0)
+    fp8.backend = "triton"
+    torch.testing.assert_close(fp8(x), fp8_gemm_reference(*act_quant_reference(x), fp8.qweight,
+                               fp8.weight_scale_inv, out_dtype=torch.float32) + lin.bias.detach(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"weight_scale_inv: a \(200, 300\) weight in 128x128 blocks needs"):
+        kern.Fp8Linear(fp8.qweight, fp8.weight_scale_inv[:1])
+    with pytest.raises(ValueError, match="backend: expected one of auto, triton, torch"):
+        kern.Fp8Linear(fp8.qweight, fp8.weight_scale_inv, backend="cuda")
+
+
+def test_quantize_linears_swaps_exactly_the_checkpoints_fp8_layers() -> None:
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import preset
+
+    torch.manual_seed(0)
+    model = DSVForCausalLM(preset("tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    names = kern.quantize_linears(model, backend="torch")
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, kern.Fp8Linear)}
+    assert set(names) == linear_names and names
+    assert all(is_quantized_name(f"{n}.weight") for n in names)
+    assert not any(is_quantized_name(f"{n}.weight") for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear))  # fmt: skip
+    assert {"model.layers.0.self_attn.kv_b_proj", "model.layers.1.mlp.experts.0.up_proj"} <= set(names)
+    # the same model with its weights replaced by the dequantised values gives the same logits:
+    # the MoE's stacked expert bank and MLA's absorbed kv_b read the weight through Fp8Linear.weight
+    ref = DSVForCausalLM(preset("tiny")).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("qweight", "weight_scale_inv"))}
+    for n in names:
+        state[f"{n}.weight"] = model.get_submodule(n).weight
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
+    """The interpreter cannot see compile-only errors or register spills: compile both kernels for
+    sm_90 (ptxas from the triton wheel, no GPU) at the block sizes the launcher picks."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-m", "dsv.kernels.cuda_compile", "--arch", "90", "--only", "fp8 "]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in done.stdout.splitlines()
+        if line.startswith("| fp8")
+    ]
+    assert [r[0] for r in rows] == ["fp8 act_quant (ue8m0)", "fp8 gemm (M=1)", "fp8 gemm (M=4096)"], (
+        done.stdout
+    )
+    for _, _, shared_kib, regs, spill, _ in rows:
+        assert float(shared_kib) <= 227 and int(regs) <= 255 and int(spill) == 0
