@@ -32,7 +32,7 @@ import pytest
 from dsv.synth import registry
 from dsv.synth.eval.client import EndpointClient
 from dsv.synth.pipeline.repo_envs import RepoEnvsConfig, build_repo_envs, classify, find_repositories
-from dsv.synth.repo_env import run_suite
+from dsv.synth.repo_env import protected_paths, run_suite
 from dsv.synth.repo_langs import (
     adapter_for,
     detect_language,
@@ -308,6 +308,12 @@ def test_result_parsers_and_rerun_classification() -> None:
     tag = "@@dsv-result-" + "ab" * 16
     reported = f"{tag} pass m.T.a\nok 1 - x\n{tag} fail m.T.b\n{tag} pass m.T.b\n@@dsv-result-{'0' * 32} pass m.T.c\n"
     assert parse_reported(reported, tag) == {"m.T.a": "pass", "m.T.b": "fail"}
+    edits = {"src/a.py": "", "tests/helpers.py": "", "run_tests.sh": "", "Makefile": "", "package.json": "",
+             "tools/x.sh": "", "conftest.py": ""}  # fmt: skip
+    assert protected_paths(edits, "python", {"install": "true", "test": "sh ./run_tests.sh -v && make check"}) == {
+        "tests/helpers.py", "run_tests.sh", "Makefile", "conftest.py"}  # fmt: skip
+    assert protected_paths(edits, "javascript", {"install": "npm ci", "test": "npm test"}) == {"package.json"}
+    assert protected_paths({"x.py": ""}, "python", {"test": "sh -c 'unbalanced"}) == set()
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -541,6 +547,13 @@ def test_java_repository_is_kept_and_its_reference_passes_while_the_parent_fails
     assert env.verify(task, env.solve(task)).passed
     parent = env.verify(task, {})
     assert not parent.passed and "1 fail-to-pass test(s) still fail: StatsTest.testMaxNegative" in parent.reason
+    # an answer that rewrites the suite's runner to report success is not applied
+    lying_runner = TAP_RUNNER.replace('System.out.println("not ok " + n', 'System.out.println("ok " + n')
+    st = task.state
+    run = run_suite(st["snapshot"], {"test/TapRunner.java": lying_runner, **st["hidden_tests"]}, st["recipe"], "java")
+    assert run.results["StatsTest.testMaxNegative"] == "pass"  # what reading its text alone would believe
+    lie = env.verify(task, {"test/TapRunner.java": lying_runner})
+    assert not lie.passed and "edits to 1 test or test-runner file(s) were not applied" in lie.reason
     # an answer that does not compile leaves no results at all
     broken = env.verify(task, {"src/Stats.java": "public class Stats { oops }\n"})
     assert not broken.passed and "install command exited" in broken.reason

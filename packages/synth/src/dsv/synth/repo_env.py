@@ -18,7 +18,9 @@ Tools are ``code_repair``'s, over the whole repository: ``list_files``, ``read_f
 changed files (``{"path": "complete new content"}``, ``null`` deletes); edits made with
 ``write_file`` count as well, so ``{}`` submits the working copy. ``verify`` runs the recipe on the
 parent tree + the answer + the hidden tests in ``dsv.synth.sandbox`` and passes when every
-fail-to-pass and pass-to-pass test passes (reward: the share that do).
+fail-to-pass and pass-to-pass test passes (reward: the share that do). Edits to test files (the
+suite's runner and helpers too) and to the files the recipe's commands name (``protected_paths``)
+are not applied: the suite runs as the parent defines it.
 
 Forged results: the answer's code runs in the same process tree as the test runner, so it can print
 lines that look like test results. Where the language has a reporter (``LanguageAdapter.reporter``:
@@ -62,6 +64,7 @@ __all__ = [
     "SuiteRun",
     "decode_snapshot",
     "encode_snapshot",
+    "protected_paths",
     "run_suite",
 ]
 
@@ -282,6 +285,33 @@ def _trace_overlay(trace: list[ToolCallRecord] | None) -> dict[str, str | None]:
     return out
 
 
+# Commands whose test definitions live in a manifest: the manifest is part of the test command then.
+_RUNNER_MANIFESTS = {"make": ("Makefile", "makefile", "GNUmakefile"), "npm": ("package.json",),
+                     "yarn": ("package.json",), "tox": ("tox.ini",), "mvn": ("pom.xml",),
+                     "gradle": ("build.gradle", "build.gradle.kts"), "ant": ("build.xml",)}  # fmt: skip
+
+
+def protected_paths(edits: Mapping[str, str | None], language: str, recipe: Mapping[str, str]) -> set[str]:
+    """The edited paths an answer may not change: test files and the files the recipe runs or reads.
+
+    Test files (``LanguageAdapter.is_test_file``: the suite's runner and helpers included, new ones
+    as well) and files the recipe's commands name (``sh run_tests.sh``, a Makefile for ``make``,
+    package.json for ``npm``) stay as in the parent, so an answer cannot make the suite report
+    success by rewriting how it runs.
+    """
+    adapter = adapter_for(language)
+    named: set[str] = set()
+    for command in (recipe.get("install") or "", recipe.get("test") or ""):
+        try:
+            words = shlex.split(command, comments=True)
+        except ValueError:
+            words = command.split()
+        for word in words:
+            named.add(word.removeprefix("./"))
+            named.update(_RUNNER_MANIFESTS.get(PurePosixPath(word).name, ()))
+    return {p for p in edits if adapter.is_test_file(p) or p in named}
+
+
 def _summary(results: Mapping[str, Outcome], limit: int = 20) -> str:
     failing = sorted(k for k, v in results.items() if v == "fail")
     passing = sum(v == "pass" for v in results.values())
@@ -404,12 +434,16 @@ class RepoIssueEnv(Environment):
         if isinstance(overlay, str):
             return Score.fail(overlay)
         state = task.state
-        # edits from the tools first, the answer over them, the hidden tests last (they cannot be changed)
-        merged = {**_trace_overlay(trace), **overlay, **state["hidden_tests"]}
+        # edits from the tools first, the answer over them; then the protected files are the parent's
+        # again and the hidden tests are laid over last (none of them can be changed)
+        edits = {**_trace_overlay(trace), **overlay}
+        protected = protected_paths(edits, state["language"], state["recipe"])
+        merged = {**{p: c for p, c in edits.items() if p not in protected}, **state["hidden_tests"]}
         run = run_suite(state["snapshot"], merged, state["recipe"], state["language"], limits=self.limits)
         wanted = list(state["fail_to_pass"]) + list(state["pass_to_pass"])
+        dropped = f" (edits to {len(protected)} test or test-runner file(s) were not applied)" if protected else ""
         if not run.ran:
-            return Score.fail(f"the test suite did not run: {run.problem()}")
+            return Score.fail(f"the test suite did not run: {run.problem()}{dropped}")
         results = run.outcomes(bool(state.get("trusted_results")))
         failing = [t for t in wanted if results.get(t) != "pass"]
         if not failing:
@@ -422,7 +456,7 @@ class RepoIssueEnv(Environment):
             parts.append(f"{len(f2p)} fail-to-pass test(s) still fail: {', '.join(f2p[:5])}")
         if p2p:
             parts.append(f"{len(p2p)} test(s) that passed before now fail: {', '.join(p2p[:5])}")
-        return Score.fail("; ".join(parts), reward=reward)
+        return Score.fail("; ".join(parts) + dropped, reward=reward)
 
     def perturb(self, task: Task, answer: Any, rng: Any) -> list[Any]:
         # the untouched parent tree, and the fix with one changed file reverted
