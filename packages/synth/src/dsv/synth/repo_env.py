@@ -30,10 +30,16 @@ killed, where the sandbox runs under its own uid) and delete themselves when the
 starts, and the tag never appears in an argument, environment variable or file the answer's code
 can read. A task whose reference runs were fully covered by tagged lines has ``trusted_results`` set,
 and its verifier then reads only tagged lines: printed look-alikes, or an early exit after printing
-them, leave the fail-to-pass tests unreported, which fails. What remains is in-process code that
-deliberately searches the interpreter's memory for the tag or patches unittest's bookkeeping, a test
-command that runs answer-editable files before the interpreter (e.g. ``sh run_tests.sh``), and every
-suite without a reporter (pytest, JavaScript, Java), which is read from its text as before.
+them, leave the fail-to-pass tests unreported, which fails. Independently of the reporter, an
+answer's edits to test files and to the files the recipe names are not applied (``protected_paths``),
+so rewriting the suite's runner to print passes does not work in any language.
+
+What remains: in-process code that deliberately searches the interpreter's memory for the tag or
+patches unittest's bookkeeping; code that runs in the test interpreter before the reporter (a ``.pth``
+file the install step put in the user site-packages, which is also how ``pip install --user -e .``
+works, so it cannot simply be refused); answer-editable files that a protected script runs in turn;
+and suites without a reporter (pytest, JavaScript, Java), whose printed look-alike lines are still
+believed.
 """
 
 from __future__ import annotations
