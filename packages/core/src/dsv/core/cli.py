@@ -129,9 +129,9 @@ def _fmt_bytes(n: float) -> str:
 
 def model_facts(cfg: Any, context: int = 131072, bytes_per_value: int = 2) -> dict[str, str]:
     """What `dsv model info` prints: parameters, active parameters, KV bytes with/without DSA."""
-    from dsv.core.model import count_parameters
+    from dsv.core.inventory import count_parameters_fast
 
-    c = count_parameters(cfg)
+    c = count_parameters_fast(cfg)  # the same numbers as count_parameters, without building the model
     layers = cfg.num_hidden_layers
     latent = cfg.kv_latent_dim * bytes_per_value * layers
     index = (cfg.index_head_dim * bytes_per_value * layers) if cfg.has_indexer else 0
@@ -154,29 +154,65 @@ def model_facts(cfg: Any, context: int = 131072, bytes_per_value: int = 2) -> di
     return facts
 
 
+def _billions(n: int) -> str:
+    return f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.2f}M"
+
+
+def checkpoint_facts(inv: Any) -> dict[str, str]:
+    """What `dsv model info FOLDER` adds about the stored tensors (a :class:`~dsv.core.inventory.CheckpointInventory`)."""
+    where = "index" if inv.source == "index" else "shard headers"
+    size = f", {_fmt_bytes(inv.stored_bytes)}" if inv.stored_bytes is not None else ""
+    facts = {
+        "stored tensors": f"{inv.tensors:,} in {inv.shards} shard(s){size} (from the {where})",
+        "stored parameters": f"{inv.parameters:,} ({_billions(inv.parameters)} = {_billions(inv.main)} main + "
+        f"{_billions(inv.mtp)} MTP)",
+    }
+    q = inv.quantization
+    if q is not None:
+        b0, b1 = q.weight_block_size
+        facts["FP8 weights"] = (f"{inv.fp8_weights:,} in e4m3 with {b0}x{b1} block scales"
+                                f"{f', scale_fmt {q.scale_fmt}' if q.scale_fmt else ''}")  # fmt: skip
+    elif inv.fp8_weights:
+        facts["FP8 weights"] = f"{inv.fp8_weights:,} with scales, but config.json has no quantization_config"
+    if inv.mtp_absent:
+        facts["MTP layers"] = "absent from the checkpoint (loads without them)"
+    for label, names in (("missing tensors", inv.missing), ("unexpected tensors", inv.unexpected)):
+        if names:
+            more = f", ... ({len(names) - 3} more)" if len(names) > 3 else ""
+            facts[label] = f"{len(names):,}: {', '.join(names[:3])}{more}"
+    return facts
+
+
 @model_app.command("info")
 @user_errors
 def info(
     path_or_repo: str = typer.Argument(
-        None, help="Checkpoint folder or Hub repo id (only config.json is read)."
+        None, help="Checkpoint folder or Hub repo id (only config.json and the index are read)."
     ),
     preset: str | None = typer.Option(None, help="Describe a preset instead (tiny | small | v32)."),
     context: int = typer.Option(131072, help="Context length for the per-step KV traffic figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object."),
 ) -> None:
-    """Parameters, active parameters per token, KV bytes per token with and without DSA."""
-    from dsv.core.checkpoint import load_config, resolve
+    """Parameters, active parameters per token, KV bytes per token with and without DSA; for a
+    checkpoint also what it stores (tensors, parameters, FP8), from config.json and the index alone."""
+    from dsv.core.checkpoint import INDEX_NAME, load_config, resolve
     from dsv.core.errors import DSVError
+    from dsv.core.inventory import inventory
     from dsv.core.presets import preset as get_preset
 
     if (path_or_repo is None) == (preset is None):
         raise DSVError("give either a checkpoint PATH_OR_REPO or --preset NAME")
     if preset is not None:
         cfg, title = get_preset(preset), f"preset {preset}"
+        facts = model_facts(cfg, context)
     else:
-        folder = resolve(path_or_repo, allow_patterns=["config.json"])
+        folder = resolve(path_or_repo, allow_patterns=["config.json", INDEX_NAME])
         cfg, title = load_config(folder), str(path_or_repo)
-    facts = model_facts(cfg, context)
+        facts = model_facts(cfg, context)
+        # a folder without an index is described from its shard headers (a cached repo without one
+        # has no shards here: only the config's facts then)
+        if (folder / INDEX_NAME).exists() or any(folder.glob("*.safetensors")):
+            facts |= checkpoint_facts(inventory(folder))
     if as_json:
         print(json.dumps({"title": title, **facts}, indent=1))
         return
