@@ -195,3 +195,48 @@ def test_jsonl_chat_records(tmp_path: Path) -> None:
     )
     docs, problems = load_documents([str(f)], on_bad_record="skip")
     assert len(docs) == 1 and docs[0].is_chat and "no assistant turn" in problems[0]
+
+
+def test_a_record_can_fix_its_own_thinking_mode(tmp_path: Path, tok) -> None:  # type: ignore[no-untyped-def]
+    """One SFT mix teaching answers with and without reasoning: a record's own ``thinking`` wins over
+    the run's, a record without one follows the run, a non-boolean one is a bad record."""
+    from dsv.train.data import tokenize_document
+
+    turn = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "reasoning_content": "Two and three.",
+                                                     "content": "Answer: 5"}]  # fmt: skip
+    f = tmp_path / "mix.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in (
+        {"messages": turn, "thinking": True}, {"messages": turn}, {"messages": turn, "thinking": "yes"},
+    )) + "\n")  # fmt: skip
+    docs, problems = load_documents([str(f)], on_bad_record="skip")
+    assert [d.thinking for d in docs] == [True, None]
+    assert len(problems) == 1 and ":3:" in problems[0] and "'thinking' must be true or false" in problems[0]
+
+    def trained(doc, thinking: bool) -> str:  # type: ignore[no-untyped-def]
+        ids, mask = tokenize_document(tok, doc, thinking=thinking)
+        return tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+
+    with_reasoning = encode_assistant_completion(turn[1], thinking=True)
+    without = encode_assistant_completion({**turn[1], "reasoning_content": None}, thinking=False)
+    assert "Two and three." in with_reasoning and "Two and three." not in without
+    assert trained(docs[0], thinking=False) == with_reasoning  # the record's mode, not the run's
+    assert trained(docs[1], thinking=False) == without
+    assert trained(docs[1], thinking=True) == with_reasoning
+
+
+def test_a_developer_message_before_the_last_user_trains_in_thinking_mode(tok) -> None:  # type: ignore[no-untyped-def]
+    """The encoder drops it in thinking mode (as the official one does); SFT encodes what it renders."""
+    conversation = [
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Salut."},
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "reasoning_content": "Five.", "content": "Cinq."},
+    ]
+    ids, mask = encode_chat(tok, conversation, thinking=True)
+    assert tok.decode(ids) == encode_messages(conversation, thinking=True)
+    assert "Answer in French." not in tok.decode(ids)
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "Salut." in trained and "Five.</think>Cinq." in trained
+    ids, _ = encode_chat(tok, conversation, thinking=False)  # chat mode keeps it, as the encoder does
+    assert "Answer in French." in tok.decode(ids)

@@ -4,6 +4,8 @@ Sources (``load_documents``):
 
 - text files (``.txt``, ``.md``, anything not recognised below): one document per file;
 - JSON Lines (``.jsonl``): one record per line, ``{"text": ...}`` or ``{"messages": [...], "tools": [...]}``;
+  a conversation may add ``"thinking": true|false`` to be encoded in that mode whatever the run's
+  ``--thinking`` (one SFT mix can then teach answers with and without reasoning);
 - a local Hugging Face dataset folder (``datasets.load_from_disk``) with a ``text`` or ``messages`` column;
 - a dsv-synth task file (JSONL whose records carry ``family`` and ``prompt``), read with
   ``dsv.synth.tasks.read_tasks``. For pretraining each task is its prompt rendered as a V3.2 user
@@ -62,6 +64,8 @@ class Document:
     # Where a conversation's assistant turns have no reasoning to train on (task files), this names
     # the source, and thinking-mode encoding is refused rather than training empty reasoning.
     no_reasoning_from: str | None = None
+    # This conversation's encoding mode; None follows the run's ``thinking`` setting.
+    thinking: bool | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -233,7 +237,10 @@ def _record_to_document(record: Any) -> Document:
         tools = record.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise ValueError("'tools' must be a list")
-        return Document(messages=messages, tools=tools)
+        thinking = record.get("thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise ValueError(f"'thinking' must be true or false, got {thinking!r}")
+        return Document(messages=messages, tools=tools, thinking=thinking)
     if "text" in record:
         if not isinstance(record["text"], str):
             raise ValueError("'text' must be a string")
@@ -448,6 +455,11 @@ def encode_chat(
     """
     from dsv.core.chat import encode_assistant_completion, encode_messages, last_user_index
 
+    if thinking:
+        # Thinking mode drops developer messages before the last user/developer message (as the
+        # official encoder does); dropping them first makes every prefix below render that history.
+        last = last_user_index([dict(m) for m in messages])
+        messages = [m for i, m in enumerate(messages) if not (m.get("role") == "developer" and i < last)]
     full = encode_messages(messages, thinking=thinking, tools=tools)
     last_user = last_user_index([dict(m) for m in messages])
     spans: list[tuple[int, int]] = []
@@ -471,9 +483,12 @@ def encode_chat(
 def tokenize_document(
     tokenizer: Any, doc: Document, *, thinking: bool = True
 ) -> tuple[list[int], list[bool]]:
-    """``(ids, target mask)``: text -> BOS text EOS, all targets; chat -> :func:`encode_chat`."""
+    """``(ids, target mask)``: text -> BOS text EOS, all targets; chat -> :func:`encode_chat` in the
+    document's own mode when it has one (:attr:`Document.thinking`), else in ``thinking``."""
     if doc.is_chat:
         assert doc.messages is not None
+        if doc.thinking is not None:
+            thinking = doc.thinking
         if thinking and doc.no_reasoning_from is not None:
             raise DataError(
                 f"{doc.no_reasoning_from}: its tasks have reference answers but no reasoning, so SFT in "
