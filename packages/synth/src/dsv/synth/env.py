@@ -211,6 +211,11 @@ class Environment(ABC):
         """Systematic wrong variants of a correct answer (default: type-generic ones)."""
         return generic_perturbations(answer, rng)
 
+    def reasoning(self, task: Task) -> str | None:
+        """A short worked derivation of `solve(task)`, the reasoning of a solved SFT trace in
+        thinking mode; None (the default) where the family has no scripted one."""
+        return None
+
     def parse_answer(self, text: str) -> Any:
         """The final answer in model text: the last `<answer>` tag, fenced block, `Answer:` line
         or non-empty line, decoded as JSON when it is JSON."""
