@@ -2,7 +2,8 @@
 
 - A property test over generated JSON schemas (objects, arrays, enums, nested objects, required
   fields, bounded numbers and strings): every output of a random-weight tiny model parses and
-  validates with ``jsonschema``.
+  validates with ``jsonschema``. Strings have a ``maxLength`` and numbers a ``multipleOf``: without
+  them a random model's string or digits need not end before the token limit.
 - The batched mask (``fill_masks``) equals the one-matcher-at-a-time mask.
 - Through a real ``dsv serve`` with the official ``openai`` client: ``response_format``
   ``json_object``/``json_schema`` and ``chat.completions.parse`` give valid JSON; in thinking mode
@@ -45,8 +46,9 @@ _names = st.sampled_from(["a", "b", "name", "n", "items", "ok", "kind", "x_1"])
 _leaf = st.one_of(
     st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
               st.integers(-50, 50), st.integers(0, 100)),
-    st.builds(lambda lo, span: {"type": "number", "minimum": lo, "maximum": lo + span},
-              st.integers(-5, 5), st.integers(1, 10)),
+    # A bounded number still has unbounded digits; a step keeps a random model's digits finite.
+    st.builds(lambda lo, span, step: {"type": "number", "minimum": lo, "maximum": lo + span, "multipleOf": step},
+              st.integers(-5, 5), st.integers(1, 10), st.sampled_from([0.5, 0.25])),
     st.builds(lambda lo, extra: {"type": "string", "minLength": lo, "maxLength": lo + extra},
               st.integers(0, 3), st.integers(0, 6)),
     st.just({"type": "boolean"}),
