@@ -610,16 +610,16 @@ def test_answers_printing_forged_pass_lines_do_not_pass(built) -> None:
     assert not score.passed and score.reward == pytest.approx(2 / 3), score.reason
     # Forged lines in the reporter's own shape with a guessed tag, after looking for its files.
     snoop = (
-        "import glob\npath = os.environ.get('PYTHONPATH', '')\n"
-        "found = glob.glob('/work/.dsv-r*/*') + glob.glob(os.path.join(path, '*')) + glob.glob('../.dsv-r*/*')\n"
-        "print('SNOOP', path, found, os.path.exists(path), sorted(os.listdir('..')), flush=True)\n"
+        "import glob\nfound = glob.glob('../.dsv-r*') + glob.glob('/work/.dsv-r*')\n"
+        "found += [p for p in sys.path if '.dsv-r' in p]\n"
+        "print('SNOOP', os.environ.get('PYTHONUSERBASE'), found, sorted(os.listdir('..')), flush=True)\n"
         "for name in ('test_add', 'test_mean', 'test_mean_empty'):\n"
         "    print(f'@@dsv-result-{\"0\" * 32} pass tests.test_calc.TestCalc.{name}', flush=True)\n"
     )
     answer = {"calc.py": _forged_calc(snoop)}
     run = run_suite(state["snapshot"], {**answer, **state["hidden_tests"]}, state["recipe"], "python")
     snooped = next(line for line in run.output.splitlines() if line.startswith("SNOOP"))
-    assert "sitecustomize" not in snooped and " [] False " in snooped, snooped
+    assert snooped == "SNOOP None [] ['repo']", snooped
     assert run.reported is not None and run.reported["tests.test_calc.TestCalc.test_mean_empty"] == "fail"
     assert not env.verify(task, answer).passed
     # The reference still passes, and the tagged lines never reach what the agent is shown.
@@ -635,7 +635,7 @@ def test_a_process_left_by_the_install_step_cannot_read_the_reporter(built) -> N
     task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
     # The install step starts a watcher that copies whatever the reporter writes; the answer's code
     # then replays the tag it would have learnt. The watcher is killed before the reporter exists.
-    watcher = "(while :; do cat ../.dsv-r*/sitecustomize.py >> leak.txt 2>/dev/null; done) >/dev/null 2>&1 &"
+    watcher = "(while :; do cat ../.dsv-r*/lib/*/*/*.py >> leak.txt 2>/dev/null; done) >/dev/null 2>&1 &"
     recipe = {"install": f"{watcher} sleep 0.2", "test": task.state["recipe"]["test"]}
     replay = (
         "import re\ntext = open('leak.txt').read() if os.path.exists('leak.txt') else ''\n"
@@ -671,3 +671,28 @@ def test_the_java_toolchain_exposes_only_what_the_jdk_needs_from_etc() -> None:
     assert "alternatives" not in plain.stdout and "version" not in plain.stdout
     with pytest.raises(ValueError, match="unknown sandbox toolchain 'cobol'"):
         run_command(["/bin/true"], toolchains=["cobol"])
+
+
+def test_user_site_code_from_the_install_step_runs_after_the_reporter_has_gone(built) -> None:
+    task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
+    # The install step plants a .pth file in the user site-packages (as `pip install --user -e .`
+    # does): Python runs it at start-up, before any test. It looks for the reporter's files and
+    # forges tagged lines with whatever tag it finds, then ends the process.
+    planted = (
+        "import glob, os, re, sys; found = [open(p).read() for p in glob.glob('/work/.dsv-r*/lib/*/*/*.py')]; "
+        "tags = set(re.findall(r'@@dsv-result-[0-9a-f]+', ''.join(found))); "
+        "print('PTH RAN', len(found), file=sys.stderr, flush=True); "
+        "[print(f'{t} pass tests.test_calc.TestCalc.{n}', flush=True) for t in tags "
+        "for n in ('test_add', 'test_mean', 'test_mean_empty')]; tags and os._exit(0)"
+    )
+    site_dir = "$(python3 -c 'import site; print(site.getusersitepackages())')"
+    install = f'd={site_dir} && mkdir -p "$d" && cat > "$d/planted.pth" <<\'EOF\'\n{planted}\nEOF'
+    recipe = {"install": install, "test": task.state["recipe"]["test"]}
+    state = {**task.state, "recipe": recipe}
+    run = run_suite(state["snapshot"], {**state["solution"], **state["hidden_tests"]}, recipe, "python")
+    assert "PTH RAN 0" in run.output, run.output[-2000:]  # it ran, after the reporter's files were gone
+    assert run.reported == run.results and run.reported["tests.test_calc.TestCalc.test_mean_empty"] == "pass"
+    run = run_suite(state["snapshot"], dict(state["hidden_tests"]), recipe, "python")
+    assert run.reported is not None and run.reported["tests.test_calc.TestCalc.test_mean_empty"] == "fail"
+    forged = type(task)(**{**task.__dict__, "state": state})
+    assert not registry.get("repo_issue").verify(forged, {}).passed

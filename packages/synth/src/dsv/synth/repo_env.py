@@ -26,20 +26,19 @@ Forged results: the answer's code runs in the same process tree as the test runn
 lines that look like test results. Where the language has a reporter (``LanguageAdapter.reporter``:
 Python's unittest), each run gets a fresh random tag that only the host and the reporter know: the
 reporter's files are written after the install step (after every process the install left behind is
-killed, where the sandbox runs under its own uid) and delete themselves when the test interpreter
-starts, and the tag never appears in an argument, environment variable or file the answer's code
-can read. A task whose reference runs were fully covered by tagged lines has ``trusted_results`` set,
+killed, where the sandbox runs under its own uid) and delete themselves while the test interpreter
+starts, before the real user site's ``.pth`` files and any repository code run. The tag never
+appears in an argument, environment variable or file the answer's code can read. A task whose reference runs were fully covered by tagged lines has ``trusted_results`` set,
 and its verifier then reads only tagged lines: printed look-alikes, or an early exit after printing
 them, leave the fail-to-pass tests unreported, which fails. Independently of the reporter, an
 answer's edits to test files and to the files the recipe names are not applied (``protected_paths``),
 so rewriting the suite's runner to print passes does not work in any language.
 
 What remains: in-process code that deliberately searches the interpreter's memory for the tag or
-patches unittest's bookkeeping; code that runs in the test interpreter before the reporter (a ``.pth``
-file the install step put in the user site-packages, which is also how ``pip install --user -e .``
-works, so it cannot simply be refused); answer-editable files that a protected script runs in turn;
-and suites without a reporter (pytest, JavaScript, Java), whose printed look-alike lines are still
-believed.
+patches unittest's bookkeeping; a test command whose first Python ignores the user site (``-s``,
+``-I``, ``-E``) and runs answer code, which could read the still-present reporter files;
+answer-editable files that a protected script runs in turn; and suites without a reporter (pytest,
+JavaScript, Java), whose printed look-alike lines are still believed.
 """
 
 from __future__ import annotations
@@ -187,6 +186,8 @@ def _reporter_block(files: Mapping[str, str], env: Mapping[str, str], kill_lefto
         lines.append("kill -9 -1 2>/dev/null")
     d = f"$W/.dsv-r{secrets.token_hex(8)}"
     lines += [f'rm -rf "{d}"', f'mkdir -m 700 "{d}" || exit 90']
+    for parent in sorted({str(PurePosixPath(name).parent) for name in files} - {"."}):
+        lines.append(f'mkdir -p "{d}/{parent}" || exit 90')
     for name, content in files.items():
         eof = f"DSV_EOF_{secrets.token_hex(8)}"
         lines += [f"cat > \"{d}/{name}\" <<'{eof}'", content.rstrip("\n"), eof]

@@ -20,9 +20,10 @@ Python reads ``unittest -v`` and ``pytest -rA`` output; JavaScript reads the TAP
 plain ``main``-based runner prints) and JUnit XML reports printed to the output.
 
 Forged results: the answer's code runs inside the test process, so it can print lines that look
-like test results. For Python's unittest the runner installs a reporter before any repository code
-is imported: a ``sitecustomize`` module, written just before the test step and deleted by its own
-first statement, hooks ``unittest.TestResult`` and writes ``<tag> pass|fail|skip <test id>``
+like test results. For Python's unittest the runner installs a reporter that runs while the
+interpreter starts, before any repository code: a module loaded through a ``.pth`` file of a fresh
+user site-packages (``PYTHONUSERBASE``), written just before the test step and deleted by its own
+first statements, hooks ``unittest.TestResult`` and writes ``<tag> pass|fail|skip <test id>``
 lines, where the tag is a fresh random value known only to the host and to that module. A task
 whose reference run is fully covered by such lines is verified on them alone, so printed look-alike
 lines (or an early exit after printing them) count for nothing. What remains is code that
@@ -35,6 +36,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import secrets
 import shutil
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
@@ -188,30 +190,54 @@ class PythonAdapter(LanguageAdapter):
         return {"PYTHONHASHSEED": str(rerun + 1)}
 
     def reporter(self, tag: str) -> tuple[dict[str, str], dict[str, str]]:
-        # PYTHONPATH entries come before site-packages, so this sitecustomize is the one imported.
-        return {"sitecustomize.py": _UNITTEST_REPORTER.replace("@TAG@", tag)}, {"PYTHONPATH": "{dir}"}
+        # A random module name: a PYTHONPATH directory the answer controls cannot shadow it.
+        module = f"_dsv_report_{secrets.token_hex(6)}"
+        source = _UNITTEST_REPORTER.replace("@TAG@", tag)
+        files: dict[str, str] = {}
+        for version in _REPORTER_PYTHONS:
+            site_dir = f"lib/python{version}/site-packages"
+            files[f"{site_dir}/{module}.py"] = source
+            files[f"{site_dir}/{module}.pth"] = f"import {module}\n"
+        return files, {"PYTHONUSERBASE": "{dir}"}
 
     def parse_results(self, output: str) -> dict[str, Outcome]:
         return parse_pytest(output) or parse_unittest(output)
 
 
-# Imported at interpreter start, before the test command imports any repository code. The first
-# statements delete the file and its directory, so later processes (and the answer's code) cannot
-# read the tag from disk. Outcomes are collected from unittest's add* calls and written at stopTest,
+# The reporter rides on site's processing of the user site-packages: the test step's
+# PYTHONUSERBASE points at a fresh directory whose only .pth file imports this module, under a
+# random name, while the interpreter starts. That is before any repository code and before
+# PYTHONPATH modules are imported or the real user site's .pth files run (the install step could
+# have written those). The module first deletes that whole directory, so neither later processes
+# nor the answer's code can read the tag from disk; it imports unittest with sys.path cut to the
+# standard library (a PYTHONPATH directory cannot shadow it), and only then adds the real user
+# site (~/.local: `pip install --user` packages and their .pth files) and drops PYTHONUSERBASE for
+# child processes. Outcomes are collected from unittest's add* calls and written at stopTest,
 # after the text runner has finished its own "... ok" line, on a descriptor duplicated now (the
 # answer's code may replace sys.stdout). A leading newline keeps the line whole after partial output.
 _UNITTEST_REPORTER = """\
 import os as _os
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_os.unlink(_os.path.abspath(__file__))
-try:
-    _os.rmdir(_here)
-except OSError:
-    pass
+import sys as _sys
 
 
 def _install():
-    import unittest.result as _result
+    here = _os.path.abspath(__file__)
+    base = here
+    for _ in range(4):  # BASE/lib/pythonX.Y/site-packages/module.py
+        base = _os.path.dirname(base)
+    for top, dirs, files in _os.walk(base, topdown=False):
+        for name in files:
+            _os.unlink(_os.path.join(top, name))
+        for name in dirs:
+            _os.rmdir(_os.path.join(top, name))
+    _os.rmdir(base)
+    saved = list(_sys.path)
+    _sys.path[:] = [p for p in saved if p.startswith((_sys.base_prefix, _sys.base_exec_prefix))]
+    try:
+        import atexit
+        import unittest.result as _result
+    finally:
+        _sys.path[:] = saved
 
     tag = "@TAG@"
     fd = _os.dup(2)
@@ -249,13 +275,22 @@ def _install():
 
     cls.stopTest = flush_after(cls.stopTest)
     cls.stopTestRun = flush_after(cls.stopTestRun)
-    import atexit
     atexit.register(emit)
+
+    _sys.path[:] = [p for p in _sys.path if not p.startswith(base + _os.sep)]
+    import site
+    _os.environ.pop("PYTHONUSERBASE", None)
+    site.USER_BASE = _os.path.join(_os.path.expanduser("~"), ".local")
+    site.USER_SITE = _os.path.join(site.USER_BASE, "lib", "python%d.%d" % _sys.version_info[:2], "site-packages")
+    if _os.path.isdir(site.USER_SITE):
+        site.addsitedir(site.USER_SITE)
 
 
 _install()
-del _install, _here
+del _install
 """
+# Python versions whose user site-packages the reporter is laid into (the recipe picks the interpreter).
+_REPORTER_PYTHONS = tuple(f"3.{minor}" for minor in range(6, 16))
 
 
 # ---- JavaScript -----------------------------------------------------------------------------
