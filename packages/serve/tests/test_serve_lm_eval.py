@@ -13,6 +13,7 @@ Run: ``pytest packages/serve/tests/test_serve_lm_eval.py``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,22 +104,30 @@ def _write_tasks(folder: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("tokenizer", ["huggingface", "auto"])
 def test_lm_eval_local_completions_matches_in_process_scoring(
-    server: Any, model: Any, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: Any, model: Any, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """``huggingface``: lm-eval tokenizes with the checkpoint's files; ``auto``: it finds the server's
+    ``/tokenizer_info`` and tokenizes through ``/tokenize`` (no local tokenizer)."""
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    caplog.set_level(logging.INFO)
     _write_tasks(tmp_path)
-    args = (f"base_url={server.url}/v1/completions,model=m,tokenizer_backend=huggingface,tokenizer={tiny_ckpt},"
+    local = f"tokenizer_backend=huggingface,tokenizer={tiny_ckpt}," if tokenizer == "huggingface" else ""
+    args = (f"base_url={server.url}/v1/completions,model=m,{local}"
             "tokenized_requests=True,num_concurrent=1,max_retries=1,max_length=256")  # fmt: skip
     res = simple_evaluate(model="local-completions", model_args=args, tasks=["dsv_local_mc", "dsv_local_gen"],
                           task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
                           batch_size=4)  # fmt: skip
     assert res is not None
+    if tokenizer == "auto":
+        assert "Auto-detected remote tokenizer support" in caplog.text
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tiny_ckpt))
@@ -184,3 +193,13 @@ def test_lm_eval_local_chat_completions(server: Any, model: Any, tiny_ckpt: Path
                                                                     stop_token_ids=(tok.eos_id,)))[0]  # fmt: skip
         text = tok.decode([t for t in out.tokens if t != tok.eos_id]).split("\n")[0]
         assert sample["resps"][0][0] == text, (messages, sample["resps"], text)
+
+
+def test_tokenizer_info_as_vllm_shapes_it(server: Any) -> None:
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "<｜end▁of▁sentence｜>" and info["bos_token"] == "<｜begin▁of▁sentence｜>"
+    assert info["model_max_length"] == 256
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert len(ids["tokens"]) == 1  # a special token is one id, with or without a model name
+    back = httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json()
+    assert back == {"prompt": info["eos_token"]}

@@ -398,9 +398,9 @@ class CompletionRequest(_Sampling):
 
 class TokenizeRequest(_Base):
     """``/tokenize``: a completion ``prompt`` or chat ``messages`` (with ``tools`` and ``thinking``, encoded
-    exactly as ``/v1/chat/completions`` encodes them)."""
+    exactly as ``/v1/chat/completions`` encodes them). ``model`` is optional, as in vLLM."""
 
-    model: str
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
@@ -416,5 +416,5 @@ class TokenizeRequest(_Base):
 
 
 class DetokenizeRequest(_Base):
-    model: str
+    model: str | None = None
     tokens: list[int]

@@ -5,6 +5,7 @@
 - :mod:`.monitoring`: ``/health``, ``/metrics`` (open without the API key)
 - :mod:`.models`: ``/v1/models``, ``/v1/models/{id}``
 - :mod:`.tokenize`: ``/tokenize``, ``/detokenize`` (as vLLM has them)
+- :mod:`.tokenizer_info`: ``/tokenizer_info`` (vLLM's; lm-eval tokenizes through the server with it)
 - :mod:`.chat`: ``/v1/chat/completions``
 - :mod:`.completions`: ``/v1/completions``
 """
@@ -22,9 +23,10 @@ def server(request: Request) -> object:
 
 
 def _routers() -> list[APIRouter]:
-    from dsv.serve.routes import chat, completions, models, monitoring, tokenize
+    from dsv.serve.routes import chat, completions, models, monitoring, tokenize, tokenizer_info
 
-    return [monitoring.router, models.router, tokenize.router, chat.router, completions.router]
+    return [monitoring.router, models.router, tokenize.router, tokenizer_info.router, chat.router,
+            completions.router]  # fmt: skip
 
 
 ROUTERS = _routers

@@ -18,7 +18,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
     """Token ids of a prompt, or of chat messages encoded as the chat endpoint encodes them."""
     srv: ServerState = request.app.state.server
     req: TokenizeRequest = await srv.read_json(request, TokenizeRequest)
-    alias = srv.resolve_model(req.model)
+    alias = srv.resolve_model(req.model) if req.model is not None else None
     text = req.prompt
     if req.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
@@ -31,6 +31,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
 async def detokenize(request: Request) -> dict[str, Any]:
     srv: ServerState = request.app.state.server
     req: DetokenizeRequest = await srv.read_json(request, DetokenizeRequest)
-    srv.resolve_model(req.model)
+    if req.model is not None:
+        srv.resolve_model(req.model)
     srv.check_token_ids("tokens", req.tokens)
     return {"prompt": srv.backend.decode(req.tokens)}
