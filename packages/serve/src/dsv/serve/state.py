@@ -83,6 +83,7 @@ class ServerState:
         self.tps_window: deque[tuple[float, int]] = deque(maxlen=512)
 
     async def read_json(self, request: Request, model: type) -> Any:
+        """The body validated as ``model``; a 400/413 in the OpenAI shape naming what is wrong."""
         raw = await request.body()
         if len(raw) > self.settings.max_request_bytes:
             raise APIError(
@@ -112,6 +113,7 @@ class ServerState:
             ) from None
 
     def resolve_model(self, name: str) -> bool | None:
+        """None for the served name, True for its ``-reasoner`` alias (thinking on), else a 404."""
         if name == self.settings.model_name:
             return None
         if name == f"{self.settings.model_name}-reasoner":
@@ -125,6 +127,7 @@ class ServerState:
         )
 
     def admit(self) -> None:
+        """Refuse new work while draining (503) or when ``max_in_flight`` requests run (429)."""
         if self.draining:
             raise APIError(503, "server is shutting down", type="server_error", code="shutting_down")
         if self.in_flight >= self.settings.max_in_flight:
@@ -132,6 +135,8 @@ class ServerState:
                            code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
 
     def budget(self, prompt_tokens: int, asked: int | None) -> int:
+        """The request's ``max_tokens`` (asked, or the default that fits); a 400 when over the limit
+        or the context length."""
         if asked is not None and asked > self.settings.max_tokens_limit:
             raise APIError(400, f"max_tokens is {asked}; this server allows at most {self.settings.max_tokens_limit}",
                            param="max_tokens", code="invalid_value")  # fmt: skip
@@ -212,6 +217,7 @@ class ServerState:
         return grammar
 
     def extras(self, req: Any, thinking: bool = False) -> Extras:
+        """What a choice of ``req`` asks of the backend and text layer beyond ``GenParams``."""
         return Extras(req.stops(), req.include_stop_str_in_output, req.ignore_eos, req.skip_special_tokens,
                        thinking)  # fmt: skip
 
@@ -229,6 +235,7 @@ class ServerState:
         prefix_choices: tuple[tuple[int, ...], ...] = (), prefix_after: tuple[int, ...] = (),
         grammar: str = "", grammar_after: tuple[int, ...] = (), prompt_logprobs: int | None = None,
     ) -> GenParams:  # fmt: skip
+        """The ``GenParams`` of choice ``i`` of ``req`` (its seed is ``seed + i``)."""
         seed = None if req.seed is None else req.seed + i
         bias = req.bias()
         return GenParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),

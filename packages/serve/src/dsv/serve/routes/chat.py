@@ -103,8 +103,9 @@ async def chat(request: Request) -> Any:
     def job(i: int) -> Any:
         parser = StreamParser(thinking, templates=srv.backend.templates, id_prefix=f"{prefix}{i}")
         params = srv.sampling(req, max_tokens, i, top, choices, after, grammar, grammar_after)
-        return lambda out: run_choice(srv,
-            i, prompt, params, srv.extras(req, thinking), parser, forced, out, one_call=not req.parallel_tool_calls,
+        return lambda out: run_choice(
+            srv, i, prompt, params, srv.extras(req, thinking), parser, forced, out,
+            one_call=not req.parallel_tool_calls,
         )  # fmt: skip
 
     jobs = [job(i) for i in range(req.n)]
