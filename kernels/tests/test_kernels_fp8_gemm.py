@@ -149,3 +149,22 @@ def test_fp8_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
     )
     for _, _, shared_kib, regs, spill, _ in rows:
         assert float(shared_kib) <= 227 and int(regs) <= 255 and int(spill) == 0
+
+
+def test_fp8_bench_records_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv.kernels.fp8_bench import layer_shapes, markdown, run_fp8_benchmarks
+
+    # the conftest's NaN-filling torch.empty escapes torch.device("meta"): V3.2's template layers would
+    # be allocated for real (a 3.7 GB embedding), so the shapes are read with the real torch.empty
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+
+    v32 = dict((label, (n, k)) for label, n, k in layer_shapes("v32"))
+    assert v32["q_b_proj"] == (128 * 192, 1536) and v32["kv_b_proj"] == (128 * 256, 512)
+    assert v32["dense down"] == (7168, 18432) and v32["expert gate/up"] == (2048, 7168)
+    assert v32["indexer.wq_b"] == (64 * 128, 1536) and len(v32) == 11
+    records = run_fp8_benchmarks(preset="tiny", tokens=[3], device="cpu", repeats=1, layers=("o_proj",))
+    assert [r["impl"] for r in records] == ["bf16", "fp8_linear", "fp8_gemm"]
+    assert all(r["ms"] > 0 for r in records)
+    assert all(r["err_vs_dequant"] < 1e-2 and r["err_vs_bf16_layer"] < 0.08 for r in records[1:])
+    table = markdown(records, "t")
+    assert table.count("\n| o_proj | 3 | ") == 1
