@@ -610,7 +610,7 @@ def test_answers_printing_forged_pass_lines_do_not_pass(built) -> None:
     assert not score.passed and score.reward == pytest.approx(2 / 3), score.reason
     # Forged lines in the reporter's own shape with a guessed tag, after looking for its files.
     snoop = (
-        "import glob\nfound = glob.glob('../.dsv-r*') + glob.glob('/work/.dsv-r*')\n"
+        "import glob\nfound = glob.glob('../.dsv-r*') + glob.glob('/tmp/.dsv-r*') + glob.glob('/tmp/*')\n"
         "found += [p for p in sys.path if '.dsv-r' in p]\n"
         "print('SNOOP', os.environ.get('PYTHONUSERBASE'), found, sorted(os.listdir('..')), flush=True)\n"
         "for name in ('test_add', 'test_mean', 'test_mean_empty'):\n"
@@ -635,7 +635,7 @@ def test_a_process_left_by_the_install_step_cannot_read_the_reporter(built) -> N
     task = next(t for t in read_tasks(built["out"] / "tasks.jsonl") if t.state["repo"] == "calc")
     # The install step starts a watcher that copies whatever the reporter writes; the answer's code
     # then replays the tag it would have learnt. The watcher is killed before the reporter exists.
-    watcher = "(while :; do cat ../.dsv-r*/lib/*/*/*.py >> leak.txt 2>/dev/null; done) >/dev/null 2>&1 &"
+    watcher = "(while :; do cat /tmp/.dsv-r*/m/*.py ../.dsv-r*/m/*.py >> leak.txt 2>/dev/null; done) >/dev/null 2>&1 &"
     recipe = {"install": f"{watcher} sleep 0.2", "test": task.state["recipe"]["test"]}
     replay = (
         "import re\ntext = open('leak.txt').read() if os.path.exists('leak.txt') else ''\n"
@@ -679,7 +679,7 @@ def test_user_site_code_from_the_install_step_runs_after_the_reporter_has_gone(b
     # does): Python runs it at start-up, before any test. It looks for the reporter's files and
     # forges tagged lines with whatever tag it finds, then ends the process.
     planted = (
-        "import glob, os, re, sys; found = [open(p).read() for p in glob.glob('/work/.dsv-r*/lib/*/*/*.py')]; "
+        "import glob, os, re, sys; found = [open(p).read() for p in glob.glob('/tmp/.dsv-r*/m/*.py') + glob.glob('../.dsv-r*/m/*.py')]; "
         "tags = set(re.findall(r'@@dsv-result-[0-9a-f]+', ''.join(found))); "
         "print('PTH RAN', len(found), file=sys.stderr, flush=True); "
         "[print(f'{t} pass tests.test_calc.TestCalc.{n}', flush=True) for t in tags "

@@ -184,15 +184,23 @@ def _reporter_block(files: Mapping[str, str], env: Mapping[str, str], kill_lefto
         # Everything the install step left running (say, a process waiting for the reporter's files)
         # dies here: kill(-1) reaches every process of the run's own uid except this shell.
         lines.append("kill -9 -1 2>/dev/null")
-    d = f"$W/.dsv-r{secrets.token_hex(8)}"
-    lines += [f'rm -rf "{d}"', f'mkdir -m 700 "{d}" || exit 90']
-    for parent in sorted({str(PurePosixPath(name).parent) for name in files} - {"."}):
-        lines.append(f'mkdir -p "{d}/{parent}" || exit 90')
+    # A fresh name the install step could not know; in the private root (workdir /work) it goes on
+    # the run's own /tmp tmpfs, where creating and deleting entries costs far less than on a disk.
+    lines.append('case "$W" in /work) B=/tmp ;; *) B="$W" ;; esac')
+    d = f"$B/.dsv-r{secrets.token_hex(8)}"
+    parents = sorted({str(PurePosixPath(name).parent) for name in files} - {"."})
+    lines.append(" ".join(["mkdir -p -m 700", f'"{d}"', *(f'"{d}/{p}"' for p in parents), "|| exit 90"]))
+
+    def expand(text: str) -> str:
+        """``text`` as one shell word, with each ``{dir}`` standing for the directory."""
+        parts = [shlex.quote(part) if part else "" for part in text.split("{dir}")]
+        return f'"{d}"'.join(parts) or "''"
+
     for name, content in files.items():
-        eof = f"DSV_EOF_{secrets.token_hex(8)}"
-        lines += [f"cat > \"{d}/{name}\" <<'{eof}'", content.rstrip("\n"), eof]
+        # printf is a shell builtin: no process per file (a heredoc needs a cat for each)
+        lines.append(f"printf '%s' {expand(content)} > \"{d}/{name}\" || exit 90")
     for key, value in env.items():
-        lines.append(f'export {key}="{value.replace("{dir}", d)}"')
+        lines.append(f"export {key}={expand(value)}")
     return "\n".join(lines)
 
 

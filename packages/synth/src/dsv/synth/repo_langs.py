@@ -33,11 +33,13 @@ unittest's own bookkeeping; pytest, JavaScript and Java suites are still read fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import secrets
 import shutil
+import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -98,8 +100,9 @@ class LanguageAdapter(ABC):
         return {}
 
     def reporter(self, tag: str) -> tuple[dict[str, str], dict[str, str]]:
-        """Files (relative to a fresh directory) and environment (``{dir}``: that directory) that
-        make the test framework print ``<tag> <outcome> <test id>`` lines; default: no reporter."""
+        """Files (relative to a fresh directory) and environment that make the test framework print
+        ``<tag> <outcome> <test id>`` lines (``{dir}`` in either stands for that directory's absolute
+        path); default: no reporter."""
         return {}, {}
 
     @abstractmethod
@@ -192,12 +195,9 @@ class PythonAdapter(LanguageAdapter):
     def reporter(self, tag: str) -> tuple[dict[str, str], dict[str, str]]:
         # A random module name: a PYTHONPATH directory the answer controls cannot shadow it.
         module = f"_dsv_report_{secrets.token_hex(6)}"
-        source = _UNITTEST_REPORTER.replace("@TAG@", tag)
-        files: dict[str, str] = {}
-        for version in _REPORTER_PYTHONS:
-            site_dir = f"lib/python{version}/site-packages"
-            files[f"{site_dir}/{module}.py"] = source
-            files[f"{site_dir}/{module}.pth"] = f"import {module}\n"
+        files = {f"m/{module}.py": _UNITTEST_REPORTER.replace("@TAG@", tag)}
+        for version in _sandbox_pythons():  # a .pth line naming a directory puts it on sys.path
+            files[f"lib/python{version}/site-packages/{module}.pth"] = f"{{dir}}/m\nimport {module}\n"
         return files, {"PYTHONUSERBASE": "{dir}"}
 
     def parse_results(self, output: str) -> dict[str, Outcome]:
@@ -222,9 +222,7 @@ import sys as _sys
 
 def _install():
     here = _os.path.abspath(__file__)
-    base = here
-    for _ in range(4):  # BASE/lib/pythonX.Y/site-packages/module.py
-        base = _os.path.dirname(base)
+    base = _os.path.dirname(_os.path.dirname(here))  # BASE/m/module.py
     for top, dirs, files in _os.walk(base, topdown=False):
         for name in files:
             _os.unlink(_os.path.join(top, name))
@@ -289,8 +287,21 @@ def _install():
 _install()
 del _install
 """
-# Python versions whose user site-packages the reporter is laid into (the recipe picks the interpreter).
-_REPORTER_PYTHONS = tuple(f"3.{minor}" for minor in range(6, 16))
+
+
+@functools.cache
+def _sandbox_pythons() -> tuple[str, ...]:
+    """The X.Y of every Python the sandbox can start (it sees the host's /usr and the sandbox's own
+    interpreter): the reporter is laid into each one's user site, whichever the recipe runs. Each
+    costs a few directory entries, which a busy disk makes slow to create and delete."""
+    from dsv.synth.sandbox import sandbox_python
+
+    own = f"{sys.version_info.major}.{sys.version_info.minor}"
+    versions = {own} if sandbox_python() == sys.executable else set()
+    for d in ("/usr/bin", "/usr/local/bin"):
+        with contextlib.suppress(OSError):
+            versions.update(m[1] for n in os.listdir(d) if (m := re.fullmatch(r"python(3\.\d+)", n)))
+    return tuple(sorted(versions)) or (own,)
 
 
 # ---- JavaScript -----------------------------------------------------------------------------
