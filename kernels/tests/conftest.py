@@ -6,31 +6,53 @@ leak into later tests of the process or their subprocesses; each kernel test set
 ``dsv.kernels`` read it at call time). ``nan_empty`` replaces ``torch.empty`` in the launchers with
 NaN-filled buffers, so a kernel that leaves part of its output unwritten fails the comparison.
 
-Run: ``pytest kernels/tests``.
+``DSV_KERNELS_TEST_DEVICE=cuda`` runs the same tests natively on a GPU instead: no interpreter, and
+torch's default device is CUDA during each test, so the tensors the tests build land there (tools/
+gpu_check.sh does this). Tests that only make sense on the CPU skip themselves via ``ON_CUDA``.
+
+Run: ``pytest kernels/tests``; on a GPU ``DSV_KERNELS_TEST_DEVICE=cuda pytest kernels/tests/test_kernels_*.py``.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    importlib.import_module("dsv.kernels._api")  # decorates every kernel, as interpreted functions
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+ON_CUDA = os.environ.get("DSV_KERNELS_TEST_DEVICE", "cpu") == "cuda"
+
+if ON_CUDA:
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("DSV_KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    os.environ.pop("TRITON_INTERPRET", None)
+    importlib.import_module("dsv.kernels._api")  # compiled kernels
+else:
+    _before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("dsv.kernels._api")  # decorates every kernel, as interpreted functions
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        yield
+        return
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -81,7 +81,7 @@ def test_bad_arguments_are_named_before_launch(monkeypatch: pytest.MonkeyPatch) 
         kern.fp8_gemm(a_q, a_s[:, :2], w_q, w_s)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        kern.act_quant(torch.randn(4, 300))
+        kern.act_quant(torch.randn(4, 300, device="cpu"))
 
 
 def test_fp8_linear_module_paths_and_errors() -> None:
@@ -151,6 +151,7 @@ def test_fp8_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
         assert float(shared_kib) <= 227 and int(regs) <= 255 and int(spill) == 0
 
 
+@pytest.mark.skipif(os.environ.get("DSV_KERNELS_TEST_DEVICE") == "cuda", reason="the CPU (interpreter) path")
 def test_fp8_bench_records_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
     from dsv.kernels.fp8_bench import layer_shapes, markdown, run_fp8_benchmarks
 
