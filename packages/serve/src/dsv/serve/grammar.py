@@ -129,6 +129,10 @@ class GrammarVocab:
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_id)
         self._executor: Any = None
+        # The step's packed bitmask (int32 [rows, ceil(V/32)]), kept between steps: every mask fill
+        # writes all of its row, and allocating (llguidance's helper asks CUDA about pinned memory
+        # each time) was a visible share of a constrained step.
+        self._bits = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> GrammarVocab:
@@ -136,6 +140,12 @@ class GrammarVocab:
         return cls(
             tokenizer.backend.to_str(), vocab_size=vocab_size or tokenizer.vocab_size, eos_id=tokenizer.eos_id
         )
+
+    def bitmask(self, rows: int) -> torch.Tensor:
+        """A ``[rows, ceil(V/32)]`` int32 buffer for one step's masks (reused)."""
+        if self._bits.shape[0] < rows:
+            self._bits = torch.empty(max(rows, 2 * self._bits.shape[0]), self._bits.shape[1], dtype=torch.int32)
+        return self._bits[:rows]
 
     @property
     def executor(self) -> Any:
@@ -194,15 +204,17 @@ def fill_masks(matchers: Sequence[Matcher], logits: torch.Tensor, rows: Sequence
     machine and the batch are large enough, else row after row."""
     if not matchers:
         return
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
-
     vocab = matchers[0].vocab
-    bits = allocate_token_bitmask(len(matchers), vocab.vocab_size)
+    bits = vocab.bitmask(len(matchers))  # contiguous rows
+    row_bytes = bits.shape[1] * 4
     if len(matchers) >= _PARALLEL_MIN_ROWS and (os.cpu_count() or 1) >= _PARALLEL_MIN_CORES:
-        fill_next_token_bitmask_par(vocab.executor, [(m.m, i) for i, m in enumerate(matchers)], bits)
+        pairs = [(m.m, i) for i, m in enumerate(matchers)]
+        vocab.executor.unsafe_compute_mask_ptr(pairs, bits.data_ptr(), row_bytes, len(matchers))
     else:
+        # The raw pointer call: llguidance's per-row torch wrapper costs more than a small mask.
+        base = bits.data_ptr()
         for i, m in enumerate(matchers):
-            fill_next_token_bitmask(m.m, bits, i)
+            m.m.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
     allowed = _unpack(bits, logits.shape[-1]).to(logits.device)  # (B, V)
     index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
