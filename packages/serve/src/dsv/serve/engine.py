@@ -942,12 +942,11 @@ class Engine:
                 constrained.add(row)
             if in_grammar:
                 grammar_rows.append(row)
-            if (
-                p.logit_bias or (p.penalised and seq.counts) or allowed is not None or early
-                or p.repetition_penalty != 1 or row in constrained
-            ):  # fmt: skip
-                if chosen_from is logits:
-                    chosen_from = logits.clone()
+            adjust = bool(p.logit_bias or (p.penalised and seq.counts) or allowed is not None or early
+                          or p.repetition_penalty != 1)  # fmt: skip
+            if (adjust or row in constrained) and chosen_from is logits:
+                chosen_from = logits.clone()
+            if adjust:
                 adjusted = apply_logit_bias(chosen_from[row], dict(p.logit_bias))
                 adjusted = apply_penalties(adjusted, seq.counts, p.presence_penalty, p.frequency_penalty)
                 if p.repetition_penalty != 1:

@@ -216,6 +216,9 @@ def fill_masks(matchers: Sequence[Matcher], logits: torch.Tensor, rows: Sequence
         for i, m in enumerate(matchers):
             m.m.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
     allowed = _unpack(bits, logits.shape[-1]).to(logits.device)  # (B, V)
+    if list(rows) == list(range(logits.shape[0])):  # every row constrained: in place
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
     index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
