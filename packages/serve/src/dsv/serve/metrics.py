@@ -91,27 +91,33 @@ class Metrics:
         self.v_prompt = Counter("vllm:prompt_tokens", "Prompt tokens", m, registry=r)
         self.v_generation = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
 
+        # The labelled children, looked up once: these are updated per streamed piece.
+        name = model_name
+        self._ttft, self._itl, self._tpot = (h.labels(name) for h in (self.v_ttft, self.v_itl, self.v_tpot))
+        self._gen, self._prompt = self.v_generation.labels(name), self.v_prompt.labels(name)
+        self._queries, self._hits = self.v_prefix_queries.labels(name), self.v_prefix_hits.labels(name)
+
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
-        self.v_ttft.labels(self.model_name).observe(seconds)
+        self._ttft.observe(seconds)
 
     def next_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
-        self.v_itl.labels(self.model_name).observe(seconds)
-        self.v_tpot.labels(self.model_name).observe(seconds)
+        self._itl.observe(seconds)
+        self._tpot.observe(seconds)
 
     def generated(self, n: int) -> None:
         self.tokens.inc(n)
-        self.v_generation.labels(self.model_name).inc(n)
+        self._gen.inc(n)
 
     def prompt(self, n: int) -> None:
         """``n`` prompt tokens admitted."""
         self.prompt_tokens.inc(n)
-        self.v_prompt.labels(self.model_name).inc(n)
+        self._prompt.inc(n)
 
     def prefix_lookup(self, queried: int, hit: int) -> None:
-        self.v_prefix_queries.labels(self.model_name).inc(queried)
-        self.v_prefix_hits.labels(self.model_name).inc(hit)
+        self._queries.inc(queried)
+        self._hits.inc(hit)
 
     def totals(self) -> dict[str, float]:
         """Prompt and output tokens counted since start."""
