@@ -6,12 +6,14 @@ Run: ``pytest packages/core/tests/test_core_device_map.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from dsv.core.checkpoint import _cast
 from dsv.core.device_map import place, plan_device_map
-from dsv.core.errors import DSVError
+from dsv.core.errors import CheckpointError, DSVError
 from dsv.core.model import DSVForCausalLM
 from dsv.core.presets import preset
 
@@ -81,3 +83,32 @@ def test_bad_plans_are_one_line_errors() -> None:
         plan_device_map(cfg, ["cpu", "meta"], max_memory={"cpu": 5000, "meta": 946_956})
     with pytest.raises(DSVError, match=r"has no module model\.layers\.3"):
         place(DSVForCausalLM(cfg), plan_device_map(cfg.replace(num_hidden_layers=10), ["cpu"]))
+
+
+def test_load_pretrained_places_each_unit_on_its_planned_device(tmp_path: Path) -> None:
+    from dsv.core.checkpoint import load_pretrained, read_state_dict, save_pretrained
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    save_pretrained(DSVForCausalLM(cfg), None, tmp_path / "ckpt")
+    stored = read_state_dict(tmp_path / "ckpt")
+    plan = plan_device_map(cfg, ["cpu", "meta"], dtype=torch.float32)
+    model, _ = load_pretrained(tmp_path / "ckpt", device_map=plan, with_tokenizer=False)
+    on_cpu = 0
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == plan.device_of(name), name
+        if tensor.device.type == "cpu":
+            assert torch.equal(tensor, stored[name]), name
+            on_cpu += 1
+    assert on_cpu and on_cpu < len(stored)
+    # one device: the same model as a plain load, probe forward included
+    single, _ = load_pretrained(
+        tmp_path / "ckpt", device_map=plan_device_map(cfg, ["cpu"]), with_tokenizer=False
+    )
+    plain, _ = load_pretrained(tmp_path / "ckpt", with_tokenizer=False)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(single(ids).logits, plain(ids).logits)
+    other = plan_device_map(cfg.replace(num_hidden_layers=1), ["cpu"])
+    with pytest.raises(CheckpointError, match=r"device_map has no place for model\.layers\.2\."):
+        load_pretrained(tmp_path / "ckpt", device_map=other, with_tokenizer=False)

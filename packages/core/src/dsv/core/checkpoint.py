@@ -30,6 +30,7 @@ from dsv.core.config import ModelConfig
 from dsv.core.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
+    from dsv.core.device_map import DevicePlan
     from dsv.core.model import DSVForCausalLM
     from dsv.core.tokenizer import Tokenizer
 
@@ -460,17 +461,28 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _check_fits(model: DSVForCausalLM, device: torch.device, source: str) -> None:
-    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    free = available_bytes(device)
-    if free is not None and need > free:
-        gib = 1024**3
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-        raise CheckpointError(
-            f"{source}: the model needs {need / gib:.1f} GiB in {dtype} on {device}, but only "
-            f"{free / gib:.1f} GiB is free there; load it in a smaller dtype (--dtype bfloat16), "
-            "on a device with more memory, or free some"
-        )
+def _check_fits(
+    model: DSVForCausalLM, device: torch.device, source: str, device_map: DevicePlan | None = None
+) -> None:
+    need: dict[torch.device, int] = {}
+    for name, t in model.state_dict().items():
+        try:
+            where = device if device_map is None else torch.device(device_map.device_of(name))
+        except KeyError:
+            raise CheckpointError(
+                f"{source}: the device_map has no place for {name}; make the plan from this checkpoint's config"
+            ) from None
+        need[where] = need.get(where, 0) + t.numel() * t.element_size()
+    for where, n in need.items():
+        free = available_bytes(where)
+        if free is not None and n > free:
+            gib = 1024**3
+            dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+            raise CheckpointError(
+                f"{source}: the model needs {n / gib:.1f} GiB in {dtype} on {where}, but only "
+                f"{free / gib:.1f} GiB is free there; load it in a smaller dtype (--dtype bfloat16), "
+                "on a device with more memory, or free some"
+            )
 
 
 def _without_mtp(config: ModelConfig, index: dict[str, TensorMeta], folder: Path) -> bool:
@@ -516,6 +528,7 @@ def load_pretrained(
     dtype: torch.dtype | None = torch.float32,
     with_tokenizer: bool = True,
     probe: bool | None = None,
+    device_map: DevicePlan | None = None,
 ) -> tuple[DSVForCausalLM, Tokenizer | None]:
     """Load ``(model, tokenizer)`` from a checkpoint folder or Hub repo id.
 
@@ -526,6 +539,10 @@ def load_pretrained(
     tensor at a time, so host memory peaks at about the model plus one shard. ``probe`` runs
     :func:`check_finite` (default: for models up to ``PROBE_MAX_PARAMETERS`` parameters), so NaN
     weights are a :class:`CheckpointError` at load instead of junk or a sampling error later.
+
+    ``device_map`` (a :func:`dsv.core.device_map.plan_device_map` plan) places each unit on its own
+    device instead of ``device``, each device checked for room first. The model's forward does not
+    move activations between devices yet, so a plan over several devices loads without the probe.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -546,7 +563,7 @@ def load_pretrained(
     if estimate is None and isinstance(stored, str) and isinstance(getattr(torch, stored, None), torch.dtype):
         estimate = getattr(torch, stored)  # an FP8 checkpoint says bfloat16: what its other tensors are
     if estimate is not None:  # before any shard is opened: a model that cannot fit fails at once
-        _check_fits(_cast(model, estimate), device, str(folder))
+        _check_fits(_cast(model, estimate), device, str(folder), device_map)
     index = tensor_index(folder)
     if _without_mtp(config, index, folder):
         config = config.replace(num_nextn_predict_layers=0)
@@ -564,11 +581,20 @@ def load_pretrained(
     assert target is not None
     model = _cast(model, target)
     if target != estimate:
-        _check_fits(model, device, str(folder))
+        _check_fits(model, device, str(folder), device_map)
     # Fresh allocations on the target device, then copies: tensors handed out by the safetensors
     # reader may sit at unaligned offsets, and CPU kernels pick different (differently rounded)
     # code paths for them, which would make a resumed run drift from an uninterrupted one.
-    model = model.to_empty(device=device)
+    if device_map is None:
+        model = model.to_empty(device=device)
+    else:
+        from dsv.core.device_map import DevicePlan, place
+
+        present = {name for name, _ in model.named_modules()}  # an absent MTP layer has no unit
+        units = {u: d for u, d in device_map.units.items() if u in present}
+        model = place(model, DevicePlan(units=units, bytes=device_map.bytes))
+        if len(set(units.values())) > 1:
+            probe = False
     params = model.state_dict(keep_vars=True)
     by_file: dict[Path, list[str]] = {}
     for name in params:
