@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dsv.kernels as kern
+from dsv.core.errors import CheckpointError
 from dsv.core.fp8 import dequantize_fp8, is_quantized_name, quantize_fp8
 from dsv.kernels.ops.fp8_gemm.reference import act_quant_reference, dequantize_act, fp8_gemm_reference
 
@@ -169,3 +170,38 @@ def test_fp8_bench_records_and_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(r["err_vs_dequant"] < 1e-2 and r["err_vs_bf16_layer"] < 0.08 for r in records[1:])
     table = markdown(records, "t")
     assert table.count("\n| o_proj | 3 | ") == 1
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_load_fp8_linears_keeps_the_checkpoints_e4m3_tensors(tmp_path: Path, scale_fmt: str | None) -> None:
+    from dsv.core.checkpoint import load_pretrained, read_state_dict, save_pretrained
+    from dsv.core.convert import quantize
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import preset
+
+    save_pretrained(DSVForCausalLM(preset("tiny")), None, tmp_path / "fp32")
+    quantize(tmp_path / "fp32", tmp_path / "fp8", scale_fmt=scale_fmt)
+    stored = read_state_dict(tmp_path / "fp8")
+    model, _ = load_pretrained(tmp_path / "fp8", dtype=torch.float32, with_tokenizer=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        dequantised = model(ids).logits
+    names = kern.load_fp8_linears(model, tmp_path / "fp8", backend="torch")
+    assert {f"{n}.weight" for n in names} == {k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn}
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, kern.Fp8Linear) and layer.ue8m0 == (scale_fmt == "ue8m0")
+        assert torch.equal(
+            layer.qweight.view(torch.uint8), stored[f"{n}.weight"].view(torch.uint8)
+        )  # bit for bit
+        assert torch.equal(layer.weight_scale_inv, stored[f"{n}.weight_scale_inv"])
+    with torch.no_grad():  # the CPU path dequantises exactly as the loader did
+        assert torch.equal(model(ids).logits, dequantised)
+    layer = model.get_submodule(names[0])
+    layer.backend = "triton"  # the GPU path, in the interpreter: activations quantised, e4m3 GEMM
+    x = torch.randn(5, layer.in_features)
+    exact = fp8_gemm_reference(*act_quant_reference(x, ue8m0=layer.ue8m0), layer.qweight, layer.weight_scale_inv,
+                               out_dtype=torch.float32)  # fmt: skip
+    torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="stores no FP8 weights"):
+        kern.load_fp8_linears(model, tmp_path / "fp32")

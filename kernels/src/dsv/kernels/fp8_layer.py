@@ -1,5 +1,9 @@
 """A Linear layer that keeps its weight in FP8 (e4m3, one fp32 scale per 128x128 block).
 
+For a released (FP8) checkpoint: ``model, _ = load_pretrained(ckpt, dtype=torch.bfloat16)`` then
+:func:`load_fp8_linears` (model, ckpt) swaps every projection the checkpoint stores in FP8 for an
+:class:`Fp8Linear` holding the stored e4m3 tensor and scale, bit for bit.
+
 On CUDA its forward is :func:`dsv.kernels.fp8_linear`: the activations are quantised per token per 128
 channels and multiplied by the e4m3 weight in the block-scaled Triton GEMM, so the weight is never
 widened (half the bytes of bf16, the layout of the released checkpoints). Elsewhere it dequantises the
@@ -12,12 +16,14 @@ its forward (MLA's absorbed ``kv_b_proj``, the MoE's stacked expert bank) keeps 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from dsv.core.fp8 import BLOCK, dequantize_fp8, is_quantized_name, quantize_fp8, scale_shape
 
-__all__ = ["BACKENDS", "Fp8Linear", "quantize_linears"]
+__all__ = ["BACKENDS", "Fp8Linear", "load_fp8_linears", "quantize_linears"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -105,4 +111,51 @@ def quantize_linears(model: nn.Module, *, scale_fmt: str | None = None, backend:
         setattr(
             parent, child, Fp8Linear.from_linear(getattr(parent, child), scale_fmt=scale_fmt, backend=backend)
         )
+    return names
+
+
+def load_fp8_linears(model: nn.Module, path: str | Path, *, backend: str = "auto") -> list[str]:
+    """Replace, in place, every ``nn.Linear`` whose weight the checkpoint at ``path`` stores in FP8 by
+    an :class:`Fp8Linear` holding the stored e4m3 weight and ``weight_scale_inv`` exactly (on the
+    Linear's device, its dtype kept for ``Fp8Linear.weight``); returns their names. Activation scales
+    follow the checkpoint's ``scale_fmt`` (``ue8m0`` rounds them to powers of two)."""
+    from safetensors import safe_open
+
+    from dsv.core.checkpoint import _raw_config, fp8_pairs, resolve, tensor_index
+    from dsv.core.errors import CheckpointError
+    from dsv.core.fp8 import Fp8Config
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    folder = resolve(path)
+    index = tensor_index(folder)
+    pairs, block = fp8_pairs(index, folder)
+    if not pairs:
+        raise CheckpointError(f"{folder}: the checkpoint stores no FP8 weights")
+    if tuple(block) != BLOCK:
+        raise CheckpointError(
+            f"{folder}: weight_block_size {list(block)}; the FP8 GEMM takes [128, 128] blocks"
+        )
+    qc = Fp8Config.from_hf(_raw_config(folder)["quantization_config"], f"{folder}/config.json")
+    names = []
+    for weight_name, scale_name in sorted(pairs.items()):
+        module_name = weight_name.removesuffix(".weight")
+        try:
+            linear = model.get_submodule(module_name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{folder}: {weight_name} has no Linear in the model; load the model from this checkpoint"
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{folder}: {module_name} is a {type(linear).__name__}, not an nn.Linear")
+        tensors = {}
+        for name in (weight_name, scale_name):
+            with safe_open(str(index[name].file), framework="pt") as sf:
+                tensors[name] = sf.get_tensor(name).to(linear.weight.device)
+        layer = Fp8Linear(tensors[weight_name], tensors[scale_name], linear.bias, ue8m0=qc.scale_fmt == "ue8m0",
+                          backend=backend)  # fmt: skip
+        layer.dtype = linear.weight.dtype
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        names.append(module_name)
     return names
