@@ -37,6 +37,10 @@ def test_bf16_load_keeps_router_in_fp32(tmp_path: Path) -> None:
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.moe_layers[0].gate.weight.dtype == torch.float32
     assert model.moe_layers[0].gate.e_score_correction_bias.dtype == torch.float32
+    for layer in [*model.blocks, *model.mtp_layers]:  # the MTP layer's router and indexer as well
+        if layer.self_attn.indexer is not None:
+            assert layer.self_attn.indexer.weights_proj.weight.dtype == torch.float32
+    assert model.mtp_moe_layers and all(m.gate.weight.dtype == torch.float32 for m in model.mtp_moe_layers)
     assert model.inv_freq.dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 1024, (1, 8))).logits).all()

@@ -509,9 +509,10 @@ def _cast(model: DSVForCausalLM, dtype: torch.dtype) -> DSVForCausalLM:
     """``model`` in ``dtype``, except the router and the indexer's ``weights_proj``, which stay in
     fp32 as in the reference."""
     model = model.to(dtype)
-    for moe in model.moe_layers:
+    # The MTP layer routes and selects keys like a main block, so its router and indexer too.
+    for moe in [*model.moe_layers, *model.mtp_moe_layers]:
         moe.gate.float()
-    for block in model.blocks:
+    for block in [*model.blocks, *model.mtp_layers]:
         if block.self_attn.indexer is not None:
             block.self_attn.indexer.weights_proj.float()
     return model
