@@ -2,14 +2,15 @@
 
 Stages, each a function of the run folder (``OUT/``) and the recipe, in order:
 
-1. ``synth``: training and held-out task files of one exact-answer family (dsv-synth), and solved
-   ``arithmetic`` episodes with a calculator tool call (verified) for the SFT stage;
+1. ``synth``: training and held-out task files of one exact-answer family (dsv-synth), solved
+   ``arithmetic`` episodes with a calculator tool call (verified) for the SFT stage, and, when the
+   family has a scripted derivation (``Environment.reasoning``), solved thinking-mode traces;
 2. ``pretrain``: dense pretraining from fresh weights on the embedded corpus plus the task prompts
    (the tokenizer is trained on both, so the task text tokenizes well);
 3. ``dsa-warmup``: the lightning indexer learns the dense attention (recall before/after);
 4. ``dsa-sparse``: top-k selection on, every parameter trains;
-5. ``sft``: the verified reference answers of the training tasks as assistant turns and the tool
-   episodes (V3.2 chat encoding with DSML tool calls, non-thinking);
+5. ``sft``: the verified reference answers of the training tasks as assistant turns, the tool
+   episodes (V3.2 chat encoding with DSML tool calls, non-thinking) and the thinking-mode traces;
 6. ``grpo``: GRPO on the verifier's reward with the four V3.2 stabilisers (unbiased KL, off-policy
    sequence masking, Keep Routing, Keep Sampling Mask), held-out accuracy along the way;
 7. ``eval``: greedy held-out accuracy of the pretrained, SFT and GRPO models with thinking on and
@@ -75,7 +76,9 @@ class Recipe:
     model: str  # a dsv.core preset
     family: str
     difficulty: int
-    train_tasks: int
+    train_tasks: int  # SFT's (each with and without reasoning) and GRPO's training tasks
+    pretrain_prompts: int  # how many of them pretraining reads (prompts only), so the tokenizer knows them
+    tool_traces: int
     eval_tasks: int
     pretrain_steps: int
     warmup_steps: int
@@ -114,7 +117,8 @@ class Recipe:
 PRESETS: dict[str, Recipe] = {
     # About ten minutes on two CPU cores.
     "tiny": Recipe(
-        model="tiny", family="rg:aiw", difficulty=1, train_tasks=400, eval_tasks=100, pretrain_steps=300,
+        model="tiny", family="rg:aiw", difficulty=1, train_tasks=400, pretrain_prompts=400, tool_traces=100,
+        eval_tasks=100, pretrain_steps=300,
         warmup_steps=100, sparse_steps=60, sft_steps=60, grpo_steps=30, micro_batch=8, seq_len=128, sft_micro_batch=4,
         sft_seq_len=1024, sft_lr=3e-3,
         grpo_lr=1e-3, prompts=8, group_size=8, answer_tokens=8, thinking_tokens=32, grpo_eval_every=10,
@@ -122,7 +126,8 @@ PRESETS: dict[str, Recipe] = {
     ),
     # The GPU recipe: the ~250M-parameter preset, longer stages.
     "small": Recipe(
-        model="small", family="rg:aiw", difficulty=1, train_tasks=2000, eval_tasks=200, pretrain_steps=2000,
+        model="small", family="rg:aiw", difficulty=1, train_tasks=2000, pretrain_prompts=2000, tool_traces=500,
+        eval_tasks=200, pretrain_steps=2000,
         warmup_steps=300, sparse_steps=300, sft_steps=400, grpo_steps=100, micro_batch=16, seq_len=256,
         sft_micro_batch=16, sft_seq_len=1024, sft_lr=3e-4, grpo_lr=1e-5, prompts=16, group_size=8, answer_tokens=16, thinking_tokens=64,
         grpo_eval_every=20, contexts=(1024, 2048, 4096, 8192, 16384),
@@ -165,8 +170,12 @@ def _record(run: _Run, stage: str, seconds: float, tokens_per_second: float | No
     return rec
 
 
-def _train_settings(run: _Run) -> dict[str, Any]:
-    return {"progress": run.progress, "tensorboard": False, "seed": run.seed, "resume": True, "keep_last": 1}
+def _train_settings(run: _Run, stage: str) -> dict[str, Any]:
+    from dsv.train.trainer import list_checkpoints
+
+    # Resume only where an interrupted run left checkpoints: a first run starts quietly at step 0.
+    resume = (run.out / stage).is_dir() and bool(list_checkpoints(run.out / stage))
+    return {"progress": run.progress, "tensorboard": False, "seed": run.seed, "resume": resume, "keep_last": 1}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -183,24 +192,51 @@ def _stage_synth(run: _Run) -> dict[str, Any]:
     # The held-out set is GRPO's own (seeds no training stage draws), so every stage is scored alike.
     held = TaskSource([r.family], seed=run.seed, difficulty=r.difficulty).held_out(r.eval_tasks)
     write_tasks(run.out / "tasks" / "train.jsonl", train_tasks)
+    write_tasks(run.out / "tasks" / "pretrain_prompts.jsonl", train_tasks[: r.pretrain_prompts])
     write_tasks(run.out / "tasks" / "held_out.jsonl", held)
-    traces = _tool_traces(r.train_tasks // 4)
-    from dsv.core.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(run.out / "tasks" / "tool_traces.jsonl", "".join(json.dumps(x) + "\n" for x in traces).encode())
+    traces = _tool_traces(r.tool_traces)
     env = registry.get(r.family)
+    thoughts = _reasoning_traces(env, train_tasks)
+    _write_jsonl(run.out / "tasks" / "tool_traces.jsonl", traces)
+    _write_jsonl(run.out / "tasks" / "reasoning_traces.jsonl", thoughts)
     answers = Counter(str(env.solve(t)) for t in held)
     top, n = answers.most_common(1)[0]
     seconds = time.perf_counter() - t0
     figures = {"family": r.family, "train_tasks": len(train_tasks), "held_out_tasks": len(held), "tool_traces": len(traces),
-               "constant_answer": top, "constant_answer_accuracy": n / len(held), "distinct_answers": len(answers)}  # fmt: skip
+               "reasoning_traces": len(thoughts), "constant_answer": top, "constant_answer_accuracy": n / len(held),
+               "distinct_answers": len(answers)}  # fmt: skip
     outcome = (f"{len(train_tasks)} training + {len(held)} held-out {r.family} tasks; the best constant answer "
-               f"({top}) passes {n / len(held):.0%} of the held-out ones; {len(traces)} solved arithmetic traces "
-               "with a calculator call")  # fmt: skip
+               f"({top}) passes {n / len(held):.0%} of the held-out ones; {len(thoughts)} solved traces with "
+               f"reasoning, {len(traces)} solved arithmetic traces with a calculator call")  # fmt: skip
     return _record(run, "synth", seconds, None, outcome, figures)
 
 
 TOOL_FAMILY = "arithmetic"
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    from dsv.core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(x) + "\n" for x in records).encode())
+
+
+def _reasoning_traces(env: Any, tasks: list[Any]) -> list[dict[str, Any]]:
+    """Thinking-mode SFT conversations: the family's worked reasoning, then the reference answer,
+    kept only when the verifier passes that answer (the same answers the task file trains without
+    reasoning, so one run teaches both modes)."""
+    from dsv.train.data import answer_text
+
+    out = []
+    for t in tasks:
+        thought = env.reasoning(t)
+        answer = answer_text(env.solve(t))
+        if thought is None or not env.verify(t, env.parse_answer(answer)).passed:
+            continue
+        out.append({"messages": [
+            {"role": "user", "content": f"{t.prompt}\n\n{t.answer_format}".strip()},
+            {"role": "assistant", "reasoning_content": thought, "content": answer},
+        ], "thinking": True})  # fmt: skip
+    return out
 
 
 def _tool_traces(n: int) -> list[dict[str, Any]]:
@@ -235,19 +271,23 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
     steps = {"pretrain": r.pretrain_steps, "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps, "sft": r.sft_steps}
     # A checkpoint every quarter of the stage: what an interrupted run continues from.
     common = dict(out=run.out / stage, micro_batch_size=r.micro_batch, seq_len=r.seq_len, steps=steps[stage],
-                  save_every=max(10, steps[stage] // 4), **_train_settings(run))  # fmt: skip
+                  save_every=max(10, steps[stage] // 4), **_train_settings(run, stage))  # fmt: skip
     train_file = str(run.out / "tasks" / "train.jsonl")
+    prompts = str(run.out / "tasks" / "pretrain_prompts.jsonl")
     if stage == "pretrain":
-        cfg = TrainConfig(stage="pretrain", model=r.model, data=["default", train_file], attention="dense",
+        cfg = TrainConfig(stage="pretrain", model=r.model, data=["default", prompts], attention="dense",
                           **common)  # fmt: skip
     elif stage in ("dsa-warmup", "dsa-sparse"):
         # The task prompts beside the corpus: the indexer learns which keys the answers need.
         before = "pretrain" if stage == "dsa-warmup" else "dsa-warmup"
-        cfg = TrainConfig(stage=stage, model=str(run.final(before)), data=["default", train_file], **common)
+        cfg = TrainConfig(stage=stage, model=str(run.final(before)), data=["default", prompts], **common)
     else:
         common.update(micro_batch_size=r.sft_micro_batch, seq_len=r.sft_seq_len)
-        traces = str(run.out / "tasks" / "tool_traces.jsonl")
-        cfg = TrainConfig(stage="sft", model=str(run.final("dsa-sparse")), data=[train_file, traces], thinking=False,
+        tasks = run.out / "tasks"
+        data = [train_file, str(tasks / "tool_traces.jsonl")]
+        if (run.done("synth") or {}).get("figures", {}).get("reasoning_traces"):
+            data.append(str(tasks / "reasoning_traces.jsonl"))
+        cfg = TrainConfig(stage="sft", model=str(run.final("dsa-sparse")), data=data, thinking=False,
                           lr=r.sft_lr, schedule="constant", warmup_steps=max(1, r.sft_steps // 10), weight_decay=0.0,
                           **common)  # fmt: skip
     s = train(cfg)
@@ -414,7 +454,7 @@ def _stage_bench(run: _Run) -> dict[str, Any]:
                 cache._offsets.fill_(ctx)
                 model(token, cache=cache, use_sparse=sparse)
 
-            t = median_times({"dense": lambda: step(False), "dsa": lambda: step(True)}, 5)
+            t = median_times({"dense": lambda: step(False), "dsa": lambda: step(True)}, 21, warmup=3)
             rows.append({"context": ctx, "dense_ms": t["dense"] * 1e3, "dsa_ms": t["dsa"] * 1e3})
     seconds = time.perf_counter() - t0
     last = rows[-1]
@@ -478,7 +518,7 @@ def _stage_serve(run: _Run) -> dict[str, Any]:
         t1 = time.perf_counter()
         # tool_choice "required": the server forces the opening of a call and the model writes its arguments.
         first = client.chat.completions.create(model="quickstart", messages=messages, tools=_TOOLS,
-                                               tool_choice="required", max_tokens=48, temperature=0)  # type: ignore[arg-type]  # fmt: skip
+                                               tool_choice="required", max_tokens=160, temperature=0)  # type: ignore[arg-type]  # fmt: skip
         msg = first.choices[0].message
         calls = msg.tool_calls or []
         assistant = {"role": "assistant", "content": msg.content or "",
@@ -630,6 +670,19 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _family_note(family: str, syn: dict[str, Any]) -> str:
+    """Why the recipe trains on ``family`` and what guessing scores on it."""
+    const = (f"The most frequent held-out answer (`{syn.get('constant_answer', '-')}`) passes "
+             f"{_fmt(syn.get('constant_answer_accuracy'), '.0%')} of the {syn.get('held_out_tasks', '-')} held-out "
+             "tasks, so a constant answer does not solve it.")  # fmt: skip
+    if family != "rg:aiw":
+        return f"`{family}`. {const}"
+    return (f"`{family}`: reasoning-gym's \"Alice in Wonderland\" questions (how many sisters/friends does a "
+            "brother/friend of Alice have): exact small-integer answers that need the numbers of the question. "
+            f"{const} It is chosen because its answers are a few tokens (so GRPO's rollouts are cheap on a CPU) "
+            "and the verifier is exact.")  # fmt: skip
+
+
 def write_report(run: _Run) -> Path:
     """Write ``OUT/report.md`` (and its PNGs) from the stage records present; returns its path."""
     from dsv.core.checkpoint import atomic_write_bytes
@@ -657,13 +710,7 @@ def write_report(run: _Run) -> Path:
     lines += [f"| **total** | {total:.0f} s ({total / 60:.1f} min) | | |", ""]
 
     syn = fig.get("synth", {})
-    lines += ["## The task family", "",
-              f"`{r.family}`: reasoning-gym's \"Alice in Wonderland\" questions (how many sisters/friends does a "
-              "brother/friend of Alice have): exact small-integer answers that need the numbers of the question. "
-              "A constant answer does not solve it: the most frequent held-out answer "
-              f"(`{syn.get('constant_answer', '-')}`) passes {_fmt(syn.get('constant_answer_accuracy'), '.0%')} of the "
-              f"{syn.get('held_out_tasks', '-')} held-out tasks. It is chosen because its answers are a few tokens "
-              "(so GRPO's rollouts are cheap on a CPU) and the verifier is exact.", ""]  # fmt: skip
+    lines += ["## The task family", "", _family_note(r.family, syn), ""]
     if "loss" in pngs:
         lines += ["## Loss curves", "", f"![loss curves]({pngs['loss']})", ""]
     w = fig.get("dsa-warmup", {})
@@ -690,8 +737,12 @@ def write_report(run: _Run) -> Path:
                          f"| {on['mean_output_tokens']:.1f} |")  # fmt: skip
         share = ev.get("grpo_share_of_gain")
         lines += ["", f"Gain over the pretrained model (thinking off): {ev['gain_over_pretrained'] * 100:+.0f} points; "
-                  f"GRPO's share of it over SFT alone: {_fmt(share, '.0%')}. The SFT data has no reasoning, so thinking "
-                  f"mode (budget {r.thinking_tokens} tokens) is scored as it is, untrained.", ""]  # fmt: skip
+                  f"GRPO's share of it over SFT alone: {_fmt(share, '.0%')}. "
+                  + (f"Thinking mode (budget {r.thinking_tokens} tokens) answers after the family's worked reasoning, "
+                     "which the SFT data teaches; GRPO trains the answers without thinking."
+                     if fig.get("synth", {}).get("reasoning_traces") else
+                     f"The family has no scripted reasoning, so the SFT data has none and thinking mode (budget "
+                     f"{r.thinking_tokens} tokens) is scored as it is, untrained."), ""]  # fmt: skip
         if "accuracy" in pngs:
             lines += [f"![accuracy vs output tokens]({pngs['accuracy']})", ""]
     b = fig.get("bench", {})
