@@ -163,6 +163,21 @@ class ChatMessage(_Base):
     tool_call_id: str | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # Name the part a text-only model cannot take, rather than pydantic's union mismatch.
+        if isinstance(value, list):
+            for j, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported_content",
+                        f"part {j} is `{kind}`: this model takes text only (images, audio and files are not "
+                        "supported); send text parts",
+                    )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:
         if self.role in ("user", "developer") and self.content is None:

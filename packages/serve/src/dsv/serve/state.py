@@ -38,6 +38,7 @@ from dsv.serve.grammar import (
 from dsv.serve.metrics import Metrics
 from dsv.serve.schemas import APIError
 from dsv.serve.streaming import Extras
+from dsv.serve.tool_grammar import Start, tool_call_grammar
 
 __all__ = ["ServerSettings", "ServerState"]
 
@@ -215,6 +216,27 @@ class ServerState:
         except GrammarError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="unsupported_schema") from None
         return grammar
+
+    def tool_grammar(self, tools: list[dict[str, Any]], name: str | None, start: Start, several: bool) -> str:
+        """The grammar of a forced call (:func:`dsv.serve.tool_grammar.tool_call_grammar`); a 400
+        naming the tool whose parameter schema cannot be enforced."""
+        def build(subset: list[dict[str, Any]], only: str | None) -> str:
+            grammar = lark_grammar(tool_call_grammar(subset, self.backend.templates, name=only, start=start,
+                                                     several=several))  # fmt: skip
+            check_grammar(grammar)
+            return grammar
+
+        try:
+            return build(tools, name)
+        except (GrammarError, ValueError) as e:
+            # Name the tool at fault: a client with many tools cannot guess which schema it is.
+            for tool in tools if name is None else [t for t in tools if t["function"]["name"] == name]:
+                try:
+                    build([tool], tool["function"]["name"])
+                except (GrammarError, ValueError) as inner:
+                    raise APIError(400, f"tools: the parameters of `{tool['function']['name']}` cannot be "
+                                   f"enforced: {inner}", param="tools", code="unsupported_schema") from None  # fmt: skip
+            raise APIError(400, f"tools: cannot be enforced: {e}", param="tools", code="unsupported_schema") from None
 
     def extras(self, req: Any, thinking: bool = False) -> Extras:
         """What a choice of ``req`` asks of the backend and text layer beyond ``GenParams``."""

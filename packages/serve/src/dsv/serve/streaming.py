@@ -26,6 +26,7 @@ from dsv.core.chat import ChatDelta, StreamParser
 from dsv.serve.backend import Backend, TokenLogprob
 from dsv.serve.engine import GenParams
 from dsv.serve.schemas import APIError
+from dsv.serve.tool_grammar import partial_call
 
 if TYPE_CHECKING:
     from dsv.serve.state import ServerState
@@ -125,6 +126,7 @@ async def run_choice(
     reasoning, thinking = 0, extras.thinking
     end_ids = srv.backend.encode(srv.backend.templates.thinking_end_token) if thinking else []
     end_id = end_ids[0] if len(end_ids) == 1 else None
+    seen, calls = forced, 0  # the turn's text so far and its calls, for a call the limit cuts
     try:
         if forced and parser is not None:
             await out.put(ChoiceEvent(index, parser.feed(forced), "", []))
@@ -170,10 +172,17 @@ async def run_choice(
                 if parser is not None:
                     deltas += parser.finish()
                 finish = "stop" if scanner.stopped else piece.finish_reason
+                if parser is not None and finish == "length":
+                    # The parser drops a call the limit cut; return what it holds instead.
+                    cut = partial_call(seen + text, srv.backend.templates, index=calls, id_prefix=parser.id_prefix)
+                    if cut is not None:
+                        deltas.append(cut)
                 used = piece.completion_tokens if piece.finish_reason is not None else generated
                 await out.put(ChoiceEvent(index, deltas, text, piece.logprobs, finish, piece.prompt_tokens,
                                            used, piece.error, min(reasoning, used), piece.cached_tokens))  # fmt: skip
                 return
+            seen += text
+            calls += sum(d.kind == "tool_call" for d in deltas)
             await out.put(ChoiceEvent(index, deltas, text, piece.logprobs))
     finally:
         srv.metrics.finished.labels(finish or "cancelled").inc()

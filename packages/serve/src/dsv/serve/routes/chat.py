@@ -5,14 +5,17 @@ Thinking is switched per request as the DeepSeek API does (``"thinking": {"type"
 "enabled"|"disabled"}``), as vLLM does (``chat_template_kwargs: {"thinking": bool}``) or by the
 model alias ``<name>-reasoner``; as in DeepSeek's API, ``logprobs`` is refused in thinking mode.
 
-``tool_choice`` with a named function is forced decoding the server really does. In chat mode
-the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>\\n<｜DSML｜invoke
-name="NAME">\\n``), which is appended to the prompt and fed to the parser first; the model writes the
-parameters and closes the call. ``"required"`` forces the same opening, up to ``name="`` when there
-are several tools: the model then writes the name, constrained by the native engine to the listed
-ones (``GenParams.prefix_choices``; with ``--engine vllm|sglang`` the name is left to the model).
-In thinking mode the model reasons first, and the native engine constrains what follows its
-``</think>`` to that opening (``prefix_after``). ``"none"`` leaves the tools out of the prompt.
+``tool_choice`` with a named function or ``"required"`` is forced decoding the server really does.
+In chat mode the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>
+\\n<｜DSML｜invoke name="NAME">\\n``, up to ``name="`` when the model picks among several tools),
+which is appended to the prompt and fed to the parser first. The native engine then decodes the
+rest of the call under a grammar (:mod:`dsv.serve.tool_grammar`): a listed name, the parameters
+as the V3.2 encoding writes them, valid under each function's schema, and the closing tags, so a
+forced request always returns ``tool_calls``. In thinking mode the model reasons first and the
+grammar, opening included, starts after its ``</think>``. A call that ``max_tokens`` cuts is
+returned with what was written and ``finish_reason: "length"`` (as OpenAI does). With
+``--engine vllm|sglang`` only the opening is forced; the rest is the model's. ``"none"`` leaves the tools out of the prompt. Content parts other than
+text are a 400 naming the message and part.
 
 Structured outputs (``response_format`` ``json_object``/``json_schema``, vLLM's ``guided_*`` and
 ``structured_outputs``) are a grammar the native engine enforces token by token
@@ -31,6 +34,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from dsv.core.chat import StreamParser
+from dsv.serve.backend import LocalBackend
 from dsv.serve.schemas import APIError, ChatCompletionRequest, error_body
 from dsv.serve.state import ServerState
 from dsv.serve.streaming import ChoiceEvent, chat_logprob, fan_in, run_choice, tracked, usage
@@ -81,6 +85,13 @@ async def chat(request: Request) -> Any:
         names = [forced_call] if forced_call else [tool["function"]["name"] for tool in tools]
         if not thinking:
             forced = opening + (f'{forced_call}">\n' if forced_call else "")
+        if isinstance(srv.backend, LocalBackend):
+            # The native engine decodes the rest of the call under its grammar (parameters
+            # included), from `</think>` on in thinking mode.
+            start = "block" if thinking else ("params" if forced_call else "name")
+            grammar = srv.tool_grammar(tools, forced_call or None, start, several=bool(req.parallel_tool_calls)
+                                       and not forced_call)  # fmt: skip
+        elif not thinking:
             choices = () if forced_call else tuple(tuple(srv.backend.encode(f'{n}"')) for n in names)
         else:
             choices = tuple(tuple(srv.backend.encode(f'{opening}{n}"')) for n in names)
