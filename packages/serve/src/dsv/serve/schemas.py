@@ -433,3 +433,74 @@ class TokenizeRequest(_Base):
 class DetokenizeRequest(_Base):
     model: str | None = None
     tokens: list[int]
+
+
+# ---------------------------------------------------------------- the Responses API
+IGNORED_RESPONSES = frozenset({
+    "user", "service_tier", "prompt_cache_key", "safety_identifier", "include", "truncation", "top_logprobs",
+    "stream_options", "max_tool_calls", "prompt_cache_retention",
+})  # fmt: skip
+
+
+class ResponseTool(_Base):
+    """A function tool as the Responses API writes it (flat: no ``function`` wrapper)."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _function(self) -> ResponseTool:
+        if self.type != "function":
+            raise PydanticCustomError(
+                "unsupported_tool", f"tools of type `{self.type}` are not supported; dsv serve takes function tools"
+            )
+        if not self.name:
+            raise PydanticCustomError("missing_name", "a function tool needs a name")
+        return self
+
+
+class ResponseReasoning(_Base):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesRequest(_Base):
+    """``POST /v1/responses``: what dsv takes of OpenAI's Responses API (text and function tools)."""
+
+    model: str
+    input: str | list[dict[str, Any]] = Field(default="")
+    instructions: str | None = None
+    tools: list[ResponseTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    previous_response_id: str | None = None
+    reasoning: ResponseReasoning | None = None
+    text: dict[str, Any] | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    background: bool = False
+    conversation: Any = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields(cls, obj: Any, info: ValidationInfo) -> Any:
+        return _check_fields(cls, obj, IGNORED_RESPONSES, info)
+
+    @model_validator(mode="after")
+    def _supported(self) -> ResponsesRequest:
+        if self.background:
+            raise PydanticCustomError("unsupported_field", "background: not supported by dsv serve; leave it out",
+                                      {"field": "background"})  # fmt: skip
+        if self.conversation is not None:
+            raise PydanticCustomError("unsupported_field", "conversation: not supported by dsv serve; use "
+                                      "previous_response_id", {"field": "conversation"})  # fmt: skip
+        return self

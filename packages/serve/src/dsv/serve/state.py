@@ -13,7 +13,8 @@ Run the checks: ``pytest packages/serve/tests``.
 from __future__ import annotations
 
 import json
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from dsv.serve.schemas import APIError
 from dsv.serve.streaming import Extras
 from dsv.serve.tool_grammar import Start, tool_call_grammar
 
-__all__ = ["ServerSettings", "ServerState"]
+__all__ = ["ResponseStore", "ServerSettings", "ServerState"]
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,9 @@ class ServerSettings:
     stats_interval_s: float = 0.0
     # Accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400.
     allow_unknown_fields: bool = False
+    # Responses kept for ``previous_response_id`` (``store: true``): at most this many, this long.
+    responses_kept: int = 1024
+    responses_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_tokens_limit", "default_max_tokens", "max_in_flight"):
@@ -72,6 +76,34 @@ class ServerSettings:
             raise ValueError(f"stats_interval_s must be >= 0 (0 turns it off), got {self.stats_interval_s}")
 
 
+class ResponseStore:
+    """Stored Responses (for ``previous_response_id`` and ``GET /v1/responses/{id}``), bounded in
+    number (the oldest goes first) and in age; in memory, so a restart forgets them."""
+
+    def __init__(self, kept: int, ttl_s: float) -> None:
+        self.kept, self.ttl_s = kept, ttl_s
+        self._items: OrderedDict[str, tuple[float, dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def put(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        """Keep ``response`` and the conversation it ends (chat messages, its own output included)."""
+        self._items[response["id"]] = (time.monotonic(), response, messages)
+        while len(self._items) > self.kept:
+            self._items.popitem(last=False)
+
+    def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The response and its conversation, None when unknown or expired."""
+        item = self._items.get(rid)
+        if item is None:
+            return None
+        if time.monotonic() - item[0] > self.ttl_s:
+            del self._items[rid]
+            return None
+        return item[1], item[2]
+
+    def delete(self, rid: str) -> bool:
+        return self._items.pop(rid, None) is not None
+
+
 class ServerState:
     """One server's backend, settings and metrics, its in-flight requests and the request helpers."""
 
@@ -82,6 +114,7 @@ class ServerState:
         self.draining = False
         # (time, tokens) of recent output, for dsv_tokens_per_second
         self.tps_window: deque[tuple[float, int]] = deque(maxlen=512)
+        self.responses = ResponseStore(settings.responses_kept, settings.responses_ttl_s)
 
     async def read_json(self, request: Request, model: type) -> Any:
         """The body validated as ``model``; a 400/413 in the OpenAI shape naming what is wrong."""

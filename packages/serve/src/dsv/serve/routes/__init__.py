@@ -8,6 +8,7 @@
 - :mod:`.tokenizer_info`: ``/tokenizer_info`` (vLLM's; lm-eval tokenizes through the server with it)
 - :mod:`.chat`: ``/v1/chat/completions``
 - :mod:`.completions`: ``/v1/completions``
+- :mod:`.responses`: ``/v1/responses`` (OpenAI's Responses API on the chat path)
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ def server(request: Request) -> object:
 
 
 def _routers() -> list[APIRouter]:
-    from dsv.serve.routes import chat, completions, models, monitoring, tokenize, tokenizer_info
+    from dsv.serve.routes import chat, completions, models, monitoring, responses, tokenize, tokenizer_info
 
     return [monitoring.router, models.router, tokenize.router, tokenizer_info.router, chat.router,
-            completions.router]  # fmt: skip
+            completions.router, responses.router]  # fmt: skip
 
 
 ROUTERS = _routers

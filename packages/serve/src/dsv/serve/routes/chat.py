@@ -28,6 +28,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -46,6 +47,32 @@ router = APIRouter()
 async def chat(request: Request) -> Any:
     srv: ServerState = request.app.state.server
     req: ChatCompletionRequest = await srv.read_json(request, ChatCompletionRequest)
+    run = prepare(srv, req)
+    created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
+    srv.in_flight += 1
+    if req.stream:
+        return StreamingResponse(
+            tracked(srv, chat_stream(srv, request, req, run.jobs, rid, created, run.prompt_tokens)),
+            media_type="text/event-stream",
+        )
+    try:
+        return await chat_full(srv, request, req, run.jobs, rid, created, run.prompt_tokens)
+    finally:
+        srv.in_flight -= 1
+
+
+@dataclass
+class ChatRun:
+    """A validated chat request ready to generate: one job per choice (for :func:`fan_in`)."""
+
+    jobs: list[Any]
+    prompt_tokens: int
+    thinking: bool
+
+
+def prepare(srv: ServerState, req: ChatCompletionRequest) -> ChatRun:
+    """Validate ``req`` against the model, encode its prompt, admit it and build its choices' jobs
+    (the Responses API generates through this too)."""
     alias = srv.resolve_model(req.model)
     srv.check_token_ids("logit_bias", (t for t, _ in req.bias()))
     srv.check_token_ids("stop_token_ids", req.stop_token_ids or ())
@@ -105,7 +132,6 @@ async def chat(request: Request) -> Any:
     top = (req.top_logprobs or 1) if req.logprobs else 0
     srv.admit()
     srv.metrics.prompt(prompt_tokens)
-    created, rid = int(time.time()), f"chatcmpl-{secrets.token_hex(12)}"
     prefix = f"call_{secrets.token_hex(6)}"
 
     # In thinking mode the reasoning stays free: the grammar starts after `</think>`.
@@ -119,17 +145,7 @@ async def chat(request: Request) -> Any:
             one_call=not req.parallel_tool_calls,
         )  # fmt: skip
 
-    jobs = [job(i) for i in range(req.n)]
-    srv.in_flight += 1
-    if req.stream:
-        return StreamingResponse(
-            tracked(srv, chat_stream(srv, request, req, jobs, rid, created, prompt_tokens)),
-            media_type="text/event-stream",
-        )
-    try:
-        return await chat_full(srv, request, req, jobs, rid, created, prompt_tokens)
-    finally:
-        srv.in_flight -= 1
+    return ChatRun([job(i) for i in range(req.n)], prompt_tokens, thinking)
 
 
 def finish_reason(reason: str | None, calls: bool) -> str:
