@@ -226,3 +226,57 @@ def test_images_audio_and_files_are_refused_by_name(server: Any) -> None:
         err = r.json()["error"]
         assert err["param"] == "messages.1.content"
         assert f"part 1 is `{part['type']}`" in err["message"] and "text only" in err["message"], err
+
+
+def test_strict_tools_in_auto_mode_constrain_a_call_the_model_starts(tiny_ckpt: Path) -> None:
+    # Free text, or text and then a call: a strict tool's call follows its schema, a non-strict
+    # tool's parameters are free.
+    from dsv.core.chat import encode_tool_calls
+    from dsv.core.tokenizer import Tokenizer
+    from dsv.serve.grammar import GrammarVocab, Matcher
+
+    t, tok = Templates(), Tokenizer.load(tiny_ckpt)
+    vocab = GrammarVocab.from_tokenizer(tok)
+    strict = _tool("f", {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    loose = {"type": "function", "function": {"name": "g"}}
+    grammar = lark_grammar(tool_call_grammar([strict, loose], t, start="auto", several=True))
+    check_grammar(grammar)
+
+    def accepts(text: str) -> bool:
+        m = Matcher(vocab, grammar)
+        return all(m.consume(i) for i in tok.encode(text, add_bos=False)) and m.consume(tok.eos_id)
+
+    def call(name: str, args: dict[str, Any]) -> str:
+        return encode_tool_calls([{"type": "function", "function": {"name": name, "arguments": args}}], t)
+
+    assert accepts("Just text, <b>markup</b> too.")
+    assert accepts("Let me look." + call("f", {"n": 3})) and accepts(call("g", {"anything": [1, "x"]}))
+    assert not accepts("Let me look." + call("f", {"n": "three"}))
+    assert not accepts(call("f", {})) and not accepts(call("h", {"n": 1}))
+
+
+def test_strict_tools_in_auto_mode_through_the_api(
+    tiny_ckpt: Path, live_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsv.serve import load_native_app
+    from dsv.serve.engine import Engine, GenParams
+
+    seen: list[GenParams] = []
+    real_submit = Engine.submit
+
+    def submit(self: Engine, prompt: list[int], params: GenParams, on_event: Any) -> int:
+        seen.append(params)
+        return real_submit(self, prompt, params, on_event)
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    app = load_native_app(str(tiny_ckpt), model_name="dsv-tiny", max_model_len=4096, engine_process=False)
+    tool = _tool("f", {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    with live_server(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        kw: dict[str, Any] = {"model": "dsv-tiny", "messages": ASK, "temperature": 1.0, "seed": 0, "max_tokens": 24}
+        free = client.chat.completions.create(tools=[tool], **kw)
+        strict = client.chat.completions.create(tools=[{**tool, "function": {**tool["function"], "strict": True}}],
+                                                **kw)  # fmt: skip
+    assert not seen[0].grammar and seen[1].grammar, "only strict tools constrain an auto request"
+    # Text stays free: the random model writes text either way.
+    assert free.choices[0].message.content and strict.choices[0].message.content

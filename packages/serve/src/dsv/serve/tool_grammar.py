@@ -7,11 +7,12 @@ the V3.2 encoding writes them (:func:`dsv.core.chat.encode_tool_calls`: a string
 text marked ``string="true"``, every other value compact JSON marked ``string="false"``, checked
 against the parameter's JSON schema with an embedded ``%json``), and the closing tags, after which
 only EOS is allowed. So even a random-weight model returns a call that parses and validates, as
-long as ``max_tokens`` leaves room for it.
+long as ``max_tokens`` leaves room for it. With ``tool_choice: "auto"`` and ``strict`` tools the same
+grammar constrains a call the model chooses to start (``start="auto"``); text stays free.
 
 Parameters follow the schema's ``properties`` in their declared order: required ones always,
 optional ones present or not; properties outside ``properties`` are not written (a schema without
-``properties`` takes any names). A string parameter with ``pattern`` or ``format`` is written as a
+``properties`` takes any names; one without ``parameters`` any parameters). A string parameter with ``pattern`` or ``format`` is written as a
 JSON string (``string="false"``), which the parser reads back as the same string. Root ``$defs``
 travel into every embedded schema so ``$ref`` resolves.
 
@@ -37,7 +38,8 @@ __all__ = ["partial_call", "tool_call_grammar"]
 # Where the grammar starts: at the block opening (thinking mode: after `</think>`), after
 # `name="` (the prompt ends there when the model picks among several tools) or after the whole
 # invoke opening of a named function.
-Start = Literal["block", "name", "params"]
+# ``auto``: free text, or text and then calls (``tool_choice: auto`` with ``strict`` tools).
+Start = Literal["block", "name", "params", "auto"]
 
 
 def _lit(text: str) -> str:
@@ -154,7 +156,8 @@ def tool_call_grammar(
     start: Start = "block", several: bool = False,
 ) -> str:  # fmt: skip
     """The Lark grammar of a forced DSML call of ``name`` (any of ``tools`` when None), from
-    ``start`` on; ``several`` lets more invokes follow the first (``parallel_tool_calls``).
+    ``start`` on; ``several`` lets more invokes follow the first (``parallel_tool_calls``). With
+    ``start="auto"`` the call is not forced: the output is free text, or text and then calls.
 
     ``tools`` are OpenAI function tools (``{"type": "function", "function": {...}}``). The text
     goes through :func:`dsv.serve.grammar.lark_grammar` before the engine takes it.
@@ -180,6 +183,12 @@ def tool_call_grammar(
         head = f"{params_of[name]} {invoke_close}"
     elif start == "name":
         head = "call"
+    elif start == "auto":
+        # Text that never opens a call, or text up to the opening of one (a lazy lexeme that ends
+        # there) and the call under the schemas.
+        opening = f"{t.tool_calls_start}>\n<{d}invoke name=" + chr(34)
+        b.rules += ["TEXT: /(?s:.*)/", f"prose[suffix={_lit(opening)}]: /(?s:.*)/"]
+        return "\n".join([f"start: TEXT | prose call{tail}", *b.rules])
     else:
         head = f"{_lit(t.tool_calls_start + '>' + chr(10))} invoke"
     return "\n".join([f"start: {head}{tail}", *b.rules])

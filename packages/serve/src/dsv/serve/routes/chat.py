@@ -14,7 +14,10 @@ as the V3.2 encoding writes them, valid under each function's schema, and the cl
 forced request always returns ``tool_calls``. In thinking mode the model reasons first and the
 grammar, opening included, starts after its ``</think>``. A call that ``max_tokens`` cuts is
 returned with what was written and ``finish_reason: "length"`` (as OpenAI does). With
-``--engine vllm|sglang`` only the opening is forced; the rest is the model's. ``"none"`` leaves the tools out of the prompt. Content parts other than
+``--engine vllm|sglang`` only the opening is forced; the rest is the model's. With ``"auto"`` and ``strict: true`` tools the native engine lets the
+model write text or a call, and a call it starts follows the strict tools' schemas (the same
+grammar, :func:`~dsv.serve.tool_grammar.tool_call_grammar` with ``start="auto"``). ``"none"`` leaves
+the tools out of the prompt. Content parts other than
 text are a 400 naming the message and part.
 
 Structured outputs (``response_format`` ``json_object``/``json_schema``, vLLM's ``guided_*`` and
@@ -123,6 +126,13 @@ def prepare(srv: ServerState, req: ChatCompletionRequest) -> ChatRun:
         else:
             choices = tuple(tuple(srv.backend.encode(f'{opening}{n}"')) for n in names)
             after = tuple(srv.backend.encode(t.thinking_end_token))
+    elif (tools and req.tool_choice in (None, "auto") and not grammar and isinstance(srv.backend, LocalBackend)
+          and any(tool["function"].get("strict") for tool in tools)):  # fmt: skip
+        # `strict` tools in auto mode: a call the model starts follows their schemas; the other
+        # tools' parameters stay free, and so does text.
+        shaped = [tool if tool["function"].get("strict") else {"type": "function", "function": {
+            "name": tool["function"]["name"]}} for tool in tools]  # fmt: skip
+        grammar = srv.tool_grammar(shaped, None, "auto", several=bool(req.parallel_tool_calls))
     render_tools = tools if req.tool_choice != "none" else None
     rf = req.response_format
     schema = rf.json_schema if rf is not None and rf.type == "json_schema" else None
