@@ -170,3 +170,27 @@ def test_forced_call_on_random_weights(tiny_ckpt: Path, live_server: Any) -> Non
             done = streamed[-1].response  # type: ignore[union-attr]
             (scall,) = [i for i in done.output if i.type == "function_call"]
             assert (scall.name, json.loads(scall.arguments)) == (call.name, args)
+
+
+def test_named_tool_choice_and_text_format(tiny_ckpt: Path, live_server: Any) -> None:
+    import jsonschema
+
+    from dsv.serve import load_native_app
+
+    app = load_native_app(str(tiny_ckpt), model_name="dsv-tiny", max_model_len=4096, engine_process=False)
+    pick = {"type": "function", "name": "pick", "parameters": {"type": "object", "properties": {
+        "ok": {"type": "boolean"}}, "required": ["ok"]}}  # fmt: skip
+    other = {"type": "function", "name": "other", "parameters": {"type": "object", "properties": {}}}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 5}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    with live_server(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        out = client.responses.create(model="dsv-tiny", input="go", tools=[other, pick],  # type: ignore[list-item]
+                                      tool_choice={"type": "function", "name": "pick"}, max_output_tokens=300)  # fmt: skip
+        assert [(i.name, json.loads(i.arguments)["ok"] in (True, False)) for i in out.output
+                if i.type == "function_call"] == [("pick", True)]  # fmt: skip
+        js = client.responses.create(model="dsv-tiny", input="a number", max_output_tokens=100,
+                                     text={"format": {"type": "json_schema", "name": "n", "schema": schema}})  # fmt: skip
+        jsonschema.validate(json.loads(js.output_text), schema)
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            client.responses.create(model="dsv-tiny", input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
