@@ -170,6 +170,11 @@ def test_forced_call_on_random_weights(tiny_ckpt: Path, live_server: Any) -> Non
             done = streamed[-1].response  # type: ignore[union-attr]
             (scall,) = [i for i in done.output if i.type == "function_call"]
             assert (scall.name, json.loads(scall.arguments)) == (call.name, args)
+            assert [e.type for e in streamed] == [
+                "response.created", "response.in_progress", "response.output_item.added",
+                "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                "response.output_item.done", "response.completed"]  # fmt: skip
+            assert streamed[2].item.type == "function_call" and streamed[2].item.arguments == ""  # type: ignore[union-attr]
 
 
 def test_named_tool_choice_and_text_format(tiny_ckpt: Path, live_server: Any) -> None:
