@@ -227,7 +227,10 @@ class ChatScreen(Screen[None]):
         dropped_at = [
             j for j, m in enumerate(history) if m.get("role") == "assistant" and m.get("reasoning_content")
         ]
-        extra = [{"role": "assistant", "content": history[j]["reasoning_content"]} for j in dropped_at]
+        # Each dropped reasoning is counted as the growth of the prompt by one more assistant turn that
+        # carries it as reasoning (thinking mode refuses a trailing assistant turn without any).
+        extra = [{"role": "assistant", "content": "", "reasoning_content": history[j]["reasoning_content"]}
+                 for j in dropped_at]  # fmt: skip
         # count_tokens may ask the endpoint's tokenizer over HTTP: off the event loop
         counts = await asyncio.to_thread(agent.count_tokens, request + extra)
         view = context_view(
