@@ -81,8 +81,10 @@ def test_v32_index_gives_the_published_parameter_counts_fast(
         t0 = time.perf_counter()
         inv = inventory(tmp_path)
         seconds.append(time.perf_counter() - t0)
-    # measured 0.16-0.23 s on 2 busy cores (0.15 s of it is json.loads of the 92K-name index)
-    assert min(seconds) < 0.5, f"inventory of a V3.2 index took {min(seconds):.2f} s"
+    # Measured 0.16-0.23 s on 2 busy cores (0.15 s of it is json.loads of the 92K-name index); the
+    # bound only tells "read the index" from "built the model" (~20 s on meta), so a loaded CI host
+    # cannot fail it (0.54 s was seen in a full parallel run).
+    assert min(seconds) < 5.0, f"inventory of a V3.2 index took {min(seconds):.2f} s"
     # The V3 model card's split "685B = 671B main + 14B MTP" (and V3.2's 685B) is rounded so that it
     # adds up; the exact counts (V3.2: the V3 shapes plus 0.85B of indexer weights in 61 layers):
     assert (inv.parameters, inv.main, inv.mtp) == (685_355_314_688, 671_877_929_216, 13_477_385_472)
