@@ -1,6 +1,8 @@
-"""``dsv quickstart``: a reduced run through the ``dsv`` console script, every stage real.
+"""``dsv quickstart``: the recipe through the ``dsv`` console script, every stage real.
 
-The slow test runs the recipe at ``--scale 0.4`` (a few minutes on one core) and checks that the
+The slow test runs the tiny recipe at full scale (about two minutes on one core; at a smaller scale
+the answers-only SFT phase is too short for the family to be learned, and GRPO has no reward to
+raise) and checks that the
 report card's numbers are the stages' own and move the right way: indexer recall up after the
 warm-up, reward up through GRPO, the served model answering through the ``openai`` client. It then
 kills a second run with SIGKILL inside GRPO, runs it again and checks that it finishes with the same
@@ -21,10 +23,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("reasoning_gym")
 pytest.importorskip("openai")
 
-SCALE = "0.4"
+SCALE = "1"
 # Resumed vs uninterrupted: the same seeded rollouts on the same weights; float sums may differ in
 # the last bits, greedy answers not at all on one machine.
 TOLERANCE = 0.02
@@ -110,6 +111,8 @@ def test_reduced_quickstart_learns_serves_and_resumes_after_sigkill(tmp_path: Pa
             assert per[mode]["accuracy"] == pytest.approx(sum(p for p, _ in eps) / len(eps))
     # The pretrained model does not answer in the verifier's format; the trained one does, briefly.
     assert ev["pretrained"]["no_thinking"]["accuracy"] < 0.1
+    # The model learned the family: 20 points above the pretrained model (0.59 and 0.61 in the recorded run).
+    assert ev["grpo"]["no_thinking"]["accuracy"] >= ev["pretrained"]["no_thinking"]["accuracy"] + 0.2, ev
     assert ev["grpo"]["no_thinking"]["mean_output_tokens"] < ev["pretrained"]["no_thinking"]["mean_output_tokens"]
 
     rows = rec["bench"]["figures"]["rows"]

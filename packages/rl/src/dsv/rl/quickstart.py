@@ -25,9 +25,13 @@ written atomically; a stage without one runs again, and the training stages cont
 newest checkpoint, so an interrupted run (even SIGKILL) goes on where it stopped. ``--from STAGE``
 redoes that stage and the ones after it; ``--only STAGE`` runs one stage on the outputs before it.
 
-The family (``rg:aiw``, reasoning-gym's "Alice in Wonderland" questions) has small-integer answers
-that need the numbers of the question: its most frequent answer alone passes about 20% of the
-tasks (measured on the held-out set and printed in the report), so gains above that are learned.
+The family (``extremum`` at level 1: the largest of four two-digit numbers) is a comparison over
+every number of the prompt answered by copying one of them, so neither a constant answer (about 5%
+of the held-out tasks, printed in the report) nor a number copied at random (25%) solves it. It is
+chosen because a fresh tiny model learns it within the CPU budget (``tools/bench/learnability.py``:
+~1,000 steps of 16 answers), where ``lookup`` (find a key's record) needs several times more and
+``rg:aiw`` stayed near its most common answer, and because its answers are one token (cheap GRPO
+rollouts) with a running-best worked reasoning for thinking mode.
 
 Library use::
 
@@ -83,12 +87,15 @@ class Recipe:
     pretrain_steps: int
     warmup_steps: int
     sparse_steps: int
-    sft_steps: int
+    sft_chat_steps: int  # SFT phase 1: tool episodes, reasoning traces and answers in long rows
+    sft_steps: int  # SFT phase 2: the family's answers alone, in short rows
     grpo_steps: int
     micro_batch: int
     seq_len: int
     sft_micro_batch: int
     sft_seq_len: int  # a row holds a whole tool episode (its prompt carries the tool schemas: ~900 tokens)
+    answer_micro_batch: int  # SFT phase 2
+    answer_seq_len: int  # about one task per row, so a prompt's numbers are not read among other tasks'
     sft_lr: float
     grpo_lr: float
     prompts: int  # GRPO prompts per step
@@ -109,7 +116,8 @@ class Recipe:
         grpo = s(self.grpo_steps)
         return dataclasses.replace(
             self, pretrain_steps=s(self.pretrain_steps), warmup_steps=s(self.warmup_steps),
-            sparse_steps=s(self.sparse_steps), sft_steps=s(self.sft_steps), grpo_steps=grpo,
+            sparse_steps=s(self.sparse_steps), sft_chat_steps=s(self.sft_chat_steps), sft_steps=s(self.sft_steps),
+            grpo_steps=grpo,
             eval_tasks=max(16, round(self.eval_tasks * factor)), grpo_eval_every=max(1, grpo // 2),
         )  # fmt: skip
 
@@ -117,19 +125,19 @@ class Recipe:
 PRESETS: dict[str, Recipe] = {
     # About ten minutes on two CPU cores.
     "tiny": Recipe(
-        model="tiny", family="rg:aiw", difficulty=1, train_tasks=400, pretrain_prompts=400, tool_traces=100,
+        model="tiny", family="extremum", difficulty=1, train_tasks=4000, pretrain_prompts=400, tool_traces=100,
         eval_tasks=100, pretrain_steps=300,
-        warmup_steps=100, sparse_steps=60, sft_steps=60, grpo_steps=30, micro_batch=8, seq_len=128, sft_micro_batch=4,
-        sft_seq_len=1024, sft_lr=3e-3,
-        grpo_lr=1e-3, prompts=8, group_size=8, answer_tokens=8, thinking_tokens=32, grpo_eval_every=10,
+        warmup_steps=100, sparse_steps=60, sft_chat_steps=40, sft_steps=350, grpo_steps=150, micro_batch=8, seq_len=128,
+        sft_micro_batch=4, sft_seq_len=1024, answer_micro_batch=16, answer_seq_len=64, sft_lr=1e-3,
+        grpo_lr=1e-3, prompts=8, group_size=8, answer_tokens=8, thinking_tokens=32, grpo_eval_every=30,
         contexts=(256, 512, 1024, 2048, 4000),
     ),
     # The GPU recipe: the ~250M-parameter preset, longer stages.
     "small": Recipe(
-        model="small", family="rg:aiw", difficulty=1, train_tasks=2000, pretrain_prompts=2000, tool_traces=500,
+        model="small", family="extremum", difficulty=2, train_tasks=8000, pretrain_prompts=2000, tool_traces=500,
         eval_tasks=200, pretrain_steps=2000,
-        warmup_steps=300, sparse_steps=300, sft_steps=400, grpo_steps=100, micro_batch=16, seq_len=256,
-        sft_micro_batch=16, sft_seq_len=1024, sft_lr=3e-4, grpo_lr=1e-5, prompts=16, group_size=8, answer_tokens=16, thinking_tokens=64,
+        warmup_steps=300, sparse_steps=300, sft_chat_steps=200, sft_steps=1000, grpo_steps=100, micro_batch=16,
+        seq_len=256, sft_micro_batch=16, sft_seq_len=1024, answer_micro_batch=64, answer_seq_len=128, sft_lr=3e-4, grpo_lr=1e-5, prompts=16, group_size=8, answer_tokens=16, thinking_tokens=64,
         grpo_eval_every=20, contexts=(1024, 2048, 4096, 8192, 16384),
     ),
 }  # fmt: skip
@@ -196,7 +204,7 @@ def _stage_synth(run: _Run) -> dict[str, Any]:
     write_tasks(run.out / "tasks" / "held_out.jsonl", held)
     traces = _tool_traces(r.tool_traces)
     env = registry.get(r.family)
-    thoughts = _reasoning_traces(env, train_tasks)
+    thoughts = _reasoning_traces(env, train_tasks[: r.train_tasks // 4])
     _write_jsonl(run.out / "tasks" / "tool_traces.jsonl", traces)
     _write_jsonl(run.out / "tasks" / "reasoning_traces.jsonl", thoughts)
     answers = Counter(str(env.solve(t)) for t in held)
@@ -272,24 +280,16 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
     # A checkpoint every quarter of the stage: what an interrupted run continues from.
     common = dict(out=run.out / stage, micro_batch_size=r.micro_batch, seq_len=r.seq_len, steps=steps[stage],
                   save_every=max(10, steps[stage] // 4), **_train_settings(run, stage))  # fmt: skip
-    train_file = str(run.out / "tasks" / "train.jsonl")
     prompts = str(run.out / "tasks" / "pretrain_prompts.jsonl")
     if stage == "pretrain":
-        cfg = TrainConfig(stage="pretrain", model=r.model, data=["default", prompts], attention="dense",
-                          **common)  # fmt: skip
+        cfg = TrainConfig(stage="pretrain", model=str(_initial_model(run)), data=["default", prompts],
+                          attention="dense", **common)  # fmt: skip
     elif stage in ("dsa-warmup", "dsa-sparse"):
         # The task prompts beside the corpus: the indexer learns which keys the answers need.
         before = "pretrain" if stage == "dsa-warmup" else "dsa-warmup"
         cfg = TrainConfig(stage=stage, model=str(run.final(before)), data=["default", prompts], **common)
     else:
-        common.update(micro_batch_size=r.sft_micro_batch, seq_len=r.sft_seq_len)
-        tasks = run.out / "tasks"
-        data = [train_file, str(tasks / "tool_traces.jsonl")]
-        if (run.done("synth") or {}).get("figures", {}).get("reasoning_traces"):
-            data.append(str(tasks / "reasoning_traces.jsonl"))
-        cfg = TrainConfig(stage="sft", model=str(run.final("dsa-sparse")), data=data, thinking=False,
-                          lr=r.sft_lr, schedule="constant", warmup_steps=max(1, r.sft_steps // 10), weight_decay=0.0,
-                          **common)  # fmt: skip
+        return _sft_stage(run)
     s = train(cfg)
     figures = {"steps": s.steps, "tokens": s.tokens, "final_loss": s.final_loss, "val_loss": s.val_loss}
     outcome = f"loss {_first_loss(run.out / stage):.3f} -> {s.final_loss:.3f}"
@@ -299,6 +299,74 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
         figures.update(recall_before=s.recall_before, recall_after=s.recall_after)
         outcome += f"; indexer recall {s.recall_before:.3f} -> {s.recall_after:.3f}"
     return _record(run, stage, s.seconds, s.tokens_per_second, outcome, figures)
+
+
+def _sft_stage(run: _Run) -> dict[str, Any]:
+    """SFT in two phases. Phase 1 (``OUT/sft-chat``): the tool episodes, the thinking-mode traces
+    and the family's answers, in rows long enough for a whole tool episode. Phase 2 (``OUT/sft``):
+    the family's answers alone in rows of about one task: plain packing lets a position attend to
+    every task before it in its row, and in thousand-token rows the numbers of twenty other tasks
+    drown the comparison (the same model learns the family in ~400 steps from one task per row,
+    ``tools/bench/learnability.py``, and not in 200 steps of packed rows)."""
+    from dsv.train import TrainConfig, train
+
+    r = run.recipe
+    tasks = run.out / "tasks"
+    chat_data = [str(tasks / "train.jsonl"), str(tasks / "tool_traces.jsonl")]
+    if (run.done("synth") or {}).get("figures", {}).get("reasoning_traces"):
+        chat_data.append(str(tasks / "reasoning_traces.jsonl"))
+    # Dense attention in SFT: a row holds several conversations, and the toy's top-32 would make a
+    # 30-token prompt compete with the ones before it (V3.2's top-2048 covers its post-training
+    # prompts whole); served and evaluated alone, each of these prompts fits the top-k.
+    settings = dict(thinking=False, attention="dense", lr=r.sft_lr, schedule="constant", weight_decay=0.0)
+    phases = [
+        ("sft-chat", str(run.final("dsa-sparse")), chat_data, r.sft_chat_steps, r.sft_micro_batch, r.sft_seq_len),
+        ("sft", str(run.out / "sft-chat" / "final"), [str(tasks / "train.jsonl")], r.sft_steps,
+         r.answer_micro_batch, r.answer_seq_len),
+    ]  # fmt: skip
+    seconds = tokens = 0.0
+    outcomes, figures = [], {}
+    for folder, model, data, steps, micro, seq in phases:
+        cfg = TrainConfig(stage="sft", model=model, data=data, steps=steps, micro_batch_size=micro, seq_len=seq,
+                          out=run.out / folder, warmup_steps=max(1, steps // 10),
+                          save_every=max(10, steps // 4), **settings, **_train_settings(run, folder))  # fmt: skip
+        s = train(cfg)
+        seconds += s.seconds
+        tokens += s.tokens
+        outcomes.append(f"{folder}: loss {_first_loss(run.out / folder):.3f} -> {s.final_loss:.3f}")
+        figures[folder] = {"steps": s.steps, "tokens": s.tokens, "final_loss": s.final_loss, "val_loss": s.val_loss}
+    figures.update(figures["sft"])
+    return _record(run, "sft", seconds, tokens / max(seconds, 1e-9), "; ".join(outcomes), figures)
+
+
+def _initial_model(run: _Run) -> Path:
+    """Fresh weights of the recipe's preset with a tokenizer trained on the embedded corpus and the
+    SFT data (``OUT/init``): the task text, numbers and answers get tokens of their own, as a real
+    tokenizer's vocabulary covers the text it will see (the trainer's own tokenizer reads the first
+    documents only, here the corpus)."""
+    import torch
+
+    from dsv.core.chat import encode_messages
+    from dsv.core.checkpoint import save_pretrained
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import PRESETS as MODEL_PRESETS
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    out = run.out / "init"
+    if (out / "config.json").is_file():
+        return out
+    texts = default_corpus(2000, seed=run.seed)
+    for name in ("train.jsonl", "tool_traces.jsonl", "reasoning_traces.jsonl"):
+        for record in _jsonl(run.out / "tasks" / name)[:1000]:
+            if "messages" in record:
+                texts.append(encode_messages(record["messages"], tools=record.get("tools"),
+                                             thinking=bool(record.get("thinking"))))  # fmt: skip
+            else:
+                texts.append(f"{record['prompt']}\n\n{record['answer_format']}")
+    cfg = MODEL_PRESETS[run.recipe.model]()
+    tok = train_bpe(texts, cfg.vocab_size)
+    torch.manual_seed(run.seed)
+    return save_pretrained(DSVForCausalLM(cfg), tok, out)
 
 
 def _loss_key(stage: str) -> str:
@@ -675,12 +743,15 @@ def _family_note(family: str, syn: dict[str, Any]) -> str:
     const = (f"The most frequent held-out answer (`{syn.get('constant_answer', '-')}`) passes "
              f"{_fmt(syn.get('constant_answer_accuracy'), '.0%')} of the {syn.get('held_out_tasks', '-')} held-out "
              "tasks, so a constant answer does not solve it.")  # fmt: skip
-    if family != "rg:aiw":
+    if family != "extremum":
         return f"`{family}`. {const}"
-    return (f"`{family}`: reasoning-gym's \"Alice in Wonderland\" questions (how many sisters/friends does a "
-            "brother/friend of Alice have): exact small-integer answers that need the numbers of the question. "
-            f"{const} It is chosen because its answers are a few tokens (so GRPO's rollouts are cheap on a CPU) "
-            "and the verifier is exact.")  # fmt: skip
+    return (f"`{family}`: name the largest number of a list (four two-digit numbers at level 1). {const} A "
+            "number of the list copied at random passes 25%: a model above that compares the numbers. It is "
+            "chosen because a fresh tiny model learns it within a CPU budget (`tools/bench/learnability.py`: about "
+            "1,000 steps of 16 answers), where `lookup` (the value stored under a key, DSA's own task) needs "
+            "several times more and `rg:aiw` stayed at its most common answer; its answers are one token, so "
+            "GRPO's rollouts are cheap, and its running-best worked reasoning gives thinking mode something to "
+            "learn.")  # fmt: skip
 
 
 def write_report(run: _Run) -> Path:
@@ -738,8 +809,9 @@ def write_report(run: _Run) -> Path:
         share = ev.get("grpo_share_of_gain")
         lines += ["", f"Gain over the pretrained model (thinking off): {ev['gain_over_pretrained'] * 100:+.0f} points; "
                   f"GRPO's share of it over SFT alone: {_fmt(share, '.0%')}. "
-                  + (f"Thinking mode (budget {r.thinking_tokens} tokens) answers after the family's worked reasoning, "
-                     "which the SFT data teaches; GRPO trains the answers without thinking."
+                  + (f"Thinking mode (budget {r.thinking_tokens} tokens): the family's worked reasoning is in SFT's "
+                     "first phase only; its second phase (answers alone, in short rows) and GRPO train the answers "
+                     "without thinking, so the thinking column shows what is left of the first phase."
                      if fig.get("synth", {}).get("reasoning_traces") else
                      f"The family has no scripted reasoning, so the SFT data has none and thinking mode (budget "
                      f"{r.thinking_tokens} tokens) is scored as it is, untrained."), ""]  # fmt: skip
@@ -830,8 +902,9 @@ def quickstart(
     for stage in todo:
         if stage in redo:
             run.stage_file(stage).unlink(missing_ok=True)
-            if (out / stage).is_dir() and stage in _RUNNERS and stage not in ("eval", "bench", "serve", "report"):
-                shutil.rmtree(out / stage)
+            for folder in (stage, "sft-chat") if stage == "sft" else (stage,):
+                if (out / folder).is_dir() and stage not in ("eval", "bench", "serve", "report"):
+                    shutil.rmtree(out / folder)
     t_start = time.perf_counter()
     for stage in todo:
         if run.done(stage) is not None:
