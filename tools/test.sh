@@ -13,9 +13,6 @@ export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 # Pinned versions (constraints.txt, regenerated on purpose with tools/lock.sh): a new upstream release
 # cannot break a fresh clone. `nox -s latest` runs the same suite against the newest releases.
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt -c constraints.txt
-# lm-eval-harness (dsv-serve's lm-eval extra) in a second step: resolved with everything else at once,
-# pip backtracks through old lm-eval dependencies whose metadata no longer parses.
-"$VENV/bin/python" -m pip install -q -e "packages/serve[lm-eval]" -c constraints.txt
 "$VENV/bin/ruff" check .
 # --- dsv chat: apps/tui/tests/test_tui_tmux.py drives the installed `dsv chat` in tmux. Install
 # tmux when it is missing and we can (root with apt-get); otherwise that test skips and says why.
