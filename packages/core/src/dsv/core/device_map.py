@@ -4,7 +4,7 @@
 The units are the modules a forward visits in order: the embedding, each decoder block, the final
 norm, the LM head, then the MTP layers (they read the last hidden state and the head, so they sit
 with the head). Sizes come from :func:`dsv.core.inventory.state_shapes` in the dtype the loader
-gives each tensor (the main blocks' routers and indexer ``weights_proj`` stay fp32), so a 671B plan takes
+gives each tensor (every router and indexer ``weights_proj`` stays fp32, the MTP layer's too), so a 671B plan takes
 milliseconds and reads no weights. Units are laid out in order, each device taking about an equal
 share of the bytes and never more than its ``max_memory``; consecutive units share a device, so
 activations cross a device boundary only ``len(devices) - 1`` times per forward.
@@ -77,14 +77,13 @@ def plan_device_map(
     shapes, _ = state_shapes(config)
     units = _units(config)
     size = dict.fromkeys(units, 0)
-    mtp_units = set(units[config.num_hidden_layers + 3 :])
     item = torch.empty((), dtype=dtype).element_size()
     for name, shape in shapes.items():
         m = _UNIT.match(name)
         if m is None or m.group(1) not in size:
             raise DSVError(f"device_map: {name} belongs to no unit of the plan")  # a model change to follow
-        main = m.group(1) not in mtp_units  # the loader keeps fp32 only in the main blocks (_cast)
-        size[m.group(1)] += prod(shape) * (4 if main and _FP32.search(name) else item)
+        # The loader keeps routers and indexer weights_proj in fp32, the MTP layer's too (_cast).
+        size[m.group(1)] += prod(shape) * (4 if _FP32.search(name) else item)
     total = sum(size.values())
     caps = {d: (max_memory or {}).get(d) for d in devices}
     known = [c for c in caps.values() if c is not None]
