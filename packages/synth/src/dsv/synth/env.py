@@ -173,6 +173,12 @@ def extract_answer_text(text: str) -> str:
     return lines[-1]
 
 
+def integer_answer(answer: Any) -> int | None:
+    """The integer a final answer states ("42", "-7", "42."), or None when it states none."""
+    text = str(answer).strip().rstrip(".")
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
 def parse_json_or_text(raw: str) -> Any:
     """JSON if the text is JSON, else the stripped text."""
     try:

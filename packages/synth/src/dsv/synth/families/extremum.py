@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord
+from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord, integer_answer
 from dsv.synth.registry import register
 
 __all__ = ["ExtremumEnv"]
@@ -52,14 +52,14 @@ class ExtremumEnv(Environment):
         return f"The {task.state['which']} so far: {', '.join([str(numbers[0]), *steps])}."
 
     def verify(self, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
-        text = str(answer).strip().rstrip(".")
-        if not text.lstrip("-").isdigit():
-            return Score.fail(f"answer is not an integer: {text[:40]!r}")
-        if int(text) == int(task.state["answer"]):
+        value = integer_answer(answer)
+        if value is None:
+            return Score.fail(f"answer is not an integer: {str(answer).strip()[:40]!r}")
+        if value == int(task.state["answer"]):
             return Score.ok()
-        if int(text) in task.state["numbers"]:
-            return Score.fail(f"{int(text)} is in the list but not the {task.state['which']}")
-        return Score.fail(f"{int(text)} is not in the list")
+        if value in task.state["numbers"]:
+            return Score.fail(f"{value} is in the list but not the {task.state['which']}")
+        return Score.fail(f"{value} is not in the list")
 
     def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
         # The other numbers of the list are the likeliest wrong answers; off-by-one ones test the parser.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord
+from dsv.synth.env import DEFAULT_DIFFICULTY, Environment, Score, Task, ToolCallRecord, integer_answer
 from dsv.synth.registry import register
 
 __all__ = ["LookupEnv"]
@@ -73,12 +73,12 @@ class LookupEnv(Environment):
         return f"Looking for {key}: {key} = {task.state['answer']}."
 
     def verify(self, task: Task, answer: Any, trace: list[ToolCallRecord] | None = None) -> Score:
-        text = str(answer).strip().rstrip(".")
-        if not text.lstrip("-").isdigit():
-            return Score.fail(f"answer is not an integer: {text[:40]!r}")
-        if int(text) == int(task.state["answer"]):
+        value = integer_answer(answer)
+        if value is None:
+            return Score.fail(f"answer is not an integer: {str(answer).strip()[:40]!r}")
+        if value == int(task.state["answer"]):
             return Score.ok()
-        return Score.fail(f"wrong value {int(text)} for {task.state['key']!r}")
+        return Score.fail(f"wrong value {value} for {task.state['key']!r}")
 
     def perturb(self, task: Task, answer: Any, rng: random.Random) -> list[Any]:
         # Another record's value is the likeliest wrong answer; off-by-one ones test the parser.
