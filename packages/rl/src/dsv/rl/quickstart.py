@@ -273,10 +273,11 @@ def _tool_traces(n: int) -> list[dict[str, Any]]:
 
 
 def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
+    """The pretraining stages (pretrain, dsa-warmup, dsa-sparse); SFT is :func:`_sft_stage`."""
     from dsv.train import TrainConfig, train
 
     r = run.recipe
-    steps = {"pretrain": r.pretrain_steps, "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps, "sft": r.sft_steps}
+    steps = {"pretrain": r.pretrain_steps, "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps}
     # A checkpoint every quarter of the stage: what an interrupted run continues from.
     common = dict(out=run.out / stage, micro_batch_size=r.micro_batch, seq_len=r.seq_len, steps=steps[stage],
                   save_every=max(10, steps[stage] // 4), **_train_settings(run, stage))  # fmt: skip
@@ -284,12 +285,10 @@ def _train_stage(run: _Run, stage: str) -> dict[str, Any]:
     if stage == "pretrain":
         cfg = TrainConfig(stage="pretrain", model=str(_initial_model(run)), data=["default", prompts],
                           attention="dense", **common)  # fmt: skip
-    elif stage in ("dsa-warmup", "dsa-sparse"):
+    else:
         # The task prompts beside the corpus: the indexer learns which keys the answers need.
         before = "pretrain" if stage == "dsa-warmup" else "dsa-warmup"
         cfg = TrainConfig(stage=stage, model=str(run.final(before)), data=["default", prompts], **common)
-    else:
-        return _sft_stage(run)
     s = train(cfg)
     figures = {"steps": s.steps, "tokens": s.tokens, "final_loss": s.final_loss, "val_loss": s.val_loss}
     outcome = f"loss {_first_loss(run.out / stage):.3f} -> {s.final_loss:.3f}"
@@ -635,7 +634,7 @@ _RUNNERS: dict[str, Callable[[_Run], dict[str, Any]]] = {
     "pretrain": lambda run: _train_stage(run, "pretrain"),
     "dsa-warmup": lambda run: _train_stage(run, "dsa-warmup"),
     "dsa-sparse": lambda run: _train_stage(run, "dsa-sparse"),
-    "sft": lambda run: _train_stage(run, "sft"),
+    "sft": _sft_stage,
     "grpo": _stage_grpo,
     "eval": _stage_eval,
     "bench": _stage_bench,
