@@ -262,12 +262,20 @@ def test_truncated_optimizer_state_resumes_from_the_previous_checkpoint(tmp_path
 # --------------------------------------------------------------------------- SIGINT
 
 
+# A command started from a terminal gets SIGINT's default action; a suite started in the background
+# of a non-interactive shell (``pytest ... &``, nohup, some CI runners) has SIGINT ignored, and a
+# child inherits that, so it would never see the Ctrl-C. The shell resets it for a foreground job;
+# this does the same before exec'ing dsv.
+_AS_FOREGROUND = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]  # fmt: skip
+
+
 def _interrupt(args: list[str], ready: object, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Start ``dsv ARGS`` in its own process group, wait until ``ready(stdout, stderr)`` (or, for a
-    string, until stderr shows it), send SIGINT to the group as a terminal does, and collect what it
-    printed."""
-    proc = subprocess.Popen([*DSV, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, start_new_session=True)  # fmt: skip
+    """Start ``dsv ARGS`` in its own process group as a terminal's foreground job, wait until
+    ``ready(stdout, stderr)`` (or, for a string, until stderr shows it), send SIGINT to the group as
+    a terminal does, and collect what it printed."""
+    proc = subprocess.Popen([*_AS_FOREGROUND, *DSV[1:], *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)  # fmt: skip
     out: list[str] = []
     err: list[str] = []
     readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
