@@ -14,6 +14,9 @@ from dsv.core.chat import (
     Templates,
     apply_thinking_context,
     encode_messages,
+    encode_tool_calls,
+    forced_call_name,
+    forced_call_opening,
     render_tools,
 )
 
@@ -191,3 +194,47 @@ def test_errors() -> None:
         encode_messages([{"role": "user", "content": "x"}, bad])
     with pytest.raises(ChatFormatError, match="tool"):
         encode_messages([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {}}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "mul"}}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "expected"),
+    [
+        (TOOLS, None, None),
+        (TOOLS, "auto", None),
+        (TOOLS, "none", None),
+        (TOOLS, "required", ""),  # a call, the model picks the function
+        (TOOLS[:1], "required", "add"),  # a single tool: the call is that one
+        (TOOLS, {"type": "function", "function": {"name": "mul"}}, "mul"),
+    ],
+)
+def test_forced_call_name(tools: list[dict], choice: object, expected: str | None) -> None:
+    assert forced_call_name(tools, choice) == expected
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "message"),
+    [
+        ([], "required", "no tools"),
+        (TOOLS, {"type": "function", "function": {"name": "div"}}, "`div`, which is not in tools"),
+        (TOOLS, {"type": "function"}, "tool_choice must be"),
+        (TOOLS, "sometimes", "tool_choice must be"),
+    ],
+)
+def test_forced_call_name_refuses(tools: list[dict], choice: object, message: str) -> None:
+    with pytest.raises(ChatFormatError, match=message):
+        forced_call_name(tools, choice)
+
+
+def test_forced_call_opening_is_the_start_of_the_encoded_call() -> None:
+    # what a server appends to the prompt must be the exact prefix of the call the encoder renders
+    # for the finished turn, or the prompt's tokens and a replayed conversation's would differ
+    call = encode_tool_calls([{"name": "add", "arguments": {"a": 1, "b": "x"}}])
+    named, unnamed = forced_call_opening("add"), forced_call_opening()
+    assert call.startswith(named) and named.startswith(unnamed)
+    assert unnamed.endswith('invoke name="') and named == unnamed + 'add">\n'
+    custom = Templates(dsml_token="|T|")
+    assert forced_call_opening("add", custom) == '\n\n<|T|function_calls>\n<|T|invoke name="add">\n'

@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from dsv.core.chat import ChatDelta, Templates
+from dsv.core.chat import ChatDelta, Templates, forced_call_opening
 
 __all__ = ["partial_call", "tool_call_grammar"]
 
@@ -186,7 +186,7 @@ def tool_call_grammar(
     elif start == "auto":
         # Text that never opens a call, or text up to the opening of one (a lazy lexeme that ends
         # there) and the call under the schemas.
-        opening = f"{t.tool_calls_start}>\n<{d}invoke name=" + chr(34)
+        opening = forced_call_opening(None, t)
         b.rules += ["TEXT: /(?s:.*)/", f"prose[suffix={_lit(opening)}]: /(?s:.*)/"]
         return "\n".join([f"start: TEXT | prose call{tail}", *b.rules])
     else:

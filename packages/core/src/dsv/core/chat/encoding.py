@@ -48,6 +48,8 @@ __all__ = [
     "encode_assistant_completion",
     "encode_messages",
     "encode_tool_calls",
+    "forced_call_name",
+    "forced_call_opening",
     "normalize_tool_calls",
     "render_tools",
     "tool_schemas",
@@ -149,6 +151,49 @@ def encode_tool_calls(tool_calls: Sequence[Any], templates: Templates | None = N
         )
         invokes.append(t.tool_call_template.format(dsml_token=t.dsml_token, name=name, arguments=params))
     return "\n\n" + t.tool_calls_template.format(dsml_token=t.dsml_token, tool_calls="\n".join(invokes))
+
+
+def forced_call_name(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> str | None:
+    """The function whose call an OpenAI ``tool_choice`` forces on the answer.
+
+    Returns the function's name (a named choice, or ``"required"`` with a single tool), ``""`` when
+    a call is forced but the model picks the function (``"required"`` with several tools), and None
+    when no call is forced (``None``, ``"auto"``, ``"none"``). ``tool_choice`` is a string, an
+    OpenAI ``{"type": "function", "function": {"name": ...}}`` object, or an object with a
+    ``function`` mapping attribute (a parsed request). Raises :class:`ChatFormatError` when the
+    named function is not among ``tools`` or ``"required"`` comes without tools.
+    """
+    names = [s["name"] for s in tool_schemas(tools)]
+    if tool_choice is None or tool_choice in ("auto", "none"):
+        return None
+    if tool_choice == "required":
+        if not names:
+            raise ChatFormatError("tool_choice is `required` but no tools were given")
+        return names[0] if len(names) == 1 else ""
+    function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else getattr(tool_choice, "function", None)
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str):
+        raise ChatFormatError(
+            f"tool_choice must be none, auto, required or {{'type': 'function', 'function': {{'name': ...}}}}, "
+            f"got {tool_choice!r}"
+        )
+    if name not in names:
+        raise ChatFormatError(f"tool_choice names `{name}`, which is not in tools")
+    return name
+
+
+def forced_call_opening(name: str | None = None, templates: Templates | None = None) -> str:
+    """The DSML text a forced call starts with, as the model would have written it after its content.
+
+    With a ``name``, the opening runs through the invoke's name (``\\n\\n<｜DSML｜function_calls>\\n
+    <｜DSML｜invoke name="NAME">\\n``) and the model continues with the parameters; without one it
+    stops after ``name="`` and the model writes the name. Servers append it to the prompt (or
+    constrain the text after ``</think>`` to it in thinking mode); RL rollouts that force a call do
+    the same, so both produce the tokens :func:`encode_tool_calls` renders for the finished call.
+    """
+    t = templates or Templates()
+    opening = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
+    return opening + f'{name}">\n' if name else opening
 
 
 def encode_assistant_completion(

@@ -6,8 +6,9 @@ Thinking is switched per request as the DeepSeek API does (``"thinking": {"type"
 model alias ``<name>-reasoner``; as in DeepSeek's API, ``logprobs`` is refused in thinking mode.
 
 ``tool_choice`` with a named function or ``"required"`` is forced decoding the server really does.
-In chat mode the generation starts from the DSML opening of that call (``\\n\\n<｜DSML｜function_calls>
-\\n<｜DSML｜invoke name="NAME">\\n``, up to ``name="`` when the model picks among several tools),
+In chat mode the generation starts from the DSML opening of that call
+(:func:`dsv.core.chat.forced_call_opening`: ``\\n\\n<｜DSML｜function_calls>\\n<｜DSML｜invoke name="NAME">\\n``,
+up to ``name="`` when the model picks among several tools),
 which is appended to the prompt and fed to the parser first. The native engine then decodes the
 rest of the call under a grammar (:mod:`dsv.serve.tool_grammar`): a listed name, the parameters
 as the V3.2 encoding writes them, valid under each function's schema, and the closing tags, so a
@@ -37,7 +38,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from dsv.core.chat import StreamParser
+from dsv.core.chat import ChatFormatError, StreamParser, forced_call_name, forced_call_opening
 from dsv.serve.backend import LocalBackend
 from dsv.serve.schemas import APIError, ChatCompletionRequest, error_body
 from dsv.serve.state import ServerState
@@ -88,21 +89,10 @@ def prepare(srv: ServerState, req: ChatCompletionRequest) -> ChatRun:
         raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode", param="logprobs",
                        code="invalid_value")  # fmt: skip
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-    # The function whose call opens the generation: a name, "" for a call whose name the model
-    # writes (``required`` with several tools), None for no forced call.
-    forced_call: str | None = None
-    if isinstance(req.tool_choice, dict) or (
-        req.tool_choice is not None and not isinstance(req.tool_choice, str)
-    ):
-        forced_call = req.tool_choice.function.get("name", "")  # type: ignore[union-attr]
-        if forced_call not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names `{forced_call}`, which is not in tools",
-                           param="tool_choice", code="invalid_value")  # fmt: skip
-    elif req.tool_choice == "required":
-        if not tools:
-            raise APIError(400, "tool_choice is `required` but no tools were given", param="tool_choice",
-                           code="invalid_value")  # fmt: skip
-        forced_call = tools[0]["function"]["name"] if len(tools) == 1 else ""
+    try:  # the function whose call opens the generation ("": the model picks it), None: no forced call
+        forced_call = forced_call_name(tools, req.tool_choice)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="tool_choice", code="invalid_value") from None
     # Chat mode: the call's opening ends the prompt; the model writes the name (constrained to
     # the tools) when there are several. Thinking mode reasons first: the engine constrains what
     # follows `</think>` to the opening with one of the allowed names.
@@ -111,10 +101,10 @@ def prepare(srv: ServerState, req: ChatCompletionRequest) -> ChatRun:
     after: tuple[int, ...] = ()
     if forced_call is not None:
         t = srv.backend.templates
-        opening = f'{t.tool_calls_start}>\n<{t.dsml_token}invoke name="'
+        opening = forced_call_opening(None, t)
         names = [forced_call] if forced_call else [tool["function"]["name"] for tool in tools]
         if not thinking:
-            forced = opening + (f'{forced_call}">\n' if forced_call else "")
+            forced = forced_call_opening(forced_call, t)
         if isinstance(srv.backend, LocalBackend):
             # The native engine decodes the rest of the call under its grammar (parameters
             # included), from `</think>` on in thinking mode.
