@@ -291,7 +291,7 @@ def _interrupt(args: list[str], ready: object, timeout: float = 180) -> subproce
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
     for r in readers:
-        r.join(timeout=10)
+        r.join(timeout=60)  # EOF comes once every holder of the pipes (engine processes too) has exited
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "".join(err))
 
 

@@ -11,7 +11,9 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -127,7 +129,6 @@ def serve(
     except (DSVError, RuntimeError, TimeoutError, ValueError, OSError) as e:
         fail(str(e))
     where = f"native, {device}, {dtype_name(torch_dtype)}" if engine == "native" else engine
-    console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
     if stats_interval > 0:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s dsv serve: %(message)s", "%H:%M:%S"))
@@ -138,6 +139,9 @@ def serve(
     # with the default one the process would die there and leave the engine process running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = _server_class()(uvicorn.Config(app, host=host, port=port, log_level="warning"))  # type: ignore[arg-type]
+    # Said once the socket listens and uvicorn handles Ctrl-C: a client (or a script waiting for the
+    # line) may connect at once, and a Ctrl-C from then on shuts down gracefully.
+    server.on_started = lambda: console.print(f"[green]dsv serve[/] on http://{host}:{port}/v1 ({where})")
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once it has shut down
@@ -166,6 +170,12 @@ def _server_class() -> type:
         def __init__(self, config: uvicorn.Config) -> None:
             super().__init__(config)
             self.received: list[int] = []
+            self.on_started: Callable[[], None] | None = None
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and self.on_started is not None:
+                self.on_started()
 
         def handle_exit(self, sig: int, frame: object) -> None:
             self.received.append(sig)
