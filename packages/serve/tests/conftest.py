@@ -14,6 +14,7 @@ slower per forward on the shared CI machine).
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -65,14 +66,18 @@ def _script_texts(templates: Templates) -> list[tuple[str, str]]:
     ]
 
 
-def _train(model: torch.nn.Module, tok: Any, templates: Templates, max_steps: int = 400) -> None:
-    """Teacher-force the script until greedy decoding reproduces every completion.
+def _train(
+    model: torch.nn.Module, tok: Any, pairs: list[tuple[str, str]], max_steps: int = 400, min_prob: float = 0.0
+) -> None:
+    """Teacher-force ``(prompt, completion)`` pairs until greedy decoding reproduces every completion
+    (and, with ``min_prob``, gives every completion token at least that probability: a margin that
+    carries over to prompts near the trained ones).
 
-    The three sequences go in one right-padded batch (causal attention: the padding after a
+    The sequences go in one right-padded batch (causal attention: the padding after a
     sequence never reaches its positions), the loss covers completion tokens only, and training
     stops at the first step where every completion token is the argmax.
     """
-    seqs = [(tok.encode(p), tok.encode(a)) for p, a in _script_texts(templates)]
+    seqs = [(tok.encode(p), tok.encode(a)) for p, a in pairs]
     width = max(len(p) + len(a) for p, a in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     target = torch.full((len(seqs), width - 1), -100)
@@ -83,8 +88,8 @@ def _train(model: torch.nn.Module, tok: Any, templates: Templates, max_steps: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(max_steps):
-        logits = model(ids[:, :-1]).logits  # (3, width - 1, V)
-        if bool((logits.argmax(-1)[scored] == target[scored]).all()):
+        logits = model(ids[:, :-1]).logits  # (rows, width - 1, V)
+        if bool((logits.argmax(-1)[scored] == target[scored]).all()) and _least_prob(logits, target) >= min_prob:
             break
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
         opt.zero_grad()
@@ -92,8 +97,15 @@ def _train(model: torch.nn.Module, tok: Any, templates: Templates, max_steps: in
         opt.step()
     model.eval()
     with torch.no_grad():
-        ok = bool((model(ids[:, :-1]).logits.argmax(-1)[scored] == target[scored]).all())
+        logits = model(ids[:, :-1]).logits
+    ok = bool((logits.argmax(-1)[scored] == target[scored]).all()) and _least_prob(logits, target) >= min_prob
     assert ok, f"the fixture model did not learn its script in {max_steps} steps"
+
+
+def _least_prob(logits: torch.Tensor, target: torch.Tensor) -> float:
+    scored = target != -100
+    probs = logits.detach().softmax(-1)[scored].gather(-1, target[scored].unsqueeze(-1))
+    return float(probs.min())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,10 +164,57 @@ def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = train_bpe(script * 20 + default_corpus(200), cfg.vocab_size)
     torch.manual_seed(0)
     model = DSVForCausalLM(cfg)
-    _train(model, tok, templates)
+    _train(model, tok, _script_texts(templates))
     save_pretrained(model, tok, out)
     (out / "encoding").mkdir()
     (out / "encoding" / "encoding_dsv32.py").write_text(ENCODER_FILE, encoding="utf-8")
+    return out
+
+
+# Agent turns after a tool result, as frameworks send them: instructions, a tool, the user's question,
+# the call, its result. The model learns to close the turn there (a short answer and EOS) whatever
+# came before, so an agent run ends with an answer instead of running to max_tokens.
+AGENT_TURNS = [
+    ("Use the tool.", "get_weather", {"city": "Paris"}, "Weather in Paris?", "sunny in Paris"),
+    ("Use the tool.", "get_weather", {"city": "Rome"}, "Weather in Paris?", "sunny in Rome"),
+    ("Answer briefly.", "add", {"a": 2, "b": 3}, "What is 2 + 3?", "5"),
+    ("", "lookup", {"key": "x"}, "Look up x.", '{"value": 7}'),
+    ("You are helpful.", "get_time", {}, "What time is it?", "12:00"),
+    ("Use tools when needed.", "search", {"query": "dsv"}, "Find dsv.", "no results"),
+]
+
+
+def _agent_pairs() -> list[tuple[str, str]]:
+    pairs = []
+    for instructions, name, args, question, result in AGENT_TURNS:
+        tool = {"type": "function", "function": {"name": name, "description": f"The {name} tool.",
+                "parameters": {"type": "object", "properties": {k: {} for k in args}}}}  # fmt: skip
+        call = {"id": "call_a", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        messages = [*([{"role": "system", "content": instructions}] if instructions else []),
+                    {"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_a", "content": result}]  # fmt: skip
+        pairs.append((encode_messages(messages, thinking=False, tools=[tool]),
+                      encode_assistant_completion({"content": "Done."}, thinking=False)))  # fmt: skip
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def answering_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer model trained (a few seconds) to end an agent's turn after a tool result with
+    ``Done.``: agent frameworks run a whole loop against it (call, result, final answer), where a
+    random model's free answer never ends before the token limit."""
+    from dsv.core.checkpoint import save_pretrained
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.tokenizer import default_corpus, train_bpe
+
+    pairs = _agent_pairs()
+    cfg = scripted_config()
+    tok = train_bpe([text for pair in pairs for text in pair] * 10 + default_corpus(200), cfg.vocab_size)
+    torch.manual_seed(0)
+    model = DSVForCausalLM(cfg)
+    _train(model, tok, pairs, min_prob=0.95)
+    out = tmp_path_factory.mktemp("ckpt") / "answering"
+    save_pretrained(model, tok, out)
     return out
 
 

@@ -4,10 +4,11 @@ The checkpoint has random weights: what is tested is the protocol, not the answe
 one function tool whose arguments are bounded (a ``Literal``), the call is forced where the
 framework allows it, and the run must end without a framework error:
 
-- openai-agents with a Chat Completions model (the forced call completes, the tool runs, its result
-  goes back, the model's next answer ends the run) and with its default Responses model (the run
-  stops at the tool's result: a random model's free answer ends at ``max_tokens``, which the
-  Responses API reports as ``incomplete`` and openai-agents treats as a failure, as with OpenAI);
+- openai-agents with a Chat Completions model and with its default Responses model, each run
+  whole and streamed: the forced call completes, the tool runs, its result goes back and the model's answer ends the run. Those
+  two run against ``answering_ckpt``, a model trained to close a turn after a tool result: a
+  random model's free answer always ends at ``max_tokens``, which the Responses API reports as
+  ``incomplete`` and openai-agents treats as a failure (as it does with OpenAI);
 - pydantic-ai with a structured ``output_type`` (its output tool is forced; a random model choosing
   among it and a function tool could loop until the context is full, so the function tool is in
   its own test) and with a tool and text output (``auto``: pydantic-ai does not let an agent force
@@ -20,6 +21,7 @@ Run: ``pytest packages/serve/tests/test_serve_agents.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,36 +55,47 @@ def _weather_tool(seen: list[str]) -> Any:
     return get_weather
 
 
-@pytest.mark.parametrize("api", ["chat", "responses"])
-def test_openai_agents(server: Any, api: str) -> None:
+@pytest.fixture(scope="module")
+def answering_server(answering_ckpt: Path, live_server: Any) -> Iterator[Any]:
+    from dsv.serve import load_native_app
+
+    app = load_native_app(str(answering_ckpt), model_name="dsv-tiny", max_model_len=4096, engine_process=False)
+    with live_server(app) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(("api", "stream"), [("chat", False), ("responses", False), ("chat", True), ("responses", True)])
+def test_openai_agents(answering_server: Any, api: str, stream: bool) -> None:
     agents = pytest.importorskip("agents")
     agents.set_tracing_disabled(True)
     seen: list[str] = []
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    if api == "chat":
-        model: Any = agents.OpenAIChatCompletionsModel(model="dsv-tiny", openai_client=client)
-        behavior: Any = "run_llm_again"
-    else:
-        model = agents.OpenAIResponsesModel(model="dsv-tiny", openai_client=client)
-        behavior = "stop_on_first_tool"
+    client = openai.AsyncOpenAI(base_url=answering_server.url + "/v1", api_key="none", max_retries=0)
+    model: Any = (agents.OpenAIChatCompletionsModel if api == "chat" else agents.OpenAIResponsesModel)(
+        model="dsv-tiny", openai_client=client)  # fmt: skip
     agent = agents.Agent(
         name="weather", instructions="Use the tool.", tools=[agents.function_tool(_weather_tool(seen))],
-        model=model, tool_use_behavior=behavior,
-        # Room for the whole forced call: a call the limit cuts would make the response incomplete.
-        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=200 if api == "responses" else 64,
-                                            temperature=1.0),
+        model=model,
+        # The first call is forced; openai-agents then resets tool_choice, so the answer is free.
+        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=64, temperature=0.0),
     )  # fmt: skip
-    result = agents.Runner.run_sync(agent, "Weather in Paris?", max_turns=4)
-    assert len(seen) >= 1 and set(seen) <= {"Paris", "Rome"}
-    calls = [i for i in result.new_items if i.type == "tool_call_item"]
-    outputs = [i for i in result.new_items if i.type == "tool_call_output_item"]
-    assert calls and len(outputs) == len(calls)
-    if api == "chat":
-        # The tool's result went back and the model's answer (random text) ended the run.
-        assert isinstance(result.final_output, str) and result.final_output
-        assert result.new_items[-1].type == "message_output_item"
+    if stream:  # the streamed run reads every event the server sends (the Responses API's event sequence)
+
+        async def streamed() -> Any:
+            run = agents.Runner.run_streamed(agent, "Weather in Paris?", max_turns=4)
+            events = [e async for e in run.stream_events()]
+            assert any(e.type == "raw_response_event" for e in events)
+            return run
+
+        result = asyncio.run(streamed())
     else:
-        assert result.final_output == f"sunny in {seen[0]}"
+        result = agents.Runner.run_sync(agent, "Weather in Paris?", max_turns=4)
+    assert len(seen) == 1 and set(seen) <= {"Paris", "Rome"}
+    kinds = [i.type for i in result.new_items]
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"], kinds
+    assert result.final_output == "Done."
+    if api == "responses":  # the run's last response was complete, with usage counted by the server
+        last = result.raw_responses[-1]
+        assert last.usage.output_tokens > 0 and last.usage.input_tokens > last.usage.output_tokens
 
 
 def test_pydantic_ai_structured_output(server: Any) -> None:
