@@ -1,14 +1,15 @@
 """Agent frameworks against a real ``dsv serve`` on loopback, unchanged.
 
-The checkpoint has random weights: what is tested is the protocol, not the answers. Each agent has
+The checkpoints are tiny: what is tested is the protocol, not the answers. Each agent has
 one function tool whose arguments are bounded (a ``Literal``), the call is forced where the
 framework allows it, and the run must end without a framework error:
 
 - openai-agents with a Chat Completions model and with its default Responses model, each run
-  whole and streamed: the forced call completes, the tool runs, its result goes back and the model's answer ends the run. Those
-  two run against ``answering_ckpt``, a model trained to close a turn after a tool result: a
-  random model's free answer always ends at ``max_tokens``, which the Responses API reports as
-  ``incomplete`` and openai-agents treats as a failure (as it does with OpenAI);
+  whole and streamed: the forced call completes, the tool runs, its result goes back and the
+  model's answer ends the run. These run against ``answering_ckpt``, a model trained to close a
+  turn after a tool result: a random model's free answer always ends at ``max_tokens``, which the
+  Responses API reports as ``incomplete`` and openai-agents treats as a failure (as with OpenAI).
+  The other tests use random weights;
 - pydantic-ai with a structured ``output_type`` (its output tool is forced; a random model choosing
   among it and a function tool could loop until the context is full, so the function tool is in
   its own test) and with a tool and text output (``auto``: pydantic-ai does not let an agent force
