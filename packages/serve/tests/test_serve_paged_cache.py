@@ -8,6 +8,7 @@ Run: ``pytest packages/serve/tests/test_serve_paged_cache.py``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsv.serve.paged_cache import BlockPool, DecodeStaging, PagedBatchView, prefix_keys
@@ -121,3 +122,22 @@ def test_staged_decode_with_packed_rows_matches_full_forward() -> None:
             for row, i in enumerate(live):
                 torch.testing.assert_close(logits[row], alone[i][pos[i]], atol=1e-4, rtol=1e-4)
                 pos[i] += 1
+
+
+@pytest.mark.parametrize("num_blocks", [None, 64, 96, 257, 4096])
+@pytest.mark.parametrize("max_len", [128, 1024, 4096])
+def test_cache_budget_keeps_pool_and_staging_rows_within_num_blocks(num_blocks: int | None, max_len: int) -> None:
+    from dsv.serve.launch import cache_budget
+
+    bs, batch, full = 16, 8, -(-max_len // 16)
+    if num_blocks is not None and num_blocks < full:
+        return  # refused before the split (load_native_app names the shortfall)
+    pool, rows = cache_budget(num_blocks, block_size=bs, max_batch=batch, max_len=max_len, staging=True)
+    assert pool >= full  # one full-length request always fits the pool
+    if num_blocks is None:
+        assert rows == (batch, min(max_len, 1024))
+    else:
+        staged = 0 if rows is None else -(-rows[0] * rows[1] // bs)
+        assert pool + staged <= num_blocks and staged <= num_blocks // 2
+        assert rows is None or 1 <= rows[0] <= batch
+    assert cache_budget(num_blocks, block_size=bs, max_batch=batch, max_len=max_len, staging=False)[1] is None

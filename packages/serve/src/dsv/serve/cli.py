@@ -46,7 +46,8 @@ def serve(
         "auto", help="native engine weights and cache: float32, bfloat16, float16 or auto (bfloat16 on a GPU)"
     ),
     num_blocks: int = typer.Option(
-        None, min=1, help="native engine cache blocks (default: max-batch sequences of up to 1024 tokens)"
+        None, min=1, help="native engine cache blocks, staging rows included (default: max-batch sequences of up "
+        "to 1024 tokens, plus one staging row each)"
     ),
     block_size: int = typer.Option(16, min=1, help="tokens per cache block (native engine)"),
     prefill_chunk: int = typer.Option(
@@ -57,8 +58,8 @@ def serve(
         10.0, min=0.0, help="seconds between status lines (token rates, queue, cache) while busy; 0: none"
     ),
     staging: bool = typer.Option(
-        True, help="native engine: decode from dense per-request rows (fastest on a CPU; their memory is outside "
-        "--num-blocks); --no-staging decodes from the pool's blocks, so --num-blocks bounds the cache"),
+        True, help="native engine: decode from dense rows allocated once inside the cache budget (fastest on a "
+        "CPU); --no-staging decodes every request from the pool's blocks"),
     allow_unknown_fields: bool = typer.Option(
         False, help="accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400"
     ),

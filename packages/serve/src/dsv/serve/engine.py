@@ -358,7 +358,10 @@ class Engine:
 
     ``tokenizer`` (the checkpoint's :class:`dsv.core.tokenizer.Tokenizer`) is needed only by
     requests with a ``GenParams.grammar``; ``staging=False`` decodes from the pool's blocks, so
-    ``num_blocks`` bounds the whole cache."""
+    ``num_blocks`` bounds the whole cache. ``staging_capacity=(rows, length)`` allocates the staging
+    rows once at that size: a sequence decodes there while a row is free and it fits, and from the
+    pool otherwise (a sequence that outgrows its row moves to its pool blocks), so the cache's memory
+    is the pool plus that fixed size."""
 
     def __init__(
         self,
@@ -378,6 +381,7 @@ class Engine:
         vocab_size: int | None = None,
         share_prefill: bool = True,
         tokenizer: Any = None,
+        staging_capacity: tuple[int, int] | None = None,
     ) -> None:
         sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_batch": max_batch,
                  "prefill_chunk": prefill_chunk, "prefill_budget": 1 if prefill_budget is None else prefill_budget}  # fmt: skip
@@ -394,9 +398,12 @@ class Engine:
             device=device,
             dtype=dtype,
         )
+        # staging_capacity=(rows, length): staging rows allocated once, out of a server's cache budget;
+        # None lets them grow with the batch and context.
         self.staging = (
             DecodeStaging(
-                num_layers=num_layers, kv_dim=kv_dim, index_dim=index_dim, device=device, dtype=dtype
+                num_layers=num_layers, kv_dim=kv_dim, index_dim=index_dim, device=device, dtype=dtype,
+                capacity=staging_capacity,
             )
             if staging
             else None
@@ -732,11 +739,23 @@ class Engine:
         self._waiting.extendleft(reversed(deferred))  # they keep their place in the queue
 
     def _take_row(self, seq: _Seq) -> None:
+        """Give ``seq`` a staging row (its cached positions copied in) when one is free and the
+        sequence fits; otherwise it decodes from the pool."""
         assert self.staging is not None
+        if not self.staging.fits(len(self._rows) + 1, seq.cached + 1):
+            return
         seq.row = len(self._rows)
         self._rows.append(seq)
-        self.staging.reserve(len(self._rows), len(seq.prompt) + seq.params.max_tokens)
+        if not self.staging.fixed:
+            self.staging.reserve(len(self._rows), len(seq.prompt) + seq.params.max_tokens)
         self.staging.load(seq.row, self.pool, seq.blocks, seq.cached)
+
+    def _unstage(self, seq: _Seq) -> None:
+        """``seq`` outgrew its fixed-length row: its positions go to its pool blocks (which its
+        output has held since it started) and it decodes from the pool from now on."""
+        assert self.staging is not None and seq.row is not None
+        self.staging.store(seq.row, self.pool, seq.blocks, seq.cached)
+        self._free_row(seq)
 
     def _free_row(self, seq: _Seq) -> None:
         """Give up ``seq``'s staging row; the last row moves into it so rows stay packed."""
@@ -863,14 +882,24 @@ class Engine:
         ]  # fmt: skip
         decode = self._grow(decode)
         if decode and self.staging is not None:
+            for seq in list(self._rows):
+                if not self.staging.fits(1, seq.cached + 1):
+                    self._unstage(seq)
             for seq in decode:
                 if seq.row is None:
                     self._take_row(seq)
-            # Every staged sequence decodes (one still prefilling has no row), in row order.
-            decode = list(self._rows)
-            decode, logits = self._run(decode, [[s.generated[-1]] for s in decode], staged=True)
-            if decode:
-                self._sample(decode, logits)
+            # Every staged sequence decodes (one still prefilling has no row), in row order; the
+            # ones the fixed rows cannot hold decode from the pool in a second forward.
+            paged = [s for s in decode if s.row is None]
+            staged = list(self._rows)
+            if staged:
+                staged, logits = self._run(staged, [[s.generated[-1]] for s in staged], staged=True)
+                if staged:
+                    self._sample(staged, logits)
+            if paged:
+                paged, logits = self._run(paged, [[s.generated[-1]] for s in paged])
+                if paged:
+                    self._sample(paged, logits)
         elif decode:
             decode, logits = self._run(decode, [[s.generated[-1]] for s in decode])
             if decode:

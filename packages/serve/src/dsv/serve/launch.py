@@ -167,13 +167,15 @@ def load_native_app(
             f"than one request of the full context length ({max_len} tokens, {full} blocks); raise --num-blocks "
             "to at least that or lower --max-model-len"
         )
-    blocks = num_blocks or max(64, (max_batch * min(max_len, 1024)) // block_size, full)
+    blocks, capacity = cache_budget(num_blocks, block_size=block_size, max_batch=max_batch, max_len=max_len,
+                                    staging=staging)  # fmt: skip
     kwargs = {
         "num_blocks": blocks,
         "block_size": block_size,
         "max_batch": max_batch,
         "prefill_chunk": prefill_chunk,
-        "staging": staging,
+        "staging": capacity is not None,
+        "staging_capacity": capacity,
     }
     engine: Any
     if engine_process:
@@ -194,6 +196,31 @@ def load_native_app(
     engine.start()
     backend = LocalBackend(engine, tokenizer, templates=templates, max_model_len=max_len, vocab_size=vocab)
     return create_app(backend, server_settings)
+
+
+def cache_budget(
+    num_blocks: int | None, *, block_size: int, max_batch: int, max_len: int, staging: bool
+) -> tuple[int, tuple[int, int] | None]:
+    """Split the cache budget: ``(pool blocks, staging (rows, length) or None)``.
+
+    ``num_blocks`` (``--num-blocks``) bounds the whole cache, staging rows included: with staging,
+    up to half of it (never what one full-length request needs) becomes rows of ``min(max_len,
+    1024)`` positions, at most ``max_batch`` of them. Without ``num_blocks`` the pool gets its default
+    size (``max_batch`` requests of up to 1,024 tokens, at least 64 blocks and one full-length
+    request) and the staging rows come on top: one row per batch slot.
+    """
+    full = -(-max_len // block_size)
+    row_len = min(max_len, 1024)
+    if num_blocks is None:
+        pool = max(64, (max_batch * row_len) // block_size, full)
+        return pool, ((max_batch, row_len) if staging else None)
+    if not staging:
+        return num_blocks, None
+    region = min(num_blocks // 2, num_blocks - full)  # blocks' worth of staging positions
+    rows = min(max_batch, region * block_size // row_len)
+    if rows < 1:
+        return num_blocks, None
+    return num_blocks - -(-rows * row_len // block_size), (rows, row_len)
 
 
 def load_proxy_app(

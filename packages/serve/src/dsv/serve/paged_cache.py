@@ -241,7 +241,10 @@ def _grow(t: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None
 class DecodeStaging:
     """Dense per-sequence rows for decoding: ``kv [layers, rows, length, D]`` (and ``index_k``).
 
-    Capacity grows by doubling (rows and length), so memory follows the real batch and context.
+    Without ``capacity`` the rows grow by doubling (rows and length), so memory follows the real
+    batch and context. With ``capacity=(rows, length)`` they are allocated once at that size and
+    never grow: a server sizes them out of its cache budget, and the engine decodes a sequence here
+    only while it :meth:`fits`.
     """
 
     def __init__(
@@ -252,11 +255,26 @@ class DecodeStaging:
         index_dim: int | None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        capacity: tuple[int, int] | None = None,
     ) -> None:
-        self.kv: torch.Tensor = torch.zeros(num_layers, 1, 16, kv_dim, device=device, dtype=dtype)
+        rows, length = capacity or (1, 16)
+        if rows < 1 or length < 1:
+            raise ValueError(f"staging capacity must be at least one row of one token, got {capacity}")
+        self.fixed = capacity is not None
+        self.kv: torch.Tensor = torch.zeros(num_layers, rows, length, kv_dim, device=device, dtype=dtype)
         self.index_k = (
-            torch.zeros(num_layers, 1, 16, index_dim, device=device, dtype=dtype) if index_dim else None
+            torch.zeros(num_layers, rows, length, index_dim, device=device, dtype=dtype) if index_dim else None
         )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows take (latent and indexer keys)."""
+        ik = 0 if self.index_k is None else self.index_k.numel() * self.index_k.element_size()
+        return self.kv.numel() * self.kv.element_size() + ik
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether ``rows`` rows of ``length`` positions fit without growing (always, unbounded)."""
+        return not self.fixed or (rows <= self.rows and length <= self.length)
 
     @property
     def rows(self) -> int:
@@ -270,6 +288,8 @@ class DecodeStaging:
         """Make room for ``rows`` rows of ``length`` positions (doubling what is short)."""
         if rows <= self.rows and length <= self.length:
             return
+        if self.fixed:
+            raise ValueError(f"staging holds {self.rows} rows of {self.length} positions; asked for {rows} x {length}")
         r = self.rows if rows <= self.rows else max(rows, 2 * self.rows)
         n = self.length if length <= self.length else max(length, 2 * self.length)
         self.kv = _grow(self.kv, r, n)  # type: ignore[assignment]
@@ -286,6 +306,17 @@ class DecodeStaging:
         if self.index_k is not None:
             assert pool.index_k is not None, "pool built without indexer storage"
             self.index_k[:, row, :length] = pool.index_k[:, slots]
+
+    def store(self, row: int, pool: BlockPool, blocks: Sequence[int], length: int) -> None:
+        """Copy the first ``length`` positions of ``row`` into the sequence's pool ``blocks`` (the
+        reverse of :meth:`load`: the sequence goes on decoding from the pool)."""
+        bs = pool.block_size
+        table = torch.tensor(list(blocks[: (length + bs - 1) // bs]), dtype=torch.long)
+        slots = (table.view(-1, 1) * bs + torch.arange(bs).view(1, -1)).reshape(-1)[:length].to(pool.kv.device)
+        pool.kv[:, slots] = self.kv[:, row, :length]
+        if self.index_k is not None:
+            assert pool.index_k is not None, "pool built without indexer storage"
+            pool.index_k[:, slots] = self.index_k[:, row, :length]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` positions to row ``dst`` (packing the rows)."""
