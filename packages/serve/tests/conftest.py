@@ -84,12 +84,11 @@ def _train(
     for row, (p, a) in enumerate(seqs):
         ids[row, : len(p) + len(a)] = torch.tensor(p + a)
         target[row, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
-    scored = target != -100
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(max_steps):
         logits = model(ids[:, :-1]).logits  # (rows, width - 1, V)
-        if bool((logits.argmax(-1)[scored] == target[scored]).all()) and _least_prob(logits, target) >= min_prob:
+        if _learned(logits, target, min_prob):
             break
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
         opt.zero_grad()
@@ -98,14 +97,14 @@ def _train(
     model.eval()
     with torch.no_grad():
         logits = model(ids[:, :-1]).logits
-    ok = bool((logits.argmax(-1)[scored] == target[scored]).all()) and _least_prob(logits, target) >= min_prob
-    assert ok, f"the fixture model did not learn its script in {max_steps} steps"
+    assert _learned(logits, target, min_prob), f"the fixture model did not learn its script in {max_steps} steps"
 
 
-def _least_prob(logits: torch.Tensor, target: torch.Tensor) -> float:
+def _learned(logits: torch.Tensor, target: torch.Tensor, min_prob: float) -> bool:
+    """Every scored target token is the argmax and has at least ``min_prob``."""
     scored = target != -100
     probs = logits.detach().softmax(-1)[scored].gather(-1, target[scored].unsqueeze(-1))
-    return float(probs.min())
+    return bool((logits.argmax(-1)[scored] == target[scored]).all()) and float(probs.min()) >= min_prob
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -131,7 +131,9 @@ def test_cache_budget_keeps_pool_and_staging_rows_within_num_blocks(num_blocks: 
 
     bs, batch, full = 16, 8, -(-max_len // 16)
     if num_blocks is not None and num_blocks < full:
-        return  # refused before the split (load_native_app names the shortfall)
+        with pytest.raises(ValueError, match="less than one request of the full context length"):
+            cache_budget(num_blocks, block_size=bs, max_batch=batch, max_len=max_len, staging=True)
+        return
     pool, rows = cache_budget(num_blocks, block_size=bs, max_batch=batch, max_len=max_len, staging=True)
     assert pool >= full  # one full-length request always fits the pool
     if num_blocks is None:

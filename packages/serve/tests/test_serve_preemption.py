@@ -69,11 +69,11 @@ def test_64_requests_in_a_small_pool_stay_within_it(model: Any) -> None:
     greedy = GenParams(temperature=0.0, max_tokens=24)
     roomy = Engine.for_model(model, model.config, num_blocks=512, staging=False).generate_many(prompts, greedy)
     engine = Engine.for_model(model, model.config, num_blocks=48, staging=False, max_batch=64)
-    pool_bytes = engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0)
+    pool_bytes = engine.pool.nbytes
     out = engine.generate_many(prompts, greedy)
     assert [o.tokens for o in out] == [r.tokens for r in roomy]
     assert engine.staging is None and engine.stats().used_blocks == 0
-    assert engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0) == pool_bytes
+    assert engine.pool.nbytes == pool_bytes
     need = sum(-(-(len(p) + 24) // 16) for p in prompts)
     assert need > 4 * engine.pool.num_blocks
 
@@ -106,8 +106,7 @@ def test_preemptions_show_in_metrics_and_the_status_line(tiny_ckpt: Path, live_s
 
 
 def _cache_bytes(engine: Engine) -> int:
-    pool = engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0)
-    return pool + (engine.staging.nbytes if engine.staging is not None else 0)
+    return engine.pool.nbytes + (engine.staging.nbytes if engine.staging is not None else 0)
 
 
 def test_fixed_staging_rows_mix_staged_paged_and_outgrown_sequences(model: Any) -> None:
@@ -162,9 +161,7 @@ def test_the_server_cache_stays_within_num_blocks_while_64_clients_stream(tiny_c
                                block_size=block_size, max_batch=64, engine_process=False)  # fmt: skip
     engine = app.state.backend.engine
     assert engine.staging is not None and engine.staging.fixed
-    per_block = (engine.pool.kv.nbytes + (engine.pool.index_k.nbytes if engine.pool.index_k is not None else 0)) \
-        // engine.pool.num_blocks  # fmt: skip
-    budget = num_blocks * per_block
+    budget = num_blocks * engine.pool.nbytes // engine.pool.num_blocks
     peak = [0]
     done = threading.Event()
 

@@ -881,6 +881,7 @@ class Engine:
             if id(s) in alive and s.cached >= len(s.fill) and s.id not in prefilled and s.generated
         ]  # fmt: skip
         decode = self._grow(decode)
+        groups = [(decode, False)]
         if decode and self.staging is not None:
             for seq in list(self._rows):
                 if not self.staging.fits(1, seq.cached + 1):
@@ -889,21 +890,14 @@ class Engine:
                 if seq.row is None:
                     self._take_row(seq)
             # Every staged sequence decodes (one still prefilling has no row), in row order; the
-            # ones the fixed rows cannot hold decode from the pool in a second forward.
-            paged = [s for s in decode if s.row is None]
-            staged = list(self._rows)
-            if staged:
-                staged, logits = self._run(staged, [[s.generated[-1]] for s in staged], staged=True)
-                if staged:
-                    self._sample(staged, logits)
-            if paged:
-                paged, logits = self._run(paged, [[s.generated[-1]] for s in paged])
-                if paged:
-                    self._sample(paged, logits)
-        elif decode:
-            decode, logits = self._run(decode, [[s.generated[-1]] for s in decode])
-            if decode:
-                self._sample(decode, logits)
+            # ones the fixed rows cannot hold decode from the pool in a second forward. Both lists
+            # are taken before either samples: a sequence that finishes gives up its row.
+            groups = [(list(self._rows), True), ([s for s in decode if s.row is None], False)]
+        for seqs, staged in groups:
+            if seqs:
+                seqs, logits = self._run(seqs, [[s.generated[-1]] for s in seqs], staged=staged)
+                if seqs:
+                    self._sample(seqs, logits)
 
     def _grow(self, decode: list[_Seq]) -> list[_Seq]:
         """Give every decoding request the block its next token needs; when the pool is out of

@@ -158,15 +158,6 @@ def load_native_app(
     # Settings are checked before the engine (a process holding the model) starts.
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     server_settings = ServerSettings(model_name=name, **settings)  # type: ignore[arg-type]
-    # One request of the full context length must fit in the cache: the HTTP layer admits any request
-    # up to max_model_len, so a smaller pool would refuse requests the API has accepted.
-    full = -(-max_len // block_size)
-    if num_blocks is not None and num_blocks < full:
-        raise ValueError(
-            f"the cache holds {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens), less "
-            f"than one request of the full context length ({max_len} tokens, {full} blocks); raise --num-blocks "
-            "to at least that or lower --max-model-len"
-        )
     blocks, capacity = cache_budget(num_blocks, block_size=block_size, max_batch=max_batch, max_len=max_len,
                                     staging=staging)  # fmt: skip
     kwargs = {
@@ -207,9 +198,18 @@ def cache_budget(
     up to half of it (never what one full-length request needs) becomes rows of ``min(max_len,
     1024)`` positions, at most ``max_batch`` of them. Without ``num_blocks`` the pool gets its default
     size (``max_batch`` requests of up to 1,024 tokens, at least 64 blocks and one full-length
-    request) and the staging rows come on top: one row per batch slot.
+    request) and the staging rows come on top: one row per batch slot. A ``num_blocks`` smaller than
+    one full-length request is a ``ValueError`` naming the shortfall.
     """
+    # One request of the full context length must fit in the pool: the HTTP layer admits any request
+    # up to max_model_len, so a smaller pool would refuse requests the API has accepted.
     full = -(-max_len // block_size)
+    if num_blocks is not None and num_blocks < full:
+        raise ValueError(
+            f"the cache holds {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens), less "
+            f"than one request of the full context length ({max_len} tokens, {full} blocks); raise --num-blocks "
+            "to at least that or lower --max-model-len"
+        )
     row_len = min(max_len, 1024)
     if num_blocks is None:
         pool = max(64, (max_batch * row_len) // block_size, full)

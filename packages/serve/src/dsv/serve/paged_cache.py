@@ -90,6 +90,18 @@ class BlockPool:
 
     # -------------------------------------------------------------- accounting
     @property
+    def nbytes(self) -> int:
+        """Bytes the blocks take (latent and indexer keys)."""
+        return _nbytes(self.kv, self.index_k)
+
+    def slots(self, blocks: Sequence[int], length: int) -> torch.Tensor:
+        """The cache rows (``kv[:, slots]``) of a sequence's first ``length`` positions in ``blocks``."""
+        bs = self.block_size
+        table = torch.tensor(list(blocks[: (length + bs - 1) // bs]), dtype=torch.long)
+        slots = (table.view(-1, 1) * bs + torch.arange(bs).view(1, -1)).reshape(-1)[:length]
+        return slots.to(self.kv.device)
+
+    @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free) - len(self._cached)
 
@@ -230,6 +242,10 @@ class PagedBatchView:
         self._offsets += n
 
 
+def _nbytes(kv: torch.Tensor, index_k: torch.Tensor | None) -> int:
+    return kv.nbytes + (0 if index_k is None else index_k.nbytes)
+
+
 def _grow(t: torch.Tensor | None, rows: int, length: int) -> torch.Tensor | None:
     if t is None or (t.shape[1] >= rows and t.shape[2] >= length):
         return t
@@ -269,8 +285,7 @@ class DecodeStaging:
     @property
     def nbytes(self) -> int:
         """Bytes the rows take (latent and indexer keys)."""
-        ik = 0 if self.index_k is None else self.index_k.numel() * self.index_k.element_size()
-        return self.kv.numel() * self.kv.element_size() + ik
+        return _nbytes(self.kv, self.index_k)
 
     def fits(self, rows: int, length: int) -> bool:
         """Whether ``rows`` rows of ``length`` positions fit without growing (always, unbounded)."""
@@ -298,10 +313,7 @@ class DecodeStaging:
     def load(self, row: int, pool: BlockPool, blocks: Sequence[int], length: int) -> None:
         """Copy the first ``length`` cached positions of a sequence (its ``blocks``) into ``row``."""
         self.reserve(row + 1, length)
-        bs = pool.block_size
-        table = torch.tensor(list(blocks[: (length + bs - 1) // bs]), dtype=torch.long)
-        slots = (table.view(-1, 1) * bs + torch.arange(bs).view(1, -1)).reshape(-1)[:length]
-        slots = slots.to(pool.kv.device)
+        slots = pool.slots(blocks, length)
         self.kv[:, row, :length] = pool.kv[:, slots]
         if self.index_k is not None:
             assert pool.index_k is not None, "pool built without indexer storage"
@@ -310,9 +322,7 @@ class DecodeStaging:
     def store(self, row: int, pool: BlockPool, blocks: Sequence[int], length: int) -> None:
         """Copy the first ``length`` positions of ``row`` into the sequence's pool ``blocks`` (the
         reverse of :meth:`load`: the sequence goes on decoding from the pool)."""
-        bs = pool.block_size
-        table = torch.tensor(list(blocks[: (length + bs - 1) // bs]), dtype=torch.long)
-        slots = (table.view(-1, 1) * bs + torch.arange(bs).view(1, -1)).reshape(-1)[:length].to(pool.kv.device)
+        slots = pool.slots(blocks, length)
         pool.kv[:, slots] = self.kv[:, row, :length]
         if self.index_k is not None:
             assert pool.index_k is not None, "pool built without indexer storage"
