@@ -255,7 +255,7 @@ def _repetition_penalty(logits: torch.Tensor, seq: _Seq, penalty: float) -> torc
 _MERGE_ROUTES_EVERY = 64
 
 
-@dataclass
+@dataclass(eq=False)  # a request is its identity: `seq in running` must not compare 512-token prompts
 class _Seq:
     id: int
     prompt: list[int]
