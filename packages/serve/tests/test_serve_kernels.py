@@ -44,8 +44,10 @@ def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _run(model: torch.nn.Module, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    engine = Engine.for_model(model, model.config, num_blocks=32, block_size=8, max_batch=4)  # type: ignore[attr-defined]
+def _run(
+    model: torch.nn.Module, prompts: list[list[int]], *, staging: bool = True
+) -> list[tuple[list[int], list[float]]]:
+    engine = Engine.for_model(model, model.config, num_blocks=32, block_size=8, max_batch=4, staging=staging)  # type: ignore[attr-defined]
     out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
     done = [threading.Event() for _ in prompts]
 
@@ -97,5 +99,46 @@ def test_staged_decode_through_the_kernels_matches_torch(monkeypatch: pytest.Mon
     # prefill and the two decode steps of each layer, on the triton run only
     assert set(calls) == {"indexer_scores", "topk", "sparse_mla"} and min(calls.values()) >= 4, calls
     for (want_tokens, want_lp), (got_tokens, got_lp) in zip(results["torch"], results["triton"], strict=True):
+        assert got_tokens == want_tokens
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_paged_decode_reads_the_block_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding from the pool (``staging=False``, a GPU server's default): the sparse kernel reads the
+    selected latent rows through each sequence's block table, and no layer gathers its latent rows."""
+    ok, why = kernels.availability()
+    if not ok:
+        pytest.skip(f"dsv-kernels not usable here: {why}")
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import tiny
+    from dsv.serve.paged_cache import PagedBatchView
+
+    torch.manual_seed(0)
+    model = DSVForCausalLM(tiny(index_topk=8, num_nextn_predict_layers=0)).eval()
+    g = torch.Generator().manual_seed(3)
+    # Past the top-k (sparse from the first step) and below it (every visible key selected); block
+    # size 8, so the selected rows of each sequence lie in several blocks.
+    prompts = [torch.randint(16, 1000, (n,), generator=g).tolist() for n in (5, 19, 26)]
+    calls = {"varlen": 0, "gathered": 0}
+    real_varlen, real_update = kernels.sparse_mla_varlen, PagedBatchView.update
+
+    def varlen(*args, **kw):  # type: ignore[no-untyped-def]
+        calls["varlen"] += 1
+        return real_varlen(*args, **kw)
+
+    def gathered(self, *args, **kw):  # type: ignore[no-untyped-def]
+        calls["gathered"] += 1
+        return real_update(self, *args, **kw)
+
+    monkeypatch.setattr(kernels, "sparse_mla_varlen", varlen)
+    monkeypatch.setattr(PagedBatchView, "update", gathered)
+    monkeypatch.setenv("DSV_KERNELS", "torch")
+    want = _run(model, prompts, staging=False)
+    assert calls == {"varlen": 0, "gathered": calls["gathered"]} and calls["gathered"] > 0
+    calls["gathered"] = 0
+    monkeypatch.setenv("DSV_KERNELS", "triton")
+    got = _run(model, prompts, staging=False)
+    assert calls["gathered"] == 0 and calls["varlen"] >= 2 * 3, calls  # two layers, prefill + 2 decode steps
+    for (want_tokens, want_lp), (got_tokens, got_lp) in zip(want, got, strict=True):
         assert got_tokens == want_tokens
         assert got_lp == pytest.approx(want_lp, abs=1e-4)

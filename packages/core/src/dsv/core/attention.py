@@ -392,6 +392,34 @@ def sparse_mla(
     return sparse_mla_reference(q, kv, idx, sm_scale, d_v)
 
 
+def paged_sparse_ok(q: torch.Tensor) -> bool:
+    """Whether attention over a paged cache runs as :func:`sparse_mla_paged`: the Triton kernels
+    handle tensors like ``q`` (CUDA, or ``DSV_KERNELS=triton``) and nothing needs its gradient."""
+    return backend_for(q) == "triton" and not (torch.is_grad_enabled() and q.requires_grad)
+
+
+def sparse_mla_paged(
+    q: torch.Tensor, kv_flat: torch.Tensor, slots: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_mla` over a paged cache, reading the selected rows in place.
+
+    ``q [B,S,H,D]``, ``kv_flat [P,D]`` the layer's block store, ``slots [B,T]`` the store row of each
+    position, ``idx [B,S,K]`` selected positions (``-1`` = none) -> ``(out [B,S,H,d_v], lse [B,S,H])``:
+    the same as ``sparse_mla(q, kv_flat[slots], idx, ...)`` without gathering ``[B,T,D]``. The Triton
+    varlen kernel runs it (see :func:`paged_sparse_ok`); elsewhere the gathered form.
+    """
+    if backend_for(q) != "triton":
+        return sparse_mla(q, kv_flat[slots], idx, sm_scale, d_v)
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    rows = slots.gather(1, idx.reshape(B, S * K).long().clamp_min(0)).view(B, S, K)
+    rows = torch.where(idx >= 0, rows, -1).to(torch.int32)
+    out, lse = _kernels().sparse_mla_varlen(
+        q.reshape(B * S, H, D), kv_flat, rows.view(B * S, K), sm_scale=sm_scale, d_v=d_v
+    )
+    return out.view(B, S, H, d_v), lse.view(B, S, H)
+
+
 # Heads x latent width up to which the CPU kernel also does the attention (a loop per query row);
 # above it the kernel selects and torch's blocked attention attends. Per call, one thread
 # (tools/bench/cpu_dsa.py): tiny (4 x 40) decode 0.38 ms whole in C vs 0.47 ms selecting only vs

@@ -8,11 +8,15 @@ used by :func:`dsv.core.generate.generate`.
 Rows of a batch may hold different numbers of tokens (``offsets``). ``update`` returns the rows
 padded at the end to the longest one; the padding is never attended because key ``s`` is visible to
 query ``t`` of row ``b`` only when ``s <= offsets[b] + t``.
+
+A paged cache may also offer :class:`PagedRows` through ``update_paged``: the layer's whole latent
+store and each position's row in it, so the sparse attention kernel reads the selected rows where
+they are instead of a gathered ``[B, T, 576]`` copy (the model uses it where the Triton kernels run).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +39,24 @@ class KVCache(Protocol):
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more tokens cached in every row (called once per forward, after all layers)."""
+        ...
+
+
+class PagedRows(NamedTuple):
+    """One layer of a paged cache as the sparse kernel reads it (see :meth:`PagedKVCache.update_paged`)."""
+
+    kv: torch.Tensor  # [P, D]: the layer's latent store, every block of the pool
+    slots: torch.Tensor  # [B, T] int64: the row of ``kv`` holding position t of batch row b
+    index_k: torch.Tensor | None  # [B, T, D_I]: the indexer keys, gathered (they are small)
+
+
+@runtime_checkable
+class PagedKVCache(KVCache, Protocol):
+    """A :class:`KVCache` whose rows live in a shared block pool."""
+
+    def update_paged(self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None) -> PagedRows:
+        """Append as :meth:`KVCache.update` does; return the store and the rows of every position
+        (``slots`` past a row's length point anywhere in ``kv``: causality masks them)."""
         ...
 
 

@@ -58,8 +58,10 @@ def serve(
         10.0, min=0.0, help="seconds between status lines (token rates, queue, cache) while busy; 0: none"
     ),
     staging: bool = typer.Option(
-        True, help="native engine: decode from dense rows allocated once inside the cache budget (fastest on a "
-        "CPU); --no-staging decodes every request from the pool's blocks"),
+        None, "--staging/--no-staging", show_default=False,
+        help="native engine: decode from dense rows allocated once inside the cache budget (the default on a "
+        "CPU, where it is fastest); --no-staging decodes every request from the pool's blocks (the default on a "
+        "GPU, where the sparse attention kernel reads them through the block tables)"),
     allow_unknown_fields: bool = typer.Option(
         False, help="accept (and ignore) request fields neither OpenAI nor vLLM documents, instead of a 400"
     ),

@@ -132,7 +132,7 @@ def load_native_app(
     dtype: Any = None,
     engine_process: bool = True,
     threads: int | None = None,
-    staging: bool = True,
+    staging: bool | None = None,
     **settings: object,
 ) -> object:
     """The FastAPI app serving a checkpoint with the native engine (engine started).
@@ -143,7 +143,8 @@ def load_native_app(
     torch's own choice, which follows ``OMP_NUM_THREADS``). ``dtype`` (a ``torch.dtype`` or a name
     such as ``"bfloat16"``; default: bfloat16 on a GPU, float32 on the CPU) is the weights' and the
     cache's. ``staging=False`` decodes from the pool's blocks (``--num-blocks`` then bounds the
-    cache) instead of the dense per-request rows.
+    cache) instead of the dense per-request rows; None (the default) stages on a CPU only: on a GPU
+    the Triton sparse kernel reads the selected rows through the block tables.
     """
     from dsv.core.checkpoint import resolve
     from dsv.core.cli import resolve_dtype
@@ -158,6 +159,8 @@ def load_native_app(
     # Settings are checked before the engine (a process holding the model) starts.
     name = model_name or Path(str(path_or_repo).rstrip("/")).name
     server_settings = ServerSettings(model_name=name, **settings)  # type: ignore[arg-type]
+    if staging is None:
+        staging = device.split(":")[0] == "cpu"
     blocks, capacity = cache_budget(num_blocks, block_size=block_size, max_batch=max_batch, max_len=max_len,
                                     staging=staging)  # fmt: skip
     kwargs = {

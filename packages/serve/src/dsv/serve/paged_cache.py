@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dsv.core.cache import PagedRows
+
 __all__ = ["BlockPool", "DecodeStaging", "OutOfBlocks", "PagedBatchView", "StagedBatchView", "prefix_keys"]
 
 
@@ -226,17 +228,22 @@ class PagedBatchView:
     def update(
         self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = self.update_paged(layer, kv, index_k)
+        return rows.kv[rows.slots], rows.index_k  # (B, T, D)
+
+    def update_paged(self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None) -> PagedRows:
+        """:meth:`update` without gathering the latent: the layer's store and each position's slot
+        (the sparse kernel reads the selected rows in place); indexer keys gathered as before."""
         flat = self._write.reshape(-1)
         store = self.pool.kv[layer]
         store[flat] = kv.reshape(-1, kv.shape[-1]).to(store.dtype)
-        kv_all = store[self._gather]  # (B, T, D)
         ik_all = None
         if index_k is not None:
             assert self.pool.index_k is not None, "pool built without indexer storage"
             istore = self.pool.index_k[layer]
             istore[flat] = index_k.reshape(-1, index_k.shape[-1]).to(istore.dtype)
             ik_all = istore[self._gather]
-        return kv_all, ik_all
+        return PagedRows(store, self._gather, ik_all)
 
     def advance(self, n: int) -> None:
         self._offsets += n

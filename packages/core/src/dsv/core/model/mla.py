@@ -166,6 +166,28 @@ class MLA(nn.Module):
         # loss leaks through it into the backbone (V3.2-Exp, sparse training stage).
         idx_in = x.detach() if indexer_loss else x
         index_k = self.indexer.keys(idx_in, cos, sin) if self.indexer is not None else None
+        update_paged = getattr(cache, "update_paged", None)
+        if update_paged is not None and use_sparse and not indexer_loss and attention.paged_sparse_ok(q):
+            # A paged cache where the Triton kernels run: the kernel reads the selected latent rows
+            # in the block store; only the (small) indexer keys are gathered.
+            rows = update_paged(layer, latent, index_k)
+            T = rows.slots.shape[1]
+            extras = AttentionExtras()
+            if self.indexer is not None:
+                assert qr is not None and rows.index_k is not None
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                scores = attention.indexer_scores(iq, rows.index_k, iw, q_offset)
+                idx = attention.select_topk(scores, self.config.index_topk)  # all visible keys when T <= k
+                if want_indices or int(q_offset.max()) + S > self.config.index_topk:
+                    extras.indices = idx
+            else:  # dense attention as a selection of every visible key
+                pos = torch.arange(T, device=x.device)
+                last = q_offset.view(B, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
+                idx = torch.where(pos.view(1, 1, T) <= last, pos.view(1, 1, T), -1)
+            q_abs = self._absorbed_query(q_nope, q_pe)
+            out_lat, _ = attention.sparse_mla_paged(q_abs, rows.kv, rows.slots, idx, self.scale, self.rank)
+            out = self._absorbed_output(out_lat)
+            return self.o_proj(out.reshape(B, S, H * self.v_dim).to(x.dtype)), extras
         if cache is not None:
             kv_all, index_k_all = cache.update(layer, latent, index_k)
         else:
