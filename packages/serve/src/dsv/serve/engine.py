@@ -65,6 +65,7 @@ packages/serve/tests/test_serve_engine_rl.py``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -160,6 +161,15 @@ class GenParams:
     @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @functools.cached_property
+    def leaves_logits(self) -> bool:
+        """Whether sampling uses the model's logits as they are: no bias, penalty, mask or grammar."""
+        return not (
+            self.logit_bias or self.penalised or self.prefix_choices or self.grammar
+            or self.repetition_penalty != 1 or (self.min_tokens and self.stop_token_ids)
+            or (self.min_p > 0 and self.temperature > 0)
+        )  # fmt: skip
 
     def allowed_next(self, generated: list[int]) -> set[int] | None:
         """Tokens that may follow ``generated`` under ``prefix_choices``; None when unconstrained
@@ -958,6 +968,8 @@ class Engine:
         grammar_rows: list[int] = []
         for row, seq in enumerate(seqs):
             p = seq.params
+            if p.leaves_logits:
+                continue
             allowed = self._allowed(seq) if p.prefix_choices and not seq.choice_done else None
             in_grammar = seq.matcher is not None and self._grammar_started(seq)
             early = p.min_tokens > len(seq.generated) and bool(p.stop_token_ids)
@@ -985,7 +997,7 @@ class Engine:
             fill_masks([seqs[r].matcher for r in grammar_rows], chosen_from, grammar_rows)  # type: ignore[misc]
         for row, seq in enumerate(seqs):
             p = seq.params
-            if p.min_p > 0 and p.temperature > 0:
+            if not p.leaves_logits and p.min_p > 0 and p.temperature > 0:
                 # p_i >= min_p * p_max  <=>  l_i >= l_max + T * ln(min_p), on the adjusted logits.
                 r = chosen_from[row]
                 floor = r.max() + p.temperature * math.log(p.min_p) if p.min_p < 1 else r.max()
