@@ -8,8 +8,6 @@ Run: ``pytest kernels/tests/test_kernels_fp8_gemm.py`` (the conftest turns on Tr
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -126,30 +124,6 @@ def test_quantize_linears_swaps_exactly_the_checkpoints_fp8_layers() -> None:
     ref.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_fp8_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
-    """The interpreter cannot see compile-only errors or register spills: compile both kernels for
-    sm_90 (ptxas from the triton wheel, no GPU) at the block sizes the launcher picks."""
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "dsv.kernels.cuda_compile", "--arch", "90", "--only", "fp8 "]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    rows = [
-        [c.strip() for c in line.split("|")[1:-1]]
-        for line in done.stdout.splitlines()
-        if line.startswith("| fp8")
-    ]
-    assert [r[0] for r in rows] == ["fp8 act_quant (ue8m0)", "fp8 gemm (M=1)", "fp8 gemm (M=4096)"], (
-        done.stdout
-    )
-    for _, _, shared_kib, regs, spill, _ in rows:
-        assert float(shared_kib) <= 227 and int(regs) <= 255 and int(spill) == 0
 
 
 @pytest.mark.skipif(os.environ.get("DSV_KERNELS_TEST_DEVICE") == "cuda", reason="the CPU (interpreter) path")
