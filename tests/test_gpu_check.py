@@ -18,7 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
-STEPS = ("kernel-tests", "bench-kernels", "bench-fp8-gemm", "bench-core-decode", "bench-serve")
+STEPS = (
+    "kernel-tests",
+    "compile-check",
+    "bench-kernels",
+    "bench-fp8-gemm",
+    "bench-core-decode",
+    "bench-serve",
+)
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -29,7 +36,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.slow  # about 45 s: five steps, each a fresh Python process
+@pytest.mark.slow  # about a minute: six steps, each a fresh Python process
 def test_dry_run_runs_every_step_and_writes_the_tables(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     done = _run("--dry-run", "--out", str(out))
@@ -40,10 +47,17 @@ def test_dry_run_runs_every_step_and_writes_the_tables(tmp_path: Path) -> None:
         assert (out / "logs" / f"{step}.log").stat().st_size > 0
     # the act-quant (4) and GEMM (2) tests under the interpreter: a selection that matched nothing fails here
     assert re.search(r"\b6 passed\b", (out / "logs" / "kernel-tests.log").read_text())
+    assert re.search(r"\b1 passed\b", (out / "logs" / "compile-check.log").read_text())  # the mma classifier
+    # the native CUDA pass names every kernel test file but the compile check (its own step)
+    listed = re.search(r"^- kernel test files \(native CUDA pass\): (.*)$", summary, re.M)
+    assert listed, summary
+    expected = {f"kernels/tests/{p.name}" for p in (ROOT / "kernels" / "tests").glob("test_kernels_*.py")}
+    expected = expected - {"kernels/tests/test_kernels_cuda_compile.py"} | {"kernels/tests/test_dsa_ties.py"}
+    assert set(listed.group(1).split()) == expected
     kernels = json.loads((out / "kernels" / "kernels_bench.json").read_text())
     assert {r["op"] for r in kernels["records"]} == {"indexer", "topk", "sparse_prefill", "sparse_decode"}
-    assert all(r["impl"] == "triton" for r in kernels["records"])
-    assert "| tiny | 32 | 32 | sparse_prefill | triton |" in summary
+    assert all(r["impl"] == "triton" and r["check"] == "pass" for r in kernels["records"])
+    assert "| tiny | 32 | 1 | 32 | sparse_prefill | triton |" in summary
     fp8 = json.loads((out / "fp8-gemm" / "fp8_gemm_bench.json").read_text())
     assert {(r["layer"], r["M"]) for r in fp8["records"]} == {
         ("o_proj", 1), ("o_proj", 16), ("expert down", 1), ("expert down", 16),
