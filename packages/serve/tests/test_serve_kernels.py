@@ -104,8 +104,8 @@ def test_staged_decode_through_the_kernels_matches_torch(monkeypatch: pytest.Mon
 
 
 def test_paged_decode_reads_the_block_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoding from the pool (``staging=False``, a GPU server's default): the sparse kernel reads the
-    selected latent rows through each sequence's block table, and no layer gathers its latent rows."""
+    """Decoding from the pool (``staging=False``, a GPU server's default): the indexer reads its keys and
+    the sparse kernel the selected latent rows through each sequence's block table; no layer gathers."""
     ok, why = kernels.availability()
     if not ok:
         pytest.skip(f"dsv-kernels not usable here: {why}")
@@ -119,26 +119,33 @@ def test_paged_decode_reads_the_block_table(monkeypatch: pytest.MonkeyPatch) -> 
     # Past the top-k (sparse from the first step) and below it (every visible key selected); block
     # size 8, so the selected rows of each sequence lie in several blocks.
     prompts = [torch.randint(16, 1000, (n,), generator=g).tolist() for n in (5, 19, 26)]
-    calls = {"varlen": 0, "gathered": 0}
+    calls = {"varlen": 0, "gathered": 0, "indexer_paged": 0}
     real_varlen, real_update = kernels.sparse_mla_varlen, PagedBatchView.update
+    real_indexer = kernels.indexer_scores_paged
 
     def varlen(*args, **kw):  # type: ignore[no-untyped-def]
         calls["varlen"] += 1
         return real_varlen(*args, **kw)
+
+    def indexer_paged(*args, **kw):  # type: ignore[no-untyped-def]
+        calls["indexer_paged"] += 1
+        return real_indexer(*args, **kw)
 
     def gathered(self, *args, **kw):  # type: ignore[no-untyped-def]
         calls["gathered"] += 1
         return real_update(self, *args, **kw)
 
     monkeypatch.setattr(kernels, "sparse_mla_varlen", varlen)
+    monkeypatch.setattr(kernels, "indexer_scores_paged", indexer_paged)
     monkeypatch.setattr(PagedBatchView, "update", gathered)
     monkeypatch.setenv("DSV_KERNELS", "torch")
     want = _run(model, prompts, staging=False)
-    assert calls == {"varlen": 0, "gathered": calls["gathered"]} and calls["gathered"] > 0
+    assert calls["varlen"] == calls["indexer_paged"] == 0 and calls["gathered"] > 0
     calls["gathered"] = 0
     monkeypatch.setenv("DSV_KERNELS", "triton")
     got = _run(model, prompts, staging=False)
-    assert calls["gathered"] == 0 and calls["varlen"] >= 2 * 3, calls  # two layers, prefill + 2 decode steps
+    # two layers, prefill + 2 decode steps; neither the latent rows nor the indexer keys gathered
+    assert calls["gathered"] == 0 and calls["varlen"] >= 2 * 3 and calls["indexer_paged"] == calls["varlen"], calls
     for (want_tokens, want_lp), (got_tokens, got_lp) in zip(want, got, strict=True):
         assert got_tokens == want_tokens
         assert got_lp == pytest.approx(want_lp, abs=1e-4)

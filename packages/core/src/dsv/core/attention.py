@@ -398,6 +398,27 @@ def paged_sparse_ok(q: torch.Tensor) -> bool:
     return backend_for(q) == "triton" and not (torch.is_grad_enabled() and q.requires_grad)
 
 
+def indexer_scores_paged(
+    q: torch.Tensor,
+    k_store: torch.Tensor,
+    w: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    q_offset: torch.Tensor | int,
+    num_keys: int,
+) -> torch.Tensor:
+    """:func:`indexer_scores` over a paged key store, reading the keys in place: ``q [B,S,H,D]``,
+    ``k_store [P,D]``, ``block_table [B,blocks]`` (key ``s`` of row ``b`` is store row
+    ``block_table[b, s // block_size] * block_size + s % block_size``) -> ``[B, S, num_keys]``. The
+    Triton kernel where it runs (see :func:`paged_sparse_ok`); elsewhere the gathered form."""
+    if backend_for(q) == "triton":
+        scores = _kernels().indexer_scores_paged(q, k_store, w, block_table, page_size=block_size, q_offset=q_offset)
+        return scores[..., :num_keys]
+    pos = torch.arange(num_keys, device=block_table.device)
+    slots = block_table.long()[:, pos // block_size] * block_size + pos % block_size
+    return indexer_scores(q, k_store[slots], w, q_offset)
+
+
 def sparse_mla_paged(
     q: torch.Tensor, kv_flat: torch.Tensor, slots: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

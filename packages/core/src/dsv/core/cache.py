@@ -43,11 +43,13 @@ class KVCache(Protocol):
 
 
 class PagedRows(NamedTuple):
-    """One layer of a paged cache as the sparse kernel reads it (see :meth:`PagedKVCache.update_paged`)."""
+    """One layer of a paged cache as the kernels read it (see :meth:`PagedKVCache.update_paged`)."""
 
     kv: torch.Tensor  # [P, D]: the layer's latent store, every block of the pool
-    slots: torch.Tensor  # [B, T] int64: the row of ``kv`` holding position t of batch row b
-    index_k: torch.Tensor | None  # [B, T, D_I]: the indexer keys, gathered (they are small)
+    slots: torch.Tensor  # [B, T] int64: the row of ``kv`` (and ``index_k``) holding position t of batch row b
+    index_k: torch.Tensor | None  # [P, D_I]: the layer's indexer-key store (None without an indexer)
+    block_table: torch.Tensor  # [B, blocks] int32: row b's blocks in order (``slots`` spelled per block)
+    block_size: int
 
 
 @runtime_checkable
@@ -55,8 +57,8 @@ class PagedKVCache(KVCache, Protocol):
     """A :class:`KVCache` whose rows live in a shared block pool."""
 
     def update_paged(self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None) -> PagedRows:
-        """Append as :meth:`KVCache.update` does; return the store and the rows of every position
-        (``slots`` past a row's length point anywhere in ``kv``: causality masks them)."""
+        """Append as :meth:`KVCache.update` does; return the stores, the rows of every position and the
+        block tables (``slots`` past a row's length point anywhere in ``kv``: causality masks them)."""
         ...
 
 

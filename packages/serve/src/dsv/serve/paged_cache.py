@@ -217,6 +217,7 @@ class PagedBatchView:
         table = torch.tensor([[*t[:nb], *([0] * (nb - min(len(t), nb)))] for t in tables], dtype=torch.long)
         pos = torch.arange(T)
         gather = table[:, pos // bs] * bs + pos % bs  # (B, T)
+        self._table = table.to(device=device, dtype=torch.int32)
         valid = pos.view(1, T) < (self._offsets.cpu().view(B, 1) + S)
         self._gather = torch.where(valid, gather, torch.zeros_like(gather)).to(device)  # padding reads slot 0
         write_pos = self._offsets.cpu().view(B, 1) + torch.arange(S).view(1, S)  # (B, S)
@@ -229,21 +230,21 @@ class PagedBatchView:
         self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = self.update_paged(layer, kv, index_k)
-        return rows.kv[rows.slots], rows.index_k  # (B, T, D)
+        gathered_ik = None if rows.index_k is None else rows.index_k[rows.slots]
+        return rows.kv[rows.slots], gathered_ik  # (B, T, D), (B, T, D_I)
 
     def update_paged(self, layer: int, kv: torch.Tensor, index_k: torch.Tensor | None) -> PagedRows:
-        """:meth:`update` without gathering the latent: the layer's store and each position's slot
-        (the sparse kernel reads the selected rows in place); indexer keys gathered as before."""
+        """:meth:`update` without gathering anything: the layer's stores, each position's slot and the
+        block tables (the kernels read the rows they need in place)."""
         flat = self._write.reshape(-1)
         store = self.pool.kv[layer]
         store[flat] = kv.reshape(-1, kv.shape[-1]).to(store.dtype)
-        ik_all = None
+        istore = None
         if index_k is not None:
             assert self.pool.index_k is not None, "pool built without indexer storage"
             istore = self.pool.index_k[layer]
             istore[flat] = index_k.reshape(-1, index_k.shape[-1]).to(istore.dtype)
-            ik_all = istore[self._gather]
-        return PagedRows(store, self._gather, ik_all)
+        return PagedRows(store, self._gather, istore, self._table, self.pool.block_size)
 
     def advance(self, n: int) -> None:
         self._offsets += n

@@ -168,15 +168,17 @@ class MLA(nn.Module):
         index_k = self.indexer.keys(idx_in, cos, sin) if self.indexer is not None else None
         update_paged = getattr(cache, "update_paged", None)
         if update_paged is not None and use_sparse and not indexer_loss and attention.paged_sparse_ok(q):
-            # A paged cache where the Triton kernels run: the kernel reads the selected latent rows
-            # in the block store; only the (small) indexer keys are gathered.
+            # A paged cache where the Triton kernels run: the indexer reads its keys and the sparse
+            # kernel the selected latent rows in the block stores; nothing is gathered.
             rows = update_paged(layer, latent, index_k)
             T = rows.slots.shape[1]
             extras = AttentionExtras()
             if self.indexer is not None:
                 assert qr is not None and rows.index_k is not None
                 iq, iw = self.indexer.queries(x, qr, cos, sin)
-                scores = attention.indexer_scores(iq, rows.index_k, iw, q_offset)
+                scores = attention.indexer_scores_paged(
+                    iq, rows.index_k, iw, rows.block_table, rows.block_size, q_offset, T
+                )
                 idx = attention.select_topk(scores, self.config.index_topk)  # all visible keys when T <= k
                 if want_indices or int(q_offset.max()) + S > self.config.index_topk:
                     extras.indices = idx
