@@ -114,6 +114,10 @@ def test_reduced_quickstart_learns_serves_and_resumes_after_sigkill(tmp_path: Pa
     # The model learned the family: 20 points above the pretrained model (0.59 and 0.61 in the recorded run).
     assert ev["grpo"]["no_thinking"]["accuracy"] >= ev["pretrained"]["no_thinking"]["accuracy"] + 0.2, ev
     assert ev["grpo"]["no_thinking"]["mean_output_tokens"] < ev["pretrained"]["no_thinking"]["mean_output_tokens"]
+    # The paired comparison counts the same tasks the accuracies do.
+    vs, n = rec["eval"]["figures"]["grpo_vs_sft"], rec["eval"]["figures"]["tasks"]
+    moved = ev["grpo"]["no_thinking"]["accuracy"] - ev["sft"]["no_thinking"]["accuracy"]
+    assert vs["gained"] - vs["lost"] == round(moved * n) and 0 < vs["p_value"] <= 1
 
     rows = rec["bench"]["figures"]["rows"]
     assert len(rows) >= 3 and all(r["dense_ms"] > 0 and r["dsa_ms"] > 0 for r in rows)
@@ -159,3 +163,17 @@ def test_reduced_quickstart_learns_serves_and_resumes_after_sigkill(tmp_path: Pa
     for name in ev:
         for mode in ("no_thinking", "thinking"):
             assert ev2[name][mode]["accuracy"] == pytest.approx(ev[name][mode]["accuracy"], abs=TOLERANCE)
+
+
+def test_paired_sign_test() -> None:
+    from dsv.rl.quickstart import paired_sign_test
+
+    # 9 tasks gained, 1 lost, 5 unchanged: P(X <= 1 or X >= 9), X ~ binomial(10, 1/2) = 22 / 1024
+    before = [False] * 9 + [True] + [True] * 3 + [False] * 2
+    after = [True] * 9 + [False] + [True] * 3 + [False] * 2
+    assert paired_sign_test(before, after) == {"gained": 9, "lost": 1, "p_value": pytest.approx(22 / 1024)}
+    assert paired_sign_test(after, before)["p_value"] == pytest.approx(22 / 1024)
+    assert paired_sign_test([True, False], [True, False]) == {"gained": 0, "lost": 0, "p_value": 1.0}
+    assert paired_sign_test([True, False], [False, True])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_sign_test([True], [True, False])

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -484,9 +485,25 @@ def _stage_eval(run: _Run) -> dict[str, Any]:
     acc = {k: m[k]["no_thinking"]["accuracy"] for k in m}
     figures["gain_over_pretrained"] = acc["grpo"] - acc["pretrained"]
     figures["grpo_share_of_gain"] = (acc["grpo"] - acc["sft"]) / figures["gain_over_pretrained"] if figures["gain_over_pretrained"] > 0 else None
+    figures["grpo_vs_sft"] = paired_sign_test([p for p, _ in m["sft"]["no_thinking"]["episodes"]],
+                                              [p for p, _ in m["grpo"]["no_thinking"]["episodes"]])  # fmt: skip
     outcome = ("held-out accuracy without thinking: pretrained {pretrained:.2f}, SFT {sft:.2f}, GRPO {grpo:.2f}".format(**acc)
                + "; with thinking: " + ", ".join(f"{k} {m[k]['thinking']['accuracy']:.2f}" for k in m))  # fmt: skip
     return _record(run, "eval", seconds, tokens / max(seconds, 1e-9), outcome, figures)
+
+
+def paired_sign_test(before: list[bool], after: list[bool]) -> dict[str, Any]:
+    """Whether ``after`` passes more of the same tasks than ``before`` beyond chance: the tasks only
+    ``after`` passes (``gained``), only ``before`` passes (``lost``), and the exact two-sided sign test
+    (McNemar's exact test) of ``gained`` against ``lost``: under "no difference" each task that changed
+    is as likely to go either way, so ``p_value`` is the binomial(gained + lost, 1/2) tail."""
+    if len(before) != len(after):
+        raise ValueError(f"paired results need the same tasks: {len(before)} before, {len(after)} after")
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    n, k = gained + lost, min(gained, lost)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"gained": gained, "lost": lost, "p_value": p}
 
 
 def _stage_bench(run: _Run) -> dict[str, Any]:
@@ -805,9 +822,12 @@ def write_report(run: _Run) -> Path:
             off, on = per["no_thinking"], per["thinking"]
             lines.append(f"| {name} | {off['accuracy']:.2f} | {off['mean_output_tokens']:.1f} | {on['accuracy']:.2f} "
                          f"| {on['mean_output_tokens']:.1f} |")  # fmt: skip
-        share = ev.get("grpo_share_of_gain")
+        share, vs = ev.get("grpo_share_of_gain"), ev.get("grpo_vs_sft") or {}
         lines += ["", f"Gain over the pretrained model (thinking off): {ev['gain_over_pretrained'] * 100:+.0f} points; "
-                  f"GRPO's share of it over SFT alone: {_fmt(share, '.0%')}. "
+                  f"GRPO's share of it over SFT alone: {_fmt(share, '.0%')}"
+                  + (f" (of the {ev['tasks']} held-out tasks GRPO passes {vs['gained']} that SFT fails and fails "
+                     f"{vs['lost']} that SFT passes: exact sign test, two-sided p = {vs['p_value']:.3g}). "
+                     if vs else ". ")
                   + (f"Thinking mode (budget {r.thinking_tokens} tokens): the family's worked reasoning is in SFT's "
                      "first phase only; its second phase (answers alone, in short rows) and GRPO train the answers "
                      "without thinking, so the thinking column shows what is left of the first phase."
