@@ -6,10 +6,10 @@ spills or which tensor-core instructions a kernel ends up with. This runs ``pyth
 dsv.kernels.cuda_compile --json`` once, in a subprocess without ``TRITON_INTERPRET`` and with an empty
 Triton cache (a real compile; about 15-25 s for the whole table on one core), and checks every row:
 no spill stores, at most 255 registers, at most 227 KiB of shared memory, the ``ptxas -v`` rerun
-describing the same cubin Triton built (equal register counts), and the sparse attention forward kernels
-(labels starting ``sparse_mla fwd``: prefill, split-KV decode, FP8 cache) doing their matrix products on
-Hopper's wgmma (``wgmma.mma_async`` in the PTX, ``HGMMA``/``QGMMA`` in the SASS), not the warp-level
-``mma.sync``.
+describing the same cubin Triton built (equal register counts), and every sparse attention kernel with
+matrix products (forward: prefill, split-KV decode, FP8 cache; backward: dq, dkv, dkv deterministic)
+doing them all on Hopper's wgmma (``wgmma.mma_async`` in the PTX, ``HGMMA``/``QGMMA`` in the SASS), not
+the warp-level ``mma.sync``.
 
 Run: ``pytest kernels/tests/test_kernels_cuda_compile.py``.
 """
@@ -87,13 +87,18 @@ def test_ptxas_report_describes_tritons_own_cubin(table: dict[str, Any]) -> None
 
 @needs_ptxas
 def test_sparse_attention_kernels_use_wgmma(table: dict[str, Any]) -> None:
-    # The attention itself: prefill, split-KV decode and the FP8-cache decode. The backward keeps
-    # 16-head tiles on mma.sync, the one shape found without spills (a 64-head backward spills 1-2.5 KB;
-    # see ``_bwd_blocks`` in ops/sparse_mla/triton.py), and is checked for spills above like every kernel.
-    rows = [r for r in table["kernels"] if r["name"].startswith("sparse_mla fwd")]
-    assert {"sparse_mla fwd", "sparse_mla fwd split-KV partial"} <= {r["name"] for r in rows}, rows
+    # Every sparse_mla kernel with matrix products: prefill, split-KV decode, the FP8-cache decode and
+    # both backward kernels (dq, dkv, dkv deterministic). The split-KV combine and the ordered dkv
+    # reduction are element-wise sums; they stay out only while they have no products at all.
+    elementwise = {"sparse_mla split-KV combine", "sparse_mla bwd ordered dkv reduce"}
+    sparse = [r for r in table["kernels"] if r["name"].startswith("sparse_mla")]
+    rows = [r for r in sparse if r["name"] not in elementwise]
+    assert {"sparse_mla fwd", "sparse_mla fwd split-KV partial", "sparse_mla bwd dq", "sparse_mla bwd dkv",
+            "sparse_mla bwd dkv (deterministic)"} <= {r["name"] for r in rows}, rows  # fmt: skip
     bad = [f"{r['name']} ({r['config']}): " + (r["error"] or f"PTX {r['mma']}, SASS {r['sass_mma']}") for r in rows
-           if r["error"] or not r["uses_wgmma"] or "GMMA" not in (r["sass_mma"] or "")]  # fmt: skip
+           if r["error"] or r["mma"] != "wgmma" or not r["uses_wgmma"] or "GMMA" not in (r["sass_mma"] or "")]  # fmt: skip
+    bad += [f"{r['name']}: PTX {r['mma']} (products here need wgmma too)" for r in sparse
+            if r["name"] in elementwise and r["mma"] != "none"]  # fmt: skip
     assert not bad, "sparse attention kernels without wgmma:\n" + "\n".join(bad)
 
 

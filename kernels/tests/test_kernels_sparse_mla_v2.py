@@ -110,7 +110,9 @@ def test_fp8_kv_forward_matches_dequantised_reference(
 
 @pytest.mark.parametrize("budget", [None, 1], ids=["one-chunk", "chunk-per-token"])
 def test_deterministic_backward_bitwise_and_reference(budget: int | None) -> None:
-    B, S, H, D, d_v, T, K_ = 2, 3, 3, 40, 32, 12, 10  # few keys: many queries hit each key row
+    # few keys: many queries hit each key row; 18 heads: two head blocks (the second partial) in the
+    # partial buffer that the ordered reduction sums
+    B, S, H, D, d_v, T, K_ = 2, 3, 18, 40, 32, 12, 10
     q, kv = torch.randn(B, S, H, D), torch.randn(B, T, D)
     idx = torch.stack([torch.randperm(T)[:K_] for _ in range(B * S)]).view(B, S, K_).int()
     idx[0, 1, :3] = -1
@@ -156,10 +158,12 @@ def test_v2_bad_inputs_name_the_argument() -> None:
 
 def test_launch_configs_of_the_gpu_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     # the block sizes a GPU launch picks at V3.2 widths (64 heads, value halves / FP8 quarters, 32
-    # picks per step; 16-head backward), run here so the exact launched index arithmetic is checked
+    # picks per step; backward: dq on 64 heads x 16 picks, dkv on 64 picks x 64 heads, 64-column
+    # slices), run here so the exact launched index arithmetic is checked
     monkeypatch.setattr(sm, "interpreting", lambda: False)
     assert sm._blocks(64, 512, 64)[:5] == (64, 32, 256, 64, 2)
     assert sm._blocks(64, 512, 64, fp8=True)[:5] == (64, 32, 128, 64, 4)
+    assert sm._bwd_blocks(128, 512, 64) == ((64, 16, 512, 64, 64, 8), (64, 64, 64, 8))
     N, H, d_v, d_r, T, K_ = 2, 64, 512, 64, 50, 40
     q, kv = torch.randn(N, H, d_v + d_r) * 0.3, torch.randn(T, d_v + d_r) * 0.3
     idx = _idx_with_dead_splits(N + 1, T, K_)[1:]  # one token with a dead first half
@@ -169,12 +173,13 @@ def test_launch_configs_of_the_gpu_in_the_interpreter(monkeypatch: pytest.Monkey
     ref, ref_lse = sparse_mla_varlen_reference(qr, kvr, idx.masked_fill(idx >= T, -1), 0.05, d_v)
     assert _err(out, ref) <= 1e-4 and _err(lse, ref_lse) <= 1e-4
     g = torch.randn_like(out)
-    for got, want in zip(
-        torch.autograd.grad((out * g).sum(), (qk, kvk)),
-        torch.autograd.grad((ref * g).sum(), (qr, kvr)),
-        strict=True,
-    ):
+    wants = torch.autograd.grad((ref * g).sum(), (qr, kvr))
+    for got, want in zip(torch.autograd.grad((out * g).sum(), (qk, kvk)), wants, strict=True):
         assert _err(got, want) <= 1e-4
+    # the deterministic dkv path at the same blocks (its partial buffer indexed by 64-pick tiles)
+    det = sm.sparse_mla_bwd(q[None], kv[None], idx[None], out.detach()[None], lse.detach()[None], g[None], None,
+                            0.05, d_v, deterministic=True)  # fmt: skip
+    assert _err(det[0][0], wants[0]) <= 1e-4 and _err(det[1][0], wants[1]) <= 1e-4
     cache = K.quantize_mla_kv_fp8(kv, d_v=d_v)
     out8, _ = K.sparse_mla_fp8_kv(q, cache, idx, sm_scale=0.05, d_v=d_v)
     ref8, _ = sparse_mla_varlen_reference(

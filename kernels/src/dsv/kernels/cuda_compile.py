@@ -330,16 +330,23 @@ def _specs() -> list[tuple[str, Any, dict[str, Any]]]:
         dict(pointers={"part_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": bf16, "lse_ptr": "*fp32"},
              constexprs=dict(BLOCK_H=ch, BLOCK_C=cc, BLOCK_DV=cdv)),
     ))  # fmt: skip
-    bh, bk, bdv, bdr, bc, parts, warps = sm._bwd_blocks(H, D_V, D_R)
+    (bh, bk, bdv, bdr, bc, warps), (kh, kk, kc, kwarps) = sm._bwd_blocks(H, D_V, D_R)
+    bwd_ptrs = {"q_ptr": bf16, "kv_ptr": bf16, "idx_ptr": "*i32", "do_ptr": bf16, "lse_ptr": "*fp32",
+                "delta_ptr": "*fp32", "dq_ptr": "*fp32", "dkv_ptr": "*fp32", "part_ptr": "*fp32"}  # fmt: skip
+    specs.append((
+        "sparse_mla bwd dq", sm._sparse_mla_bwd_dq_kernel,
+        dict(pointers={a: t for a, t in bwd_ptrs.items() if a in sm._sparse_mla_bwd_dq_kernel.arg_names},
+             constexprs=dict(HAS_ROPE=True, PREC="tf32", UPCAST=False, ALIGNED=True, EVEN_DV=True, EVEN_DR=True,
+                             BLOCK_H=bh, BLOCK_K=bk, BLOCK_DV=bdv, BLOCK_DR=bdr, BLOCK_C=bc),
+             floats=("sm_scale", "scale_log2"), num_warps=warps, num_stages=sm.BWD_STAGES),
+    ))  # fmt: skip
     for det in (False, True):
         specs.append((
-            f"sparse_mla bwd{' (deterministic)' if det else ''}", sm._sparse_mla_bwd_kernel,
-            dict(pointers={"q_ptr": bf16, "kv_ptr": bf16, "idx_ptr": "*i32", "do_ptr": bf16, "lse_ptr": "*fp32",
-                           "delta_ptr": "*fp32", "dq_ptr": "*fp32", "dkv_ptr": "*fp32", "part_ptr": "*fp32"},
+            f"sparse_mla bwd dkv{' (deterministic)' if det else ''}", sm._sparse_mla_bwd_dkv_kernel,
+            dict(pointers={a: t for a, t in bwd_ptrs.items() if a != "dq_ptr"},
                  constexprs=dict(DETERMINISTIC=det, HAS_ROPE=True, PREC="tf32", UPCAST=False, ALIGNED=True,
-                                 EVEN_DV=True, EVEN_DR=True, DV_PARTS=parts, BLOCK_H=bh, BLOCK_K=bk, BLOCK_DV=bdv,
-                                 BLOCK_DR=bdr, BLOCK_C=bc),
-                 floats=("sm_scale", "scale_log2"), num_warps=warps, num_stages=sm.BWD_STAGES),
+                                 EVEN_DV=True, EVEN_DR=True, BLOCK_H=kh, BLOCK_K=kk, BLOCK_DR=bdr, BLOCK_C=kc),
+                 floats=("sm_scale", "scale_log2"), num_warps=kwarps, num_stages=sm.BWD_STAGES),
         ))  # fmt: skip
     specs.append((
         "sparse_mla bwd ordered dkv reduce", sm._dkv_ordered_reduce_kernel,

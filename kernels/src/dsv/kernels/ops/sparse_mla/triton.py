@@ -14,12 +14,13 @@ log-sum-exp weights (a split without a valid pick has ``lse = -inf`` and weight 
 same forward reads the 656-byte rows of :mod:`.kv_fp8` and dequantises each 128-column block in
 registers.
 
-Backward recomputes the probabilities from the saved ``lse`` (no [S, H, K] storage): ``dq`` is owned
-by the program and written once; ``dkv`` rows are shared by many queries, so each chunk's key/value
-gradient ``p^T dO + ds^T q`` (sm_scale folded into ``ds``) is emitted in 128-column slices, either
-scattered with fp32 atomic adds (order-dependent in the last bits) or, with ``deterministic=True``,
-stored per (token, head block, pick) and reduced in query order by ``_dkv_ordered_reduce_kernel``.
-``dlse`` is supported (it folds into ``delta``).
+Backward recomputes the probabilities from the saved ``lse`` (no [S, H, K] storage) in two kernels,
+so that every product has wgmma's 64-row tiles: ``_sparse_mla_bwd_dq_kernel`` has the heads as the
+rows (like the forward) and writes its ``dq`` rows once; ``_sparse_mla_bwd_dkv_kernel`` has a token's
+picks as the rows and, per block of heads, emits the key/value gradient ``p^T dO + ds^T q`` (sm_scale
+folded into ``ds``) in 64-column slices, either scattered with fp32 atomic adds (order-dependent in
+the last bits) or, with ``deterministic=True``, stored per (token, head block, pick) and reduced in
+query order by ``_dkv_ordered_reduce_kernel``. ``dlse`` is supported (it folds into ``delta``).
 
 Block sizes and why they compile without spills: :func:`_blocks`, :func:`_bwd_blocks` (checked by
 ``python -m dsv.kernels.cuda_compile --only sparse_mla``). Run the checks: ``pytest
@@ -250,40 +251,35 @@ def _sparse_mla_combine_kernel(
 
 
 @triton.jit
-def _sparse_mla_bwd_kernel(
-    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dkv_ptr, part_ptr,
-    S, T, H, K, D_V, D_R, sm_scale, scale_log2, N_HB, ROW0,
+def _sparse_mla_bwd_dq_kernel(
+    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    S, T, H, K, D_V, D_R, sm_scale, scale_log2, N_HB,
     stride_qb, stride_qs, stride_qh,
     stride_kvb, stride_kvt,
     stride_ib, stride_is, stride_ik,
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_ls, stride_lh,
-    stride_pr, stride_ph, stride_pk,
-    DETERMINISTIC: tl.constexpr, HAS_ROPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ALIGNED: tl.constexpr, EVEN_DV: tl.constexpr, EVEN_DR: tl.constexpr, DV_PARTS: tl.constexpr,
+    HAS_ROPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_DV: tl.constexpr, EVEN_DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # dq and dkv are fp32 buffers with q's / kv's contiguous layout; part (deterministic mode) is
-    # fp32 [rows of this launch, N_HB, K, D]: this program's dkv contribution for each of its picks.
-    # program -> (token, value half, head block), head block fastest. With DV_PARTS = 2 a program
-    # recomputes p and ds over the whole latent but owns the dq and dkv columns of its half ("own";
-    # the rope columns go with half 0).
+    # dq = ds kv with the heads as the tile rows (the forward's shape); dq is an fp32 buffer with q's
+    # contiguous layout. program -> (token, head block), head block fastest. Per chunk of picks, s and
+    # dp are accumulated over BLOCK_C-column slices of q / dO / the gathered rows (the slices are
+    # re-read from L1/L2 per chunk: q and dO held whole spill their load pointers), then one
+    # (BLOCK_H, BLOCK_DV) accumulator takes ds kv over all value columns, a second the rope columns.
     pid = tl.program_id(0)
     hb = pid % N_HB
-    rest = pid // N_HB
-    part = rest % DV_PARTS
-    row = ROW0 + rest // DV_PARTS  # flat query token b * S + t
+    row = pid // N_HB  # flat query token b * S + t
     b = (row // S).to(tl.int64)
     t = (row % S).to(tl.int64)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    own = part * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    oth = (1 - part) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    offs_dr = tl.arange(0, BLOCK_DR)
+    own = tl.arange(0, BLOCK_DV)
     offs_c = tl.arange(0, BLOCK_C)
+    offs_dr = tl.arange(0, BLOCK_DR)
     h_mask = offs_h < H
     own_mask = _col_mask(own, D_V, EVEN_DV)
-    oth_mask = _col_mask(oth, D_V, EVEN_DV)
     dr_mask = _col_mask(offs_dr, D_R, EVEN_DR)
     D = D_V + D_R
     q_row = q_ptr + b * stride_qb + t * stride_qs + offs_h * stride_qh
@@ -293,14 +289,6 @@ def _sparse_mla_bwd_kernel(
         do_row = tl.multiple_of(do_row, 16)
     q_row = q_row[:, None]
     do_row = do_row[:, None]
-    qo_mask = h_mask[:, None] & own_mask[None, :]
-    q_own = tl.load(q_row + own[None, :], mask=qo_mask, other=0.0)
-    do_own = tl.load(do_row + own[None, :], mask=qo_mask, other=0.0).to(q_own.dtype)
-    if DV_PARTS == 2:
-        q_oth = tl.load(q_row + oth[None, :], mask=h_mask[:, None] & oth_mask[None, :], other=0.0)
-        do_oth = tl.load(do_row + oth[None, :], mask=h_mask[:, None] & oth_mask[None, :], other=0.0).to(
-            q_own.dtype
-        )
     if HAS_ROPE:
         q_rope = tl.load(q_row + (D_V + offs_dr[None, :]), mask=h_mask[:, None] & dr_mask[None, :], other=0.0)
         dq_rope = tl.zeros([BLOCK_H, BLOCK_DR], tl.float32)
@@ -309,8 +297,6 @@ def _sparse_mla_bwd_kernel(
     delta = tl.load(delta_ptr + l_off, mask=h_mask, other=0.0)
     dq_own = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     kv_base = kv_ptr + b * stride_kvb
-    dkv_base = dkv_ptr + b * T * D
-    part_base = part_ptr + (row - ROW0).to(tl.int64) * stride_pr + hb * stride_ph
     idx_row = idx_ptr + b * stride_ib + t * stride_is
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -321,13 +307,17 @@ def _sparse_mla_bwd_kernel(
         if ALIGNED:
             rows = tl.multiple_of(rows, 16)
         rows = rows[:, None]
-        kv_own = tl.load(rows + own[None, :], mask=valid[:, None] & own_mask[None, :], other=0.0)
-        s = mma(q_own, tl.trans(kv_own), PREC, UPCAST)  # (BLOCK_H, BLOCK_K)
-        dp = mma(do_own, tl.trans(kv_own), PREC, UPCAST)
-        if DV_PARTS == 2:
-            kv_oth = tl.load(rows + oth[None, :], mask=valid[:, None] & oth_mask[None, :], other=0.0)
-            s = _mma_acc(q_oth, tl.trans(kv_oth), s, PREC, UPCAST)
-            dp = _mma_acc(do_oth, tl.trans(kv_oth), dp, PREC, UPCAST)
+        s = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
+        dp = tl.zeros([BLOCK_H, BLOCK_K], tl.float32)
+        for c0 in range(0, D_V, BLOCK_C):
+            cols = c0 + offs_c
+            c_mask = _col_mask(cols, D_V, EVEN_DV)
+            kv_c = tl.load(rows + cols[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+            qc_mask = h_mask[:, None] & c_mask[None, :]
+            q_c = tl.load(q_row + cols[None, :], mask=qc_mask, other=0.0)
+            do_c = tl.load(do_row + cols[None, :], mask=qc_mask, other=0.0).to(q_c.dtype)
+            s = _mma_acc(q_c, tl.trans(kv_c), s, PREC, UPCAST)
+            dp = _mma_acc(do_c, tl.trans(kv_c), dp, PREC, UPCAST)
         if HAS_ROPE:
             kv_rope = tl.load(
                 rows + (D_V + offs_dr[None, :]), mask=valid[:, None] & dr_mask[None, :], other=0.0
@@ -336,50 +326,119 @@ def _sparse_mla_bwd_kernel(
         ok = valid[None, :] & h_mask[:, None]
         p = tl.where(ok, tl.exp2(s * scale_log2 - tl.where(ok, lse2[:, None], 0.0)), 0.0)
         # d loss / d (q . k) with sm_scale folded in once, so no product below needs rescaling
-        ds = p * (dp - delta[:, None]) * sm_scale
-        ds_c = ds.to(kv_own.dtype)
-        dq_own = _mma_acc(ds_c, kv_own, dq_own, PREC, UPCAST)
-        p_t = tl.trans(p.to(q_own.dtype))
-        ds_t = tl.trans(ds_c)
-        d_rows = dkv_base + ids_safe * D
-        p_rows = part_base + offs_k.to(tl.int64) * stride_pk
+        ds = (p * (dp - delta[:, None]) * sm_scale).to(kv_ptr.dtype.element_ty)
+        kv_own = tl.load(rows + own[None, :], mask=valid[:, None] & own_mask[None, :], other=0.0)
+        dq_own = _mma_acc(ds, kv_own, dq_own, PREC, UPCAST)
+        if HAS_ROPE:
+            dq_rope = _mma_acc(ds, kv_rope, dq_rope, PREC, UPCAST)
+    dq_row = dq_ptr + (row.to(tl.int64) * H + offs_h) * D
+    if ALIGNED:  # D % 4 == 0: 16-byte rows, so the stores vectorise
+        dq_row = tl.multiple_of(dq_row, 16)
+    dq_row = dq_row[:, None]
+    tl.store(dq_row + own[None, :], dq_own, mask=h_mask[:, None] & own_mask[None, :])
+    if HAS_ROPE:
+        tl.store(dq_row + D_V + offs_dr[None, :], dq_rope, mask=h_mask[:, None] & dr_mask[None, :])
+
+
+@triton.jit
+def _sparse_mla_bwd_dkv_kernel(
+    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, part_ptr,
+    S, T, H, K, D_V, D_R, sm_scale, scale_log2, N_KB, ROW0,
+    stride_qb, stride_qs, stride_qh,
+    stride_kvb, stride_kvt,
+    stride_ib, stride_is, stride_ik,
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_ls, stride_lh,
+    stride_pr, stride_ph, stride_pk,
+    DETERMINISTIC: tl.constexpr, HAS_ROPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_DV: tl.constexpr, EVEN_DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # dkv[picks] = p^T dO + ds^T q with the picks as the tile rows. dkv is an fp32 buffer with kv's
+    # contiguous layout; part (deterministic mode) is fp32 [rows of this launch, head blocks, K, D]:
+    # each (token, head block, pick)'s contribution. program -> (token, block of BLOCK_K picks),
+    # pick block fastest: a token's programs run side by side and share its q / dO in L2. Per head
+    # block the transposed scores s^T = kv q^T and dp^T = kv_v dO^T are accumulated over BLOCK_C-column
+    # slices (nothing (BLOCK_K, 576)-wide is ever live), then dkv is emitted slice by slice.
+    pid = tl.program_id(0)
+    kb = pid % N_KB
+    row = ROW0 + pid // N_KB  # flat query token b * S + t
+    b = (row // S).to(tl.int64)
+    t = (row % S).to(tl.int64)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    dr_mask = _col_mask(offs_dr, D_R, EVEN_DR)
+    D = D_V + D_R
+    ids = tl.load(idx_ptr + b * stride_ib + t * stride_is + offs_k * stride_ik, mask=offs_k < K, other=-1)
+    valid = (ids >= 0) & (ids < T)
+    ids_safe = tl.where(valid, ids, 0).to(tl.int64)
+    rows = kv_ptr + b * stride_kvb + ids_safe * stride_kvt
+    d_rows = dkv_ptr + b * T * D + ids_safe * D
+    p_rows = part_ptr + (row - ROW0).to(tl.int64) * stride_pr + offs_k.to(tl.int64) * stride_pk
+    if ALIGNED:
+        rows = tl.multiple_of(rows, 16)
+        d_rows = tl.multiple_of(d_rows, 16)
+        p_rows = tl.multiple_of(p_rows, 16)
+    rows = rows[:, None]
+    d_rows = d_rows[:, None]
+    p_rows = p_rows[:, None]
+    k_store = (offs_k < K)[:, None]
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        q_row = q_ptr + b * stride_qb + t * stride_qs + offs_h * stride_qh
+        do_row = do_ptr + b * stride_dob + t * stride_dos + offs_h * stride_doh
         if ALIGNED:
-            d_rows = tl.multiple_of(d_rows, 16)
-            p_rows = tl.multiple_of(p_rows, 16)
-        d_rows = d_rows[:, None]
-        p_rows = p_rows[:, None]
-        # dkv = p^T dO + ds^T q over the own columns in BLOCK_C slices: one (BLOCK_K, BLOCK_C)
-        # accumulator and its pointers live at a time (the q / dO slices are re-read from L1/L2)
-        for c0 in range(0, BLOCK_DV, BLOCK_C):
-            cols = part * BLOCK_DV + c0 + offs_c
+            q_row = tl.multiple_of(q_row, 16)
+            do_row = tl.multiple_of(do_row, 16)
+        q_row = q_row[:, None]
+        do_row = do_row[:, None]
+        s_t = tl.zeros([BLOCK_K, BLOCK_H], tl.float32)
+        dp_t = tl.zeros([BLOCK_K, BLOCK_H], tl.float32)
+        for c0 in range(0, D_V, BLOCK_C):
+            cols = c0 + offs_c
+            c_mask = _col_mask(cols, D_V, EVEN_DV)
+            kv_c = tl.load(rows + cols[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+            qc_mask = h_mask[:, None] & c_mask[None, :]
+            q_c = tl.load(q_row + cols[None, :], mask=qc_mask, other=0.0)
+            do_c = tl.load(do_row + cols[None, :], mask=qc_mask, other=0.0).to(q_c.dtype)
+            s_t = _mma_acc(kv_c, tl.trans(q_c), s_t, PREC, UPCAST)
+            dp_t = _mma_acc(kv_c, tl.trans(do_c), dp_t, PREC, UPCAST)
+        if HAS_ROPE:
+            kv_r = tl.load(rows + (D_V + offs_dr[None, :]), mask=valid[:, None] & dr_mask[None, :], other=0.0)
+            q_r = tl.load(
+                q_row + (D_V + offs_dr[None, :]), mask=h_mask[:, None] & dr_mask[None, :], other=0.0
+            )
+            s_t = _mma_acc(kv_r, tl.trans(q_r), s_t, PREC, UPCAST)
+        l_off = b * stride_lb + t * stride_ls + offs_h * stride_lh
+        lse2 = tl.load(lse_ptr + l_off, mask=h_mask, other=float("-inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + l_off, mask=h_mask, other=0.0)
+        ok = valid[:, None] & h_mask[None, :]
+        p_t = tl.where(ok, tl.exp2(s_t * scale_log2 - tl.where(ok, lse2[None, :], 0.0)), 0.0)
+        ds_t = (p_t * (dp_t - delta[None, :]) * sm_scale).to(kv_ptr.dtype.element_ty)
+        p_t = p_t.to(kv_ptr.dtype.element_ty)
+        hb_rows = p_rows + (h0 // BLOCK_H) * stride_ph
+        # one chained (BLOCK_K, BLOCK_C) accumulator per slice: p^T dO, then + ds^T q
+        for c0 in range(0, D_V, BLOCK_C):
+            cols = c0 + offs_c
             c_mask = _col_mask(cols, D_V, EVEN_DV)
             qc_mask = h_mask[:, None] & c_mask[None, :]
-            do_c = tl.load(do_row + cols[None, :], mask=qc_mask, other=0.0).to(q_own.dtype)
             q_c = tl.load(q_row + cols[None, :], mask=qc_mask, other=0.0)
-            dkv_c = _mma_acc(ds_t, q_c, mma(p_t, do_c, PREC, UPCAST), PREC, UPCAST)  # (BLOCK_K, BLOCK_C)
+            do_c = tl.load(do_row + cols[None, :], mask=qc_mask, other=0.0).to(q_c.dtype)
+            dkv_c = _mma_acc(ds_t, q_c, mma(p_t, do_c, PREC, UPCAST), PREC, UPCAST)
             if DETERMINISTIC:
-                tl.store(p_rows + cols[None, :], dkv_c, mask=(offs_k < K)[:, None] & c_mask[None, :])
+                tl.store(hb_rows + cols[None, :], dkv_c, mask=k_store & c_mask[None, :])
             else:
                 tl.atomic_add(d_rows + cols[None, :], dkv_c, mask=valid[:, None] & c_mask[None, :])
-        if HAS_ROPE:  # noqa: SIM102 - compile-time branch (kv_rope exists only here), then a runtime one
-            if part == 0:
-                dq_rope = _mma_acc(ds_c, kv_rope, dq_rope, PREC, UPCAST)
-                dk_rope = mma(ds_t, q_rope, PREC, UPCAST)
-                if DETERMINISTIC:
-                    tl.store(
-                        p_rows + D_V + offs_dr[None, :],
-                        dk_rope,
-                        mask=(offs_k < K)[:, None] & dr_mask[None, :],
-                    )
-                else:
-                    tl.atomic_add(
-                        d_rows + D_V + offs_dr[None, :], dk_rope, mask=valid[:, None] & dr_mask[None, :]
-                    )
-    dq_row = dq_ptr + (row.to(tl.int64) * H + offs_h[:, None]) * D
-    tl.store(dq_row + own[None, :], dq_own, mask=qo_mask)
-    if HAS_ROPE:  # noqa: SIM102 - compile-time branch, then a runtime one
-        if part == 0:
-            tl.store(dq_row + D_V + offs_dr[None, :], dq_rope, mask=h_mask[:, None] & dr_mask[None, :])
+        if HAS_ROPE:
+            dk_rope = mma(ds_t, q_r, PREC, UPCAST)
+            if DETERMINISTIC:
+                tl.store(hb_rows + D_V + offs_dr[None, :], dk_rope, mask=k_store & dr_mask[None, :])
+            else:
+                tl.atomic_add(
+                    d_rows + D_V + offs_dr[None, :], dk_rope, mask=valid[:, None] & dr_mask[None, :]
+                )
 
 
 @triton.jit
@@ -462,26 +521,40 @@ def _aligned16(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _bwd_blocks(H: int, d_v: int, d_r: int) -> tuple[int, int, int, int, int, int, int]:
-    """Backward ``(BLOCK_H, BLOCK_K, BLOCK_DV, BLOCK_DR, BLOCK_C, DV_PARTS, num_warps)``.
+def _bwd_blocks(
+    H: int, d_v: int, d_r: int
+) -> tuple[tuple[int, int, int, int, int, int], tuple[int, int, int, int]]:
+    """Backward blocks: dq kernel ``(BLOCK_H, BLOCK_K, BLOCK_DV, BLOCK_DR, BLOCK_C, num_warps)``, dkv
+    kernel ``(BLOCK_H, BLOCK_K, BLOCK_C, num_warps)``.
 
-    Live at once: the fp32 dq accumulator, the q / dO tiles, one gathered chunk, s / p / dp / ds and
-    one (BLOCK_K, BLOCK_C) dkv slice with its pointers. sm_scale is folded into ds and each dkv slice
-    is one chained accumulator (p^T dO, then + ds^T q) emitted in 128-column slices, so no
-    (BLOCK_K, 512) tensor of pointers or second accumulator is ever live. At V3.2 shapes the
-    configuration that compiles without spilling is 16 heads x 32 picks, value columns split in two
-    256-column halves across programs (each recomputes p and ds, +40% MMA work, and owns the dq /
-    dkv columns of its half), 8 warps, 2 stages: 186 registers, 0 spills. Measured alternatives:
-    64 heads spill ~1.5 KB, 32 heads 52-60 B, 16 heads without the split 48 B. With 16 rows the
-    products run on mma.sync (wgmma needs 64); adjacent head blocks share the gathered rows in L2.
+    Two kernels so that every product has a 64-row tile (wgmma's height): dq runs with the heads as
+    the rows (64 heads x 16 picks per step, like the forward), dkv with a token's picks as the rows
+    (64 picks, looping over 64-head blocks). At V3.2 shapes both compile to wgmma without spilling, 8
+    warps and 2 stages: dq 239 registers, dkv 216 (218 deterministic). What makes that possible: s and
+    dp are accumulated over 64-column slices of q / dO / the gathered rows loaded inside the loop, so
+    no (64, 512) operand or its load pointers stay live, and each dkv slice is one chained accumulator
+    (p^T dO, then + ds^T q) emitted 64 columns at a time. Measured alternatives: a dq kernel that
+    holds q and dO whole (as the forward holds q) spilled 108-2140 B at every setting tried (value
+    halves or quarters, 16 or 32 picks, 4 or 8 warps, 1 or 2 stages); dq with 32 picks per step
+    spills 28-360 B (it fits with value halves across programs, which recompute s and dp twice); dkv
+    with 128 heads or 128 picks per tile spills 80-180 B, with 128-column slices 568 B (deterministic).
+
+    Cost: both kernels compute s = q k^T and dp = dO v^T, 1088 extra multiply-adds per (query, head,
+    pick) on top of the 2752 of a backward that computes them once, so the MMA work is 3840 / 2752 =
+    1.40x the minimum (as for the 16-head mma.sync kernel this replaces, which recomputed them per
+    value half), now on wgmma. The price of the slices is L2 traffic: dq re-reads the 64 x 1024 bf16
+    q / dO value columns per 16 picks, dkv twice per 64 x 64 tile (a token's programs run side by
+    side, so these hit L2). dkv's fp32 atomics go per 64-head block: 2 per pick and column at 128
+    heads, against 8 with 16-head tiles.
     """
     block_dr = next_pow2(d_r)
-    full = next_pow2(d_v)
-    parts = 2 if full >= 32 else 1
-    block_dv = full // parts
+    block_dv = next_pow2(d_v)
     if interpreting():
-        return next_pow2(min(H, 16)), 16, block_dv, block_dr, min(16, block_dv), parts, 4
-    return next_pow2(min(H, 16)), 32, block_dv, block_dr, min(128, block_dv), parts, 8
+        h = next_pow2(min(H, 16))
+        return (h, 16, block_dv, block_dr, min(16, block_dv), 4), (h, 16, min(16, block_dv), 4)
+    block_h = min(64, next_pow2(H))
+    block_c = min(64, block_dv)
+    return (block_h, 16, block_dv, block_dr, block_c, 8), (block_h, 64, block_c, 8)
 
 
 BWD_STAGES = 2
@@ -598,12 +671,12 @@ def sparse_mla_bwd(
 
     ``deterministic=False`` scatters dkv with fp32 atomics (last bits depend on the order).
     ``deterministic=True`` gives bitwise-reproducible dkv: query tokens are processed in chunks whose
-    fp32 partial ``[rows, H / BLOCK_H, K, D]`` fits ``budget_bytes``; the backward kernel stores each
+    fp32 partial ``[rows, H / BLOCK_H, K, D]`` fits ``budget_bytes``; the dkv kernel stores each
     (token, head block, pick)'s contribution there (plain stores, each slot has one writer), and an
     ordered reduction adds them per key row in query order, head blocks in order. dq needs nothing
     extra (each program owns its rows). Memory is bounded by ``budget_bytes``; the price is traffic:
-    the partial is written and read once, ``8 * B*S * (H / 16) * K * D`` bytes (about 300 GB per V3.2
-    layer for 4096 tokens x k = 2048, i.e. ~0.1 s on an H100, several times the atomic backward),
+    the partial is written and read once, ``8 * B*S * (H / 64) * K * D`` bytes (about 77 GB per V3.2
+    layer for 4096 tokens x k = 2048, i.e. ~25 ms on an H100, more than the atomic backward's scatter),
     plus a stable sort of each chunk's picks and two launches per chunk: a mode for reproducibility
     runs, not for throughput.
     """
@@ -620,26 +693,34 @@ def sparse_mla_bwd(
     dkv = torch.zeros((B, T, D), dtype=torch.float32, device=q.device)
     if B * S * H == 0:
         return dq.to(q.dtype), dkv.to(kv.dtype)
-    block_h, block_k, block_dv, block_dr, block_c, parts, warps = _bwd_blocks(H, d_v, d_r)
-    n_hb = triton.cdiv(H, block_h)
+    (block_h, block_k, block_dv, block_dr, block_c, warps), (kh, kk, kc, kwarps) = _bwd_blocks(H, d_v, d_r)
+    n_hb, n_kb = triton.cdiv(H, block_h), triton.cdiv(K, kk)
     rows = B * S
+    flags = dot_flags(q.dtype)
+    aligned = _aligned16(q, kv, dout) and D % 4 == 0
+    strides = (*q.stride()[:3], *kv.stride()[:2], *idx.stride(), *dout.stride()[:3], *lse.stride())
+    _sparse_mla_bwd_dq_kernel[(rows * n_hb,)](
+        q, kv, idx, dout, lse, delta, dq,
+        S, T, H, K, d_v, d_r, sm_scale, sm_scale * LOG2E, n_hb, *strides,
+        HAS_ROPE=d_r > 0, **flags, ALIGNED=aligned, EVEN_DV=d_v % block_c == 0 and d_v == block_dv,
+        EVEN_DR=d_r == block_dr, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
+        BLOCK_C=block_c, num_warps=warps, num_stages=BWD_STAGES,
+    )  # fmt: skip
 
     def launch(row0: int, n_rows: int, part: torch.Tensor) -> None:
-        _sparse_mla_bwd_kernel[(n_rows * parts * n_hb,)](
-            q, kv, idx, dout, lse, delta, dq, dkv, part,
-            S, T, H, K, d_v, d_r, sm_scale, sm_scale * LOG2E, n_hb, row0,
-            *q.stride()[:3], *kv.stride()[:2], *idx.stride(), *dout.stride()[:3], *lse.stride(),
+        _sparse_mla_bwd_dkv_kernel[(n_rows * n_kb,)](
+            q, kv, idx, dout, lse, delta, dkv, part,
+            S, T, H, K, d_v, d_r, sm_scale, sm_scale * LOG2E, n_kb, row0, *strides,
             part.stride(0), part.stride(1), part.stride(2),
-            DETERMINISTIC=deterministic, HAS_ROPE=d_r > 0, **dot_flags(q.dtype),
-            ALIGNED=_aligned16(q, kv, dout) and D % 4 == 0, EVEN_DV=d_v == block_dv * parts,
-            EVEN_DR=d_r == block_dr, DV_PARTS=parts,
-            BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_DV=block_dv, BLOCK_DR=block_dr, BLOCK_C=block_c,
-            num_warps=warps, num_stages=BWD_STAGES,
+            DETERMINISTIC=deterministic, HAS_ROPE=d_r > 0, **flags, ALIGNED=aligned, EVEN_DV=d_v % kc == 0,
+            EVEN_DR=d_r == block_dr, BLOCK_H=kh, BLOCK_K=kk, BLOCK_DR=block_dr, BLOCK_C=kc,
+            num_warps=kwarps, num_stages=BWD_STAGES,
         )  # fmt: skip
 
     if not deterministic:
         launch(0, rows, dkv.view(B * T, 1, D))
         return dq.to(q.dtype), dkv.to(kv.dtype)
+    n_hb = triton.cdiv(H, kh)
     chunk = max(1, min(rows, budget_bytes // max(1, n_hb * K * D * 4)))
     part = torch.empty((chunk, n_hb, K, D), dtype=torch.float32, device=q.device)
     flat_idx = idx.reshape(rows, K).long()
