@@ -30,6 +30,9 @@ from dsv.kernels.cuda_compile import MAX_REGISTERS, MAX_SHARED_BYTES, ptx_mma_ki
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 needs_ptxas = pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no ptxas")
+# One worker for the module (pytest -n with --dist loadgroup): the table fixture compiles every kernel
+# (about a minute of one core), and each worker that ran a test of it would compile it again.
+pytestmark = pytest.mark.xdist_group("cuda_compile")
 
 
 def _compile(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
