@@ -209,8 +209,12 @@ def bench_serve(
     device: str = typer.Option("cpu", help="Where every side runs: cpu, cuda[:N] or auto."),
     dtype: str = typer.Option("auto", help="Weights and cache of every side: float32, bfloat16 or auto."),
     write: Path = typer.Option(None, help="Write the Markdown results section to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (for scripts) instead of the table."),
 ) -> None:
-    """Serving output tokens/s and TTFT per shape and client count: dsv serve versus transformers generate."""
+    """Serving output tokens/s and TTFT per shape and client count: dsv serve versus transformers generate.
+
+    The console table keeps to 80 columns (tokens/s and TTFT in seconds, C clients); ``--write``
+    has every column, with each run's figures, and ``--json`` every number."""
     if runs < 1 or any(c < 1 for c in clients):
         print("error: --runs and --clients must be positive", file=sys.stderr)
         raise typer.Exit(2)
@@ -241,7 +245,9 @@ def bench_serve(
     rows: list[dict[str, Any]] = []
     longest = max(p + n for p, n in shapes)
     seeds = itertools.count(1)
-    with tempfile.TemporaryDirectory() as tmp, Progress(console=console) as progress:
+    # With --json, stdout carries the JSON alone: progress and file notes go to stderr.
+    out = Console(stderr=True) if as_json else console
+    with tempfile.TemporaryDirectory() as tmp, Progress(console=out) as progress:
         task = progress.add_task("bench serve", total=len(preset) * len(shapes) * len(clients) * runs * 3)
         for name in preset:
             folder = Path(tmp) / name
@@ -291,23 +297,22 @@ def bench_serve(
                 proc.terminate()
                 proc.wait(timeout=60)
     load_after = os.getloadavg()[0]
-    table = Table(title="dsv serve vs transformers generate")
     header = ["preset", "prompt+output", "clients", "dsv tok/s", "dsv engine alone tok/s", "HF tok/s", "dsv / HF",
               "dsv / HF paired", "dsv TTFT p50 / p99 (s)", "HF TTFT (s)"]  # fmt: skip
-    for col in header:
-        table.add_column(col)
     md_rows = []
     for r in rows:
         cells = [f"{r['preset']} ({r['layers']} layers)", r["shape"], str(r["clients"]), f"{r['dsv']['tok_s']:.1f}",
                  f"{r['engine']['tok_s']:.1f}" if r["engine"] else "-", f"{r['hf']['tok_s']:.1f}", f"{r['ratio']:.2f}x",
                  f"{r['paired']:.2f}x",
                  f"{r['dsv']['ttft_p50']:.3f} / {r['dsv']['ttft_p99']:.3f}", f"{r['hf']['ttft_p50']:.3f}"]  # fmt: skip
-        table.add_row(*cells)
         runs_cell = (
             ", ".join(f"{x:.0f}" for x in r["dsv_runs"]) + " / " + ", ".join(f"{x:.0f}" for x in r["hf_runs"])
         )
         md_rows.append("| " + " | ".join([*cells, runs_cell]) + " |")
-    console.print(table)
+    if as_json:
+        print(json.dumps({"device": device, "dtype": dtype_name(dt), "threads": threads, "runs": runs, "rows": rows}))
+    else:
+        console.print(compact_table(rows))
     if write is not None:
         argv = " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "dsv" else "bench serve ..."
         md = "\n".join([
@@ -338,9 +343,23 @@ def bench_serve(
             "",
         ])  # fmt: skip
         atomic_write_bytes(write, md.encode())
-        console.print(f"wrote {write}")
+        out.print(f"wrote {write}")
         if plot_serve(rows, write.with_suffix(".png")):
-            console.print(f"wrote {write.with_suffix('.png')}")
+            out.print(f"wrote {write.with_suffix('.png')}")
+
+
+def compact_table(rows: list[dict[str, Any]]) -> Table:
+    """The console form of the results: every cell short enough that the table fits 80 columns."""
+    table = Table(title="dsv serve vs transformers generate (tokens/s; TTFT p50 in s; C clients)")
+    for col in ("preset", "shape", "C", "dsv", "engine", "HF", "ratio", "paired", "TTFT"):
+        table.add_column(col, justify="left" if col in ("preset", "shape") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            f"{r['preset']} {r['layers']}L", r["shape"], str(r["clients"]), f"{r['dsv']['tok_s']:.0f}",
+            f"{r['engine']['tok_s']:.0f}" if r["engine"] else "-", f"{r['hf']['tok_s']:.0f}", f"{r['ratio']:.2f}x",
+            f"{r['paired']:.2f}x", f"{r['dsv']['ttft_p50']:.2f}",
+        )  # fmt: skip
+    return table
 
 
 def _gpu_note(torch: Any, device: str) -> str:
