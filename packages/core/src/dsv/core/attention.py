@@ -36,9 +36,12 @@ import functools
 import importlib
 import os
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from dsv.core.cache import PagedRows
 
 Backend = Literal["torch", "triton"]
 
@@ -399,44 +402,39 @@ def paged_sparse_ok(q: torch.Tensor) -> bool:
 
 
 def indexer_scores_paged(
-    q: torch.Tensor,
-    k_store: torch.Tensor,
-    w: torch.Tensor,
-    block_table: torch.Tensor,
-    block_size: int,
-    q_offset: torch.Tensor | int,
-    num_keys: int,
+    q: torch.Tensor, rows: PagedRows, w: torch.Tensor, q_offset: torch.Tensor | int
 ) -> torch.Tensor:
-    """:func:`indexer_scores` over a paged key store, reading the keys in place: ``q [B,S,H,D]``,
-    ``k_store [P,D]``, ``block_table [B,blocks]`` (key ``s`` of row ``b`` is store row
-    ``block_table[b, s // block_size] * block_size + s % block_size``) -> ``[B, S, num_keys]``. The
-    Triton kernel where it runs (see :func:`paged_sparse_ok`); elsewhere the gathered form."""
+    """:func:`indexer_scores` over a paged cache's indexer-key store (``rows.index_k [P, D]``, read
+    through ``rows.block_table``) -> ``[B, S, T]`` with ``T = rows.slots.shape[1]``. The Triton kernel
+    reads the keys in place where it runs (see :func:`paged_sparse_ok`); elsewhere the keys are gathered."""
+    assert rows.index_k is not None, "the paged cache has no indexer keys"
+    T = rows.slots.shape[1]
     if backend_for(q) == "triton":
-        scores = _kernels().indexer_scores_paged(q, k_store, w, block_table, page_size=block_size, q_offset=q_offset)
-        return scores[..., :num_keys]
-    pos = torch.arange(num_keys, device=block_table.device)
-    slots = block_table.long()[:, pos // block_size] * block_size + pos % block_size
-    return indexer_scores(q, k_store[slots], w, q_offset)
+        scores = _kernels().indexer_scores_paged(
+            q, rows.index_k, w, rows.block_table, page_size=rows.block_size, q_offset=q_offset
+        )
+        return scores[..., :T]  # whole blocks: the last one may run past T
+    return indexer_scores(q, rows.index_k[rows.slots], w, q_offset)
 
 
 def sparse_mla_paged(
-    q: torch.Tensor, kv_flat: torch.Tensor, slots: torch.Tensor, idx: torch.Tensor, sm_scale: float, d_v: int
+    q: torch.Tensor, rows: PagedRows, idx: torch.Tensor, sm_scale: float, d_v: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sparse_mla` over a paged cache, reading the selected rows in place.
 
-    ``q [B,S,H,D]``, ``kv_flat [P,D]`` the layer's block store, ``slots [B,T]`` the store row of each
-    position, ``idx [B,S,K]`` selected positions (``-1`` = none) -> ``(out [B,S,H,d_v], lse [B,S,H])``:
-    the same as ``sparse_mla(q, kv_flat[slots], idx, ...)`` without gathering ``[B,T,D]``. The Triton
-    varlen kernel runs it (see :func:`paged_sparse_ok`); elsewhere the gathered form.
+    ``q [B,S,H,D]``, ``rows`` the layer's latent store and each position's slot, ``idx [B,S,K]``
+    selected positions (``-1`` = none) -> ``(out [B,S,H,d_v], lse [B,S,H])``: the same as
+    ``sparse_mla(q, rows.kv[rows.slots], idx, ...)`` without gathering ``[B,T,D]``. The Triton varlen
+    kernel runs it (see :func:`paged_sparse_ok`); elsewhere the gathered form.
     """
     if backend_for(q) != "triton":
-        return sparse_mla(q, kv_flat[slots], idx, sm_scale, d_v)
+        return sparse_mla(q, rows.kv[rows.slots], idx, sm_scale, d_v)
     B, S, H, D = q.shape
     K = idx.shape[-1]
-    rows = slots.gather(1, idx.reshape(B, S * K).long().clamp_min(0)).view(B, S, K)
-    rows = torch.where(idx >= 0, rows, -1).to(torch.int32)
+    flat = rows.slots.gather(1, idx.reshape(B, S * K).long().clamp_min(0)).view(B, S, K)
+    flat = torch.where(idx >= 0, flat, -1).to(torch.int32)
     out, lse = _kernels().sparse_mla_varlen(
-        q.reshape(B * S, H, D), kv_flat, rows.view(B * S, K), sm_scale=sm_scale, d_v=d_v
+        q.reshape(B * S, H, D), rows.kv, flat.view(B * S, K), sm_scale=sm_scale, d_v=d_v
     )
     return out.view(B, S, H, d_v), lse.view(B, S, H)
 

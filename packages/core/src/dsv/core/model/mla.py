@@ -176,18 +176,15 @@ class MLA(nn.Module):
             if self.indexer is not None:
                 assert qr is not None and rows.index_k is not None
                 iq, iw = self.indexer.queries(x, qr, cos, sin)
-                scores = attention.indexer_scores_paged(
-                    iq, rows.index_k, iw, rows.block_table, rows.block_size, q_offset, T
-                )
+                scores = attention.indexer_scores_paged(iq, rows, iw, q_offset)
                 idx = attention.select_topk(scores, self.config.index_topk)  # all visible keys when T <= k
                 if want_indices or int(q_offset.max()) + S > self.config.index_topk:
                     extras.indices = idx
             else:  # dense attention as a selection of every visible key
-                pos = torch.arange(T, device=x.device)
-                last = q_offset.view(B, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
-                idx = torch.where(pos.view(1, 1, T) <= last, pos.view(1, 1, T), -1)
+                visible = attention.causal_key_mask(q_offset, S, T, B, x.device)  # (B, S, T)
+                idx = torch.where(visible, torch.arange(T, device=x.device), -1)
             q_abs = self._absorbed_query(q_nope, q_pe)
-            out_lat, _ = attention.sparse_mla_paged(q_abs, rows.kv, rows.slots, idx, self.scale, self.rank)
+            out_lat, _ = attention.sparse_mla_paged(q_abs, rows, idx, self.scale, self.rank)
             out = self._absorbed_output(out_lat)
             return self.o_proj(out.reshape(B, S, H * self.v_dim).to(x.dtype)), extras
         if cache is not None:
