@@ -156,7 +156,7 @@ def _range_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(starts, ends, has_ranges)`` for the kernels: contiguous int32 ``[B, S]`` when either is given
     (the missing side takes its default, ``0`` or the causal end, so one layout serves both), else
-    placeholders the kernels never read."""
+    stand-in pointers (``offsets``) that the kernels, built without ranges, never read."""
     if starts is None and ends is None:
         return offsets, offsets, False
     device = offsets.device
@@ -203,7 +203,7 @@ def launch_indexer(
     paged = block_table is not None
     table = block_table if paged else offsets  # unused when not paged
     assert table is not None
-    if paged:  # (P, D) cache: a dummy batch stride; k_scale (P,) gets one too
+    if paged:  # (P, D) cache: batch stride 0 (every row reads the one store); k_scale (P,) likewise
         k_strides = (0, *k.stride())
         ks_strides = (0, *ks.stride()) if fp8 else ks.stride()
     else:
