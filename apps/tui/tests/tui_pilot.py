@@ -64,6 +64,7 @@ def build_app(
     tools_file: Path | None = None,
     api_key: str | None = None,
     max_tokens: int | None = None,
+    temperature: float | None = None,
 ) -> ChatApp:
     """A ChatApp on ``root/workspace`` with sessions in ``root/sessions``."""
     workspace = root / "workspace"
@@ -73,7 +74,7 @@ def build_app(
     if tools_file is not None:
         tools.load_user_file(tools_file)
     client = ChatClient(base_url, api_key, model, read_timeout_s=read_timeout_s, connect_timeout_s=2.0,
-                        max_tokens=max_tokens)  # fmt: skip
+                        max_tokens=max_tokens, temperature=temperature)  # fmt: skip
     if session is None:
         session = store.new(endpoint=base_url, model=model)
         if fixed_times:
