@@ -115,6 +115,47 @@ def test_ties_select_keys_with_the_same_scores() -> None:
     torch.testing.assert_close(lse, again_lse, atol=1e-5, rtol=1e-5)
 
 
+
+def _scored_rows(kind: str) -> tuple[torch.Tensor, ...]:
+    """Inputs whose index scores take each path of the kernel's top-k."""
+    B, S, T = 2, 3, 3000
+    iq, ik, iw, q, kv = _inputs(B, S, T)
+    if kind == "all-equal":  # every score 0: the lowest visible positions
+        iq = torch.zeros_like(iq)
+    elif kind == "infinite":  # some keys score +inf (kept, whatever their neighbours)
+        iq[..., 0], iw = iq[..., 0].abs() + 1, iw.abs() + 0.1
+        ik[:, [5, 1700, 2900], 0] = float("inf")
+    return iq, ik, iw, q, kv
+
+
+@pytest.mark.parametrize("kind", ["spread", "all-equal", "infinite"])
+def test_long_rows_select_what_the_torch_chain_selects(kind: str) -> None:
+    # Thousands of keys: the linear bins, the boundary bin settled by radix passes, and the rows
+    # that go to radix passes whole (no spread, or an infinite score).
+    iq, ik, iw, q, kv = _scored_rows(kind)
+    off = torch.tensor([2990, 1500])
+    idx = cpu.select(iq, ik, iw, off, topk=64)
+    _, _, ref_idx, scores = _chain(iq, ik, iw, off, q, kv, 64, 24)
+    assert torch.equal(_picked(scores, idx), _picked(scores, ref_idx))
+    if kind != "spread":  # exact ties or infinities: the very same keys
+        assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    if kind == "all-equal":
+        assert torch.equal(idx.sort(-1).values[0, 0], torch.arange(64, dtype=torch.int32))
+    if kind == "infinite":
+        assert all(k in idx[0, 2].tolist() for k in (5, 1700, 2900))
+
+
+def test_softmax_over_a_wide_logit_range_matches_the_reference() -> None:
+    # Logits hundreds apart: the kernel's exp works down to its floor of e^-87.3 and below it
+    # contributes weights under 1e-37, as expf's would.
+    iq, ik, iw, q, kv = _inputs(2, 4, 80)
+    q = q * 40
+    off = torch.tensor([76, 30])
+    out, lse, idx = cpu.sparse_attend(iq, ik, iw, off, q, kv, topk=16, sm_scale=1.0, d_v=24)
+    want_out, want_lse = sparse_mla_reference(q, kv, idx, 1.0, 24)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
 def test_bad_inputs_are_named() -> None:
     iq, ik, iw, q, kv = _inputs(2, 1, 10)
     off = torch.tensor([9, 9])

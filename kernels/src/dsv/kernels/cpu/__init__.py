@@ -110,7 +110,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the CPU DSA kernel at {path} did not load: {e}"
     fn = getattr(lib, _SYMBOL)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, i64, i64, *([i64] * 10), ctypes.c_float, p, p, p]
+    fn.argtypes = [p, p, p, p, p, i64, i64, *([i64] * 11), ctypes.c_float, p, p, p]
     fn.restype = ctypes.c_int
     return lib, f"compiled with {cc} ({path})"
 
@@ -213,15 +213,18 @@ def _run(
     else:
         attend = (None, None, 0, 0, None, None)
     keys = index_k.transpose(1, 2)
+    last = int(offsets.max()) if B else 0  # the furthest row's first query position
     # Queries in chunks whose q . k block [B, chunk, H_I, T] stays in cache while C reads it back
     # (one 16 MB block for a 4 x 256-query prefill chunk ran 1.4x slower than the torch chain).
     chunk = max(1, _RAW_CHUNK_ELEMS // (B * HI * T))
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        raw = torch.bmm(iq[:, s0:s1].reshape(B, (s1 - s0) * HI, DI), keys)  # (B, n*H_I, T)
+        # Only the keys some query of the chunk sees: a prefill chunk's early queries see few.
+        seen = max(1, min(T, last + s1))
+        raw = torch.bmm(iq[:, s0:s1].reshape(B, (s1 - s0) * HI, DI), keys[:, :, :seen])  # (B, n*H_I, seen)
         status = lib.dsv_dsa_sparse_attend_f32(
             raw.data_ptr(), iw.data_ptr(), offsets.data_ptr(), *attend[:4],
-            B, S, s0, s1, HI, T, H, D, d_v, K, sm_scale, *attend[4:], idx.data_ptr(),
+            B, S, s0, s1, HI, T, seen, H, D, d_v, K, sm_scale, *attend[4:], idx.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the CPU DSA kernel could not allocate its scratch buffers")
