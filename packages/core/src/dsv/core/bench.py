@@ -178,7 +178,7 @@ def decode(
     from dsv.core.cache import DenseKVCache
     from dsv.core.cli import resolve_device, resolve_dtype
     from dsv.core.model import DSVForCausalLM
-    from dsv.core.model.rope import rope_angles
+    from dsv.core.model.rope import Rotary
     from dsv.core.presets import preset as get_preset
 
     try:
@@ -210,10 +210,8 @@ def decode(
         def attn(sparse: bool, cache: DenseKVCache = cache, ctx: int = ctx) -> None:
             # one attention layer alone (indexer + selection + attention): the part that scales with context
             cache._offsets.fill_(ctx)
-            cos, sin = rope_angles(cfg, cache._offsets.view(batch, 1), model.inv_freq)
-            model.blocks[0].self_attn(
-                hidden, cos, sin, cache._offsets, layer=0, cache=cache, use_sparse=sparse
-            )
+            rope = Rotary.at(cfg, cache._offsets.view(batch, 1), model.inv_freq)
+            model.blocks[0].self_attn(hidden, rope, cache._offsets, layer=0, cache=cache, use_sparse=sparse)
 
         with torch.inference_mode():
             t = median_times(

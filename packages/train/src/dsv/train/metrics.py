@@ -25,20 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from dsv.core.attention import attention_probs_summed_reference
-from dsv.core.model.rope import apply_rope_interleaved
+from dsv.core.model.rope import Rotary
 from dsv.train.data import IGNORE_INDEX, passkey_document
 
 
-def _absorbed_q_and_latent(
-    mla: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _absorbed_q_and_latent(mla: Any, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute one MLA layer's absorbed queries ``[B,S,H,r+rope]`` and latent rows ``[B,S,r+rope]``."""
     B, S, _ = x.shape
     q = mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x))).view(B, S, mla.n_heads, mla.nope + mla.rope)
-    q_nope, q_pe = q[..., : mla.nope], apply_rope_interleaved(q[..., mla.nope :], cos, sin)
+    q_nope, q_pe = q[..., : mla.nope], rope.interleaved(q[..., mla.nope :])
     kv = mla.kv_a_proj_with_mqa(x)
     latent = torch.cat(
-        (mla.kv_a_layernorm(kv[..., : mla.rank]), apply_rope_interleaved(kv[..., mla.rank :], cos, sin)), -1
+        (mla.kv_a_layernorm(kv[..., : mla.rank]), rope.interleaved(kv[..., mla.rank :])), -1
     )
     return mla._absorbed_query(q_nope, q_pe), latent
 
@@ -91,12 +89,12 @@ def recall_stats(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> Re
     # MTP depth d attends over S - 1 - d positions: it selects only when that exceeds top-k.
     mtp = [m for d, m in enumerate(model.mtp_layers) if S - 1 - d > topk]
     layers = main + mtp
-    captured: dict[int, tuple[torch.Tensor, ...]] = {}
+    captured: dict[int, tuple[Any, ...]] = {}
     hooks = []
     for i, layer in enumerate(layers):
 
         def grab(_mod: Any, args: tuple[Any, ...], i: int = i) -> None:
-            captured[i] = args[:3]
+            captured[i] = args[:2]
 
         hooks.append(layer.self_attn.register_forward_pre_hook(grab))
     sums = torch.zeros(len(layers), 2, dtype=torch.float64)  # per layer: indexer mass, oracle mass
@@ -107,8 +105,8 @@ def recall_stats(model: Any, input_ids: torch.Tensor, batch_size: int = 4) -> Re
             out = model(ids, use_sparse=False, return_indices=True, return_mtp=bool(mtp))
             selections = list(out.indices) + list(out.mtp_indices or [])[: len(mtp)]
             for i, layer in enumerate(layers):
-                x, cos, sin = captured[i]
-                q_abs, latent = _absorbed_q_and_latent(layer.self_attn, x, cos, sin)
+                x, rope = captured[i]
+                q_abs, latent = _absorbed_q_and_latent(layer.self_attn, x, rope)
                 p = attention_probs_summed_reference(q_abs, latent, layer.self_attn.scale)  # (B, S', T)
                 idx = selections[i].long()
                 mass = torch.gather(p, -1, idx.clamp_min(0)).masked_fill(idx < 0, 0.0).sum(-1)  # (B, S')

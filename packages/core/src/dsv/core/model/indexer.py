@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dsv.core.config import ModelConfig
-from dsv.core.model.rope import apply_rope_half
+from dsv.core.model.rope import Rotary
 
 
 class Indexer(nn.Module):
@@ -36,19 +36,13 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        pe, nope = x[..., : self.rope_dim], x[..., self.rope_dim :]
-        return torch.cat((apply_rope_half(pe, cos, sin), nope), dim=-1)
-
-    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def keys(self, x: torch.Tensor, rope: Rotary) -> torch.Tensor:
         """Index keys ``[B, S, D_I]`` of the new tokens (cached alongside the MLA latent)."""
-        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+        return rope.half(self.k_norm(self.wk(x)), self.rope_dim)
 
-    def queries(
-        self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """Index queries ``[B, S, H_I, D_I]`` and head weights ``[B, S, H_I]`` (fp32, scales folded in)."""
         B, S, _ = x.shape
-        q = self._rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
+        q = rope.half(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), self.rope_dim)
         w = nn.functional.linear(x.float(), self.weights_proj.weight.float())
         return q, w * (self.n_heads**-0.5 * self.head_dim**-0.5)

@@ -33,7 +33,7 @@ from dsv.core.cache import KVCache
 from dsv.core.config import ModelConfig
 from dsv.core.model.indexer import Indexer
 from dsv.core.model.layers import RMSNorm
-from dsv.core.model.rope import apply_rope_interleaved
+from dsv.core.model.rope import Rotary
 
 # Queries up to this many per row use the absorbed form for dense attention with a cache.
 _ABSORBED_MAX_QUERIES = 16
@@ -136,8 +136,7 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rotary,
         q_offset: torch.Tensor,
         *,
         layer: int,
@@ -156,16 +155,16 @@ class MLA(nn.Module):
             qr = None
             q = self.q_proj(x)
         q = q.view(B, S, H, self.nope + self.rope)
-        q_nope, q_pe = q[..., : self.nope], apply_rope_interleaved(q[..., self.nope :], cos, sin)
+        q_nope, q_pe = q[..., : self.nope], rope.interleaved(q[..., self.nope :])
         kv = self.kv_a_proj_with_mqa(x)
         c_kv = self.kv_a_layernorm(kv[..., : self.rank])
-        k_pe = apply_rope_interleaved(kv[..., self.rank :], cos, sin)
+        k_pe = rope.interleaved(kv[..., self.rank :])
         latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, S, r + rope): what the cache stores
 
         # The indexer learns only from its distillation loss: its inputs are detached so neither
         # loss leaks through it into the backbone (V3.2-Exp, sparse training stage).
         idx_in = x.detach() if indexer_loss else x
-        index_k = self.indexer.keys(idx_in, cos, sin) if self.indexer is not None else None
+        index_k = self.indexer.keys(idx_in, rope) if self.indexer is not None else None
         update_paged = getattr(cache, "update_paged", None)
         if update_paged is not None and use_sparse and not indexer_loss and attention.paged_sparse_ok(q):
             # A paged cache where the Triton kernels run: the indexer reads its keys and the sparse
@@ -175,7 +174,7 @@ class MLA(nn.Module):
             extras = AttentionExtras()
             if self.indexer is not None:
                 assert qr is not None and rows.index_k is not None
-                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                iq, iw = self.indexer.queries(x, qr, rope)
                 scores = attention.indexer_scores_paged(iq, rows, iw, q_offset)
                 idx = attention.select_topk(scores, self.config.index_topk)  # all visible keys when T <= k
                 if want_indices or int(q_offset.max()) + S > self.config.index_topk:
@@ -201,7 +200,7 @@ class MLA(nn.Module):
             # Inference on a CPU: scores, selection and attention as one compiled call per layer
             # (prefill chunks and decode alike; it beats both the masked-dense and gathered forms).
             assert self.indexer is not None and qr is not None and index_k_all is not None
-            iq, iw = self.indexer.queries(x, qr, cos, sin)
+            iq, iw = self.indexer.queries(x, qr, rope)
             out_lat, _, extras.indices = attention.fused_sparse_attention(
                 iq, index_k_all, iw, q_offset, self._absorbed_query(q_nope, q_pe), kv_all,
                 self.config.index_topk, self.scale, self.rank,
@@ -211,7 +210,7 @@ class MLA(nn.Module):
         if need_scores:
             assert self.indexer is not None and qr is not None and index_k_all is not None
             with torch.set_grad_enabled(indexer_loss and torch.is_grad_enabled()):
-                iq, iw = self.indexer.queries(idx_in, qr.detach() if indexer_loss else qr, cos, sin)
+                iq, iw = self.indexer.queries(idx_in, qr.detach() if indexer_loss else qr, rope)
                 scores = attention.indexer_scores(iq, index_k_all, iw, q_offset)  # (B, S, T)
             extras.indices = attention.select_topk(scores.detach(), self.config.index_topk)
 

@@ -31,7 +31,7 @@ from dsv.core.config import ModelConfig
 from dsv.core.model.layers import MLP, RMSNorm
 from dsv.core.model.mla import MLA
 from dsv.core.model.moe import MoE
-from dsv.core.model.rope import inv_frequencies, rope_angles
+from dsv.core.model.rope import Rotary, inv_frequencies
 
 
 @dataclass
@@ -66,8 +66,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rotary,
         q_offset: torch.Tensor,
         *,
         cache: KVCache | None,
@@ -78,8 +77,7 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, object]:
         a, extras = self.self_attn(
             self.input_layernorm(x),
-            cos,
-            sin,
+            rope,
             q_offset,
             layer=self.layer,
             cache=cache,
@@ -237,7 +235,7 @@ class DSVForCausalLM(nn.Module):
             else torch.zeros(B, dtype=torch.long, device=device)
         )
         positions = q_offset.view(B, 1) + torch.arange(S, device=device).view(1, S)
-        cos, sin = rope_angles(self.config, positions, self.inv_freq)
+        rope = Rotary.at(self.config, positions, self.inv_freq)
 
         h = self.model.embed_tokens(input_ids)
         routes: list[torch.Tensor | None] = []
@@ -246,8 +244,7 @@ class DSVForCausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             h, route, extras = block(
                 h,
-                cos,
-                sin,
+                rope,
                 q_offset,
                 cache=cache,
                 use_sparse=sparse,
@@ -266,7 +263,7 @@ class DSVForCausalLM(nn.Module):
         expert_load = [m.expert_load for m in self.moe_layers if m.expert_load is not None]
         mtp = _MTPOutputs()
         if return_mtp and self.mtp_layers:
-            self._mtp(h, input_ids, cos, sin, sparse, indexer_loss, return_indices, mtp)
+            self._mtp(h, input_ids, rope, sparse, indexer_loss, return_indices, mtp)
             index_losses += mtp.index_losses
             aux += mtp.aux
         if cache is not None:
@@ -294,8 +291,7 @@ class DSVForCausalLM(nn.Module):
         self,
         h: torch.Tensor,
         input_ids: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rotary,
         sparse: bool,
         indexer_loss: bool,
         want_indices: bool,
@@ -309,7 +305,7 @@ class DSVForCausalLM(nn.Module):
             x = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(h[:, :n])), dim=-1))
             zero = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
             x, _, extras = mtp(
-                x, cos[:, :n], sin[:, :n], zero,
+                x, rope.head(n), zero,
                 cache=None, use_sparse=sparse, want_indices=want_indices, indexer_loss=indexer_loss,
                 forced_route=None,
             )  # fmt: skip

@@ -17,6 +17,7 @@ transformers multiplies them by ``mscale/mscale_all_dim``, which is 1.0 for ever
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,25 +58,84 @@ def rope_angles(
     return angles.cos(), angles.sin()
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x [B, S, (H,) d]``; ``cos/sin [B, S, d/2]``. Output keeps the layout."""
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    xf = x.float()
-    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
-        xf = xf.contiguous()
-    # One complex product per pair (the reference's own formulation): three ops instead of ten.
-    pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
-    out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
-    return out.to(x.dtype)
+class Rotary:
+    """One forward's rotations: ``cos/sin [B, S, d/2]`` (fp32) and, built on first use and kept for
+    every later layer, the forms each layout multiplies by. A small model's decode step applies
+    RoPE four times per layer, and rebuilding those forms each time (the complex rotation, the
+    signed half-split tables, their head axis) was a quarter of the step's torch ops."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+        self._forms: dict[tuple[object, ...], torch.Tensor] = {}
+
+    @classmethod
+    def at(cls, config: ModelConfig, positions: torch.Tensor, inv_freq: torch.Tensor) -> Rotary:
+        """The rotations of absolute ``positions [B, S]``."""
+        return cls(*rope_angles(config, positions, inv_freq))
+
+    def head(self, n: int) -> Rotary:
+        """The rotations of the first ``n`` positions of every row."""
+        return Rotary(self.cos[:, :n], self.sin[:, :n])
+
+    def interleaved(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate adjacent pairs ``(x0, x1), (x2, x3), ...`` of ``x [B, S, (H,) d]`` (MLA's layout);
+        the output keeps the layout and ``x``'s dtype."""
+        rot = self._form(("interleaved", x.dim()), x)
+        xf = x if x.dtype == torch.float32 else x.float()
+        if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+            xf = xf.contiguous()
+        # One complex product per pair (the reference's own formulation).
+        out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def half(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Rotate half-split pairs ``(x_i, x_{i+w/2})`` of the first ``width`` dims of
+        ``x [B, S, (H,) d]`` (the indexer's NeoX layout; ``width`` defaults to ``2 * cos.shape[-1]``);
+        the dims past ``width`` pass through. Output in ``x``'s dtype.
+
+        ``x * c + x[partner] * s`` with ``c = [cos, cos, 1...]`` and ``s = [-sin, sin, 0...]``: the
+        same products and sums as rotating the two halves apart (``a + (-b)`` is ``a - b`` exactly),
+        in four ops."""
+        rot = self.cos.shape[-1]
+        width = 2 * rot if width is None else width
+        if width != 2 * rot:
+            raise ValueError(f"half-split RoPE over {width} dims needs {width // 2} angles, got {rot}")
+        d = x.shape[-1]
+        c = self._form(("half-cos", x.dim(), d), x)
+        s = self._form(("half-sin", x.dim(), d), x)
+        xf = x if x.dtype == torch.float32 else x.float()
+        out = xf * c + xf.index_select(-1, _partners(d, width, x.device)) * s
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _form(self, key: tuple[object, ...], x: torch.Tensor) -> torch.Tensor:
+        """The table ``key`` for inputs like ``x``: built once from its 3-D form (a head axis is a view)."""
+        form = self._forms.get(key)
+        if form is not None:
+            return form
+        if key[1] == 4:
+            form = self._form((key[0], 3, *key[2:]), x).unsqueeze(2)
+        else:
+            cos, sin = self.cos, self.sin
+            if cos.device != x.device:
+                cos, sin = cos.to(x.device), sin.to(x.device)
+            if key[0] == "interleaved":
+                form = torch.complex(cos, sin)
+            else:  # half-split: [cos, cos] or [-sin, sin], then 1 / 0 over the pass-through dims
+                fill = 1.0 if key[0] == "half-cos" else 0.0
+                pair = torch.cat((cos, cos) if fill else (-sin, sin), -1)
+                extra = int(key[2]) - pair.shape[-1]  # type: ignore[call-overload]
+                form = torch.nn.functional.pad(pair, (0, extra), value=fill) if extra else pair
+        self._forms[key] = form
+        return form
 
 
-def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate half-split pairs ``(x_i, x_{i+d/2})`` of ``x [B, S, (H,) d]`` (NeoX layout)."""
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    x1, x2 = xf[..., :half], xf[..., half:]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+@functools.lru_cache(maxsize=32)
+def _partners(d: int, width: int, device: torch.device) -> torch.Tensor:
+    """For each of ``d`` dims, the dim it rotates with: ``i <-> i + width/2`` below ``width``, itself above."""
+    # A plain tensor even when first asked for under inference mode: a training forward's
+    # index_select keeps it for the backward pass.
+    with torch.inference_mode(False):
+        partner = torch.arange(d, device=device)
+        half = width // 2
+        partner[:width] = torch.cat((partner[half:width], partner[:half]))
+    return partner
