@@ -383,7 +383,7 @@ class Engine:
         num_blocks: int = 512,
         block_size: int = 16,
         max_batch: int = 64,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 512,
         prefill_budget: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,

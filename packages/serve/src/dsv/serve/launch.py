@@ -127,7 +127,7 @@ def load_native_app(
     num_blocks: int | None = None,
     block_size: int = 16,
     max_batch: int = 64,
-    prefill_chunk: int = 256,
+    prefill_chunk: int = 512,
     device: str = "cpu",
     dtype: Any = None,
     engine_process: bool = True,
