@@ -149,3 +149,46 @@ def test_paged_decode_reads_the_block_table(monkeypatch: pytest.MonkeyPatch) -> 
     for (want_tokens, want_lp), (got_tokens, got_lp) in zip(want, got, strict=True):
         assert got_tokens == want_tokens
         assert got_lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_paged_decode_without_an_indexer_attends_every_visible_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``deepseek_v3`` model (no indexer) decoding from the pool: each decode step's paged kernel gets
+    every visible key of its row as the selection and gathers nothing (its prefill chunks still gather),
+    and the tokens are the torch path's (dense attention)."""
+    ok, why = kernels.availability()
+    if not ok:
+        pytest.skip(f"dsv-kernels not usable here: {why}")
+    from dsv.core.model import DSVForCausalLM
+    from dsv.core.presets import tiny
+    from dsv.serve.paged_cache import PagedBatchView
+
+    torch.manual_seed(0)
+    model = DSVForCausalLM(tiny(model_type="deepseek_v3", num_nextn_predict_layers=0)).eval()
+    assert not model.config.has_indexer
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(16, 1000, (n,), generator=g).tolist() for n in (6, 17)]
+    calls = {"varlen": 0, "gathered": 0, "gathered_decode": 0}
+    real_varlen, real_update = kernels.sparse_mla_varlen, PagedBatchView.update
+
+    def varlen(*args, **kw):  # type: ignore[no-untyped-def]
+        calls["varlen"] += 1
+        return real_varlen(*args, **kw)
+
+    def gathered(self, layer, latent, *args, **kw):  # type: ignore[no-untyped-def]
+        calls["gathered"] += 1
+        calls["gathered_decode"] += latent.shape[1] == 1
+        return real_update(self, layer, latent, *args, **kw)
+
+    monkeypatch.setattr(kernels, "sparse_mla_varlen", varlen)
+    monkeypatch.setattr(PagedBatchView, "update", gathered)
+    monkeypatch.setenv("DSV_KERNELS", "torch")
+    want = _run(model, prompts, staging=False)
+    assert calls["varlen"] == 0 and calls["gathered_decode"] > 0
+    calls.update(gathered=0, gathered_decode=0)
+    monkeypatch.setenv("DSV_KERNELS", "triton")
+    got = _run(model, prompts, staging=False)
+    # two layers, two decode steps at least; only the prefill forwards gathered
+    assert calls["gathered_decode"] == 0 and calls["gathered"] > 0 and calls["varlen"] >= 2 * 2, calls
+    for (want_tokens, want_lp), (got_tokens, got_lp) in zip(want, got, strict=True):
+        assert got_tokens == want_tokens
+        assert got_lp == pytest.approx(want_lp, abs=1e-4)

@@ -166,7 +166,10 @@ class MLA(nn.Module):
         idx_in = x.detach() if indexer_loss else x
         index_k = self.indexer.keys(idx_in, rope) if self.indexer is not None else None
         update_paged = getattr(cache, "update_paged", None)
-        if update_paged is not None and use_sparse and not indexer_loss and attention.paged_sparse_ok(q):
+        # A model without an indexer decodes this way too, with every visible key as its selection
+        # (one row of indices per query: cheap at decode, a [S, T] block for a long prefill chunk).
+        in_place = use_sparse or (self.indexer is None and S == 1)
+        if update_paged is not None and in_place and not indexer_loss and attention.paged_sparse_ok(q):
             # A paged cache where the Triton kernels run: the indexer reads its keys and the sparse
             # kernel the selected latent rows in the block stores; nothing is gathered.
             rows = update_paged(layer, latent, index_k)
