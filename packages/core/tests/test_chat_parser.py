@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from dsv.core.chat import (
     StreamParser,
+    Templates,
     ToolCall,
     collect,
     encode_assistant_completion,
     encode_messages,
     parse_assistant,
+    partial_call,
 )
 
 EOS = "<｜end▁of▁sentence｜>"
@@ -160,3 +162,18 @@ def parser_delta(kind: str, text: str):
     from dsv.core.chat import ChatDelta
 
     return ChatDelta(kind=kind, text=text)  # type: ignore[arg-type]
+
+
+def test_partial_call_keeps_complete_parameters_and_the_string_being_written() -> None:
+    t = Templates()
+    d = t.dsml_token
+    head = f'{t.tool_calls_start}>\n<{d}invoke name="f">\n'
+    text = (head + f'<{d}parameter name="n" string="false">3</{d}parameter>\n'
+            f'<{d}parameter name="q" string="true">hello wor</{d}para')  # fmt: skip
+    cut = partial_call(text, t, index=1, id_prefix="call_a")
+    assert cut is not None and (cut.name, json.loads(cut.arguments), cut.id) == ("f", {"n": 3, "q": "hello wor"},
+                                                                                "call_a_1")
+    assert json.loads(partial_call(head + f'<{d}parameter name="n" string="false">[1, ', t, index=0,
+                                   id_prefix="c").arguments) == {}  # type: ignore[union-attr]
+    assert partial_call(f'{t.tool_calls_start}>\n<{d}invoke na', t, index=0, id_prefix="c") is None
+    assert partial_call("plain text", t, index=0, id_prefix="c") is None

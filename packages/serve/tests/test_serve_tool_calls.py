@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from dsv.core.chat import Templates
 from dsv.serve.grammar import check_grammar, lark_grammar
-from dsv.serve.tool_grammar import partial_call, tool_call_grammar
+from dsv.serve.tool_grammar import tool_call_grammar
 
 _names = st.sampled_from(["city", "n", "items", "ok", "kind", "x_1", "days"])
 _leaf = st.one_of(
@@ -195,21 +195,6 @@ def test_the_grammar_takes_what_the_encoder_writes(tiny_ckpt: Path) -> None:
         text = encode_tool_calls([{"type": "function", "function": {"name": "f", "arguments": args}}], t)
         m = Matcher(vocab, grammar)
         assert not all(m.consume(i) for i in tok.encode(text, add_bos=False)) or not m.consume(tok.eos_id), args
-
-
-def test_partial_call_keeps_complete_parameters_and_the_string_being_written() -> None:
-    t = Templates()
-    d = t.dsml_token
-    head = f'{t.tool_calls_start}>\n<{d}invoke name="f">\n'
-    text = (head + f'<{d}parameter name="n" string="false">3</{d}parameter>\n'
-            f'<{d}parameter name="q" string="true">hello wor</{d}para')  # fmt: skip
-    cut = partial_call(text, t, index=1, id_prefix="call_a")
-    assert cut is not None and (cut.name, json.loads(cut.arguments), cut.id) == ("f", {"n": 3, "q": "hello wor"},
-                                                                                "call_a_1")
-    assert json.loads(partial_call(head + f'<{d}parameter name="n" string="false">[1, ', t, index=0,
-                                   id_prefix="c").arguments) == {}  # type: ignore[union-attr]
-    assert partial_call(f'{t.tool_calls_start}>\n<{d}invoke na', t, index=0, id_prefix="c") is None
-    assert partial_call("plain text", t, index=0, id_prefix="c") is None
 
 
 def test_images_audio_and_files_are_refused_by_name(server: Any) -> None:

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from dsv.core.chat import ChatDelta, StreamParser
+from dsv.core.chat import ChatDelta, StreamParser, partial_call
 from dsv.serve.backend import Backend, TokenLogprob
 from dsv.serve.engine import GenParams
 from dsv.serve.schemas import APIError
-from dsv.serve.tool_grammar import partial_call
 
 if TYPE_CHECKING:
     from dsv.serve.state import ServerState

@@ -16,10 +16,11 @@ optional ones present or not; properties outside ``properties`` are not written 
 JSON string (``string="false"``), which the parser reads back as the same string. Root ``$defs``
 travel into every embedded schema so ``$ref`` resolves.
 
-:func:`partial_call` is the other half: when ``max_tokens`` ends generation inside a call, the
-parser drops the unterminated invoke; the API instead returns the call with what was written (the
-complete parameters, and a string parameter's text so far) under ``finish_reason: "length"``, as
-OpenAI's API does for a call the limit cuts, so a client sees what the model was doing.
+:func:`dsv.core.chat.partial_call` is the other half: when ``max_tokens`` ends generation inside a
+call, the parser drops the unterminated invoke; the API instead returns the call with what was
+written (the complete parameters, and a string parameter's text so far) under
+``finish_reason: "length"``, as OpenAI's API does for a call the limit cuts, so a client sees what
+the model was doing.
 
 Run the checks: ``pytest packages/serve/tests/test_serve_tool_calls.py``.
 """
@@ -27,13 +28,12 @@ Run the checks: ``pytest packages/serve/tests/test_serve_tool_calls.py``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from dsv.core.chat import ChatDelta, Templates, forced_call_opening
+from dsv.core.chat import Templates, forced_call_opening
 
-__all__ = ["partial_call", "tool_call_grammar"]
+__all__ = ["tool_call_grammar"]
 
 # Where the grammar starts: at the block opening (thinking mode: after `</think>`), after
 # `name="` (the prompt ends there when the model picks among several tools) or after the whole
@@ -192,54 +192,3 @@ def tool_call_grammar(
     else:
         head = f"{_lit(t.tool_calls_start + '>' + chr(10))} invoke"
     return "\n".join([f"start: {head}{tail}", *b.rules])
-
-
-def partial_call(text: str, templates: Templates, *, index: int, id_prefix: str) -> ChatDelta | None:
-    """The call an unterminated last invoke of ``text`` (the whole generated turn, forced opening
-    included) was writing, or None when ``text`` does not end inside a named invoke.
-
-    Complete parameters are kept as the parser reads them; a string parameter cut mid-value keeps
-    its text so far, a cut JSON value is left out (it does not parse).
-    """
-    d = templates.dsml_token
-    block = text.rfind(templates.tool_calls_start)
-    if block < 0 or f"</{d}function_calls>" in text[block:]:
-        return None
-    opening = f"<{d}invoke"
-    start = text.rfind(opening, block)
-    if start < 0 or f"</{d}invoke>" in text[start:]:
-        return None
-    body = text[start + len(opening) :]
-    m = re.match(r' name="([^"]+)">', body)
-    if m is None:
-        return None
-    rest = body[m.end() :]
-    args: dict[str, Any] = {}
-    close = f"</{d}parameter>"
-    param = re.compile(rf'<{re.escape(d)}parameter name="(.*?)" string="(true|false)">', re.DOTALL)
-    pos = 0
-    while (p := param.search(rest, pos)) is not None:
-        end = rest.find(close, p.end())
-        value = rest[p.end() :] if end < 0 else rest[p.end() : end]
-        key, is_str = p.group(1), p.group(2) == "true"
-        if is_str:
-            # A cut value may end in part of the closing tag: that is not the model's text.
-            args[key] = value if end >= 0 else _strip_partial(value, close)
-        else:
-            try:
-                args[key] = json.loads(value)
-            except ValueError:
-                if end >= 0:
-                    args[key] = value
-        if end < 0:
-            break
-        pos = end + len(close)
-    return ChatDelta(kind="tool_call", index=index, id=f"{id_prefix}_{index}", name=m.group(1),
-                     arguments=json.dumps(args, ensure_ascii=False))  # fmt: skip
-
-
-def _strip_partial(value: str, marker: str) -> str:
-    for n in range(min(len(marker) - 1, len(value)), 0, -1):
-        if value.endswith(marker[:n]):
-            return value[:-n]
-    return value

@@ -22,7 +22,15 @@ from dsv.core.chat.encoding import (
     render_tools,
     tool_schemas,
 )
-from dsv.core.chat.parser import ChatDelta, ParsedAssistant, StreamParser, ToolCall, collect, parse_assistant
+from dsv.core.chat.parser import (
+    ChatDelta,
+    ParsedAssistant,
+    StreamParser,
+    ToolCall,
+    collect,
+    parse_assistant,
+    partial_call,
+)
 from dsv.core.chat.templates import Templates
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "last_user_index",
     "normalize_tool_calls",
     "parse_assistant",
+    "partial_call",
     "render_tools",
     "tool_schemas",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from dsv.core.chat.templates import Templates
 
-__all__ = ["ChatDelta", "ParsedAssistant", "StreamParser", "ToolCall", "parse_assistant"]
+__all__ = ["ChatDelta", "ParsedAssistant", "StreamParser", "ToolCall", "parse_assistant", "partial_call"]
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,61 @@ class StreamParser:
                 arguments=json.dumps(args, ensure_ascii=False),
             )
         )
+
+
+def partial_call(
+    text: str, templates: Templates | None = None, *, index: int, id_prefix: str = "call"
+) -> ChatDelta | None:
+    """The call an unterminated last invoke of ``text`` (the whole generated turn, forced opening
+    included) was writing, or None when ``text`` does not end inside a named invoke.
+
+    Complete parameters are kept as :class:`StreamParser` reads them; a string parameter cut
+    mid-value keeps its text so far, a cut JSON value is left out (it does not parse). The parser
+    itself drops such an invoke: this is what an API returns for a call the token limit cut.
+    """
+    templates = templates or Templates()
+    d = templates.dsml_token
+    block = text.rfind(templates.tool_calls_start)
+    if block < 0 or f"</{d}function_calls>" in text[block:]:
+        return None
+    opening = f"<{d}invoke"
+    start = text.rfind(opening, block)
+    if start < 0 or f"</{d}invoke>" in text[start:]:
+        return None
+    body = text[start + len(opening) :]
+    m = re.match(r' name="([^"]+)">', body)
+    if m is None:
+        return None
+    rest = body[m.end() :]
+    args: dict[str, Any] = {}
+    close = f"</{d}parameter>"
+    param = re.compile(rf'<{re.escape(d)}parameter name="(.*?)" string="(true|false)">', re.DOTALL)
+    pos = 0
+    while (p := param.search(rest, pos)) is not None:
+        end = rest.find(close, p.end())
+        value = rest[p.end() :] if end < 0 else rest[p.end() : end]
+        key, is_str = p.group(1), p.group(2) == "true"
+        if is_str:
+            # A cut value may end in part of the closing tag: that is not the model's text.
+            args[key] = value if end >= 0 else _strip_partial(value, close)
+        else:
+            try:
+                args[key] = json.loads(value)
+            except ValueError:
+                if end >= 0:
+                    args[key] = value
+        if end < 0:
+            break
+        pos = end + len(close)
+    return ChatDelta(kind="tool_call", index=index, id=f"{id_prefix}_{index}", name=m.group(1),
+                     arguments=json.dumps(args, ensure_ascii=False))  # fmt: skip
+
+
+def _strip_partial(value: str, marker: str) -> str:
+    for n in range(min(len(marker) - 1, len(value)), 0, -1):
+        if value.endswith(marker[:n]):
+            return value[:-n]
+    return value
 
 
 def _earliest(buf: str, markers: dict[str, str | None]) -> tuple[int, str] | None:
