@@ -147,14 +147,18 @@ def test_long_rows_select_what_the_torch_chain_selects(kind: str) -> None:
 
 def test_softmax_over_a_wide_logit_range_matches_the_reference() -> None:
     # Logits hundreds apart: the kernel's exp works down to its floor of e^-87.3 and below it
-    # contributes weights under 1e-37, as expf's would.
+    # contributes weights under 1e-37, as expf's would. (A logit of several hundred summed in another
+    # order differs in its last bits, a few 1e-5 of weight: hence the looser tolerance.)
     iq, ik, iw, q, kv = _inputs(2, 4, 80)
     q = q * 40
     off = torch.tensor([76, 30])
     out, lse, idx = cpu.sparse_attend(iq, ik, iw, off, q, kv, topk=16, sm_scale=1.0, d_v=24)
     want_out, want_lse = sparse_mla_reference(q, kv, idx, 1.0, 24)
-    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want_out, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(lse, want_lse, atol=2e-4, rtol=1e-5)
+    rows = torch.stack([kv[b][idx[b].long()] for b in range(2)])  # (B, S, K, D): every pick is visible here
+    logits = torch.einsum("bshd,bskd->bshk", q, rows)
+    assert (logits.amax(-1) - logits.amin(-1)).max() > 87.3, "some weights should fall below the exp floor"
 
 def test_bad_inputs_are_named() -> None:
     iq, ik, iw, q, kv = _inputs(2, 1, 10)

@@ -159,9 +159,8 @@ int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q
                               const float *kv, int64_t kv_sb, int64_t kv_st, int64_t B, int64_t S,
                               int64_t s0, int64_t s1, int64_t HI, int64_t T, int64_t TR, int64_t H, int64_t D,
                               int64_t DV, int64_t K, float sm_scale, float *out, float *lse, int32_t *idx) {
-    /* scratch: scores [T], radix keys [T], candidates [T], selection [K], logits [H, K], picked
-     * rows transposed [D, K] */
-    float *score = (float *)malloc(sizeof(float) * (size_t)(T + H * K + D * K + 1));
+    /* scratch: scores [T], radix keys [T], candidates [T], selection [K], logits [H, K] */
+    float *score = (float *)malloc(sizeof(float) * (size_t)(T + H * K + 1));
     uint32_t *key = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(T + 1));
     int32_t *cand = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T + K + 1));
     if (score == NULL || key == NULL || cand == NULL) {
@@ -171,7 +170,6 @@ int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q
         return -1;
     }
     float *logit = score + T;
-    float *vt = logit + H * K;
     int32_t *sel = cand + T;
     for (int64_t b = 0; b < B; b++) {
         const float *kv_b = kv + b * kv_sb;
@@ -201,28 +199,20 @@ int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q
             for (int64_t j = n; j < K; j++) idx_r[j] = -1;
 
             if (out == NULL) continue; /* selection only */
-            /* Sparse attention, every head over the same n latent rows, with the picked rows copied
-             * once into vt [D, K] (column j = row sel[j]): the logits are then H x D broadcast
-             * multiply-adds over a contiguous run of picks, one vector per 8 or 16 of them, instead
-             * of H x n dot products that each end in a horizontal sum. */
-            for (int64_t j = 0; j < n; j++) {
-                const float *v = kv_b + (int64_t)sel[j] * kv_st;
-                for (int64_t d = 0; d < D; d++) vt[d * K + j] = v[d];
-            }
+
+            /* Sparse attention, every head over the same n latent rows. Rows outer, heads inner:
+             * each gathered row is read once for all heads (heads outer re-read the whole selection
+             * per head, several times the traffic once it leaves L1). Copying the picked rows
+             * transposed, so the logits need no horizontal sums, was slower at 4 heads x 40 dims. */
             const float *q_r = q + row * H * D;
             float *out_r = out + row * H * DV;
             float *lse_r = lse + row * H;
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = kv_b + (int64_t)sel[j] * kv_st;
+                for (int64_t h = 0; h < H; h++) logit[h * K + j] = dot(q_r + h * D, v, D) * sm_scale;
+            }
             for (int64_t h = 0; h < H; h++) {
                 float *l_h = logit + h * K;
-                const float *q_h = q_r + h * D;
-#pragma omp simd
-                for (int64_t j = 0; j < n; j++) l_h[j] = 0.0f;
-                for (int64_t d = 0; d < D; d++) {
-                    const float qd = q_h[d] * sm_scale;
-                    const float *vt_d = vt + d * K;
-#pragma omp simd
-                    for (int64_t j = 0; j < n; j++) l_h[j] += qd * vt_d[j];
-                }
                 float m = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : m)
                 for (int64_t j = 0; j < n; j++) m = l_h[j] > m ? l_h[j] : m;
@@ -233,16 +223,17 @@ int dsv_dsa_sparse_attend_f32(const float *raw, const float *w, const int64_t *q
                     total += e;
                 }
                 const float inv = 1.0f / total;
+                for (int64_t j = 0; j < n; j++) l_h[j] *= inv; /* now the probabilities */
                 lse_r[h] = n > 0 ? m + logf(total) : -INFINITY;
-                /* out_h = sum_j p_j v_j over the value columns (the first DV of each row). */
-                float *out_h = out_r + h * DV;
+            }
+            for (int64_t i = 0; i < H * DV; i++) out_r[i] = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = kv_b + (int64_t)sel[j] * kv_st;
+                for (int64_t h = 0; h < H; h++) {
+                    const float p = logit[h * K + j];
+                    float *out_h = out_r + h * DV;
 #pragma omp simd
-                for (int64_t d = 0; d < DV; d++) out_h[d] = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
-                    const float pj = l_h[j] * inv;
-                    const float *v = kv_b + (int64_t)sel[j] * kv_st;
-#pragma omp simd
-                    for (int64_t d = 0; d < DV; d++) out_h[d] += pj * v[d];
+                    for (int64_t d = 0; d < DV; d++) out_h[d] += p * v[d];
                 }
             }
         }
