@@ -68,6 +68,8 @@ __all__ = ["PRESETS", "STAGES", "QuickstartError", "Recipe", "quickstart", "quic
 console = Console()
 
 STAGES = ("synth", "pretrain", "dsa-warmup", "dsa-sparse", "sft", "grpo", "eval", "bench", "serve", "report")
+# The SFT stage's phases before its last (which writes OUT/sft), each in a folder of its own.
+SFT_PHASE_FOLDERS = ("sft-chat", "sft-think")
 
 
 class QuickstartError(DSVError):
@@ -329,9 +331,10 @@ def _sft_stage(run: _Run) -> dict[str, Any]:
     # 30-token prompt compete with the ones before it (V3.2's top-2048 covers its post-training
     # prompts whole); served and evaluated alone, each of these prompts fits the top-k.
     settings = dict(thinking=False, attention="dense", lr=r.sft_lr, schedule="constant", weight_decay=0.0)
-    phases = [("sft-chat", str(run.final("dsa-sparse")), chat_data, r.sft_chat_steps, r.sft_micro_batch, r.sft_seq_len)]
+    chat, think = SFT_PHASE_FOLDERS
+    phases = [(chat, str(run.final("dsa-sparse")), chat_data, r.sft_chat_steps, r.sft_micro_batch, r.sft_seq_len)]
     if reasoning and r.sft_think_steps:
-        phases.append(("sft-think", str(run.out / "sft-chat" / "final"), [str(tasks / "reasoning_traces.jsonl")],
+        phases.append((think, str(run.out / phases[-1][0] / "final"), [str(tasks / "reasoning_traces.jsonl")],
                        r.sft_think_steps, r.answer_micro_batch, r.answer_seq_len))  # fmt: skip
     phases.append(("sft", str(run.out / phases[-1][0] / "final"), [str(tasks / "train.jsonl")], r.sft_steps,
                    r.answer_micro_batch, r.answer_seq_len))  # fmt: skip
@@ -933,7 +936,7 @@ def quickstart(
     for stage in todo:
         if stage in redo:
             run.stage_file(stage).unlink(missing_ok=True)
-            for folder in (stage, "sft-chat", "sft-think") if stage == "sft" else (stage,):
+            for folder in (stage, *SFT_PHASE_FOLDERS) if stage == "sft" else (stage,):
                 if (out / folder).is_dir() and stage not in ("eval", "bench", "serve", "report"):
                     shutil.rmtree(out / folder)
     t_start = time.perf_counter()
